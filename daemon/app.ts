@@ -1,0 +1,55 @@
+/**
+ * The composition root: builds every component with its dependencies passed
+ * in (config slice, logger, metrics registry, admin socket), in start order.
+ * The lifecycle closes them in reverse.
+ */
+import type { Registry } from 'prom-client';
+import type { Config } from './config/schema.js';
+import type { Logger } from './logger.js';
+import type { Component } from './component.js';
+import type { InitStep } from './init.js';
+import { AdminServer, adminSocketPath } from './admin.js';
+import { HealthServer, createMetricsRegistry } from './health.js';
+
+/** Ports actually bound (differs from the config when it says 0), reported in the `ready` log line. */
+export type BoundPorts = Map<string, number>;
+
+export interface DaemonContext {
+  config: Config;
+  configFile: string;
+  logger: Logger;
+  metrics: Registry;
+  admin: AdminServer;
+  health: HealthServer;
+  ports: BoundPorts;
+}
+
+export interface Daemon {
+  ctx: DaemonContext;
+  components: Component[];
+}
+
+/** Steps of `connector init` (state directory and secrets come first, in runInit). */
+export function initSteps(): InitStep[] {
+  return [];
+}
+
+export function buildDaemon(config: Config, configFile: string, logger: Logger): Daemon {
+  const metrics = createMetricsRegistry();
+  const admin = new AdminServer(adminSocketPath(config.daemon.state_dir), logger);
+  const health = new HealthServer(config.metrics, metrics, logger);
+  const ports: BoundPorts = new Map();
+  const ctx: DaemonContext = { config, configFile, logger, metrics, admin, health, ports };
+
+  const portsOf: Component = {
+    name: 'ports',
+    start: async () => {
+      if (health.boundPort) ports.set('metrics', health.boundPort);
+    },
+    close: async () => {},
+  };
+
+  // start order: state first, then device-facing and cloud-facing parts, health and admin last
+  const components: Component[] = [health, portsOf, admin];
+  return { ctx, components };
+}

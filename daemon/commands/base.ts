@@ -1,0 +1,63 @@
+/** Foundation commands: start, check-config, init, status, reload. */
+import { loadConfig } from '../config/load.js';
+import { createLogger } from '../logger.js';
+import { runInit } from '../init.js';
+import { initSteps } from '../app.js';
+import { runDaemon, explain, exitCodeFor } from '../main.js';
+import { EXIT } from '../errors.js';
+import { CONFIG_OPTION, adminCall, configPathOf, type Command } from './types.js';
+
+export const baseCommands: Command[] = [
+  {
+    path: ['start'],
+    summary: 'run the daemon (foreground; systemd runs this)',
+    usage: 'connector start [-c FILE]\n\nRuns init first (creates missing keys and certificates), then serves until SIGTERM/SIGINT.\nSIGHUP reloads the configuration.',
+    options: CONFIG_OPTION,
+    run: async ({ values }) => runDaemon(configPathOf(values)),
+  },
+  {
+    path: ['check-config'],
+    summary: 'validate the configuration and print ok or every error',
+    usage: 'connector check-config [-c FILE]\n\nPrints "ok" and exits 0, or prints every problem as FILE:LINE:COL key.path: message and exits 78.',
+    options: CONFIG_OPTION,
+    run: async ({ values }) => {
+      try {
+        loadConfig(configPathOf(values));
+      } catch (err) {
+        explain(err);
+        return exitCodeFor(err);
+      }
+      process.stdout.write('ok\n');
+      return EXIT.OK;
+    },
+  },
+  {
+    path: ['init'],
+    summary: 'create the state directory (0700), keys and certificates; never overwrites',
+    usage: 'connector init [-c FILE]\n\nIdempotent: prints what it created, or that everything already existed.',
+    options: CONFIG_OPTION,
+    run: async ({ values }) => {
+      try {
+        const { config } = loadConfig(configPathOf(values), { checkSecrets: false });
+        const created = await runInit(config, createLogger({ level: 'warn' }), initSteps());
+        if (created.length === 0) process.stdout.write(`nothing to do: ${config.daemon.state_dir} is initialised\n`);
+        for (const f of created) process.stdout.write(`created ${f}\n`);
+        return EXIT.OK;
+      } catch (err) {
+        explain(err);
+        return exitCodeFor(err);
+      }
+    },
+  },
+  {
+    path: ['reload'],
+    summary: 'ask the running daemon to reload its configuration (like SIGHUP)',
+    usage: 'connector reload [-c FILE]',
+    options: CONFIG_OPTION,
+    run: async ({ values }) => {
+      await adminCall(values, 'reload');
+      process.stdout.write('reloaded (see the daemon log for what changed)\n');
+      return EXIT.OK;
+    },
+  },
+];

@@ -1,0 +1,5 @@
+import type { Command } from './types.js';
+import { baseCommands } from './base.js';
+
+/** Every command of the `connector` CLI, in the order `connector help` lists them. */
+export const commands: Command[] = [...baseCommands];

@@ -1,0 +1,368 @@
+/**
+ * Loading connector.yaml: a real YAML parser (with line and column for every
+ * node), environment overrides CONNECTOR_<SECTION>_<KEY>, validation against the
+ * one schema with every error reported at once as
+ * `FILE:LINE:COL key.path: what is wrong and what is allowed`, relative paths
+ * resolved against the config file's directory, and a deep-frozen result.
+ */
+import { readFileSync, existsSync } from 'node:fs';
+import path from 'node:path';
+import { isIP } from 'node:net';
+import { parseDocument, LineCounter, isMap, isScalar, parse as parseYamlValue, type Document, type Node as YamlNode } from 'yaml';
+import { Ajv, type ErrorObject } from 'ajv';
+import { configSchema, type Config } from './schema.js';
+import { ConfigError } from '../errors.js';
+import { resolveSecret } from '../secrets.js';
+
+export const DEFAULT_SYSTEM_CONFIG = '/etc/edge-connector/connector.yaml';
+
+/** Default config path: ./connector.yaml, else $CONNECTOR_CONFIG, else /etc/edge-connector/connector.yaml. */
+export function defaultConfigPath(env: NodeJS.ProcessEnv = process.env, cwd = process.cwd()): string {
+  const local = path.join(cwd, 'connector.yaml');
+  if (existsSync(local)) return local;
+  if (env.CONNECTOR_CONFIG) return path.resolve(cwd, env.CONNECTOR_CONFIG);
+  return DEFAULT_SYSTEM_CONFIG;
+}
+
+export interface LoadOptions {
+  env?: NodeJS.ProcessEnv;
+  /** Resolve secret references now (default true). `false` only checks their syntax. */
+  checkSecrets?: boolean;
+}
+
+export interface LoadedConfig {
+  config: Config;
+  file: string;
+}
+
+type SchemaNode = {
+  type?: string;
+  properties?: Record<string, SchemaNode>;
+  patternProperties?: Record<string, SchemaNode>;
+  items?: SchemaNode;
+  enum?: unknown[];
+  minimum?: number;
+  maximum?: number;
+  description?: string;
+  pattern?: string;
+  'x-secret'?: boolean;
+  'x-path'?: boolean;
+};
+
+const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: false, verbose: true });
+const validate = ajv.compile(configSchema);
+
+/** Parse, override, validate and freeze. Throws ConfigError listing every problem. */
+export function loadConfig(file: string, opts: LoadOptions = {}): LoadedConfig {
+  const env = opts.env ?? process.env;
+  const abs = path.resolve(file);
+  let text: string;
+  try {
+    text = readFileSync(abs, 'utf8');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    const why = code === 'ENOENT' ? 'file not found' : `cannot read (${code})`;
+    throw new ConfigError('ECONN_CONFIG_NOT_FOUND', [
+      `${abs}: ${why}; pass -c FILE, set CONNECTOR_CONFIG, or create ./connector.yaml (see connector.yaml in the repository)`,
+    ]);
+  }
+  return parseConfigText(text, abs, { ...opts, env });
+}
+
+export function parseConfigText(text: string, file: string, opts: LoadOptions = {}): LoadedConfig {
+  const env = opts.env ?? process.env;
+  const lc = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
+  const at = (offset: number | undefined): string => {
+    if (offset === undefined) return `${file}:1:1`;
+    const { line, col } = lc.linePos(offset);
+    return `${file}:${line}:${col}`;
+  };
+  if (doc.errors.length > 0) {
+    throw new ConfigError(
+      'ECONN_CONFIG_INVALID',
+      doc.errors.map((e) => `${at(e.pos[0])} YAML syntax error: ${e.message.split('\n')[0]}`),
+    );
+  }
+  let data: unknown = doc.toJS({ maxAliasCount: 100 });
+  if (data === null || data === undefined) data = {};
+  if (typeof data !== 'object' || Array.isArray(data)) {
+    throw new ConfigError('ECONN_CONFIG_INVALID', [`${at(doc.contents?.range?.[0])} (root): must be a mapping of sections (daemon:, broker:, …)`]);
+  }
+  const problems: string[] = [];
+  const fromEnv = new Map<string, string>(); // json pointer -> env var name
+  applyEnvOverrides(data as Record<string, unknown>, env, fromEnv, problems);
+
+  const where = (instancePath: string, key?: string): string => {
+    const segs = pointerToPath(instancePath);
+    for (let i = segs.length; i >= 1; i--) {
+      const p = '/' + segs.slice(0, i).join('/');
+      const envName = fromEnv.get(p);
+      if (envName) return `env ${envName}`;
+    }
+    if (key !== undefined) {
+      const parent = segs.length ? doc.getIn(segs, true) : doc.contents;
+      if (isMap(parent)) {
+        const pair = parent.items.find((it) => isScalar(it.key) && String(it.key.value) === key);
+        const k = pair?.key as YamlNode | undefined;
+        if (k?.range) return at(k.range[0]);
+      }
+    }
+    return at(nearestRange(doc, segs));
+  };
+
+  if (!validate(data)) {
+    for (const e of validate.errors ?? []) {
+      const extraKey = e.keyword === 'additionalProperties' ? String((e.params as { additionalProperty: string }).additionalProperty) : undefined;
+      const dotted = dottedPath(e.instancePath, extraKey);
+      problems.push(`${where(e.instancePath, extraKey)} ${dotted}: ${describeError(e)}`);
+    }
+  }
+  const cfg = data as Config;
+  try {
+    // cross-key rules; run even when the schema found problems so that every error is listed at once
+    semanticChecks(cfg, problems, (p) => where(p));
+  } catch {
+    // a section has the wrong shape: the schema errors above already say so
+  }
+  if (problems.length === 0) {
+    resolvePaths(cfg as unknown as Record<string, unknown>, configSchema as unknown as SchemaNode, path.dirname(file));
+    if (opts.checkSecrets !== false) {
+      checkSecrets(cfg as unknown as Record<string, unknown>, configSchema as unknown as SchemaNode, '', env, problems, (p) => where(p), cfg.daemon.state_dir);
+    }
+  }
+  if (problems.length > 0) throw new ConfigError('ECONN_CONFIG_INVALID', problems);
+  return { config: deepFreeze(data as Config), file };
+}
+
+function pointerToPath(p: string): string[] {
+  if (!p) return [];
+  return p.slice(1).split('/').map((s) => s.replace(/~1/g, '/').replace(/~0/g, '~'));
+}
+
+function dottedPath(instancePath: string, extra?: string): string {
+  const segs = pointerToPath(instancePath);
+  if (extra !== undefined) segs.push(extra);
+  return segs.length ? segs.map((s) => (/^\d+$/.test(s) ? `[${s}]` : s)).join('.').replace(/\.\[/g, '[') : '(root)';
+}
+
+function nearestRange(doc: Document, segs: string[]): number | undefined {
+  for (let i = segs.length; i >= 0; i--) {
+    const node = (i === 0 ? doc.contents : doc.getIn(segs.slice(0, i).map((s) => (/^\d+$/.test(s) ? Number(s) : s)), true)) as YamlNode | undefined;
+    if (node && typeof node === 'object' && 'range' in node && node.range) return node.range[0];
+  }
+  return undefined;
+}
+
+function describeError(e: ErrorObject): string {
+  const ps = (e.parentSchema ?? {}) as SchemaNode;
+  const got = e.data === undefined ? '' : `, got ${JSON.stringify(e.data)?.slice(0, 60)}`;
+  switch (e.keyword) {
+    case 'additionalProperties': {
+      const allowed = Object.keys(ps.properties ?? {});
+      const name = String((e.params as { additionalProperty: string }).additionalProperty);
+      const hint = closest(name, allowed);
+      return `unknown key${hint ? ` (did you mean "${hint}"?)` : ''}; allowed keys: ${allowed.join(', ')}`;
+    }
+    case 'type':
+      return `must be ${(e.params as { type: string }).type}${got}${ps.description ? ` (${ps.description})` : ''}`;
+    case 'minimum':
+    case 'maximum':
+      return `out of range${got}; allowed: ${ps.minimum ?? '-∞'} to ${ps.maximum ?? '∞'}`;
+    case 'enum':
+      return `not allowed${got}; allowed: ${(ps.enum ?? []).map((v) => JSON.stringify(v)).join(', ')}`;
+    case 'pattern':
+      if (ps['x-secret']) {
+        return 'must be a secret reference env:NAME, file:/path or credential:NAME (plain-text secrets are not accepted)';
+      }
+      return `must match ${(e.params as { pattern: string }).pattern}${got}${ps.description ? ` (${ps.description})` : ''}`;
+    case 'minLength':
+      return 'must not be empty';
+    case 'required':
+      return `missing required key "${(e.params as { missingProperty: string }).missingProperty}"`;
+    case 'anyOf':
+    case 'oneOf':
+      return `does not match any allowed form${got}`;
+    default:
+      return `${e.message ?? 'invalid'}${got}`;
+  }
+}
+
+function closest(name: string, options: string[]): string | undefined {
+  let best: string | undefined;
+  let bestD = Infinity;
+  for (const o of options) {
+    const d = levenshtein(name, o);
+    if (d < bestD) {
+      bestD = d;
+      best = o;
+    }
+  }
+  return bestD <= Math.max(2, Math.floor(name.length / 3)) ? best : undefined;
+}
+
+function levenshtein(a: string, b: string): number {
+  const dp = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    let prev = dp[0]!;
+    dp[0] = i;
+    for (let j = 1; j <= b.length; j++) {
+      const tmp = dp[j]!;
+      dp[j] = Math.min(dp[j]! + 1, dp[j - 1]! + 1, prev + (a[i - 1] === b[j - 1] ? 0 : 1));
+      prev = tmp;
+    }
+  }
+  return dp[b.length]!;
+}
+
+/**
+ * CONNECTOR_<SECTION>_<KEY>=value, e.g. CONNECTOR_LOG_LEVEL=debug or
+ * CONNECTOR_BRIDGE_JOURNAL_MAX_BYTES=1048576. Segments are matched against the
+ * schema (keys may contain underscores). The value is parsed as a YAML scalar or
+ * flow collection. CONNECTOR_CONFIG is the config path, not an override.
+ */
+function applyEnvOverrides(data: Record<string, unknown>, env: NodeJS.ProcessEnv, fromEnv: Map<string, string>, problems: string[]): void {
+  for (const [name, raw] of Object.entries(env)) {
+    if (!name.startsWith('CONNECTOR_') || name === 'CONNECTOR_CONFIG' || raw === undefined) continue;
+    const tokens = name.slice('CONNECTOR_'.length).toLowerCase().split('_');
+    const keys = matchSchemaPath(configSchema as unknown as SchemaNode, tokens);
+    if (!keys) {
+      problems.push(`env ${name}: no such configuration key (CONNECTOR_<SECTION>_<KEY>, e.g. CONNECTOR_LOG_LEVEL)`);
+      continue;
+    }
+    let value: unknown;
+    try {
+      value = parseYamlValue(raw);
+    } catch {
+      value = raw;
+    }
+    let node = data;
+    for (const k of keys.slice(0, -1)) {
+      if (typeof node[k] !== 'object' || node[k] === null || Array.isArray(node[k])) node[k] = {};
+      node = node[k] as Record<string, unknown>;
+    }
+    node[keys[keys.length - 1]!] = value;
+    fromEnv.set('/' + keys.join('/'), name);
+  }
+}
+
+function matchSchemaPath(schema: SchemaNode, tokens: string[]): string[] | undefined {
+  if (tokens.length === 0) return [];
+  const props = schema.properties;
+  if (!props) return undefined;
+  for (let n = tokens.length; n >= 1; n--) {
+    const key = tokens.slice(0, n).join('_');
+    const sub = props[key];
+    if (!sub) continue;
+    const rest = matchSchemaPath(sub, tokens.slice(n));
+    if (rest) return [key, ...rest];
+  }
+  return undefined;
+}
+
+const LOOPBACK = (h: string): boolean => h === 'localhost' || h === '::1' || (isIP(h) === 4 && h.startsWith('127.'));
+
+function semanticChecks(cfg: Config, problems: string[], where: (ptr: string) => string): void {
+  const local = cfg.broker.listeners.local;
+  if (local.enabled && !LOOPBACK(local.host)) {
+    problems.push(
+      `${where('/broker/listeners/local/host')} broker.listeners.local.host: the plain MQTT listener may bind to loopback only, got "${local.host}"; allowed: 127.0.0.1, ::1, localhost (devices on the network must use the TLS or WSS listener)`,
+    );
+  }
+  const lim = cfg.broker.limits;
+  if (lim.keepalive_max_s !== 0 && lim.keepalive_min_s > lim.keepalive_max_s) {
+    problems.push(`${where('/broker/limits/keepalive_min_s')} broker.limits.keepalive_min_s: must not exceed keepalive_max_s (${lim.keepalive_max_s})`);
+  }
+  if (cfg.bridge.uplink.dead_after_ms <= cfg.bridge.uplink.heartbeat_ms) {
+    problems.push(`${where('/bridge/uplink/dead_after_ms')} bridge.uplink.dead_after_ms: must be larger than heartbeat_ms (${cfg.bridge.uplink.heartbeat_ms})`);
+  }
+  if (cfg.bridge.uplink.reconnect_min_ms > cfg.bridge.uplink.reconnect_max_ms) {
+    problems.push(`${where('/bridge/uplink/reconnect_min_ms')} bridge.uplink.reconnect_min_ms: must not exceed reconnect_max_ms`);
+  }
+  const tok = cfg.bridge.token;
+  if (cfg.bridge.enabled && tok.grant === 'password' && (!tok.username || !tok.password)) {
+    problems.push(`${where('/bridge/token/grant')} bridge.token.grant: "password" needs bridge.token.username and bridge.token.password`);
+  }
+  if (Boolean(cfg.bridge.uplink.cert_file) !== Boolean(cfg.bridge.uplink.key_file)) {
+    problems.push(`${where('/bridge/uplink/cert_file')} bridge.uplink.cert_file: cert_file and key_file must be given together`);
+  }
+  if (Boolean(cfg.broker.tls.cert_file) !== Boolean(cfg.broker.tls.key_file)) {
+    problems.push(`${where('/broker/tls/cert_file')} broker.tls.cert_file: cert_file and key_file must be given together`);
+  }
+  // two enabled listeners on the same fixed address:port
+  const seen = new Map<string, string>();
+  const listeners: Array<[string, { enabled: boolean; host: string; port: number }]> = [
+    ['broker.listeners.tls', cfg.broker.listeners.tls],
+    ['broker.listeners.wss', cfg.broker.listeners.wss],
+    ['broker.listeners.local', cfg.broker.listeners.local],
+    ['api', cfg.api],
+    ['metrics', cfg.metrics],
+  ];
+  for (const [name, l] of listeners) {
+    if (!l.enabled || l.port === 0) continue;
+    const key = `${l.host}:${l.port}`;
+    const other = seen.get(key);
+    if (other) {
+      problems.push(`${where('/' + name.replace(/\./g, '/') + '/port')} ${name}.port: ${key} is already used by ${other}; give each listener its own port`);
+    } else seen.set(key, name);
+  }
+}
+
+function resolvePaths(data: Record<string, unknown>, schema: SchemaNode, baseDir: string): void {
+  for (const [key, sub] of Object.entries(schema.properties ?? {})) {
+    const v = data[key];
+    if (sub['x-path']) {
+      if (typeof v === 'string' && v !== '') data[key] = path.resolve(baseDir, v);
+      else if (Array.isArray(v)) data[key] = v.map((s) => (typeof s === 'string' ? path.resolve(baseDir, s) : s));
+    } else if (sub['x-secret'] && typeof v === 'string' && v.startsWith('file:')) {
+      data[key] = 'file:' + path.resolve(baseDir, v.slice(5));
+    } else if (sub.type === 'object' && v && typeof v === 'object' && !Array.isArray(v)) {
+      resolvePaths(v as Record<string, unknown>, sub, baseDir);
+    }
+  }
+}
+
+/**
+ * Every secret reference must resolve now, except a `file:` inside the state
+ * directory that does not exist yet: `connector init` (run by `connector start`)
+ * generates those, so a fresh install works on its bundled defaults.
+ */
+function checkSecrets(
+  data: Record<string, unknown>,
+  schema: SchemaNode,
+  prefix: string,
+  env: NodeJS.ProcessEnv,
+  problems: string[],
+  where: (ptr: string) => string,
+  stateDir: string,
+): void {
+  for (const [key, sub] of Object.entries(schema.properties ?? {})) {
+    const v = data[key];
+    const ptr = `${prefix}/${key}`;
+    if (sub['x-secret'] && typeof v === 'string') {
+      if (isGeneratedSecret(v, stateDir) && !existsSync(v.slice(5))) continue;
+      try {
+        resolveSecret(v, env);
+      } catch (err) {
+        problems.push(`${where(ptr)} ${ptr.slice(1).replace(/\//g, '.')}: ${(err as Error).message}`);
+      }
+    } else if (sub.type === 'object' && v && typeof v === 'object' && !Array.isArray(v)) {
+      checkSecrets(v as Record<string, unknown>, sub, ptr, env, problems, where, stateDir);
+    }
+  }
+}
+
+/** A `file:` secret inside the state directory: generated by `connector init` when missing. */
+export function isGeneratedSecret(ref: string | undefined, stateDir: string): ref is string {
+  if (!ref || !ref.startsWith('file:')) return false;
+  const rel = path.relative(stateDir, ref.slice(5));
+  return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel);
+}
+
+function deepFreeze<T>(o: T): T {
+  if (o && typeof o === 'object' && !Object.isFrozen(o)) {
+    Object.freeze(o);
+    for (const v of Object.values(o as Record<string, unknown>)) deepFreeze(v);
+  }
+  return o;
+}

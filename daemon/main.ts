@@ -1,0 +1,169 @@
+/**
+ * `connector start`: load and validate the config, init the state directory,
+ * build and start every component, then serve until SIGTERM/SIGINT (graceful
+ * close within daemon.shutdown_timeout_ms, a second signal forces). SIGHUP
+ * reloads the configuration. Exit codes are listed in EXIT (daemon/errors.ts)
+ * and in the README.
+ */
+import type { Config } from './config/schema.js';
+import { configSchema } from './config/schema.js';
+import { loadConfig } from './config/load.js';
+import { createLogger, type Logger } from './logger.js';
+import { runInit } from './init.js';
+import { buildDaemon, initSteps } from './app.js';
+import { Lifecycle } from './lifecycle.js';
+import { ConfigError, ConnectorError, EXIT, errorCode } from './errors.js';
+
+export function exitCodeFor(err: unknown): number {
+  switch (errorCode(err)) {
+    case 'ECONN_CONFIG_NOT_FOUND':
+    case 'ECONN_CONFIG_INVALID':
+    case 'ECONN_CONFIG_SECRET':
+      return EXIT.CONFIG;
+    case 'ECONN_STATE_DIR':
+    case 'ECONN_LISTEN':
+      return EXIT.CANTCREAT;
+    case 'ECONN_REGISTRY_CORRUPT':
+    case 'ECONN_JOURNAL_CORRUPT':
+      return EXIT.SOFTWARE;
+    default:
+      return EXIT.FAILURE;
+  }
+}
+
+/** Print a clear, stack-free explanation to stderr (the JSON log has the details). */
+export function explain(err: unknown): void {
+  if (err instanceof ConfigError) {
+    for (const p of err.problems) process.stderr.write(`${p}\n`);
+    process.stderr.write(`connector: configuration invalid (${err.problems.length} problem${err.problems.length === 1 ? '' : 's'}); nothing was started\n`);
+  } else if (err instanceof ConnectorError) {
+    process.stderr.write(`connector: ${err.code}: ${err.message}\n`);
+  } else {
+    process.stderr.write(`connector: unexpected error: ${(err as Error)?.message ?? String(err)}\n`);
+  }
+}
+
+/** Keys marked x-restart keep their running value on reload; returns the merged config and what was kept. */
+export function mergeRestartKeys(running: Config, next: Config): { merged: Config; needsRestart: string[] } {
+  const needsRestart: string[] = [];
+  const walk = (schema: Record<string, unknown>, a: unknown, b: unknown, p: string): unknown => {
+    if (schema['x-restart']) {
+      if (JSON.stringify(a) !== JSON.stringify(b)) needsRestart.push(`${p} (${JSON.stringify(a)} → ${JSON.stringify(b)})`);
+      return a;
+    }
+    const props = schema.properties as Record<string, Record<string, unknown>> | undefined;
+    if (props && a && b && typeof a === 'object' && typeof b === 'object') {
+      const out: Record<string, unknown> = { ...(b as Record<string, unknown>) };
+      for (const [k, sub] of Object.entries(props)) {
+        out[k] = walk(sub, (a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], p ? `${p}.${k}` : k);
+      }
+      return Object.freeze(out);
+    }
+    return b;
+  };
+  return { merged: walk(configSchema as unknown as Record<string, unknown>, running, next, '') as Config, needsRestart };
+}
+
+export async function runDaemon(configFile: string): Promise<number> {
+  let config: Config;
+  try {
+    config = loadConfig(configFile).config;
+  } catch (err) {
+    explain(err);
+    return exitCodeFor(err);
+  }
+  const logger = createLogger({ level: config.log.level });
+  const log = logger.child({ component: 'daemon' });
+
+  const fatal = (err: unknown, what: string): void => {
+    log.fatal({ err }, `${what}; exiting so that systemd restarts the daemon`);
+    explain(err);
+    logger.flush();
+    process.exitCode = EXIT.SOFTWARE;
+    setImmediate(() => process.exit(EXIT.SOFTWARE));
+  };
+  process.on('uncaughtException', (err) => fatal(err, 'uncaught exception'));
+  process.on('unhandledRejection', (err) => fatal(err, 'unhandled promise rejection'));
+
+  try {
+    await runInit(config, logger, initSteps());
+  } catch (err) {
+    log.error({ err }, 'initialisation failed');
+    explain(err);
+    return exitCodeFor(err);
+  }
+
+  const daemon = buildDaemon(config, configFile, logger);
+  const lifecycle = new Lifecycle(daemon.components, logger, config.daemon.shutdown_timeout_ms);
+
+  let stopping: Promise<number> | undefined;
+  const stop = (signal: string): Promise<number> => {
+    if (stopping) {
+      log.warn({ signal }, 'second signal: forcing exit');
+      logger.flush();
+      process.exit(EXIT.FAILURE);
+    }
+    log.info({ signal }, 'shutting down');
+    daemon.ctx.health.setReady(false);
+    stopping = lifecycle.close().then(
+      () => {
+        log.info('stopped');
+        return EXIT.OK;
+      },
+      (err: unknown) => {
+        log.error({ err }, 'shutdown was forced');
+        return EXIT.FAILURE;
+      },
+    );
+    return stopping;
+  };
+
+  let reloading = Promise.resolve();
+  const reload = (): Promise<void> => {
+    reloading = reloading.then(async () => {
+      let next: Config;
+      try {
+        next = loadConfig(configFile).config;
+      } catch (err) {
+        const problems = err instanceof ConfigError ? err.problems : [(err as Error).message];
+        log.error({ problems }, 'reload refused: the new configuration is invalid; the running one keeps serving');
+        return;
+      }
+      const { merged, needsRestart } = mergeRestartKeys(config, next);
+      for (const k of needsRestart) log.warn({ key: k }, `changed key needs a restart and was not applied: ${k}`);
+      if (merged.log.level !== config.log.level) {
+        logger.level = merged.log.level;
+        log.info({ level: merged.log.level }, 'log level changed');
+      }
+      const changes = await lifecycle.reload(merged);
+      config = merged;
+      daemon.ctx.config = merged;
+      log.info({ changes, needs_restart: needsRestart }, `configuration reloaded (${changes.length} change${changes.length === 1 ? '' : 's'} applied)`);
+    });
+    return reloading;
+  };
+  daemon.ctx.admin.register('reload', async () => {
+    await reload();
+    return { ok: true };
+  });
+  daemon.ctx.admin.register('status', () => ({ pid: process.pid, ready: daemon.ctx.health.readiness(), components: lifecycle.status(), ports: Object.fromEntries(daemon.ctx.ports) }));
+
+  const done = new Promise<number>((resolve) => {
+    process.on('SIGTERM', () => void stop('SIGTERM').then(resolve));
+    process.on('SIGINT', () => void stop('SIGINT').then(resolve));
+  });
+  process.on('SIGHUP', () => void reload());
+
+  try {
+    await lifecycle.start();
+  } catch (err) {
+    explain(err);
+    logger.flush();
+    return exitCodeFor(err);
+  }
+  daemon.ctx.health.setReady(true);
+  log.info({ ports: Object.fromEntries(daemon.ctx.ports), config: configFile, state_dir: config.daemon.state_dir }, 'ready');
+  const code = await done;
+  logger.flush();
+  return code;
+}

@@ -1,0 +1,46 @@
+import type { Server } from 'node:net';
+import { StartupError } from './errors.js';
+
+/** Bind a server, turning bind errors into a clear ECONN_LISTEN error that names the listener and the port. */
+export function listen(server: Server, host: string, port: number, listenerName: string, configKey: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException): void => {
+      server.off('listening', onListening);
+      const why =
+        err.code === 'EADDRINUSE'
+          ? 'address already in use (another process holds it); stop it or choose another port'
+          : err.code === 'EACCES'
+            ? 'permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)'
+            : err.code === 'EADDRNOTAVAIL'
+              ? 'address not available on this host'
+              : `${err.code ?? 'error'}: ${err.message}`;
+      reject(new StartupError('ECONN_LISTEN', `${listenerName} listener cannot bind ${host}:${port}: ${why} (${configKey})`, { cause: err }));
+    };
+    const onListening = (): void => {
+      server.off('error', onError);
+      const addr = server.address();
+      resolve(typeof addr === 'object' && addr ? addr.port : port);
+    };
+    server.once('error', onError);
+    server.once('listening', onListening);
+    server.listen({ host, port, exclusive: true });
+  });
+}
+
+/** Close a server and destroy its remaining connections after `graceMs`. Resolves once closed; idempotent. */
+export function closeServer(server: Server, graceMs = 2000): Promise<void> {
+  return new Promise((resolve) => {
+    if (!server.listening) return resolve();
+    const timer = setTimeout(() => {
+      const s = server as Server & { closeAllConnections?: () => void };
+      s.closeAllConnections?.();
+    }, graceMs);
+    timer.unref();
+    server.close(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+    const s = server as Server & { closeIdleConnections?: () => void };
+    s.closeIdleConnections?.();
+  });
+}
