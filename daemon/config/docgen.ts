@@ -59,7 +59,7 @@ export function renderConfigReference(): string {
 }
 
 export function spliceReference(text: string): string {
-  const a = text.indexOf(START.slice(0, 30));
+  const a = text.indexOf('<!-- config-reference:start');
   const b = text.indexOf(END);
   if (a < 0 || b < 0) throw new Error('README.md has no config-reference markers');
   return text.slice(0, a) + renderConfigReference() + text.slice(b + END.length);
