@@ -1,0 +1,49 @@
+/**
+ * Contracts between the device side (broker/, the HTTPS upload) and the cloud
+ * side (journal, uplink). Implemented by bridge/journal.ts (UplinkSink) and
+ * broker/broker.ts (CommandTarget).
+ */
+
+export interface UplinkMessageMeta {
+  deviceId: string;
+  topic: string;
+  qos: 0 | 1;
+  /** MIME type when known (HTTP upload Content-Type); MQTT 3.1.1 has none. */
+  contentType?: string;
+  /** When the gateway received the message, ms since the epoch. */
+  receivedAt: number;
+}
+
+export interface AppendResult {
+  /** Stable message id: the cloud deduplicates on it; unique across restarts. */
+  id: string;
+  size: number;
+  /** SHA-256 of the payload, lowercase hex. */
+  sha256: string;
+}
+
+export interface UplinkSink {
+  /**
+   * Append one message; resolves only once it is durable under the journal's
+   * fsync policy (the broker sends PUBACK after this). Rejects with
+   * ECONN_JOURNAL_FULL (reject policy), ECONN_PAYLOAD_TOO_LARGE, ECONN_JOURNAL_IO, ECONN_CLOSED.
+   */
+  append(meta: UplinkMessageMeta, payload: Buffer): Promise<AppendResult>;
+  /**
+   * Stream a payload of any size into the journal without holding it in
+   * memory. When expectedSha256 is given and does not match, nothing is kept
+   * and it rejects with ECONN_DIGEST_MISMATCH. More than maxBytes rejects with
+   * ECONN_PAYLOAD_TOO_LARGE (nothing kept).
+   */
+  appendStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array>, opts: { maxBytes: number; expectedSha256?: Buffer }): Promise<AppendResult>;
+}
+
+/** Delivering cloud commands to devices (implemented by the broker). */
+export interface CommandTarget {
+  /**
+   * Publish `payload` to devices/{deviceId}/commands/{name} with QoS 1.
+   * Resolves with `delivered: true` once the device acknowledged it (PUBACK), or
+   * `delivered: false` with a reason (not connected, not subscribed, timeout).
+   */
+  publishCommand(deviceId: string, name: string, payload: Buffer, timeoutMs?: number): Promise<{ delivered: boolean; reason?: string }>;
+}
