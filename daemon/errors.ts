@@ -35,6 +35,10 @@ export const ERROR_CODES = {
   ECONN_BAD_REQUEST: 'a request body or parameter failed validation',
   ECONN_PAYLOAD_TOO_LARGE: 'a request body or message is larger than the configured limit',
   ECONN_NOT_FOUND: 'the requested resource does not exist',
+  ECONN_METHOD_NOT_ALLOWED: 'the HTTP method is not allowed on this path',
+  ECONN_UNSUPPORTED_MEDIA_TYPE: 'the request body has a content type the endpoint does not accept',
+  ECONN_REQUEST_TIMEOUT: 'a client took too long to send its request headers or body',
+  ECONN_UNAVAILABLE: 'a service the request needs is not available (bridge disabled, journal closed)',
   ECONN_MQTT_PROTOCOL: 'an MQTT client violated the MQTT 3.1.1 specification',
   // bridge
   ECONN_JOURNAL_FULL: 'the journal reached its byte cap under the reject policy',
