@@ -66,7 +66,7 @@ export function deviceRules(groups: Readonly<Record<string, readonly AclRule[]>>
 
 /** Topic name (PUBLISH): non-empty, no wildcard characters, no U+0000. */
 export function isValidTopicName(topic: string): boolean {
-  return typeof topic === 'string' && topic.length > 0 && !/[+#\u0000]/.test(topic);
+  return typeof topic === 'string' && topic.length > 0 && !topic.includes('+') && !topic.includes('#') && !topic.includes('\u0000');
 }
 
 /** Topic filter (SUBSCRIBE): non-empty, `+` alone in a level, `#` alone in the last level, no U+0000. */
