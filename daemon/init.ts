@@ -26,7 +26,7 @@ export function ensureStateDir(dir: string): boolean {
   } catch (err) {
     if (err instanceof StartupError) throw err;
     const code = (err as NodeJS.ErrnoException).code;
-    if (code !== 'ENOENT') throw new StartupError('ECONN_STATE_DIR', `state directory ${dir} cannot be inspected (${code}); check daemon.state_dir`);
+    if (code !== 'ENOENT' && code !== 'ENOTDIR') throw new StartupError('ECONN_STATE_DIR', `state directory ${dir} cannot be inspected (${code}); check daemon.state_dir`);
     try {
       mkdirSync(dir, { recursive: true, mode: 0o700 });
       created = true;

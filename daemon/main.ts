@@ -13,6 +13,9 @@ import { runInit } from './init.js';
 import { buildDaemon, initSteps } from './app.js';
 import { Lifecycle } from './lifecycle.js';
 import { ConfigError, ConnectorError, EXIT, errorCode } from './errors.js';
+import { testHooksComponent, testHooksEnabled, registerTestHooks } from './testhooks.js';
+import { SystemdNotifier } from './notify.js';
+import { daemonStatus, statusLine, summarize } from './status.js';
 
 export function exitCodeFor(err: unknown): number {
   switch (errorCode(err)) {
@@ -94,7 +97,13 @@ export async function runDaemon(configFile: string): Promise<number> {
   }
 
   const daemon = buildDaemon(config, configFile, logger);
-  const lifecycle = new Lifecycle(daemon.components, logger, config.daemon.shutdown_timeout_ms);
+  const components = testHooksEnabled() ? [...daemon.components, testHooksComponent(daemon.ctx.admin)] : daemon.components;
+  const lifecycle = new Lifecycle(components, logger, config.daemon.shutdown_timeout_ms);
+  // systemd notify + watchdog (a no-op without $NOTIFY_SOCKET): READY after start, RELOADING around reload, STOPPING on shutdown
+  const startedAt = Date.now();
+  const statusOf = () => daemonStatus(daemon.ctx, lifecycle, { startedAt, watchdog: notifier.active ? notifier.watchdog() : undefined });
+  const notifier = new SystemdNotifier({ logger, statusText: () => statusLine(summarize(lifecycle.status(), Object.fromEntries(daemon.ctx.ports)), daemon.ctx.health.readiness().ready) });
+  registerTestHooks(daemon.ctx.admin, logger, notifier);
 
   let stopping: Promise<number> | undefined;
   const stop = (signal: string): Promise<number> => {
@@ -105,7 +114,8 @@ export async function runDaemon(configFile: string): Promise<number> {
     }
     log.info({ signal }, 'shutting down');
     daemon.ctx.health.setReady(false);
-    stopping = lifecycle.close().then(
+    void notifier.stopping();
+    stopping = lifecycle.close().finally(() => notifier.close()).then(
       () => {
         log.info('stopped');
         return EXIT.OK;
@@ -121,6 +131,17 @@ export async function runDaemon(configFile: string): Promise<number> {
   let reloading = Promise.resolve();
   const reload = (): Promise<void> => {
     reloading = reloading.then(async () => {
+      await notifier.reloading();
+      try {
+        await applyReload();
+      } finally {
+        await notifier.reloaded();
+      }
+    });
+    return reloading;
+  };
+  const applyReload = async (): Promise<void> => {
+    {
       let next: Config;
       try {
         next = loadConfig(configFile).config;
@@ -133,20 +154,19 @@ export async function runDaemon(configFile: string): Promise<number> {
       for (const k of needsRestart) log.warn({ key: k }, `changed key needs a restart and was not applied: ${k}`);
       if (merged.log.level !== config.log.level) {
         logger.level = merged.log.level;
-        log.info({ level: merged.log.level }, 'log level changed');
+        log.info({ new_level: merged.log.level }, 'log level changed');
       }
       const changes = await lifecycle.reload(merged);
       config = merged;
       daemon.ctx.config = merged;
       log.info({ changes, needs_restart: needsRestart }, `configuration reloaded (${changes.length} change${changes.length === 1 ? '' : 's'} applied)`);
-    });
-    return reloading;
+    }
   };
   daemon.ctx.admin.register('reload', async () => {
     await reload();
     return { ok: true };
   });
-  daemon.ctx.admin.register('status', () => ({ pid: process.pid, ready: daemon.ctx.health.readiness(), components: lifecycle.status(), ports: Object.fromEntries(daemon.ctx.ports) }));
+  daemon.ctx.admin.register('status', () => statusOf());
 
   const done = new Promise<number>((resolve) => {
     process.on('SIGTERM', () => void stop('SIGTERM').then(resolve));
@@ -154,15 +174,18 @@ export async function runDaemon(configFile: string): Promise<number> {
   });
   process.on('SIGHUP', () => void reload());
 
+  notifier.start();
   try {
     await lifecycle.start();
   } catch (err) {
+    notifier.close();
     explain(err);
     logger.flush();
     return exitCodeFor(err);
   }
   daemon.ctx.health.setReady(true);
   log.info({ ports: Object.fromEntries(daemon.ctx.ports), config: configFile, state_dir: config.daemon.state_dir }, 'ready');
+  void notifier.ready();
   const code = await done;
   logger.flush();
   return code;

@@ -20,6 +20,21 @@ export interface TestLike {
 
 export type Json = Record<string, unknown>;
 
+/** The environment for child processes. */
+export function childEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+  return { ...process.env, ...extra };
+}
+
+/**
+ * Command and arguments to run `node dist/daemon/cli.js ARGS`. tap injects its
+ * loaders (ts-node, processinfo) into every node child through NODE_OPTIONS,
+ * whatever env we pass; they are not needed to run dist/, slow every start, and
+ * break a child running as another user. `env -u NODE_OPTIONS` drops them.
+ */
+export function nodeCommand(args: string[]): [string, string[]] {
+  return ['/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, ...args]];
+}
+
 export function tempDir(t: TestLike, prefix = 'ec-test-'): string {
   const dir = mkdtempSync(path.join(tmpdir(), prefix));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
@@ -104,9 +119,10 @@ export function spawnDaemon(t: TestLike, opts: StartOptions = {}): DaemonHandle 
   const dir = opts.dir ?? tempDir(t);
   const stateDir = path.join(dir, 'state');
   const configFile = opts.configFile ?? writeConfig(dir, testConfig(stateDir, opts.config ?? {}));
-  const proc = spawn(process.execPath, [CLI, ...(opts.args ?? ['start', '-c', configFile])], {
+  const [cmd, argv] = nodeCommand([CLI, ...(opts.args ?? ['start', '-c', configFile])]);
+  const proc = spawn(cmd, argv, {
     cwd: dir,
-    env: { ...process.env, ...opts.env },
+    env: childEnv(opts.env),
     stdio: ['ignore', 'pipe', 'pipe'],
     uid: opts.uid,
     gid: opts.gid,
@@ -203,9 +219,10 @@ export interface CliResult {
 /** Run `connector ARGS…` to completion. */
 export function runCli(args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; input?: string; timeoutMs?: number; uid?: number; gid?: number } = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [CLI, ...args], {
+    const [cmd, argv] = nodeCommand([CLI, ...args]);
+    const p = spawn(cmd, argv, {
       cwd: opts.cwd ?? REPO,
-      env: { ...process.env, ...opts.env },
+      env: childEnv(opts.env),
       stdio: ['pipe', 'pipe', 'pipe'],
       uid: opts.uid,
       gid: opts.gid,
