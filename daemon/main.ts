@@ -8,7 +8,7 @@
 import type { Config } from './config/schema.js';
 import { configSchema } from './config/schema.js';
 import { loadConfig } from './config/load.js';
-import { createLogger, type Logger } from './logger.js';
+import { createLogger } from './logger.js';
 import { runInit } from './init.js';
 import { buildDaemon, initSteps } from './app.js';
 import { Lifecycle } from './lifecycle.js';
