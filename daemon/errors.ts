@@ -40,6 +40,8 @@ export const ERROR_CODES = {
   ECONN_REQUEST_TIMEOUT: 'a client took too long to send its request headers or body',
   ECONN_UNAVAILABLE: 'a service the request needs is not available (bridge disabled, journal closed)',
   ECONN_MQTT_PROTOCOL: 'an MQTT client violated the MQTT 3.1.1 specification',
+  ECONN_BROKER_LIMIT: 'an MQTT connection exceeded a broker limit (connections, keepalive, packet size)',
+  ECONN_CRL: 'a configured CRL file could not be read or parsed',
   // bridge
   ECONN_JOURNAL_FULL: 'the journal reached its byte cap under the reject policy',
   ECONN_JOURNAL_CORRUPT: 'a journal segment has a corrupt record (the tail is truncated at the last good record)',
