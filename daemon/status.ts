@@ -1,0 +1,184 @@
+/**
+ * One picture of what the daemon is doing, built from every component's
+ * status(): returned by the admin method `status` (→ `connector status`,
+ * `--json`), condensed into the systemd STATUS= line, and read by the
+ * daemon-level metrics (daemon/metrics.ts).
+ *
+ * Components own their status() shapes; this module only reads them, by the
+ * names documented in `componentFacts` below, and tolerates anything missing
+ * (a component that is off or not built yet shows as null, never as 0).
+ */
+import { readFileSync } from 'node:fs';
+import type { DaemonContext } from './app.js';
+import type { Lifecycle } from './lifecycle.js';
+import type { WatchdogState } from './notify.js';
+
+export interface Expiry {
+  /** e.g. "server certificate", "cloud token", "device sensor-1 certificate" */
+  what: string;
+  expires_at: string;
+  seconds_left: number;
+}
+
+export interface StatusSummary {
+  /** Connected device sessions, or null when the broker does not run. */
+  devices_connected: number | null;
+  /** Registered devices (active), or null when unknown. */
+  devices_registered: number | null;
+  /** Bound ports by listener name. */
+  listeners: Record<string, number>;
+  journal: { messages: number | null; bytes: number | null; oldest_unacked_age_s: number | null } | null;
+  uplink: { state: string | null; last_ack_age_s: number | null; reconnects: number | null } | null;
+  expiries: Expiry[];
+}
+
+export interface DaemonStatus {
+  pid: number;
+  version: string;
+  uptime_s: number;
+  config: string;
+  state_dir: string;
+  ready: { ready: boolean; reasons: string[] };
+  ports: Record<string, number>;
+  summary: StatusSummary;
+  watchdog?: WatchdogState;
+  components: Record<string, unknown>;
+}
+
+type Obj = Record<string, unknown>;
+const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+/** First finite number found at any of the dotted paths. */
+export function numAt(o: unknown, ...paths: string[]): number | null {
+  for (const p of paths) {
+    let v: unknown = o;
+    for (const k of p.split('.')) v = isObj(v) ? v[k] : undefined;
+    if (typeof v === 'number' && Number.isFinite(v)) return v;
+  }
+  return null;
+}
+
+export function strAt(o: unknown, ...paths: string[]): string | null {
+  for (const p of paths) {
+    let v: unknown = o;
+    for (const k of p.split('.')) v = isObj(v) ? v[k] : undefined;
+    if (typeof v === 'string') return v;
+  }
+  return null;
+}
+
+function toExpiry(what: string, v: unknown, now: number): Expiry | undefined {
+  let ms: number | undefined;
+  if (typeof v === 'number' && Number.isFinite(v)) ms = v > 1e11 ? v : v * 1000; // ms or s since the epoch
+  else if (typeof v === 'string' && !Number.isNaN(Date.parse(v))) ms = Date.parse(v);
+  else if (v instanceof Date) ms = v.getTime();
+  if (ms === undefined) return undefined;
+  return { what, expires_at: new Date(ms).toISOString(), seconds_left: Math.round((ms - now) / 1000) };
+}
+
+/**
+ * Read the facts out of the components' status() results. Names read (first match wins):
+ *  broker:   connected | clients | devices_connected
+ *  registry: active | devices
+ *  journal:  messages | pending_messages | backlog_messages, bytes | pending_bytes | backlog_bytes,
+ *            oldest_unacked_age_s | oldest_age_s (or oldest_unacked_at / oldest_at as epoch ms)
+ *  uplink:   state, last_ack_age_s (or last_ack_at as epoch ms), reconnects;
+ *            token_expires_at | token.expires_at
+ *  pki:      server_cert_not_after | server_cert.not_after, ca_not_after | ca.not_after
+ */
+export function summarize(components: Obj, ports: Record<string, number>, now = Date.now()): StatusSummary {
+  const broker = components.broker;
+  const registry = components.registry;
+  const journal = components.journal;
+  const uplink = components.uplink;
+  const pki = components.pki;
+
+  const ageFrom = (o: unknown, agePaths: string[], atPaths: string[]): number | null => {
+    const age = numAt(o, ...agePaths);
+    if (age !== null) return age;
+    const at = numAt(o, ...atPaths);
+    return at !== null ? Math.max(0, Math.round((now - at) / 1000)) : null;
+  };
+
+  const expiries: Expiry[] = [];
+  const add = (what: string, v: unknown): void => {
+    const e = toExpiry(what, v, now);
+    if (e) expiries.push(e);
+  };
+  if (isObj(pki)) {
+    add('server certificate', pki.server_cert_not_after ?? (isObj(pki.server_cert) ? pki.server_cert.not_after : undefined));
+    add('device CA', pki.ca_not_after ?? (isObj(pki.ca) ? pki.ca.not_after : undefined));
+  }
+  if (isObj(uplink)) add('cloud token', uplink.token_expires_at ?? (isObj(uplink.token) ? uplink.token.expires_at : undefined));
+  for (const name of ['tokens', 'identity']) {
+    const c = components[name];
+    if (isObj(c)) add('JWT signing key', c.key_expires_at);
+  }
+
+  return {
+    devices_connected: numAt(broker, 'connected', 'clients', 'devices_connected'),
+    devices_registered: numAt(registry, 'active', 'devices'),
+    listeners: ports,
+    journal: isObj(journal)
+      ? {
+          messages: numAt(journal, 'messages', 'pending_messages', 'backlog_messages'),
+          bytes: numAt(journal, 'bytes', 'pending_bytes', 'backlog_bytes'),
+          oldest_unacked_age_s: ageFrom(journal, ['oldest_unacked_age_s', 'oldest_age_s'], ['oldest_unacked_at', 'oldest_at']),
+        }
+      : null,
+    uplink: isObj(uplink)
+      ? {
+          state: strAt(uplink, 'state'),
+          last_ack_age_s: ageFrom(uplink, ['last_ack_age_s'], ['last_ack_at']),
+          reconnects: numAt(uplink, 'reconnects'),
+        }
+      : null,
+    expiries,
+  };
+}
+
+/** The systemd STATUS= line: "12 devices, uplink connected (ack 2s ago), backlog 0". */
+export function statusLine(s: StatusSummary, ready: boolean): string {
+  const parts: string[] = [];
+  if (!ready) parts.push('starting');
+  if (s.devices_connected !== null) parts.push(`${s.devices_connected} device${s.devices_connected === 1 ? '' : 's'}`);
+  if (s.uplink) {
+    const ack = s.uplink.last_ack_age_s !== null ? ` (ack ${s.uplink.last_ack_age_s}s ago)` : '';
+    parts.push(`uplink ${s.uplink.state ?? 'unknown'}${ack}`);
+  } else parts.push('uplink off');
+  if (s.journal) {
+    const oldest = s.journal.oldest_unacked_age_s ? `, oldest ${s.journal.oldest_unacked_age_s}s` : '';
+    parts.push(`backlog ${s.journal.messages ?? '?'}${oldest}`);
+  }
+  if (parts.length === 0 || (parts.length === 1 && parts[0] === 'uplink off')) {
+    parts.push(`listening on ${Object.entries(s.listeners).map(([k, p]) => `${k}:${p}`).join(' ') || 'nothing'}`);
+  }
+  return parts.join(', ');
+}
+
+let version: string | undefined;
+export function packageVersion(): string {
+  try {
+    version ??= (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+  } catch {
+    version = 'unknown';
+  }
+  return version;
+}
+
+export function daemonStatus(ctx: DaemonContext, lifecycle: Lifecycle, extra: { startedAt: number; watchdog?: WatchdogState }): DaemonStatus {
+  const components = lifecycle.status();
+  const ports = Object.fromEntries(ctx.ports);
+  return {
+    pid: process.pid,
+    version: packageVersion(),
+    uptime_s: Math.round((Date.now() - extra.startedAt) / 1000),
+    config: ctx.configFile,
+    state_dir: ctx.config.daemon.state_dir,
+    ready: ctx.health.readiness(),
+    ports,
+    summary: summarize(components, ports),
+    ...(extra.watchdog ? { watchdog: extra.watchdog } : {}),
+    components,
+  };
+}
