@@ -10,6 +10,12 @@ import type { Component } from './component.js';
 import type { InitStep } from './init.js';
 import { AdminServer, adminSocketPath } from './admin.js';
 import { HealthServer, createMetricsRegistry } from './health.js';
+import path from 'node:path';
+import { DeviceRegistry } from '../broker/registry.js';
+import { LocalPki } from '../broker/pki.js';
+import { TokenService } from '../broker/tokens.js';
+import { EnrollmentStore } from '../broker/enrollment.js';
+import { registerIdentityAdmin, type Identity } from '../broker/identity-admin.js';
 
 /** Ports actually bound (differs from the config when it says 0), reported in the `ready` log line. */
 export type BoundPorts = Map<string, number>;
@@ -22,6 +28,8 @@ export interface DaemonContext {
   admin: AdminServer;
   health: HealthServer;
   ports: BoundPorts;
+  /** Device identity: registry, local PKI, device tokens, enrollment tokens (started first). */
+  identity?: Identity;
 }
 
 export interface Daemon {
@@ -31,7 +39,7 @@ export interface Daemon {
 
 /** Steps of `connector init` (state directory and secrets come first, in runInit). */
 export function initSteps(): InitStep[] {
-  return [];
+  return [LocalPki.initStep(), TokenService.initStep()];
 }
 
 export function buildDaemon(config: Config, configFile: string, logger: Logger): Daemon {
@@ -40,6 +48,14 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   const health = new HealthServer(config.metrics, metrics, logger);
   const ports: BoundPorts = new Map();
   const ctx: DaemonContext = { config, configFile, logger, metrics, admin, health, ports };
+
+  const stateDir = config.daemon.state_dir;
+  const registry = new DeviceRegistry({ file: path.join(stateDir, 'registry.json'), logger });
+  const pki = new LocalPki({ stateDir, config: config.identity.pki, logger });
+  const tokens = new TokenService({ stateDir, config: config.identity.jwt, registry, logger });
+  const enrollment = new EnrollmentStore({ registry, logger });
+  ctx.identity = { registry, pki, tokens, enrollment };
+  registerIdentityAdmin(admin, ctx.identity, logger, { enrollmentDefaultTtlS: () => ctx.config.identity.enrollment_default_ttl_s });
 
   const portsOf: Component = {
     name: 'ports',
@@ -50,6 +66,6 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   };
 
   // start order: state first, then device-facing and cloud-facing parts, health and admin last
-  const components: Component[] = [health, portsOf, admin];
+  const components: Component[] = [registry, pki, tokens, health, portsOf, admin];
   return { ctx, components };
 }

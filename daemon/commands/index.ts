@@ -1,5 +1,6 @@
 import type { Command } from './types.js';
 import { baseCommands } from './base.js';
+import { deviceCommands } from './device.js';
 
 /** Every command of the `connector` CLI, in the order `connector help` lists them. */
-export const commands: Command[] = [...baseCommands];
+export const commands: Command[] = [...baseCommands, ...deviceCommands];

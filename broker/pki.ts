@@ -1,0 +1,482 @@
+/**
+ * Local PKI in `<state_dir>/pki/`:
+ *
+ *   ca.crt, ca.key            the current device CA (EC P-256, self-signed); it signs device
+ *                             certificates and the server certificate
+ *   trusted/<serial>.crt      previous device CAs, still trusted for device certificates after
+ *                             a CA rotation (removed by hand or when they expire)
+ *   server.crt, server.key    the broker/API server certificate (SAN from identity.pki.server_names)
+ *
+ * Private keys are 0600, written atomically. `connector init` (LocalPki.initStep)
+ * creates what is missing and never overwrites; start() only loads, except that
+ * it renews the server certificate when it is within server_cert_renew_before_days
+ * of expiry or its SAN no longer matches server_names (emits 'server-cert').
+ *
+ * Libraries: node-forge cannot parse EC keys, certificates or CSRs, and many devices
+ * hold P-256 keys, so issuance runs on @peculiar/x509 (WebCrypto) for both key types.
+ * node-forge is used where RSA suffices: an RSA CSR's self-signature is checked by
+ * forge as well as by WebCrypto. Certificates are parsed back with node:crypto to
+ * compute fingerprints exactly as TLS reports them.
+ */
+import { EventEmitter } from 'node:events';
+import { X509Certificate, createPrivateKey, createPublicKey } from 'node:crypto';
+import { readFileSync, existsSync, mkdirSync, readdirSync } from 'node:fs';
+import { isIP } from 'node:net';
+import path from 'node:path';
+import forge from 'node-forge';
+import type { Config } from '../daemon/config/schema.js';
+import type { Logger } from '../daemon/logger.js';
+import type { Component } from '../daemon/component.js';
+import type { InitStep } from '../daemon/init.js';
+import { ConnectorError, StorageError } from '../daemon/errors.js';
+import { x509, generateKeyPair, privateKeyToPem, importPrivateKeyPem, signingAlgorithm, randomSerial, type KeyType } from './x509.js';
+import { DEVICE_ID_RE, normalizeSerial, writeAtomic } from './registry.js';
+
+export type PkiConfig = Config['identity']['pki'];
+
+export interface IssuedCert {
+  cert: string;
+  serial: string;
+  fingerprint256: string;
+  notAfter: Date;
+}
+
+const DAY = 86400_000;
+/** Backdating of notBefore, for devices whose clock is a little behind. */
+const BACKDATE_MS = 5 * 60_000;
+const SERVER_CHECK_INTERVAL_MS = 12 * 3600_000;
+export const DEVICE_SAN_URI_PREFIX = 'urn:device:';
+
+export function pkiDir(stateDir: string): string {
+  return path.join(stateDir, 'pki');
+}
+
+export function pkiPaths(stateDir: string) {
+  const dir = pkiDir(stateDir);
+  return {
+    dir,
+    caCert: path.join(dir, 'ca.crt'),
+    caKey: path.join(dir, 'ca.key'),
+    trustedDir: path.join(dir, 'trusted'),
+    serverCert: path.join(dir, 'server.crt'),
+    serverKey: path.join(dir, 'server.key'),
+  };
+}
+
+function pkiError(message: string, cause?: unknown): ConnectorError {
+  return new ConnectorError('ECONN_PKI', message, cause === undefined ? undefined : { cause });
+}
+
+function fingerprint256(pem: string): string {
+  return new X509Certificate(pem).fingerprint256;
+}
+
+function sanOf(names: readonly string[]): x509.JsonGeneralName[] {
+  return names.map((n) => (isIP(n) ? { type: 'ip', value: n } : { type: 'dns', value: n }) as x509.JsonGeneralName);
+}
+
+function x509Sans(cert: X509Certificate): string {
+  return (cert.subjectAltName ?? '')
+    .split(', ')
+    .filter(Boolean)
+    .map((s) => s.toLowerCase())
+    .sort()
+    .join(',');
+}
+
+function nodeSanString(names: readonly string[]): string {
+  // node formats IPv6 SANs in full form; normalise by generating the same way node prints
+  return names
+    .map((n) => {
+      const v = isIP(n);
+      if (v === 4) return `ip address:${n}`;
+      if (v === 6) return `ip address:${expandIpv6(n)}`;
+      return `dns:${n.toLowerCase()}`;
+    })
+    .sort()
+    .join(',');
+}
+
+function expandIpv6(ip: string): string {
+  const [head, tail] = ip.split('::') as [string, string | undefined];
+  const h = head ? head.split(':') : [];
+  const t = tail ? tail.split(':') : [];
+  const fill = tail === undefined ? [] : Array(8 - h.length - t.length).fill('0');
+  return [...h, ...fill, ...t].map((p) => p.toUpperCase().replace(/^0+(?=.)/, '')).join(':');
+}
+
+async function createCa(cn: string, validityDays: number): Promise<{ cert: string; key: string }> {
+  const keys = await generateKeyPair('ec');
+  const now = Date.now();
+  const certificate = await x509.X509CertificateGenerator.createSelfSigned({
+    serialNumber: randomSerial(),
+    name: `CN=${cn}, O=edge-connector`,
+    notBefore: new Date(now - BACKDATE_MS),
+    notAfter: new Date(now + validityDays * DAY),
+    keys,
+    signingAlgorithm: signingAlgorithm(keys.privateKey),
+    extensions: [
+      new x509.BasicConstraintsExtension(true, 0, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
+      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+    ],
+  });
+  return { cert: certificate.toString('pem'), key: await privateKeyToPem(keys.privateKey) };
+}
+
+interface CaMaterial {
+  pem: string;
+  cert: x509.X509Certificate;
+  key: CryptoKey;
+}
+
+async function loadCa(certPem: string, keyPem: string): Promise<CaMaterial> {
+  return { pem: certPem, cert: new x509.X509Certificate(certPem), key: await importPrivateKeyPem(keyPem) };
+}
+
+async function issueServerCert(ca: CaMaterial, names: readonly string[], validityDays: number): Promise<{ cert: string; key: string }> {
+  if (names.length === 0) throw pkiError('identity.pki.server_names is empty: list the DNS names and IP addresses devices use to reach the gateway');
+  const keys = await generateKeyPair('ec');
+  const now = Date.now();
+  const notAfter = new Date(Math.min(now + validityDays * DAY, ca.cert.notAfter.getTime()));
+  const cert = await x509.X509CertificateGenerator.create({
+    serialNumber: randomSerial(),
+    subject: `CN=${names[0]}`,
+    issuer: ca.cert.subject,
+    notBefore: new Date(now - BACKDATE_MS),
+    notAfter,
+    signingKey: ca.key,
+    publicKey: keys.publicKey,
+    signingAlgorithm: signingAlgorithm(ca.key),
+    extensions: [
+      new x509.BasicConstraintsExtension(false, undefined, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyEncipherment, true),
+      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth]),
+      new x509.SubjectAlternativeNameExtension(sanOf(names)),
+      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+      await x509.AuthorityKeyIdentifierExtension.create(ca.cert),
+    ],
+  });
+  return { cert: cert.toString('pem'), key: await privateKeyToPem(keys.privateKey) };
+}
+
+function readIf(file: string): string | undefined {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new StorageError('ECONN_PKI', `${file} cannot be read (${(err as NodeJS.ErrnoException).code}); check its owner and mode`, { cause: err });
+  }
+}
+
+/**
+ * Create the device CA and the server certificate when missing. Never overwrites:
+ * a half-present pair (certificate without key or the reverse) is an error.
+ */
+export async function initPki(stateDir: string, cfg: PkiConfig, serverName: string): Promise<string[]> {
+  const p = pkiPaths(stateDir);
+  mkdirSync(p.dir, { recursive: true, mode: 0o700 });
+  const created: string[] = [];
+  const hasCaCert = existsSync(p.caCert);
+  const hasCaKey = existsSync(p.caKey);
+  if (hasCaCert !== hasCaKey) {
+    throw pkiError(`${hasCaCert ? p.caCert : p.caKey} exists without ${hasCaCert ? p.caKey : p.caCert}; restore the missing file or move both away to create a new device CA`);
+  }
+  if (!hasCaCert) {
+    const ca = await createCa(`edge-connector device CA ${serverName}`.trim(), cfg.ca_validity_days);
+    await writeAtomic(p.caKey, ca.key, 0o600);
+    await writeAtomic(p.caCert, ca.cert, 0o644);
+    created.push(p.caKey, p.caCert);
+  }
+  const hasSrvCert = existsSync(p.serverCert);
+  const hasSrvKey = existsSync(p.serverKey);
+  if (hasSrvCert !== hasSrvKey) {
+    throw pkiError(`${hasSrvCert ? p.serverCert : p.serverKey} exists without ${hasSrvCert ? p.serverKey : p.serverCert}; restore the missing file or move both away`);
+  }
+  if (!hasSrvCert) {
+    const ca = await loadCa(readFileSync(p.caCert, 'utf8'), readFileSync(p.caKey, 'utf8'));
+    const srv = await issueServerCert(ca, cfg.server_names, cfg.server_cert_validity_days);
+    await writeAtomic(p.serverKey, srv.key, 0o600);
+    await writeAtomic(p.serverCert, srv.cert, 0o644);
+    created.push(p.serverKey, p.serverCert);
+  }
+  return created;
+}
+
+type CsrKeyCheck = { type: KeyType };
+
+function checkCsrKey(alg: Algorithm): CsrKeyCheck {
+  if (alg.name === 'ECDSA') {
+    const curve = (alg as EcKeyAlgorithm).namedCurve;
+    if (curve !== 'P-256' && curve !== 'P-384') throw pkiError(`CSR key curve ${curve} is not supported (use P-256 or P-384, or RSA 2048+)`);
+    return { type: 'ec' };
+  }
+  if (alg.name === 'RSASSA-PKCS1-v1_5' || alg.name === 'RSA-PSS' || alg.name === 'RSA-OAEP') {
+    const bits = (alg as RsaKeyAlgorithm).modulusLength;
+    if (!bits || bits < 2048) throw pkiError(`CSR RSA key has ${bits ?? '?'} bits; at least 2048 are required`);
+    return { type: 'rsa' };
+  }
+  throw pkiError(`CSR key algorithm ${alg.name} is not supported (use EC P-256/P-384 or RSA 2048+)`);
+}
+
+export class LocalPki extends EventEmitter implements Component {
+  readonly name = 'pki';
+  private readonly stateDir: string;
+  private config: PkiConfig;
+  private readonly log: Logger;
+  private readonly paths: ReturnType<typeof pkiPaths>;
+  private ca: CaMaterial | undefined;
+  private previousCas: string[] = [];
+  private server: { cert: string; key: string } | undefined;
+  private started: Promise<void> | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  constructor(opts: { stateDir: string; config: PkiConfig; logger: Logger }) {
+    super();
+    this.stateDir = opts.stateDir;
+    this.config = opts.config;
+    this.log = opts.logger.child({ component: 'pki' });
+    this.paths = pkiPaths(opts.stateDir);
+  }
+
+  static initStep(): InitStep {
+    return {
+      name: 'local PKI (device CA, server certificate)',
+      run: (config) => initPki(config.daemon.state_dir, config.identity.pki, config.daemon.server_name),
+    };
+  }
+
+  start(): Promise<void> {
+    this.closed = false;
+    this.started ??= this.load().catch((err: unknown) => {
+      this.started = undefined;
+      throw err;
+    });
+    return this.started;
+  }
+
+  private async load(): Promise<void> {
+    const caPem = readIf(this.paths.caCert);
+    const caKey = readIf(this.paths.caKey);
+    if (!caPem || !caKey) throw pkiError(`device CA ${this.paths.caCert} or its key is missing; run "connector init" to create it`);
+    try {
+      this.ca = await loadCa(caPem, caKey);
+      createPublicKey(caPem); // node parses it too
+    } catch (err) {
+      throw pkiError(`device CA ${this.paths.caCert} / ${this.paths.caKey} cannot be loaded (${(err as Error).message})`, err);
+    }
+    this.previousCas = this.loadTrusted();
+    const cert = readIf(this.paths.serverCert);
+    const key = readIf(this.paths.serverKey);
+    if (!cert || !key) throw pkiError(`server certificate ${this.paths.serverCert} or its key is missing; run "connector init" to create it`);
+    try {
+      createPrivateKey(key);
+      new X509Certificate(cert);
+    } catch (err) {
+      throw pkiError(`server certificate ${this.paths.serverCert} / key cannot be parsed (${(err as Error).message})`, err);
+    }
+    this.server = { cert, key };
+    await this.maybeRenewServer();
+    this.timer = setInterval(() => {
+      this.maybeRenewServer().catch((err: unknown) => this.log.error({ err }, 'server certificate renewal failed'));
+    }, SERVER_CHECK_INTERVAL_MS);
+    this.timer.unref();
+  }
+
+  private loadTrusted(): string[] {
+    let names: string[];
+    try {
+      names = readdirSync(this.paths.trustedDir).filter((n) => n.endsWith('.crt'));
+    } catch {
+      return [];
+    }
+    const out: string[] = [];
+    for (const n of names.sort()) {
+      const file = path.join(this.paths.trustedDir, n);
+      try {
+        const pem = readFileSync(file, 'utf8');
+        const c = new X509Certificate(pem);
+        if (new Date(c.validTo).getTime() < Date.now()) {
+          this.log.info({ file }, 'previous device CA has expired; no longer trusted');
+          continue;
+        }
+        out.push(pem);
+      } catch (err) {
+        this.log.warn({ err, file }, 'previous device CA cannot be parsed; ignored');
+      }
+    }
+    return out;
+  }
+
+  /** Server certificate renewal: near expiry, or SAN no longer matching identity.pki.server_names. */
+  private async maybeRenewServer(): Promise<void> {
+    if (!this.server || !this.ca || this.closed) return;
+    const cur = new X509Certificate(this.server.cert);
+    const expires = new Date(cur.validTo).getTime();
+    const renewAt = expires - this.config.server_cert_renew_before_days * DAY;
+    const issuedByCurrentCa = cur.checkIssued(new X509Certificate(this.ca.pem));
+    const ourCert = issuedByCurrentCa || this.previousCas.some((p) => cur.checkIssued(new X509Certificate(p)));
+    if (!ourCert) return; // operator-provided server certificate: not ours to renew
+    const sanChanged = x509Sans(cur) !== nodeSanString(this.config.server_names);
+    if (Date.now() < renewAt && !sanChanged) return;
+    const srv = await issueServerCert(this.ca, this.config.server_names, this.config.server_cert_validity_days);
+    await writeAtomic(this.paths.serverKey, srv.key, 0o600);
+    await writeAtomic(this.paths.serverCert, srv.cert, 0o644);
+    this.server = srv;
+    this.log.info({ reason: sanChanged ? 'server_names changed' : 'near expiry', not_after: new X509Certificate(srv.cert).validTo }, 'server certificate renewed');
+    this.emit('server-cert', srv);
+  }
+
+  async reload(next: Config): Promise<string[]> {
+    const before = this.config;
+    this.config = next.identity.pki;
+    if (JSON.stringify(before.server_names) === JSON.stringify(next.identity.pki.server_names) && before.server_cert_renew_before_days === next.identity.pki.server_cert_renew_before_days) {
+      return [];
+    }
+    await this.maybeRenewServer();
+    return ['identity.pki: server certificate checked against the new server_names'];
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  status(): Record<string, unknown> {
+    if (!this.ca || !this.server) return { loaded: false };
+    return {
+      ca_not_after: this.ca.cert.notAfter.toISOString(),
+      previous_cas: this.previousCas.length,
+      server_not_after: new Date(new X509Certificate(this.server.cert).validTo).toISOString(),
+    };
+  }
+
+  private requireCa(): CaMaterial {
+    if (!this.ca) throw new ConnectorError('ECONN_CLOSED', 'local PKI is not started');
+    return this.ca;
+  }
+
+  caCertificatePem(): string {
+    return this.requireCa().pem;
+  }
+
+  trustedDeviceCaPems(): string[] {
+    return [this.requireCa().pem, ...this.previousCas];
+  }
+
+  serverCredentials(): { cert: string; key: string } {
+    if (!this.server) throw new ConnectorError('ECONN_CLOSED', 'local PKI is not started');
+    return { ...this.server };
+  }
+
+  private async issue(deviceId: string, publicKey: x509.PublicKey | CryptoKey, keyType: KeyType): Promise<IssuedCert> {
+    if (!DEVICE_ID_RE.test(deviceId)) throw new ConnectorError('ECONN_BAD_REQUEST', `invalid device id for a certificate`);
+    const ca = this.requireCa();
+    const now = Date.now();
+    const notAfter = new Date(Math.min(now + this.config.device_cert_validity_days * DAY, ca.cert.notAfter.getTime()));
+    const serial = randomSerial();
+    const usage = x509.KeyUsageFlags.digitalSignature | (keyType === 'rsa' ? x509.KeyUsageFlags.keyEncipherment : 0);
+    let cert: x509.X509Certificate;
+    try {
+      cert = await x509.X509CertificateGenerator.create({
+        serialNumber: serial,
+        subject: `CN=${deviceId}`,
+        issuer: ca.cert.subject,
+        notBefore: new Date(now - BACKDATE_MS),
+        notAfter,
+        signingKey: ca.key,
+        publicKey,
+        signingAlgorithm: signingAlgorithm(ca.key),
+        extensions: [
+          new x509.BasicConstraintsExtension(false, undefined, true),
+          new x509.KeyUsagesExtension(usage, true),
+          new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.clientAuth]),
+          new x509.SubjectAlternativeNameExtension([{ type: 'url', value: `${DEVICE_SAN_URI_PREFIX}${deviceId}` }]),
+          await x509.SubjectKeyIdentifierExtension.create(publicKey as CryptoKey),
+          await x509.AuthorityKeyIdentifierExtension.create(ca.cert),
+        ],
+      });
+    } catch (err) {
+      throw pkiError(`the device certificate could not be signed (${(err as Error).message})`, err);
+    }
+    const pem = cert.toString('pem');
+    this.log.info({ deviceId, serial: normalizeSerial(serial), not_after: notAfter.toISOString() }, 'device certificate issued');
+    return { cert: pem, serial: normalizeSerial(serial), fingerprint256: fingerprint256(pem), notAfter };
+  }
+
+  /**
+   * Sign a device CSR (PEM). The CSR's self-signature is verified (proof that the
+   * requester holds the private key); the subject is replaced: CN = deviceId and
+   * SAN URI urn:device:<deviceId>. A CSR whose CN names another device is refused.
+   */
+  async signCsr(csrPem: string, deviceId: string): Promise<IssuedCert> {
+    if (typeof csrPem !== 'string' || !/-----BEGIN (NEW )?CERTIFICATE REQUEST-----/.test(csrPem) || csrPem.length > 64 * 1024) {
+      throw pkiError('the CSR must be a PEM "CERTIFICATE REQUEST" (PKCS#10)');
+    }
+    let csr: x509.Pkcs10CertificateRequest;
+    try {
+      csr = new x509.Pkcs10CertificateRequest(csrPem);
+    } catch (err) {
+      throw pkiError('the CSR cannot be parsed as PKCS#10', err);
+    }
+    const { type } = checkCsrKey(csr.publicKey.algorithm);
+    let ok: boolean;
+    try {
+      ok = await csr.verify();
+    } catch (err) {
+      throw pkiError('the CSR signature cannot be verified (unsupported signature algorithm?)', err);
+    }
+    if (ok && type === 'rsa') {
+      // node-forge handles RSA: a second, independent check of the proof of possession
+      try {
+        ok = forge.pki.certificationRequestFromPem(csrPem).verify();
+      } catch {
+        ok = false;
+      }
+    }
+    if (!ok) throw pkiError('the CSR signature is invalid: it was not signed by the key it contains');
+    const cns = csr.subjectName.getField('CN');
+    if (cns.length > 0 && !cns.includes(deviceId)) {
+      throw pkiError(`the CSR subject CN (${cns.join(', ').slice(0, 128)}) does not match the device id "${deviceId}"`);
+    }
+    return this.issue(deviceId, csr.publicKey, type);
+  }
+
+  /** Operator convenience: a new key pair and its certificate (the key leaves the gateway: prefer signCsr). */
+  async issueDeviceBundle(deviceId: string, keyType: KeyType = 'ec'): Promise<IssuedCert & { key: string }> {
+    if (keyType !== 'ec' && keyType !== 'rsa') throw new ConnectorError('ECONN_BAD_REQUEST', 'key type must be "ec" or "rsa"');
+    const keys = await generateKeyPair(keyType);
+    const issued = await this.issue(deviceId, keys.publicKey, keyType);
+    return { ...issued, key: await privateKeyToPem(keys.privateKey) };
+  }
+
+  /**
+   * CA rotation: a new device CA becomes current (signs new device certificates);
+   * the previous one moves to trusted/ and stays in trustedDeviceCaPems() until it
+   * expires or is removed, so existing device certificates keep working. The server
+   * certificate is left as is (devices that only know the old CA can still verify it)
+   * until its normal renewal.
+   */
+  async rotateCa(serverName = 'rotated'): Promise<{ serial: string }> {
+    const old = this.requireCa();
+    const fresh = await createCa(`edge-connector device CA ${serverName}`.trim(), this.config.ca_validity_days);
+    mkdirSync(this.paths.trustedDir, { recursive: true, mode: 0o700 });
+    const oldSerial = normalizeSerial(old.cert.serialNumber);
+    await writeAtomic(path.join(this.paths.trustedDir, `${oldSerial}.crt`), old.pem, 0o644);
+    await writeAtomic(path.join(this.paths.trustedDir, `${oldSerial}.key`), readFileSync(this.paths.caKey, 'utf8'), 0o600);
+    await writeAtomic(this.paths.caKey, fresh.key, 0o600);
+    await writeAtomic(this.paths.caCert, fresh.cert, 0o644);
+    this.ca = await loadCa(fresh.cert, fresh.key);
+    this.previousCas = [old.pem, ...this.previousCas.filter((p) => p !== old.pem)];
+    const serial = normalizeSerial(this.ca.cert.serialNumber);
+    this.log.info({ serial, previous: oldSerial }, 'device CA rotated');
+    this.emit('ca-rotated', { serial });
+    return { serial };
+  }
+
+  get stateDirectory(): string {
+    return this.stateDir;
+  }
+}
