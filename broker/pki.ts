@@ -412,6 +412,7 @@ export class LocalPki extends EventEmitter implements Component {
    * SAN URI urn:device:<deviceId>. A CSR whose CN names another device is refused.
    */
   async signCsr(csrPem: string, deviceId: string): Promise<IssuedCert> {
+    if (typeof deviceId !== 'string' || !DEVICE_ID_RE.test(deviceId)) throw new ConnectorError('ECONN_BAD_REQUEST', 'invalid device id for a certificate');
     if (typeof csrPem !== 'string' || !/-----BEGIN (NEW )?CERTIFICATE REQUEST-----/.test(csrPem) || csrPem.length > 64 * 1024) {
       throw pkiError('the CSR must be a PEM "CERTIFICATE REQUEST" (PKCS#10)');
     }
@@ -447,6 +448,7 @@ export class LocalPki extends EventEmitter implements Component {
   /** Operator convenience: a new key pair and its certificate (the key leaves the gateway: prefer signCsr). */
   async issueDeviceBundle(deviceId: string, keyType: KeyType = 'ec'): Promise<IssuedCert & { key: string }> {
     if (keyType !== 'ec' && keyType !== 'rsa') throw new ConnectorError('ECONN_BAD_REQUEST', 'key type must be "ec" or "rsa"');
+    if (typeof deviceId !== 'string' || !DEVICE_ID_RE.test(deviceId)) throw new ConnectorError('ECONN_BAD_REQUEST', 'invalid device id for a certificate');
     const keys = await generateKeyPair(keyType);
     const issued = await this.issue(deviceId, keys.publicKey, keyType);
     return { ...issued, key: await privateKeyToPem(keys.privateKey) };
