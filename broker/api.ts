@@ -68,10 +68,10 @@ export interface ApiServerOptions {
   logger: Logger;
   /** Bound ports of the other listeners (mqtt_tls, mqtt_wss), read at request time for the endpoints in a registration answer. */
   ports: ReadonlyMap<string, number>;
-  /** Where HTTP uploads go (the journal); absent = uploads answer 503. */
-  sink?: UplinkSink;
-  /** Whether a device has a live MQTT session (the broker); absent = `connected: null`. */
-  isConnected?: (deviceId: string) => boolean;
+  /** Where HTTP uploads go (the journal), or a getter read per request; absent = uploads answer 503. */
+  sink?: UplinkSink | (() => UplinkSink | undefined);
+  /** Whether a device has a live MQTT session (the broker); absent or undefined = `connected: null`. */
+  isConnected?: (deviceId: string) => boolean | undefined;
   now?: () => number;
   timeouts?: Partial<ApiTimeouts>;
 }
@@ -251,8 +251,8 @@ export class ApiServer implements Component {
   private readonly identity: IdentityServices;
   private readonly log: Logger;
   private readonly ports: ReadonlyMap<string, number>;
-  private readonly sink: UplinkSink | undefined;
-  private readonly isConnected: ((id: string) => boolean) | undefined;
+  private readonly sinkOpt: UplinkSink | (() => UplinkSink | undefined) | undefined;
+  private readonly isConnected: ((id: string) => boolean | undefined) | undefined;
   private readonly now: () => number;
   private readonly timeouts: ApiTimeouts;
   private server: https.Server | undefined;
@@ -269,10 +269,14 @@ export class ApiServer implements Component {
     this.identity = opts.identity;
     this.log = opts.logger.child({ component: 'api' });
     this.ports = opts.ports;
-    this.sink = opts.sink;
+    this.sinkOpt = opts.sink;
     this.isConnected = opts.isConnected;
     this.now = opts.now ?? Date.now;
     this.timeouts = { ...DEFAULT_TIMEOUTS, ...opts.timeouts };
+  }
+
+  private sink(): UplinkSink | undefined {
+    return typeof this.sinkOpt === 'function' ? this.sinkOpt() : this.sinkOpt;
   }
 
   // ---------------------------------------------------------------- lifecycle
@@ -351,7 +355,7 @@ export class ApiServer implements Component {
   }
 
   status(): Record<string, unknown> {
-    return { listening: Boolean(this.server), port: this.boundPort, uploadsEnabled: this.sink !== undefined && this.config.bridge.enabled, ...this.counters };
+    return { listening: Boolean(this.server), port: this.boundPort, uploadsEnabled: this.sink() !== undefined && this.config.bridge.enabled, ...this.counters };
   }
 
   private async readCaFiles(files: readonly string[], key: string): Promise<string[]> {
@@ -847,7 +851,7 @@ export class ApiServer implements Component {
     this.sendJson(ctx.res, 200, {
       device_id: rec.id,
       status: rec.status,
-      connected: this.isConnected ? this.isConnected(id) : null,
+      connected: this.isConnected?.(id) ?? null,
       last_seen: rec.last_seen_at,
       metadata: rec.metadata,
     });
@@ -877,7 +881,7 @@ export class ApiServer implements Component {
   private async publish(ctx: RequestContext): Promise<void> {
     const auth = await this.authenticateDevice(ctx);
     const id = this.requireSelf(ctx, auth);
-    const sink = this.sink;
+    const sink = this.sink();
     if (!sink || !this.config.bridge.enabled) {
       throw new RequestError(503, 'ECONN_UNAVAILABLE', 'uploads are not available: the bridge is disabled on this gateway');
     }

@@ -16,6 +16,8 @@ import { LocalPki } from '../broker/pki.js';
 import { TokenService } from '../broker/tokens.js';
 import { EnrollmentStore } from '../broker/enrollment.js';
 import { registerIdentityAdmin, type Identity } from '../broker/identity-admin.js';
+import { ApiServer } from '../broker/api.js';
+import type { UplinkSink } from '../bridge/types.js';
 
 /** Ports actually bound (differs from the config when it says 0), reported in the `ready` log line. */
 export type BoundPorts = Map<string, number>;
@@ -57,15 +59,27 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   ctx.identity = { registry, pki, tokens, enrollment };
   registerIdentityAdmin(admin, ctx.identity, logger, { enrollmentDefaultTtlS: () => ctx.config.identity.enrollment_default_ttl_s });
 
+  // HTTPS registration/upload API: the journal (uploads) and the broker (connected) are looked up per request,
+  // so it does not depend on their construction order
+  const api = new ApiServer({
+    config,
+    identity: ctx.identity,
+    logger,
+    ports,
+    sink: () => (ctx as { journal?: UplinkSink }).journal,
+    isConnected: (id) => (ctx as { broker?: { isConnected?(id: string): boolean } }).broker?.isConnected?.(id),
+  });
+
   const portsOf: Component = {
     name: 'ports',
     start: async () => {
+      if (api.boundPort) ports.set('api', api.boundPort);
       if (health.boundPort) ports.set('metrics', health.boundPort);
     },
     close: async () => {},
   };
 
   // start order: state first, then device-facing and cloud-facing parts, health and admin last
-  const components: Component[] = [registry, pki, tokens, health, portsOf, admin];
+  const components: Component[] = [registry, pki, tokens, api, health, portsOf, admin];
   return { ctx, components };
 }

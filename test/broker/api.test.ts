@@ -5,7 +5,8 @@
  */
 import t, { type Test } from 'tap';
 import { X509Certificate } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import tls from 'node:tls';
@@ -14,6 +15,7 @@ import { SECURITY_HEADERS, hostFromHeader, parseContentDigest } from '../../brok
 import { validateRegisterBody } from '../../broker/api-schemas.js';
 import { TestCA, createCsr } from '../helpers/certs.js';
 import { apiEnv, type Response } from './api-fixtures.js';
+import { startDaemon, runCli } from '../helpers/daemon.js';
 
 function checkSecurityHeaders(t: Test, r: Response): void {
   for (const [k, v] of Object.entries(SECURITY_HEADERS)) t.equal(r.headers[k], v, `${k} header`);
@@ -347,4 +349,51 @@ t.test('TLS: the minimum version is enforced, the Host header shapes endpoints',
   const r = await env.request({ path: '/api/register', bearer: enr, headers: { host: 'gw.example:8443' }, json: { device_id: 'hosty' } });
   t.equal(r.status, 201);
   t.same(r.json.endpoints, { mqtts: 'mqtts://gw.example:18883', wss: 'wss://gw.example:18884/mqtt', api: `https://gw.example:${env.port}` });
+});
+
+t.test('in the daemon, driven by curl and openssl as the docs show', async (t) => {
+  const d = await startDaemon(t);
+  t.type(d.ports.api, 'number', 'the ready line reports the api port');
+  const ca = path.join(d.stateDir, 'pki', 'ca.crt');
+  const enroll = await runCli(['enroll', 'create', '-c', d.configFile]);
+  t.equal(enroll.code, 0, enroll.stderr);
+  const enr = enroll.stdout.split('\n')[0]!;
+  const dir = t.testdir();
+  const sh = (cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> =>
+    new Promise((resolve, reject) => {
+      const p = spawn(cmd, args, { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      p.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
+      p.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
+      p.on('error', reject);
+      p.on('close', (code) => resolve({ code, stdout, stderr }));
+    });
+  const req = await sh('openssl', ['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'curl-dev.key', '-out', 'curl-dev.csr', '-subj', '/CN=curl-dev']);
+  t.equal(req.code, 0, req.stderr);
+  writeFileSync(path.join(dir, 'register.json'), JSON.stringify({ device_id: 'curl-dev', csr: readFileSync(path.join(dir, 'curl-dev.csr'), 'utf8') }));
+  const url = `https://127.0.0.1:${d.ports.api}`;
+  const reg = await sh('curl', ['-sS', '--cacert', ca, '-H', `Authorization: Bearer ${enr}`, '-H', 'Content-Type: application/json', '--data-binary', '@register.json', '-w', '\n%{http_code}', `${url}/api/register`]);
+  const [body, code] = [reg.stdout.slice(0, reg.stdout.lastIndexOf('\n')), reg.stdout.slice(reg.stdout.lastIndexOf('\n') + 1)];
+  t.equal(code, '201', `register answered ${code} ${reg.stderr}`);
+  const json = JSON.parse(body) as Record<string, unknown>;
+  t.equal(json.device_id, 'curl-dev');
+  const endpoints = json.endpoints as Record<string, string>;
+  t.equal(endpoints.api, url);
+  // the broker's bound ports, when it is wired in (read from ctx.ports at request time)
+  if (d.ports.mqtt_tls) t.equal(endpoints.mqtts, `mqtts://127.0.0.1:${d.ports.mqtt_tls}`);
+  if (d.ports.mqtt_wss) t.equal(endpoints.wss, `wss://127.0.0.1:${d.ports.mqtt_wss}/mqtt`);
+  writeFileSync(path.join(dir, 'curl-dev.crt'), String(json.certificate));
+  writeFileSync(path.join(dir, 'curl-dev.token'), String(json.token));
+
+  const status = await sh('curl', ['-sS', '--cacert', ca, '--cert', 'curl-dev.crt', '--key', 'curl-dev.key', `${url}/api/devices/curl-dev/status`]);
+  t.equal((JSON.parse(status.stdout) as Record<string, unknown>).status, 'active', status.stderr);
+  const renew = await sh('curl', ['-sS', '--cacert', ca, '-X', 'POST', '-H', `Authorization: Bearer ${String(json.token)}`, `${url}/api/token/renew`]);
+  t.equal((JSON.parse(renew.stdout) as Record<string, unknown>).device_id, 'curl-dev', renew.stderr);
+  const head = await sh('curl', ['-sS', '-i', '--cacert', ca, `${url}/nope`]);
+  t.match(head.stdout, /^HTTP\/1\.1 404/);
+  t.match(head.stdout, /strict-transport-security: max-age=31536000; includeSubDomains/i);
+  const logs = JSON.stringify(d.logs);
+  t.notOk(logs.includes(enr), 'enrollment token not in the daemon log');
+  t.notOk(logs.includes(String(json.token)), 'device token not in the daemon log');
 });
