@@ -1,0 +1,422 @@
+/**
+ * The uplink against a controllable cloud (test/helpers/mini-cloud.ts: real
+ * HTTPS/WSS, real codec) with the real journal and the real token client.
+ */
+import t from 'tap';
+import path from 'node:path';
+import { writeFileSync } from 'node:fs';
+import { createHash, createHmac, randomBytes } from 'node:crypto';
+import { stringify } from 'yaml';
+import { Registry } from 'prom-client';
+import { WebSocket } from 'ws';
+import { parseConfigText } from '../../daemon/config/load.js';
+import type { Config } from '../../daemon/config/schema.js';
+import { createLogger } from '../../daemon/logger.js';
+import { Journal } from '../../bridge/journal.js';
+import { CloudTokenClient } from '../../bridge/cloud-token.js';
+import { Uplink, signUpgrade } from '../../bridge/uplink.js';
+import type { CommandTarget, UplinkMessageMeta } from '../../bridge/types.js';
+import { encodeFrame, FRAME_MAGIC } from '../../bridge/protocol.js';
+import { MiniCloud, type MiniCloudOptions } from '../helpers/mini-cloud.js';
+import { tempDir, deepMerge, type Json, type TestLike } from '../helpers/daemon.js';
+
+const SECRET = 'uplink-test-client-secret';
+
+interface Setup {
+  cloud: MiniCloud;
+  journal: Journal;
+  tokens: CloudTokenClient;
+  uplink: Uplink;
+  registry: Registry;
+  logs: Json[];
+  config: Config;
+  dir: string;
+  append(deviceId: string, payload: Buffer, topic?: string): Promise<string>;
+}
+
+async function setup(t: TestLike, cloudOpts: MiniCloudOptions = {}, over: Json = {}, extra: { commands?: CommandTarget; noStart?: boolean; cloud?: MiniCloud } = {}): Promise<Setup> {
+  const cloud = extra.cloud ?? (await MiniCloud.start(t, cloudOpts));
+  const dir = tempDir(t);
+  const secretFile = path.join(dir, 'client.secret');
+  writeFileSync(secretFile, SECRET, { mode: 0o600 });
+  const raw = deepMerge(
+    {
+      daemon: { state_dir: dir, server_name: 'gw-test' },
+      bridge: {
+        uplink: {
+          url: cloud.url,
+          ca_file: cloud.caFile,
+          heartbeat_ms: 200,
+          dead_after_ms: 1500,
+          reconnect_min_ms: 20,
+          reconnect_max_ms: 300,
+          chunk_size: 65536,
+        },
+        token: { url: cloud.tokenUrl, client_secret: `file:${secretFile}`, renew_before_s: 1 },
+      },
+    },
+    over,
+  );
+  const config = parseConfigText(stringify(raw), path.join(dir, 'connector.yaml'), { checkSecrets: false }).config;
+  const logs: Json[] = [];
+  const logger = createLogger({ level: 'debug', destination: { write: (s: string) => void logs.push(JSON.parse(s) as Json) } });
+  const registry = new Registry();
+  const journal = new Journal({ dir: path.join(dir, 'journal'), config: config.bridge.journal, logger, metrics: registry });
+  await journal.start();
+  t.teardown(() => journal.close());
+  const tokens = new CloudTokenClient({ token: config.bridge.token, uplink: config.bridge.uplink, logger, retryMinMs: 20, retryMaxMs: 300 });
+  t.teardown(() => tokens.close());
+  const uplink = new Uplink({ config, journal, tokens, commands: extra.commands, logger, metrics: registry });
+  t.teardown(() => uplink.close());
+  if (!extra.noStart) await uplink.start();
+  let n = 0;
+  const append = async (deviceId: string, payload: Buffer, topic?: string): Promise<string> => {
+    const meta: UplinkMessageMeta = { deviceId, topic: topic ?? `devices/${deviceId}/data/${n++}`, qos: 1, receivedAt: Date.now() };
+    return (await journal.append(meta, payload)).id;
+  };
+  return { cloud, journal, tokens, uplink, registry, logs, config, dir, append };
+}
+
+const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+const pendingOf = (j: Journal): number => j.stats().pendingMessages;
+
+t.test('delivers 0 B, small and multi-chunk messages in order; acks empty the journal; metrics', async (t) => {
+  const s = await setup(t);
+  const payloads = [Buffer.alloc(0), Buffer.from('hello'), randomBytes(1024 * 1024 + 17), randomBytes(3000)];
+  const ids: string[] = [];
+  for (const p of payloads) ids.push(await s.append('dev-1', p));
+  await s.cloud.until(() => s.cloud.order.length === 4, 'four stored');
+  t.same(s.cloud.order, ids, 'stored in journal order');
+  for (let i = 0; i < ids.length; i++) {
+    const m = s.cloud.stored.get(ids[i]!)!;
+    t.equal(m.sha256, sha(payloads[i]!), `payload ${i} intact`);
+    t.equal(m.meta.device_id, 'dev-1');
+  }
+  await s.cloud.until(() => pendingOf(s.journal) === 0, 'journal drained');
+  const chunks = s.cloud.conns[0]!.frames.filter((f) => f.type === 'CHUNK');
+  t.equal(chunks.length, 1 + 1 + 17 + 1, '1 MiB + 17 B in 64 KiB chunks = 17 chunks');
+  t.equal(s.cloud.conns[0]!.headers.authorization, `Bearer ${[...s.cloud.tokens.keys()][0]}`, 'token on the upgrade');
+  t.equal(s.cloud.conns[0]!.ws.protocol, 'edge-connector.v1');
+  const hello = s.cloud.conns[0]!.frames[0]!;
+  t.match(hello, { type: 'HELLO', version: 1, gateway_id: 'gw-test', chunk_size: 65536 });
+  const metrics = await s.registry.metrics();
+  t.match(metrics, /connector_uplink_messages_acked_total 4/);
+  t.match(metrics, /connector_uplink_state\{state="connected"\} 1/);
+  t.match(metrics, /connector_uplink_ack_latency_seconds_count 4/);
+  t.match(metrics, /connector_uplink_token_expires_in_seconds \d+/);
+  t.equal(s.uplink.status().state, 'connected');
+  t.ok(s.uplink.readiness().ok);
+});
+
+t.test('X-Signature on the upgrade when a signing secret is configured', async (t) => {
+  const dir = tempDir(t);
+  const f = path.join(dir, 'sig.secret');
+  writeFileSync(f, 'sig-secret-1', { mode: 0o600 });
+  const s = await setup(t, { signingSecret: 'sig-secret-1' }, { bridge: { uplink: { signing_secret: `file:${f}` } } });
+  await s.append('d', Buffer.from('x'));
+  await s.cloud.until(() => s.cloud.order.length === 1, 'stored (the cloud verified the signature)');
+  t.match(String(s.cloud.upgradeHeaders[0]!['x-signature']), /^t=\d+,v1=[0-9a-f]{64}$/);
+  const expected = createHmac('sha256', 'k').update('1700000000\nGET\n/ingest').digest('hex');
+  t.equal(signUpgrade('k', 'GET', '/ingest', 1700000000), `t=1700000000,v1=${expected}`);
+});
+
+t.test('bounded window: stops at window_messages while the cloud withholds ACKs, continues after', async (t) => {
+  const s = await setup(t, { withholdAcks: true }, { bridge: { uplink: { window_messages: 5, dead_after_ms: 60000 } } });
+  for (let i = 0; i < 12; i++) await s.append('d', Buffer.from(`m${i}`));
+  await s.cloud.until(() => s.cloud.order.length === 5, 'five sent');
+  await new Promise((r) => setTimeout(r, 300));
+  t.equal(s.cloud.completions.length, 5, 'no sixth message while five are unacknowledged');
+  s.cloud.opts.withholdAcks = false;
+  s.cloud.ackAll(s.cloud.conns[0]!);
+  await s.cloud.until(() => s.cloud.order.length === 12, 'all stored');
+  await s.cloud.until(() => pendingOf(s.journal) === 0, 'all acked');
+  t.equal(s.cloud.conns.length, 1, 'same connection');
+});
+
+t.test('byte window with one big message: progress ACKs open it; QUERY when the cloud sends none', async (t) => {
+  const big = randomBytes(2 * 1024 * 1024);
+  const s = await setup(t, { progressEvery: 256 * 1024 }, { bridge: { uplink: { window_bytes: 524288, chunk_size: 65536 } } });
+  const id = await s.append('d', big);
+  await s.cloud.until(() => s.cloud.order.length === 1, 'big stored through a 512 KiB window', 15000);
+  t.equal(s.cloud.stored.get(id)!.sha256, sha(big));
+
+  const s2 = await setup(t, {}, { bridge: { uplink: { window_bytes: 262144, chunk_size: 65536, heartbeat_ms: 100 } } });
+  await s2.append('d', big);
+  await s2.cloud.until(() => s2.cloud.order.length === 1, 'big stored through QUERY progress', 15000);
+  t.ok(s2.cloud.conns[0]!.frames.some((f) => f.type === 'QUERY'), 'the uplink asked where the cloud stands');
+});
+
+t.test('resume: a link cut in the middle of a large message resumes at the offset WELCOME reports', async (t) => {
+  let cut = false;
+  const cloudOpts: MiniCloudOptions = {
+    onFrame: (c, f) => {
+      if (!cut && f.type === 'CHUNK' && f.seq === 8) {
+        cut = true;
+        c.ws.terminate();
+        return true;
+      }
+    },
+  };
+  const s = await setup(t, cloudOpts);
+  const big = randomBytes(1024 * 1024);
+  const before = await s.append('d', Buffer.from('before'));
+  const id = await s.append('d', big);
+  const after = await s.append('d', Buffer.from('after'));
+  await s.cloud.until(() => s.cloud.order.length === 3, 'all three stored');
+  t.same(s.cloud.order, [before, id, after]);
+  t.equal(s.cloud.stored.get(id)!.sha256, sha(big));
+  t.equal(s.cloud.conns.length, 2, 'one reconnect');
+  const resumed = s.cloud.conns[1]!.frames.filter((f) => f.type === 'CHUNK' && f.id === id);
+  t.match(resumed[0], { seq: 8, offset: 8 * 65536 }, 'resumed at the held offset, not from zero');
+  t.equal(s.uplink.counts.reconnects, 1);
+});
+
+t.test('restart: a new uplink on the same journal resumes from the first unacknowledged record and the cloud partial', async (t) => {
+  let stopAt = 5;
+  const cloud = await MiniCloud.start(t, {
+    onFrame: (c, f) => {
+      if (stopAt && f.type === 'CHUNK' && f.seq === stopAt) {
+        stopAt = 0;
+        c.ws.terminate();
+        return true;
+      }
+    },
+  });
+  const s = await setup(t, {}, { bridge: { uplink: { reconnect_min_ms: 5000, reconnect_max_ms: 5000 } } }, { cloud });
+  const big = randomBytes(600 * 1024);
+  const id = await s.append('d', big);
+  await cloud.until(() => cloud.conns.length === 1 && cloud.conns[0]!.ws.readyState !== WebSocket.OPEN, 'cut');
+  await s.uplink.close();
+  // same journal, new uplink (a process restart keeps journal + cloud partials)
+  const registry = new Registry();
+  const up2 = new Uplink({ config: { ...s.config, bridge: { ...s.config.bridge, uplink: { ...s.config.bridge.uplink, reconnect_min_ms: 20 } } } as Config, journal: s.journal, tokens: s.tokens, logger: createLogger({ level: 'silent' }), metrics: registry });
+  t.teardown(() => up2.close());
+  await up2.start();
+  await cloud.until(() => cloud.order.length === 1, 'stored after restart');
+  t.equal(cloud.stored.get(id)!.sha256, sha(big));
+  const first = cloud.conns[1]!.frames.find((f) => f.type === 'CHUNK');
+  t.match(first, { seq: 5, offset: 5 * 65536 });
+});
+
+t.test('duplicates: a message the cloud already stored but whose ACK was lost is acked again, stored once', async (t) => {
+  let dropAck = true;
+  const s = await setup(t, {
+    onFrame: (c, f) => {
+      if (dropAck && f.type === 'CHUNK') {
+        // store it (default handling) but cut the link before the ACK goes out
+        dropAck = false;
+        setImmediate(() => c.ws.terminate());
+        c.ws.send = (() => undefined) as typeof c.ws.send;
+        return false;
+      }
+    },
+  });
+  const id = await s.append('d', Buffer.from('once'));
+  await s.cloud.until(() => pendingOf(s.journal) === 0, 'acked after reconnect');
+  t.same(s.cloud.order, [id], 'stored once');
+  t.equal(s.cloud.completions.filter((x) => x === id).length, 2, 'sent twice, deduplicated by id');
+});
+
+t.test('REJECT permanent quarantines without blocking; REJECT retry resends in order after the delay', async (t) => {
+  const rejectedOnce = new Set<string>();
+  let poison = '';
+  let retryMe = '';
+  const s = await setup(t, {
+    onFrame: (c, f) => {
+      if (f.type !== 'CHUNK') return;
+      if (f.id === poison) {
+        c.send({ type: 'REJECT', id: f.id, kind: 'permanent', reason: 'bad metadata' });
+        return true;
+      }
+      if (f.id === retryMe && !rejectedOnce.has(f.id)) {
+        rejectedOnce.add(f.id);
+        c.send({ type: 'REJECT', id: f.id, kind: 'retry', reason: 'busy', retry_after_ms: 150 });
+        return true;
+      }
+    },
+  });
+  const a = await s.append('d', Buffer.from('a'));
+  poison = await s.append('d', Buffer.from('poison'));
+  retryMe = await s.append('d', Buffer.from('retry'));
+  const z = await s.append('d', Buffer.from('z'));
+  await s.cloud.until(() => s.cloud.order.includes(z) && pendingOf(s.journal) === 0, 'everything but the poison stored');
+  // the retried message is stored once, after its retry; `z` was already in flight when the REJECT came, so the
+  // cloud may store it first: order across a retry-REJECT is the cloud's to keep (it must refuse what follows)
+  t.same([...s.cloud.order].sort(), [a, retryMe, z].sort(), 'everything but the poison stored');
+  t.equal(s.cloud.order[0], a);
+  t.equal(s.cloud.completions.filter((x) => x === retryMe).length, 1, 'the retried message stored once');
+  t.equal(s.journal.stats().quarantined, 1, 'poison quarantined');
+  t.equal(s.uplink.counts.rejected, 2);
+  t.equal(s.cloud.conns.length, 1, 'no reconnect for rejects');
+});
+
+t.test('dead link: a cloud that goes silent (no frame at all) is dropped and reconnected', async (t) => {
+  let silent = true;
+  const s = await setup(
+    t,
+    {
+      heartbeatMs: 0,
+      onFrame: (c, f) => {
+        if (silent && c.n === 1) return true; // swallow everything, answer nothing
+        void f;
+      },
+    },
+    { bridge: { uplink: { heartbeat_ms: 100, dead_after_ms: 500 } } },
+  );
+  const id = await s.append('d', Buffer.from('x'));
+  await s.cloud.until(() => s.cloud.conns.length >= 2, 'reconnected after the dead link', 5000);
+  silent = false;
+  await s.cloud.until(() => s.cloud.order.includes(id), 'delivered on the new link');
+  t.ok(s.logs.some((l) => /link dead/.test(String(l.msg))), 'logged');
+});
+
+t.test('token renewed in band before expiry: no reconnect, no loss, no duplicate', async (t) => {
+  const s = await setup(t, { tokenTtlS: 2 }, { bridge: { token: { renew_before_s: 1 } } });
+  const ids: string[] = [];
+  const end = Date.now() + 3500;
+  while (Date.now() < end) {
+    ids.push(await s.append('d', randomBytes(2000)));
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  await s.cloud.until(() => pendingOf(s.journal) === 0, 'drained');
+  t.same(s.cloud.order, ids, 'all stored, in order');
+  t.equal(s.cloud.completions.length, ids.length, 'no duplicates');
+  t.equal(s.cloud.conns.length, 1, 'one connection for the whole run');
+  t.ok(s.uplink.counts.tokensInBand >= 2, `renewed in band ${s.uplink.counts.tokensInBand} times`);
+  t.ok(s.cloud.conns[0]!.frames.filter((f) => f.type === 'TOKEN').length >= 2);
+});
+
+t.test('token refused in band: reconnects with the new token, nothing lost', async (t) => {
+  const s = await setup(t, { tokenTtlS: 2, rejectInBandToken: true }, { bridge: { token: { renew_before_s: 1 } } });
+  const ids: string[] = [];
+  const end = Date.now() + 2500;
+  while (Date.now() < end) {
+    ids.push(await s.append('d', Buffer.from(String(ids.length))));
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  await s.cloud.until(() => pendingOf(s.journal) === 0, 'drained');
+  t.same(s.cloud.order, ids);
+  t.ok(s.cloud.conns.length >= 2 && s.cloud.conns.length <= 4, `reconnected for the new token (${s.cloud.conns.length} connections), no storm`);
+});
+
+t.test('commands: COMMAND goes to the CommandTarget and COMMAND_RESULT comes back', async (t) => {
+  const got: Array<[string, string, string]> = [];
+  const commands: CommandTarget = {
+    publishCommand: async (deviceId, name, payload) => {
+      got.push([deviceId, name, payload.toString()]);
+      return deviceId === 'dev-ok' ? { delivered: true } : { delivered: false, reason: 'not connected' };
+    },
+  };
+  const s = await setup(t, {}, {}, { commands });
+  await s.cloud.until(() => s.cloud.conns.length === 1 && s.uplink.state === 'connected', 'connected');
+  const c = s.cloud.conns[0]!;
+  c.send({ type: 'COMMAND', id: 'c1', device_id: 'dev-ok', name: 'reboot', payload: Buffer.from('now').toString('base64') });
+  c.send({ type: 'COMMAND', id: 'c2', device_id: 'dev-off', name: 'reboot', payload: '' });
+  c.send({ type: 'COMMAND', id: 'c3', device_id: 'dev-ok', name: 'bad/name', payload: '' });
+  await s.cloud.until(() => c.frames.filter((f) => f.type === 'COMMAND_RESULT').length === 3, 'three results');
+  const results = c.frames.filter((f) => f.type === 'COMMAND_RESULT');
+  t.same(results.find((r) => r.type === 'COMMAND_RESULT' && r.id === 'c1'), { type: 'COMMAND_RESULT', id: 'c1', delivered: true });
+  t.match(results.find((r) => r.type === 'COMMAND_RESULT' && r.id === 'c2'), { delivered: false, reason: 'not connected' });
+  t.match(results.find((r) => r.type === 'COMMAND_RESULT' && r.id === 'c3'), { delivered: false, reason: /invalid command name/ });
+  t.same(got, [['dev-ok', 'reboot', 'now'], ['dev-off', 'reboot', '']]);
+});
+
+t.test('hostile cloud: garbage, text, unknown type, wrong direction → ECONN_PROTOCOL, link dropped and resumed', async (t) => {
+  const attacks: Array<(ws: WebSocket) => void> = [
+    (ws) => ws.send(randomBytes(100)),
+    (ws) => ws.send('hello'),
+    (ws) => ws.send(Buffer.from([FRAME_MAGIC, 1, 0x77, 0, 0, 0, 0, 0])),
+    (ws) => ws.send(encodeFrame({ type: 'HELLO', version: 1, gateway_id: 'x' })),
+    (ws) => ws.send(Buffer.from([FRAME_MAGIC, 1, 0x04, 0, 0, 0, 0, 5, 0x7b, 0x7b, 0x7b, 0x7b, 0x7b])),
+    (ws) => ws.send(encodeFrame({ type: 'WELCOME', version: 1, session_id: 'again', max_frame_bytes: 1, max_chunk_bytes: 1, max_message_bytes: 1, max_partials: 1, heartbeat_ms: 1, token_expires_at: 1, partials: [] })),
+  ];
+  const s = await setup(t, {
+    onWelcome: (c) => {
+      const attack = attacks[c.n - 1];
+      if (attack) setTimeout(() => attack(c.ws), 30);
+    },
+  });
+  const id = await s.append('d', Buffer.from('survives'));
+  await s.cloud.until(() => s.cloud.conns.length === attacks.length + 1, 'reconnected after every attack', 15000);
+  await s.cloud.until(() => s.cloud.order.includes(id) && pendingOf(s.journal) === 0, 'delivered in the end');
+  const protoLogs = s.logs.filter((l) => l.code === 'ECONN_PROTOCOL');
+  t.ok(protoLogs.length >= attacks.length, `${protoLogs.length} ECONN_PROTOCOL log lines`);
+  t.equal(s.uplink.counts.protocolErrors, attacks.length);
+});
+
+t.test('upgrade refused: 401 renews the token, 503 Retry-After is honoured', async (t) => {
+  const s = await setup(t, { refuseUpgrade: { status: 503, retryAfterS: 1 } });
+  await s.cloud.until(() => s.cloud.upgradeHeaders.length === 1, 'first attempt');
+  const t0 = Date.now();
+  await new Promise((r) => setTimeout(r, 400));
+  t.equal(s.cloud.upgradeHeaders.length, 1, 'no second attempt before Retry-After (1 s) although reconnect_max_ms is 300');
+  s.cloud.opts.refuseUpgrade = undefined;
+  const id = await s.append('d', Buffer.from('after 503'));
+  await s.cloud.until(() => s.cloud.order.includes(id), 'delivered');
+  t.ok(Date.now() - t0 >= 500);
+  t.ok(s.logs.some((l) => l.code === 'ECONN_UPLINK' && /HTTP 503/.test(String(l.msg))));
+
+  // 401: the cloud forgot our token (e.g. key rotation) → a new token is fetched
+  const s2 = await setup(t);
+  await s2.cloud.until(() => s2.uplink.state === 'connected', 'connected');
+  const before = s2.cloud.tokenRequests.length;
+  s2.cloud.tokens.clear();
+  s2.cloud.conns[0]!.ws.terminate();
+  const id2 = await s2.append('d', Buffer.from('after 401'));
+  await s2.cloud.until(() => s2.cloud.order.includes(id2), 'delivered with a new token');
+  t.ok(s2.cloud.tokenRequests.length > before, 'a new token was requested');
+});
+
+t.test('cloud down at start, then up: delivered; readiness follows acks, not the socket', async (t) => {
+  const cloud = new MiniCloud();
+  // reserve a port: listen, note it, stop
+  await cloud.listen(t);
+  const port = cloud.port;
+  await cloud.stop();
+  const s = await setup(t, {}, { bridge: { uplink: { url: `wss://127.0.0.1:${port}/ingest` }, token: { url: `https://127.0.0.1:${port}/oauth/token` } } }, { cloud });
+  const id = await s.append('d', Buffer.from('waiting'));
+  await new Promise((r) => setTimeout(r, 200));
+  t.not(s.uplink.state, 'connected');
+  t.ok(s.uplink.readiness(60_000).ok, 'a fresh backlog is not stale');
+  const r = s.uplink.readiness(0);
+  t.notOk(r.ok, 'a backlog older than the stale limit with no ack is not ready');
+  t.match(r.reason, /1 messages wait for the cloud.*last cloud ack never/);
+  const cloud2 = new MiniCloud();
+  await cloud2.listen(t, port, cloud.ca);
+  await cloud2.until(() => cloud2.order.includes(id), 'delivered once the cloud is up', 10000);
+  await cloud2.until(() => pendingOf(s.journal) === 0, 'acked');
+  t.ok(s.uplink.readiness(0).ok, 'empty backlog: ready');
+});
+
+t.test('close() is bounded and idempotent even when the cloud never answers the close', async (t) => {
+  const s = await setup(t, { onFrame: () => true, heartbeatMs: 0 }, { bridge: { uplink: { dead_after_ms: 60000 } } });
+  await s.cloud.until(() => s.uplink.state === 'connected', 'connected');
+  s.cloud.conns[0]!.ws.close = () => undefined; // the server ignores the closing handshake
+  const t0 = Date.now();
+  await s.uplink.close();
+  await s.uplink.close();
+  t.ok(Date.now() - t0 < 5000, 'bounded');
+  t.equal(s.uplink.state, 'stopped');
+});
+
+t.test('reload: new limits apply without dropping the link; a new URL reconnects', async (t) => {
+  const s = await setup(t);
+  await s.cloud.until(() => s.uplink.state === 'connected', 'connected');
+  const next = parseConfigText(
+    stringify(deepMerge(JSON.parse(JSON.stringify(s.config)) as Json, { bridge: { uplink: { window_messages: 7, heartbeat_ms: 300 } } })),
+    path.join(s.dir, 'connector.yaml'),
+    { checkSecrets: false },
+  ).config;
+  const changes = await s.uplink.reload(next);
+  t.match(changes.join('\n'), /window_messages 256 -> 7/);
+  t.equal(s.cloud.conns.length, 1, 'link kept');
+  const other = await MiniCloud.start(t, {}, 0);
+  const moved = parseConfigText(
+    stringify(deepMerge(JSON.parse(JSON.stringify(next)) as Json, { bridge: { uplink: { url: other.url, ca_file: other.caFile }, token: { url: other.tokenUrl } } })),
+    path.join(s.dir, 'connector.yaml'),
+    { checkSecrets: false },
+  ).config;
+  await s.uplink.reload(moved);
+  const id = await s.append('d', Buffer.from('moved'));
+  await other.until(() => other.order.includes(id), 'delivered to the new cloud');
+});
