@@ -1,0 +1,380 @@
+/**
+ * Durable message store of the reference cloud.
+ *
+ * Layout of STORE_DIR (created 0700):
+ *   index.jsonl           one JSON line per stored message, in store order:
+ *                         {seq, id, gateway_id, device_id, topic, qos, size, sha256,
+ *                          received_at, stored_at, content_type, payload_file}
+ *   payloads/ID.bin       the payload of every stored message
+ *   partials/ID.part      bytes received so far of a message in progress
+ *   partials/ID.json      {id, gateway_id, meta, total, offset, next_seq}: the DURABLE
+ *                         prefix (the .part file is fsynced before this is written)
+ *
+ * A message is stored when: its .part is fsynced, renamed to payloads/ID.bin,
+ * the payloads directory fsynced, and its index line appended and fsynced
+ * (group commit: concurrent commits share one write + fsync). Only then is it
+ * acknowledged. On open, a torn last index line is cut off, and each partial is
+ * truncated to its durable offset (a partial whose data is shorter is dropped).
+ */
+import { EventEmitter } from 'node:events';
+import { createReadStream, mkdirSync, chmodSync } from 'node:fs';
+import { open, readFile, readdir, rename, rm, stat, truncate, writeFile, type FileHandle } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { StorageError } from '../../daemon/errors.js';
+import type { Logger } from '../../daemon/logger.js';
+import { MessageAssembly, isValidMessageId, parseMeta, type MessageMeta, type PartialInfo } from '../protocol.js';
+
+export interface StoredEntry {
+  /** 1-based position in index.jsonl. */
+  seq: number;
+  id: string;
+  gateway_id: string;
+  device_id: string;
+  topic: string;
+  qos: 0 | 1;
+  size: number;
+  sha256: string;
+  received_at: number;
+  stored_at: number;
+  content_type?: string;
+  /** Relative to the store directory. */
+  payload_file: string;
+}
+
+/** A message in progress (durable state plus, while loaded, its open file and assembly). */
+export interface Partial {
+  id: string;
+  gatewayId: string;
+  meta: MessageMeta;
+  total: number;
+  /** Durable prefix (reported in WELCOME / progress ACKs). */
+  durableOffset: number;
+  durableNextSeq: number;
+  /** Loaded state: the open .part file and the receive state (may be ahead of the durable prefix). */
+  fh?: FileHandle;
+  asm?: MessageAssembly;
+  /** Bytes written since the last persist. */
+  dirty: number;
+}
+
+export class CloudStore extends EventEmitter {
+  readonly dir: string;
+  private readonly payloadDir: string;
+  private readonly partialDir: string;
+  private readonly ids = new Set<string>();
+  private readonly partials = new Map<string, Partial>();
+  private index?: FileHandle;
+  private seq = 0;
+  /** Highest seq whose index line is durable and announced ('stored' emitted). */
+  private committed = 0;
+  private pending: { entry: StoredEntry; resolve: () => void; reject: (e: Error) => void }[] = [];
+  private flushing = false;
+  private closed = false;
+
+  constructor(
+    dir: string,
+    private readonly log: Logger,
+  ) {
+    super();
+    this.dir = dir;
+    this.payloadDir = path.join(dir, 'payloads');
+    this.partialDir = path.join(dir, 'partials');
+  }
+
+  /** Messages stored so far (= the seq of the last index line). */
+  get count(): number {
+    return this.committed;
+  }
+
+  async open(): Promise<void> {
+    for (const d of [this.dir, this.payloadDir, this.partialDir]) mkdirSync(d, { recursive: true, mode: 0o700 });
+    chmodSync(this.dir, 0o700);
+    const indexFile = path.join(this.dir, 'index.jsonl');
+    let text = '';
+    try {
+      text = await readFile(indexFile, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new StorageError('ECONN_JOURNAL_IO', `cloud store: cannot read ${indexFile}`, { cause: err });
+    }
+    let good = 0;
+    let pos = 0;
+    while (pos < text.length) {
+      const nl = text.indexOf('\n', pos);
+      if (nl < 0) break;
+      try {
+        const e = JSON.parse(text.slice(pos, nl)) as StoredEntry;
+        this.ids.add(e.id);
+        this.seq = e.seq;
+      } catch {
+        break;
+      }
+      pos = nl + 1;
+      good = Buffer.byteLength(text.slice(0, pos));
+    }
+    if (good < Buffer.byteLength(text)) {
+      this.log.warn({ file: indexFile, kept_bytes: good }, 'cloud store: torn index tail cut off');
+      await truncate(indexFile, good);
+    }
+    this.committed = this.seq;
+    this.index = await open(indexFile, 'a', 0o600);
+    await this.loadPartials();
+    this.log.info({ dir: this.dir, stored: this.seq, partials: this.partials.size }, 'cloud store open');
+  }
+
+  private async loadPartials(): Promise<void> {
+    for (const name of await readdir(this.partialDir)) {
+      const full = path.join(this.partialDir, name);
+      if (name.endsWith('.tmp')) {
+        await rm(full, { force: true });
+        continue;
+      }
+      if (!name.endsWith('.json')) continue;
+      const id = name.slice(0, -5);
+      const dataFile = path.join(this.partialDir, `${id}.part`);
+      try {
+        const j = JSON.parse(await readFile(full, 'utf8')) as { id: string; gateway_id: string; meta: unknown; total: number; offset: number; next_seq: number };
+        if (j.id !== id || !isValidMessageId(id) || this.ids.has(id)) throw new Error('stale');
+        const meta = parseMeta(j.meta);
+        const st = await stat(dataFile);
+        if (st.size < j.offset) throw new Error('data shorter than its durable offset');
+        if (st.size > j.offset) await truncate(dataFile, j.offset);
+        this.partials.set(id, { id, gatewayId: j.gateway_id, meta, total: j.total, durableOffset: j.offset, durableNextSeq: j.next_seq, dirty: 0 });
+      } catch (err) {
+        this.log.warn({ id, err: (err as Error).message }, 'cloud store: dropping an unusable partial message');
+        await rm(full, { force: true });
+        await rm(dataFile, { force: true });
+      }
+    }
+    // .part files without .json hold nothing durable
+    for (const name of await readdir(this.partialDir)) {
+      if (name.endsWith('.part') && !this.partials.has(name.slice(0, -5))) await rm(path.join(this.partialDir, name), { force: true });
+    }
+  }
+
+  isStored(id: string): boolean {
+    return this.ids.has(id);
+  }
+
+  getPartial(id: string): Partial | undefined {
+    return this.partials.get(id);
+  }
+
+  partialsOf(gatewayId: string, max: number): PartialInfo[] {
+    const out: PartialInfo[] = [];
+    for (const p of this.partials.values()) {
+      if (p.gatewayId === gatewayId && p.durableOffset > 0) out.push({ id: p.id, offset: p.durableOffset, next_seq: p.durableNextSeq, total: p.total });
+      if (out.length >= max) break;
+    }
+    return out;
+  }
+
+  partialCount(gatewayId: string): number {
+    let n = 0;
+    for (const p of this.partials.values()) if (p.gatewayId === gatewayId) n++;
+    return n;
+  }
+
+  /** Start (or restart) a message: any previous partial of this id is discarded. */
+  async begin(id: string, gatewayId: string, meta: MessageMeta, total: number, asm: MessageAssembly): Promise<Partial> {
+    this.assertOpen();
+    await this.discard(id);
+    const fh = await open(path.join(this.partialDir, `${id}.part`), 'w', 0o600);
+    const p: Partial = { id, gatewayId, meta, total, durableOffset: 0, durableNextSeq: 0, fh, asm, dirty: 0 };
+    this.partials.set(id, p);
+    return p;
+  }
+
+  /**
+   * Make a partial loaded from disk usable: open its file and hash its durable
+   * prefix into a resumed assembly. Bytes beyond the durable prefix (written by
+   * an earlier connection but not persisted) are dropped.
+   */
+  async load(p: Partial): Promise<void> {
+    if (p.fh && p.asm) return;
+    const file = path.join(this.partialDir, `${p.id}.part`);
+    await truncate(file, p.durableOffset);
+    const hash = createHash('sha256');
+    if (p.durableOffset > 0) {
+      for await (const chunk of createReadStream(file, { start: 0, end: p.durableOffset - 1 })) hash.update(chunk as Buffer);
+    }
+    p.fh = await open(file, 'r+');
+    p.asm = MessageAssembly.resume({ id: p.id, total: p.total, meta: p.meta, offset: p.durableOffset, nextSeq: p.durableNextSeq, heldHash: hash });
+    p.dirty = 0;
+  }
+
+  /** Unload a partial so that the next use resumes from its durable prefix (after a failed write or a bad chunk). */
+  async unload(p: Partial): Promise<void> {
+    const fh = p.fh;
+    delete p.fh;
+    delete p.asm;
+    await fh?.close().catch(() => undefined);
+  }
+
+  async write(p: Partial, offset: number, data: Buffer): Promise<void> {
+    if (!p.fh) throw new StorageError('ECONN_JOURNAL_IO', `partial ${p.id} is not open`);
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await p.fh.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+    p.dirty += data.length;
+  }
+
+  /** Make everything received of a partial durable and record it. */
+  async persist(p: Partial): Promise<void> {
+    if (!p.fh || !p.asm) return;
+    if (p.asm.offset === p.durableOffset && p.asm.nextSeq === p.durableNextSeq) return;
+    await p.fh.sync();
+    const json = path.join(this.partialDir, `${p.id}.json`);
+    const tmp = `${json}.tmp`;
+    const body = JSON.stringify({ id: p.id, gateway_id: p.gatewayId, meta: p.meta, total: p.total, offset: p.asm.offset, next_seq: p.asm.nextSeq });
+    const fh = await open(tmp, 'w', 0o600);
+    try {
+      await fh.writeFile(body);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, json);
+    p.durableOffset = p.asm.offset;
+    p.durableNextSeq = p.asm.nextSeq;
+    p.dirty = 0;
+  }
+
+  async discard(id: string): Promise<void> {
+    const p = this.partials.get(id);
+    this.partials.delete(id);
+    if (p) await this.unload(p);
+    await rm(path.join(this.partialDir, `${id}.json`), { force: true });
+    await rm(path.join(this.partialDir, `${id}.part`), { force: true });
+  }
+
+  /** Store a complete, verified message durably; resolves once its index line is fsynced. */
+  async commit(p: Partial, sha256: string, storedAt = Date.now()): Promise<StoredEntry> {
+    this.assertOpen();
+    if (!p.fh) throw new StorageError('ECONN_JOURNAL_IO', `partial ${p.id} is not open`);
+    await p.fh.sync();
+    await p.fh.close();
+    delete p.fh;
+    const rel = path.join('payloads', `${p.id}.bin`);
+    await rename(path.join(this.partialDir, `${p.id}.part`), path.join(this.dir, rel));
+    const entry: StoredEntry = {
+      seq: 0,
+      id: p.id,
+      gateway_id: p.gatewayId,
+      device_id: p.meta.device_id,
+      topic: p.meta.topic,
+      qos: p.meta.qos,
+      size: p.total,
+      sha256,
+      received_at: p.meta.received_at,
+      stored_at: storedAt,
+      payload_file: rel,
+    };
+    if (p.meta.content_type !== undefined) entry.content_type = p.meta.content_type;
+    await new Promise<void>((resolve, reject) => {
+      this.pending.push({ entry, resolve, reject });
+      void this.flush();
+    });
+    this.partials.delete(p.id);
+    await rm(path.join(this.partialDir, `${p.id}.json`), { force: true });
+    return entry;
+  }
+
+  /** Group commit of index lines: one payload-dir fsync, one write, one fsync for every commit waiting. */
+  private async flush(): Promise<void> {
+    if (this.flushing) return;
+    this.flushing = true;
+    try {
+      while (this.pending.length > 0) {
+        const batch = this.pending;
+        this.pending = [];
+        try {
+          const dirFh = await open(this.payloadDir, 'r');
+          try {
+            await dirFh.sync();
+          } finally {
+            await dirFh.close();
+          }
+          const lines: string[] = [];
+          for (const b of batch) {
+            if (this.ids.has(b.entry.id)) continue; // two connections raced on one id: store once
+            b.entry.seq = ++this.seq;
+            this.ids.add(b.entry.id);
+            lines.push(JSON.stringify(b.entry) + '\n');
+          }
+          if (lines.length > 0) {
+            await this.index!.write(lines.join(''));
+            await this.index!.sync();
+          }
+          for (const b of batch) {
+            if (b.entry.seq > 0) {
+              this.committed = b.entry.seq;
+              this.emit('stored', b.entry);
+            }
+            b.resolve();
+          }
+        } catch (err) {
+          const e = new StorageError('ECONN_JOURNAL_IO', 'cloud store: index write failed', { cause: err });
+          this.log.error({ err }, 'cloud store: index write failed');
+          for (const b of batch) b.reject(e);
+        }
+      }
+    } finally {
+      this.flushing = false;
+    }
+  }
+
+  /** Path of a stored payload. */
+  payloadPath(entry: Pick<StoredEntry, 'payload_file'>): string {
+    return path.join(this.dir, entry.payload_file);
+  }
+
+  async readPayload(entry: Pick<StoredEntry, 'payload_file'>): Promise<Buffer> {
+    return readFile(this.payloadPath(entry));
+  }
+
+  /** Read the first `upTo` index entries in order (for --from-start replays). */
+  async *replay(upTo: number): AsyncGenerator<StoredEntry> {
+    if (upTo <= 0) return;
+    const rl = createInterface({ input: createReadStream(path.join(this.dir, 'index.jsonl'), 'utf8'), crlfDelay: Infinity });
+    try {
+      for await (const line of rl) {
+        if (!line) continue;
+        let e: StoredEntry;
+        try {
+          e = JSON.parse(line) as StoredEntry;
+        } catch {
+          return;
+        }
+        if (e.seq > upTo) return;
+        yield e;
+      }
+    } finally {
+      rl.close();
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const p of this.partials.values()) {
+      await this.persist(p).catch((err: unknown) => this.log.warn({ err, id: p.id }, 'cloud store: could not persist a partial'));
+      await this.unload(p);
+    }
+    await this.index?.close().catch(() => undefined);
+  }
+
+  private assertOpen(): void {
+    if (this.closed || !this.index) throw new StorageError('ECONN_CLOSED', 'cloud store is closed');
+  }
+
+  /** Write a small file atomically (used for the token key). */
+  static async writeFileAtomic(file: string, data: string, mode: number): Promise<void> {
+    const tmp = `${file}.${process.pid}.tmp`;
+    await writeFile(tmp, data, { mode });
+    await rename(tmp, file);
+  }
+}
