@@ -109,13 +109,15 @@ export class CrlStore {
       }
       const text = data.toString('latin1');
       const blocks = text.includes('-----BEGIN')
-        ? (text.match(/-----BEGIN X509 CRL-----[\s\S]*?-----END X509 CRL-----/g) ?? [])
+        ? (text.match(/-----BEGIN (?:X509 )?CRL-----[\s\S]*?-----END (?:X509 )?CRL-----/g) ?? []).map((pem) =>
+            Buffer.from(pem.replace(/-----(BEGIN|END) (X509 )?CRL-----/g, '').replace(/\s+/g, ''), 'base64'),
+          )
         : [data];
       if (blocks.length === 0) throw new ConnectorError('ECONN_CRL', `CRL file ${file} holds no "BEGIN X509 CRL" block (broker.tls.crl_files)`);
       for (const b of blocks) {
         let crl: x509.X509Crl;
         try {
-          crl = typeof b === 'string' ? new x509.X509Crl(b) : new x509.X509Crl(new Uint8Array(b));
+          crl = new x509.X509Crl(new Uint8Array(b));
         } catch (err) {
           throw new ConnectorError('ECONN_CRL', `CRL file ${file} cannot be parsed as an X.509 CRL (PEM or DER) (broker.tls.crl_files)`, { cause: err });
         }
