@@ -25,7 +25,7 @@
  *    COMMAND_RESULT, exactly once each.
  */
 import { EventEmitter } from 'node:events';
-import { createHmac } from 'node:crypto';
+import { createHmac, randomBytes } from 'node:crypto';
 import type { IncomingMessage, ClientRequest } from 'node:http';
 import { WebSocket, type RawData } from 'ws';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
@@ -46,6 +46,7 @@ import {
   SERVER_FRAMES,
   WireError,
   chunkRanges,
+  chunkMessage,
   decodeFrame,
   encodeFrame,
   errorFrameFor,
@@ -169,7 +170,7 @@ export class Uplink extends EventEmitter implements Component {
   private readonly onAppend = (): void => this.wake();
   private readonly onToken = (): void => void this.presentNewToken();
   /** Counters also exposed through status() (and used by tests). */
-  readonly counts = { reconnects: 0, messagesSent: 0, bytesSent: 0, messagesAcked: 0, bytesAcked: 0, rejected: 0, protocolErrors: 0, tokensInBand: 0, commands: 0 };
+  readonly counts = { reconnects: 0, messagesSent: 0, bytesSent: 0, messagesAcked: 0, bytesAcked: 0, rejected: 0, protocolErrors: 0, tokensInBand: 0, commands: 0, bestEffortSent: 0, bestEffortDropped: 0 };
 
   private readonly m: {
     state: Gauge;
@@ -181,6 +182,7 @@ export class Uplink extends EventEmitter implements Component {
     rejected: Counter;
     protocolErrors: Counter;
     commands: Counter;
+    bestEffort: Counter;
     ackLatency: Histogram;
     tokenExpiry: Gauge;
     lastAckAge: Gauge;
@@ -212,6 +214,7 @@ export class Uplink extends EventEmitter implements Component {
       rejected: new Counter({ name: 'connector_uplink_rejected_total', help: 'messages the cloud rejected', labelNames: ['kind'], registers }),
       protocolErrors: new Counter({ name: 'connector_uplink_protocol_errors_total', help: 'malformed or unexpected frames from the cloud', registers }),
       commands: new Counter({ name: 'connector_uplink_commands_total', help: 'cloud commands by result', labelNames: ['result'], registers }),
+      bestEffort: new Counter({ name: 'connector_uplink_best_effort_total', help: 'QoS 0 best-effort messages (bridge.qos0=best_effort), sent or dropped', labelNames: ['result'], registers }),
       ackLatency: new Histogram({
         name: 'connector_uplink_ack_latency_seconds',
         help: 'time from the last chunk of a message sent to its ACK',
@@ -327,22 +330,34 @@ export class Uplink extends EventEmitter implements Component {
     return changed;
   }
 
-  /** Facts for `connector status`. */
+  /** Facts for `connector status` (names read by daemon/status.ts: state, last_ack_age_s, reconnects, token_expires_at). */
   status(): Record<string, unknown> {
     const now = Date.now();
     const st = this.safeStats();
     const s = this.session;
+    const tokenAt = s?.welcomed ? s.tokenExpiresAt : this.tokens.expiresAt;
+    const c = this.counts;
     return {
       state: this.stateValue,
       url: this.cfg.bridge.uplink.url,
-      connectedForS: s?.welcomed ? Math.round((now - s.openedAt) / 1000) : 0,
-      lastAckAgeS: this.lastAckAt ? Math.round((now - this.lastAckAt) / 1000) : null,
-      oldestUnackedAgeS: st ? Math.round(st.oldestAgeMs / 1000) : 0,
-      backlog: st ? { records: st.records, bytes: st.bytes } : null,
+      connected_for_s: s?.welcomed ? Math.round((now - s.openedAt) / 1000) : 0,
+      last_ack_age_s: this.lastAckAt ? Math.round((now - this.lastAckAt) / 1000) : null,
+      oldest_unacked_age_s: st ? Math.round(st.oldestAgeMs / 1000) : null,
+      backlog_messages: st?.records ?? null,
+      backlog_bytes: st?.bytes ?? null,
       inflight: s?.inflight.size ?? 0,
-      tokenExpiresInS: s?.welcomed ? Math.round((s.tokenExpiresAt - now) / 1000) : null,
-      ...this.counts,
-      lastError: this.lastError ?? null,
+      token_expires_at: tokenAt || null,
+      reconnects: c.reconnects,
+      messages_sent: c.messagesSent,
+      messages_acked: c.messagesAcked,
+      bytes_sent: c.bytesSent,
+      bytes_acked: c.bytesAcked,
+      rejected: c.rejected,
+      protocol_errors: c.protocolErrors,
+      tokens_in_band: c.tokensInBand,
+      best_effort_sent: c.bestEffortSent,
+      best_effort_dropped: c.bestEffortDropped,
+      last_error: this.lastError ? { code: this.lastError.code, message: this.lastError.message, at: new Date(this.lastError.at).toISOString() } : null,
     };
   }
 
@@ -1020,6 +1035,33 @@ export class Uplink extends EventEmitter implements Component {
       }
       await this.sendData(s, frame);
     }
+  }
+
+  /**
+   * QoS 0 with bridge.qos0=best_effort (the broker's hook): forwarded at once while the link is up and not
+   * congested, never journaled, dropped (counted) otherwise. Not acknowledged to anyone; the cloud's ACK is ignored.
+   */
+  sendBestEffort(meta: UplinkMessageMeta, payload: Buffer): boolean {
+    const s = this.session;
+    const hwm = Math.max(1024 * 1024, 2 * (s?.chunkSize ?? 0));
+    if (!s || !s.welcomed || s.closing || s.ws.readyState !== WebSocket.OPEN || s.ws.bufferedAmount > hwm || payload.length > 4 * s.chunkSize) {
+      this.counts.bestEffortDropped++;
+      this.m.bestEffort.inc({ result: 'dropped' });
+      return false;
+    }
+    const m: MessageMeta = { device_id: meta.deviceId, topic: meta.topic, qos: meta.qos, received_at: Math.floor(meta.receivedAt) };
+    if (meta.contentType) m.content_type = meta.contentType;
+    try {
+      for (const f of chunkMessage(`be-${randomBytes(16).toString('hex')}`, m, payload, s.chunkSize)) s.ws.send(encodeFrame(f));
+    } catch (err) {
+      this.log.warn({ err, deviceId: meta.deviceId }, 'uplink: a best-effort message could not be sent');
+      this.counts.bestEffortDropped++;
+      this.m.bestEffort.inc({ result: 'dropped' });
+      return false;
+    }
+    this.counts.bestEffortSent++;
+    this.m.bestEffort.inc({ result: 'sent' });
+    return true;
   }
 
   /** A payload range from the journal; undefined when the record is gone; an unreadable record is quarantined (it must not block the queue). */

@@ -18,6 +18,7 @@ import { EnrollmentStore } from '../broker/enrollment.js';
 import { registerIdentityAdmin, type Identity } from '../broker/identity-admin.js';
 import { ApiServer } from '../broker/api.js';
 import type { UplinkSink } from '../bridge/types.js';
+import { CloudLink, type CloudLinkDeps } from '../bridge/cloud-link.js';
 
 /** Ports actually bound (differs from the config when it says 0), reported in the `ready` log line. */
 export type BoundPorts = Map<string, number>;
@@ -79,7 +80,19 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     close: async () => {},
   };
 
+  // cloud uplink (token client + WSS link): starts after the journal and the broker, looked up at its start
+  const uplink = config.bridge.enabled
+    ? new CloudLink({
+        config: () => ctx.config,
+        logger,
+        metrics,
+        addReadinessCheck: (name, check) => health.addReadinessCheck(name, check),
+        journal: () => (ctx as { journal?: ReturnType<CloudLinkDeps['journal']> }).journal,
+        broker: () => (ctx as { broker?: ReturnType<CloudLinkDeps['broker']> }).broker,
+      })
+    : undefined;
+
   // start order: state first, then device-facing and cloud-facing parts, health and admin last
-  const components: Component[] = [registry, pki, tokens, api, health, portsOf, admin];
+  const components: Component[] = [registry, pki, tokens, api, ...(uplink ? [uplink] : []), health, portsOf, admin];
   return { ctx, components };
 }
