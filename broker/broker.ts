@@ -57,6 +57,7 @@ import {
   type TokenVerifier,
 } from './auth.js';
 import type { DeviceRecord } from './registry.js';
+import { SessionTracker, conformanceHooks, wrapConnection } from './conformance.js';
 
 export type ListenerName = 'tls' | 'wss' | 'local';
 export const PORT_KEYS: Record<ListenerName, string> = { tls: 'mqtt_tls', wss: 'mqtt_wss', local: 'mqtt_local' };
@@ -139,11 +140,7 @@ interface ClientInternals {
   connected: boolean;
   subscriptions: Record<string, { qos: number }>;
   _nextId: number;
-  _parser: EventEmitter & {
-    _parseLength: () => boolean;
-    _emitError: (err: Error) => void;
-    packet: { length: number };
-  };
+  _parser: EventEmitter;
 }
 const internals = (c: Client): ClientInternals => c as unknown as ClientInternals;
 
@@ -195,6 +192,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   private tlsPems = '';
   private limitRefusals = 0;
   private lastLimitLog = 0;
+  private conformanceSessions = new SessionTracker();
   private started: Promise<void> | undefined;
   private closing: Promise<void> | undefined;
 
@@ -265,10 +263,14 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       preConnect: (client, packet, cb) => this.hookPreConnect(client, packet, cb),
       authenticate: (client, username, password, cb) => this.hookAuthenticate(client, username, password, cb),
       authorizePublish: (client, packet, cb) => this.hookPublish(client, packet, cb),
-      authorizeSubscribe: (client, sub, cb) => this.hookSubscribe(client, sub, cb),
-      authorizeForward: (client, packet) => this.hookForward(client, packet),
+      // our ACL runs first, then the MQTT 3.1.1 fix-ups of broker/conformance.ts (QoS cap, $-topics, SUBACK 0x80 on error)
+      ...conformanceHooks({
+        authorizeSubscribe: (client, sub, cb) => this.hookSubscribe(client, sub, cb),
+        authorizeForward: (client, packet) => this.hookForward(client, packet),
+      }),
     });
     this.aedes = aedes;
+    this.conformanceSessions = new SessionTracker();
     await aedes.listen();
     aedes.on('clientReady', (c) => this.guard('clientReady', () => this.onClientReady(c)));
     aedes.on('clientDisconnect', (c) => this.guard('clientDisconnect', () => this.endSession(c)));
@@ -571,34 +573,20 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       stream.destroy();
       return;
     }
-    const client = aedes.handle(stream, req);
+    const l = this.config.broker.limits;
+    // the MQTT 3.1.1 conformance guard frames every packet before aedes sees it: it refuses packets larger than
+    // the limit from their header alone (memory stays bounded) and keepalives outside the bounds (no CONNACK)
+    const conn = wrapConnection(stream, {
+      logger: this.log,
+      sessions: this.conformanceSessions,
+      maxPacketBytes: this.packetLimit,
+      keepaliveMinS: l.keepalive_min_s,
+      keepaliveMaxS: l.keepalive_max_s,
+      peer: `${info.listener} ${info.remote}`,
+    });
+    const client = aedes.handle(conn, req);
     this.conns.set(client, info);
-    this.limitPacketSize(client);
     stream.once('close', () => this.guard('stream close', () => this.endSession(client)));
-  }
-
-  /** Refuse a packet whose announced length exceeds the limit before its body is buffered. */
-  private limitPacketSize(client: Client): void {
-    const parser = internals(client)._parser;
-    const orig = parser._parseLength;
-    if (typeof orig !== 'function') return;
-    const limit = (): number => this.packetLimit;
-    const onTooLarge = (bytes: number): void => {
-      const info = this.conns.get(client);
-      this.log.warn(
-        { code: 'ECONN_BROKER_LIMIT', listener: info?.listener, remote: info?.remote, device_id: this.sessions.get(client)?.identity?.deviceId, bytes, limit: limit() },
-        'MQTT packet larger than broker.limits.max_payload_bytes allows; connection closed',
-      );
-    };
-    parser._parseLength = function (this: ClientInternals['_parser']): boolean {
-      const done = orig.call(this);
-      if (done && this.packet.length > limit()) {
-        onTooLarge(this.packet.length);
-        this._emitError(new ProtocolError('ECONN_BROKER_LIMIT', 'packet too large'));
-        return false;
-      }
-      return done;
-    };
   }
 
   private refuseLog(info: ConnInfo | undefined, code: string, reason: string, extra: Record<string, unknown> = {}): void {
@@ -621,15 +609,6 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       const info = this.conns.get(client);
       if (!info || this.closing) return cb(connError('ECONN_CLOSED', 'broker closing'), false);
       info.clientId = typeof packet.clientId === 'string' ? packet.clientId : '';
-      const l = this.config.broker.limits;
-      const ka = packet.keepalive ?? 0;
-      const tooSmall = l.keepalive_min_s > 0 && (ka === 0 || ka < l.keepalive_min_s);
-      const tooLarge = l.keepalive_max_s > 0 && ka > l.keepalive_max_s;
-      if (tooSmall || tooLarge) {
-        const reason = `keepalive ${ka} s is outside ${l.keepalive_min_s}..${l.keepalive_max_s || '∞'} s (broker.limits.keepalive_min_s/keepalive_max_s)`;
-        this.refuseLog(info, 'ECONN_BROKER_LIMIT', reason);
-        return cb(connError('ECONN_BROKER_LIMIT', reason), false);
-      }
       cb(null, true);
     } catch (err) {
       this.log.error({ err }, 'error in preConnect');
