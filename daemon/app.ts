@@ -19,6 +19,7 @@ import { registerIdentityAdmin, type Identity } from '../broker/identity-admin.j
 import { ApiServer } from '../broker/api.js';
 import type { UplinkSink } from '../bridge/types.js';
 import { CloudLink, type CloudLinkDeps } from '../bridge/cloud-link.js';
+import { Journal } from '../bridge/journal.js';
 
 /** Ports actually bound (differs from the config when it says 0), reported in the `ready` log line. */
 export type BoundPorts = Map<string, number>;
@@ -33,6 +34,8 @@ export interface DaemonContext {
   ports: BoundPorts;
   /** Device identity: registry, local PKI, device tokens, enrollment tokens (started first). */
   identity?: Identity;
+  /** The durable outbox (bridge/journal.ts), when bridge.enabled; replayed before the broker and the API listen. */
+  journal?: Journal;
 }
 
 export interface Daemon {
@@ -58,6 +61,12 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   const tokens = new TokenService({ stateDir, config: config.identity.jwt, registry, logger });
   const enrollment = new EnrollmentStore({ registry, logger });
   ctx.identity = { registry, pki, tokens, enrollment };
+
+  // the journal is replayed before any device-facing listener binds (PUBACK / 202 only once durable)
+  const journal = config.bridge.enabled
+    ? new Journal({ dir: path.join(stateDir, 'journal'), config: config.bridge.journal, logger, metrics })
+    : undefined;
+  if (journal) ctx.journal = journal;
   registerIdentityAdmin(admin, ctx.identity, logger, { enrollmentDefaultTtlS: () => ctx.config.identity.enrollment_default_ttl_s });
 
   // HTTPS registration/upload API: the journal (uploads) and the broker (connected) are looked up per request,
@@ -93,6 +102,6 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     : undefined;
 
   // start order: state first, then device-facing and cloud-facing parts, health and admin last
-  const components: Component[] = [registry, pki, tokens, api, ...(uplink ? [uplink] : []), health, portsOf, admin];
+  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), api, ...(uplink ? [uplink] : []), health, portsOf, admin];
   return { ctx, components };
 }
