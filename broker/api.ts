@@ -26,6 +26,7 @@ import { listen, closeServer } from '../daemon/net.js';
 import type { UplinkSink, UplinkMessageMeta } from '../bridge/types.js';
 import { x509 } from './x509.js';
 import { DEVICE_ID_RE, normalizeSerial, type DeviceRegistry, type DeviceMetadata } from './registry.js';
+import { CrlStore, certDeviceId, certIssuer } from './auth.js';
 import type { LocalPki } from './pki.js';
 import type { TokenService } from './tokens.js';
 import type { EnrollmentStore } from './enrollment.js';
@@ -72,6 +73,11 @@ export interface ApiServerOptions {
   sink?: UplinkSink | (() => UplinkSink | undefined);
   /** Whether a device has a live MQTT session (the broker); absent or undefined = `connected: null`. */
   isConnected?: (deviceId: string) => boolean | undefined;
+  /**
+   * CRLs (broker.tls.crl_files) checked for device certificates: the broker's store when it is
+   * shared (it also reloads on file change); otherwise the API loads its own at start and on reload.
+   */
+  crls?: () => CrlStore | undefined;
   now?: () => number;
   timeouts?: Partial<ApiTimeouts>;
 }
@@ -255,6 +261,8 @@ export class ApiServer implements Component {
   private readonly isConnected: ((id: string) => boolean | undefined) | undefined;
   private readonly now: () => number;
   private readonly timeouts: ApiTimeouts;
+  private readonly sharedCrls: (() => CrlStore | undefined) | undefined;
+  private readonly ownCrls = new CrlStore();
   private server: https.Server | undefined;
   private starting: Promise<void> | undefined;
   /** fingerprint256 of the CAs a device certificate may chain to (local device CA + broker.tls.trusted_ca_files). */
@@ -273,6 +281,11 @@ export class ApiServer implements Component {
     this.isConnected = opts.isConnected;
     this.now = opts.now ?? Date.now;
     this.timeouts = { ...DEFAULT_TIMEOUTS, ...opts.timeouts };
+    this.sharedCrls = opts.crls;
+  }
+
+  private crlStore(): CrlStore {
+    return this.sharedCrls?.() ?? this.ownCrls;
   }
 
   private sink(): UplinkSink | undefined {
@@ -380,6 +393,7 @@ export class ApiServer implements Component {
     const { cert, key } = this.identity.pki.serverCredentials();
     const devicePems = [...this.identity.pki.trustedDeviceCaPems().flatMap(splitPem), ...(await this.readCaFiles(config.broker.tls.trusted_ca_files, 'broker.tls.trusted_ca_files'))];
     const bootstrapPems = await this.readCaFiles(config.api.bootstrap_ca_files, 'api.bootstrap_ca_files');
+    if (!this.sharedCrls?.()) await this.ownCrls.load(config.broker.tls.crl_files);
     const deviceCas = parseCerts(devicePems, 'device CA');
     const bootstrapCas = parseCerts(bootstrapPems, 'bootstrap CA');
     this.deviceCas = deviceCas;
@@ -622,18 +636,6 @@ export class ApiServer implements Component {
     return { leaf, fingerprints };
   }
 
-  /** The device id a certificate names, per broker.tls.identity_from. */
-  private identityOf(cn: string | undefined, subjectAltName: string | undefined): string | undefined {
-    const tls = this.config.broker.tls;
-    if (tls.identity_from === 'cn') return cn;
-    if (!subjectAltName) return undefined;
-    for (const part of subjectAltName.split(/,\s*/)) {
-      const m = /^URI:"?([^"]*)"?$/.exec(part.trim());
-      if (m && m[1]!.startsWith(tls.san_uri_prefix)) return m[1]!.slice(tls.san_uri_prefix.length);
-    }
-    return undefined;
-  }
-
   /** Authenticate a device by its token (Bearer) or its client certificate. */
   private async authenticateDevice(ctx: RequestContext): Promise<DeviceAuth> {
     const token = this.bearer(ctx.req);
@@ -647,10 +649,19 @@ export class ApiServer implements Component {
       // the leaf itself is not a CA: a chain through a device CA has the CA after the leaf
       const viaDeviceCa = chain.fingerprints.slice(1).some((f) => this.deviceCaFingerprints.has(f));
       if (viaDeviceCa) {
-        const cn = Array.isArray(chain.leaf.subject?.CN) ? undefined : chain.leaf.subject?.CN;
-        const id = this.identityOf(cn, chain.leaf.subjectaltname);
-        if (!id || !DEVICE_ID_RE.test(id)) throw new RequestError(401, 'ECONN_AUTH_CERT', 'the client certificate names no usable device id');
-        if (this.identity.registry.isSerialRevoked(chain.leaf.serialNumber)) throw new RequestError(401, 'ECONN_AUTH_CERT', 'the client certificate is revoked');
+        const x = (ctx.req.socket as TLSSocket).getPeerX509Certificate();
+        if (!x) throw new RequestError(401, 'ECONN_AUTH_CERT', 'the client certificate cannot be read');
+        const ident = certDeviceId(x, this.config.broker.tls);
+        if ('error' in ident) throw new RequestError(401, 'ECONN_AUTH_CERT', ident.error);
+        const id = ident.id;
+        const serial = normalizeSerial(x.serialNumber);
+        if (this.identity.registry.isSerialRevoked(serial)) throw new RequestError(401, 'ECONN_AUTH_CERT', 'the client certificate is revoked');
+        const crls = this.crlStore();
+        if (crls.size > 0 && crls.isRevoked(certIssuer(x.raw), serial)) {
+          throw new RequestError(401, 'ECONN_AUTH_CERT', 'the client certificate is revoked by a CRL (broker.tls.crl_files)');
+        }
+        const owner = this.identity.registry.deviceForSerial(serial);
+        if (owner !== undefined && owner !== id) throw new RequestError(401, 'ECONN_AUTH_CERT', 'the client certificate was issued to another device');
         const rec = this.identity.registry.get(id);
         if (!rec) throw new RequestError(401, 'ECONN_DEVICE_UNKNOWN', `device "${id}" is not registered`);
         if (rec.status !== 'active') throw new RequestError(401, 'ECONN_DEVICE_REVOKED', `device "${id}" is revoked`);
@@ -711,9 +722,8 @@ export class ApiServer implements Component {
     const now = this.now();
     if (leaf.ca) throw new RequestError(400, 'ECONN_PKI', 'certificate is a CA certificate, not a device certificate');
     if (Date.parse(leaf.validFrom) > now || Date.parse(leaf.validTo) < now) throw new RequestError(400, 'ECONN_PKI', 'certificate is expired or not yet valid');
-    const cn = /(?:^|\n)CN=([^\n]*)/.exec(leaf.subject)?.[1];
-    const id = this.identityOf(cn, leaf.subjectAltName);
-    if (id !== deviceId) {
+    const ident = certDeviceId(leaf, this.config.broker.tls);
+    if (!('id' in ident) || ident.id !== deviceId) {
       throw new RequestError(
         400,
         'ECONN_PKI',

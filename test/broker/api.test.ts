@@ -14,7 +14,8 @@ import { createLogger } from '../../daemon/logger.js';
 import { SECURITY_HEADERS, hostFromHeader, parseContentDigest } from '../../broker/api.js';
 import { validateRegisterBody } from '../../broker/api-schemas.js';
 import { TestCA, createCsr } from '../helpers/certs.js';
-import { apiEnv, type Response } from './api-fixtures.js';
+import { apiEnv, buildConfig, type Response } from './api-fixtures.js';
+import { x509, importPrivateKeyPem, signingAlgorithm } from '../../broker/x509.js';
 import { startDaemon, runCli } from '../helpers/daemon.js';
 
 function checkSecurityHeaders(t: Test, r: Response): void {
@@ -396,4 +397,31 @@ t.test('in the daemon, driven by curl and openssl as the docs show', async (t) =
   const logs = JSON.stringify(d.logs);
   t.notOk(logs.includes(enr), 'enrollment token not in the daemon log');
   t.notOk(logs.includes(String(json.token)), 'device token not in the daemon log');
+});
+
+t.test('a device certificate revoked by a CRL (broker.tls.crl_files) is refused; reload picks the CRL up', async (t) => {
+  const env = await apiEnv(t);
+  const { csr, key } = await createCsr('crl-dev');
+  const reg = await env.register('crl-dev', { csr });
+  const cert = String(reg.certificate);
+  t.equal((await env.request({ method: 'GET', path: '/api/devices/crl-dev/status', cert, key })).status, 200);
+  const caKey = await importPrivateKeyPem(readFileSync(path.join(env.stateDir, 'pki', 'ca.key'), 'utf8'));
+  const caCert = new x509.X509Certificate(env.ca);
+  const crl = await x509.X509CrlGenerator.create({
+    issuer: caCert.subject,
+    thisUpdate: new Date(Date.now() - 60_000),
+    nextUpdate: new Date(Date.now() + 86400_000),
+    entries: [{ serialNumber: new X509Certificate(cert).serialNumber, revocationDate: new Date(Date.now() - 60_000) }],
+    signingKey: caKey,
+    signingAlgorithm: signingAlgorithm(caKey),
+  });
+  const crlFile = path.join(env.dir, 'devices.crl');
+  writeFileSync(crlFile, crl.toString('pem'));
+  const changes = await env.api.reload(buildConfig(env.stateDir, { broker: { tls: { crl_files: [crlFile] } } }));
+  t.ok(changes.length > 0, 'reload reports what it did');
+  checkError(t, await env.request({ method: 'GET', path: '/api/devices/crl-dev/status', cert, key }), 401, 'ECONN_AUTH_CERT');
+  t.equal((await env.request({ method: 'GET', path: '/api/devices/crl-dev/status', bearer: String(reg.token) })).status, 200, 'its token still works');
+  // a reload with an unreadable CA file is refused and the running config stays
+  await t.rejects(env.api.reload(buildConfig(env.stateDir, { api: { bootstrap_ca_files: [path.join(env.dir, 'missing.crt')] } })), { code: 'ECONN_CONFIG_INVALID' });
+  t.equal((await env.request({ method: 'GET', path: '/nope' })).status, 404, 'still serving');
 });
