@@ -224,6 +224,25 @@ export async function suback(client: MqttClient, filters: Record<string, { qos: 
   }
 }
 
+/** Expect a refused connection; returns the mqtt.js error (code = CONNACK return code, or 'CLOSED'). */
+export async function refused(p: Promise<MqttClient>): Promise<Error & { code?: number | string }> {
+  try {
+    const c = await p;
+    c.end(true);
+  } catch (err) {
+    return err as Error & { code?: number | string };
+  }
+  throw new Error('connection was accepted but should have been refused');
+}
+
+/** Subscribe and collect the topics of every message received from now on. */
+export async function collect(sub: MqttClient, filter: string, qos: 0 | 1 = 1): Promise<string[]> {
+  const got: string[] = [];
+  sub.on('message', (topic) => got.push(topic));
+  await sub.subscribeAsync(filter, { qos });
+  return got;
+}
+
 /** Poll `cond` until true, bounded. */
 export async function waitFor(cond: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
   const end = Date.now() + ms;
