@@ -23,13 +23,28 @@ import { X509Certificate, createPrivateKey, createPublicKey } from 'node:crypto'
 import { readFileSync, existsSync, mkdirSync, readdirSync } from 'node:fs';
 import { isIP } from 'node:net';
 import path from 'node:path';
-import forge from 'node-forge';
 import type { Config } from '../daemon/config/schema.js';
 import type { Logger } from '../daemon/logger.js';
 import type { Component } from '../daemon/component.js';
 import type { InitStep } from '../daemon/init.js';
 import { ConnectorError, StorageError } from '../daemon/errors.js';
-import { x509, generateKeyPair, privateKeyToPem, importPrivateKeyPem, signingAlgorithm, randomSerial, type KeyType } from './x509.js';
+import type { x509, KeyType } from './x509.js';
+
+/**
+ * @peculiar/x509 and node-forge are loaded on first use: every `connector` CLI
+ * invocation imports the composition root, and these two cost more start-up time
+ * than the rest of the identity code together.
+ */
+type X509Lib = typeof import('./x509.js');
+let x509Lib: Promise<X509Lib> | undefined;
+function lib(): Promise<X509Lib> {
+  x509Lib ??= import('./x509.js');
+  return x509Lib;
+}
+async function forgeVerifiesCsr(csrPem: string): Promise<boolean> {
+  const forge = (await import('node-forge')).default;
+  return forge.pki.certificationRequestFromPem(csrPem).verify();
+}
 import { DEVICE_ID_RE, normalizeSerial, writeAtomic } from './registry.js';
 
 export type PkiConfig = Config['identity']['pki'];
@@ -106,22 +121,23 @@ function expandIpv6(ip: string): string {
 }
 
 async function createCa(cn: string, validityDays: number): Promise<{ cert: string; key: string }> {
-  const keys = await generateKeyPair('ec');
+  const L = await lib();
+  const keys = await L.generateKeyPair('ec');
   const now = Date.now();
-  const certificate = await x509.X509CertificateGenerator.createSelfSigned({
-    serialNumber: randomSerial(),
+  const certificate = await L.x509.X509CertificateGenerator.createSelfSigned({
+    serialNumber: L.randomSerial(),
     name: `CN=${cn}, O=edge-connector`,
     notBefore: new Date(now - BACKDATE_MS),
     notAfter: new Date(now + validityDays * DAY),
     keys,
-    signingAlgorithm: signingAlgorithm(keys.privateKey),
+    signingAlgorithm: L.signingAlgorithm(keys.privateKey),
     extensions: [
-      new x509.BasicConstraintsExtension(true, 0, true),
-      new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
-      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+      new L.x509.BasicConstraintsExtension(true, 0, true),
+      new L.x509.KeyUsagesExtension(L.x509.KeyUsageFlags.keyCertSign | L.x509.KeyUsageFlags.cRLSign, true),
+      await L.x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
     ],
   });
-  return { cert: certificate.toString('pem'), key: await privateKeyToPem(keys.privateKey) };
+  return { cert: certificate.toString('pem'), key: await L.privateKeyToPem(keys.privateKey) };
 }
 
 interface CaMaterial {
@@ -131,33 +147,35 @@ interface CaMaterial {
 }
 
 async function loadCa(certPem: string, keyPem: string): Promise<CaMaterial> {
-  return { pem: certPem, cert: new x509.X509Certificate(certPem), key: await importPrivateKeyPem(keyPem) };
+  const L = await lib();
+  return { pem: certPem, cert: new L.x509.X509Certificate(certPem), key: await L.importPrivateKeyPem(keyPem) };
 }
 
 async function issueServerCert(ca: CaMaterial, names: readonly string[], validityDays: number): Promise<{ cert: string; key: string }> {
+  const L = await lib();
   if (names.length === 0) throw pkiError('identity.pki.server_names is empty: list the DNS names and IP addresses devices use to reach the gateway');
-  const keys = await generateKeyPair('ec');
+  const keys = await L.generateKeyPair('ec');
   const now = Date.now();
   const notAfter = new Date(Math.min(now + validityDays * DAY, ca.cert.notAfter.getTime()));
-  const cert = await x509.X509CertificateGenerator.create({
-    serialNumber: randomSerial(),
+  const cert = await L.x509.X509CertificateGenerator.create({
+    serialNumber: L.randomSerial(),
     subject: `CN=${names[0]}`,
     issuer: ca.cert.subject,
     notBefore: new Date(now - BACKDATE_MS),
     notAfter,
     signingKey: ca.key,
     publicKey: keys.publicKey,
-    signingAlgorithm: signingAlgorithm(ca.key),
+    signingAlgorithm: L.signingAlgorithm(ca.key),
     extensions: [
-      new x509.BasicConstraintsExtension(false, undefined, true),
-      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyEncipherment, true),
-      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth]),
-      new x509.SubjectAlternativeNameExtension(sanOf(names)),
-      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
-      await x509.AuthorityKeyIdentifierExtension.create(ca.cert),
+      new L.x509.BasicConstraintsExtension(false, undefined, true),
+      new L.x509.KeyUsagesExtension(L.x509.KeyUsageFlags.digitalSignature | L.x509.KeyUsageFlags.keyEncipherment, true),
+      new L.x509.ExtendedKeyUsageExtension([L.x509.ExtendedKeyUsage.serverAuth]),
+      new L.x509.SubjectAlternativeNameExtension(sanOf(names)),
+      await L.x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+      await L.x509.AuthorityKeyIdentifierExtension.create(ca.cert),
     ],
   });
-  return { cert: cert.toString('pem'), key: await privateKeyToPem(keys.privateKey) };
+  return { cert: cert.toString('pem'), key: await L.privateKeyToPem(keys.privateKey) };
 }
 
 function readIf(file: string): string | undefined {
@@ -372,15 +390,16 @@ export class LocalPki extends EventEmitter implements Component {
   }
 
   private async issue(deviceId: string, publicKey: x509.PublicKey | CryptoKey, keyType: KeyType): Promise<IssuedCert> {
+    const L = await lib();
     if (!DEVICE_ID_RE.test(deviceId)) throw new ConnectorError('ECONN_BAD_REQUEST', `invalid device id for a certificate`);
     const ca = this.requireCa();
     const now = Date.now();
     const notAfter = new Date(Math.min(now + this.config.device_cert_validity_days * DAY, ca.cert.notAfter.getTime()));
-    const serial = randomSerial();
-    const usage = x509.KeyUsageFlags.digitalSignature | (keyType === 'rsa' ? x509.KeyUsageFlags.keyEncipherment : 0);
+    const serial = L.randomSerial();
+    const usage = L.x509.KeyUsageFlags.digitalSignature | (keyType === 'rsa' ? L.x509.KeyUsageFlags.keyEncipherment : 0);
     let cert: x509.X509Certificate;
     try {
-      cert = await x509.X509CertificateGenerator.create({
+      cert = await L.x509.X509CertificateGenerator.create({
         serialNumber: serial,
         subject: `CN=${deviceId}`,
         issuer: ca.cert.subject,
@@ -388,14 +407,14 @@ export class LocalPki extends EventEmitter implements Component {
         notAfter,
         signingKey: ca.key,
         publicKey,
-        signingAlgorithm: signingAlgorithm(ca.key),
+        signingAlgorithm: L.signingAlgorithm(ca.key),
         extensions: [
-          new x509.BasicConstraintsExtension(false, undefined, true),
-          new x509.KeyUsagesExtension(usage, true),
-          new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.clientAuth]),
-          new x509.SubjectAlternativeNameExtension([{ type: 'url', value: `${DEVICE_SAN_URI_PREFIX}${deviceId}` }]),
-          await x509.SubjectKeyIdentifierExtension.create(publicKey as CryptoKey),
-          await x509.AuthorityKeyIdentifierExtension.create(ca.cert),
+          new L.x509.BasicConstraintsExtension(false, undefined, true),
+          new L.x509.KeyUsagesExtension(usage, true),
+          new L.x509.ExtendedKeyUsageExtension([L.x509.ExtendedKeyUsage.clientAuth]),
+          new L.x509.SubjectAlternativeNameExtension([{ type: 'url', value: `${DEVICE_SAN_URI_PREFIX}${deviceId}` }]),
+          await L.x509.SubjectKeyIdentifierExtension.create(publicKey as CryptoKey),
+          await L.x509.AuthorityKeyIdentifierExtension.create(ca.cert),
         ],
       });
     } catch (err) {
@@ -412,13 +431,14 @@ export class LocalPki extends EventEmitter implements Component {
    * SAN URI urn:device:<deviceId>. A CSR whose CN names another device is refused.
    */
   async signCsr(csrPem: string, deviceId: string): Promise<IssuedCert> {
+    const L = await lib();
     if (typeof deviceId !== 'string' || !DEVICE_ID_RE.test(deviceId)) throw new ConnectorError('ECONN_BAD_REQUEST', 'invalid device id for a certificate');
     if (typeof csrPem !== 'string' || !/-----BEGIN (NEW )?CERTIFICATE REQUEST-----/.test(csrPem) || csrPem.length > 64 * 1024) {
       throw pkiError('the CSR must be a PEM "CERTIFICATE REQUEST" (PKCS#10)');
     }
     let csr: x509.Pkcs10CertificateRequest;
     try {
-      csr = new x509.Pkcs10CertificateRequest(csrPem);
+      csr = new L.x509.Pkcs10CertificateRequest(csrPem);
     } catch (err) {
       throw pkiError('the CSR cannot be parsed as PKCS#10', err);
     }
@@ -432,7 +452,7 @@ export class LocalPki extends EventEmitter implements Component {
     if (ok && type === 'rsa') {
       // node-forge handles RSA: a second, independent check of the proof of possession
       try {
-        ok = forge.pki.certificationRequestFromPem(csrPem).verify();
+        ok = await forgeVerifiesCsr(csrPem);
       } catch {
         ok = false;
       }
@@ -447,11 +467,12 @@ export class LocalPki extends EventEmitter implements Component {
 
   /** Operator convenience: a new key pair and its certificate (the key leaves the gateway: prefer signCsr). */
   async issueDeviceBundle(deviceId: string, keyType: KeyType = 'ec'): Promise<IssuedCert & { key: string }> {
+    const L = await lib();
     if (keyType !== 'ec' && keyType !== 'rsa') throw new ConnectorError('ECONN_BAD_REQUEST', 'key type must be "ec" or "rsa"');
     if (typeof deviceId !== 'string' || !DEVICE_ID_RE.test(deviceId)) throw new ConnectorError('ECONN_BAD_REQUEST', 'invalid device id for a certificate');
-    const keys = await generateKeyPair(keyType);
+    const keys = await L.generateKeyPair(keyType);
     const issued = await this.issue(deviceId, keys.publicKey, keyType);
-    return { ...issued, key: await privateKeyToPem(keys.privateKey) };
+    return { ...issued, key: await L.privateKeyToPem(keys.privateKey) };
   }
 
   /**

@@ -307,7 +307,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
       await this.db.write();
     } catch (err) {
       this.log.error({ err, file: this.file }, 'registry write failed');
-      throw new StorageError('ECONN_INTERNAL', `device registry ${this.file} could not be written (${(err as NodeJS.ErrnoException).code ?? 'error'})`, { cause: err });
+      throw new StorageError('ECONN_STATE_DIR', `device registry ${this.file} could not be written (${(err as NodeJS.ErrnoException).code ?? 'error'}); check free space and permissions of the state directory`, { cause: err });
     }
   }
 
