@@ -425,3 +425,21 @@ t.test('a device certificate revoked by a CRL (broker.tls.crl_files) is refused;
   await t.rejects(env.api.reload(buildConfig(env.stateDir, { api: { bootstrap_ca_files: [path.join(env.dir, 'missing.crt')] } })), { code: 'ECONN_CONFIG_INVALID' });
   t.equal((await env.request({ method: 'GET', path: '/nope' })).status, 404, 'still serving');
 });
+
+t.test('a JSON body that does not arrive in time gets 408 and the connection is closed', async (t) => {
+  const env = await apiEnv(t, { timeouts: { jsonBodyMs: 300 } });
+  const enr = await env.enroll();
+  const raw = await new Promise<string>((resolve, reject) => {
+    const s = tls.connect({ host: '127.0.0.1', port: env.port, ca: env.ca, servername: 'localhost' }, () =>
+      s.write(`POST /api/register HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${enr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"device_id"`),
+    );
+    let out = '';
+    s.on('data', (d: Buffer) => (out += d.toString()));
+    s.on('close', () => resolve(out));
+    s.on('error', reject);
+  });
+  t.match(raw, /^HTTP\/1\.1 408/);
+  t.match(raw, /"code":"ECONN_REQUEST_TIMEOUT"/);
+  t.match(raw, /x-frame-options: DENY/i);
+  t.equal(env.registry.list().length, 0);
+});
