@@ -120,7 +120,8 @@ export class IngestSession {
   }
 
   private tick(): void {
-    if (this.state === 'closed') return;
+    // before WELCOME the hello timeout applies, and the client may send nothing but HELLO
+    if (this.state !== 'open') return;
     if (Date.now() - this.lastSeen > this.deadAfterMs) {
       this.log.warn({ silent_ms: Date.now() - this.lastSeen }, 'ingest link dead: no frame within the heartbeat timeout');
       this.close(CLOSE_CODES.HEARTBEAT_TIMEOUT, 'heartbeat timeout');
@@ -400,7 +401,6 @@ export class IngestSession {
       p.reject(new RequestError(504, 'ECONN_UPLINK', `gateway disconnected before answering command ${id}`));
     }
     this.commands.clear();
-    if (this.gatewayId && this.ctx.registry.sessions.get(this.gatewayId) === this) this.ctx.registry.sessions.delete(this.gatewayId);
     this.log.info({ code, reason }, 'ingest connection closed');
     try {
       await this.chain;
@@ -410,6 +410,8 @@ export class IngestSession {
     } catch (err) {
       this.log.warn({ err }, 'could not persist partial messages of a closed connection');
     } finally {
+      // stay registered until our partials are persisted: a reconnect of this gateway waits for that before its WELCOME
+      if (this.gatewayId && this.ctx.registry.sessions.get(this.gatewayId) === this) this.ctx.registry.sessions.delete(this.gatewayId);
       this.finishedResolve();
     }
   }
