@@ -17,7 +17,6 @@ import { TokenService } from '../broker/tokens.js';
 import { EnrollmentStore } from '../broker/enrollment.js';
 import { registerIdentityAdmin, type Identity } from '../broker/identity-admin.js';
 import { ApiServer } from '../broker/api.js';
-import type { UplinkSink } from '../bridge/types.js';
 import { CloudLink, type CloudLinkDeps } from '../bridge/cloud-link.js';
 import { Journal } from '../bridge/journal.js';
 
@@ -76,7 +75,7 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     identity: ctx.identity,
     logger,
     ports,
-    sink: () => (ctx as { journal?: UplinkSink }).journal,
+    sink: () => ctx.journal,
     isConnected: (id) => (ctx as { broker?: { isConnected?(id: string): boolean } }).broker?.isConnected?.(id),
   });
 
