@@ -420,3 +420,18 @@ t.test('reload: new limits apply without dropping the link; a new URL reconnects
   const id = await s.append('d', Buffer.from('moved'));
   await other.until(() => other.order.includes(id), 'delivered to the new cloud');
 });
+
+t.test('QoS 0 best effort: sent while the link is up, dropped (counted) while it is down, never journaled', async (t) => {
+  const s = await setup(t);
+  const meta: UplinkMessageMeta = { deviceId: 'd0', topic: 'devices/d0/t', qos: 0, receivedAt: Date.now() };
+  await s.cloud.until(() => s.uplink.state === 'connected', 'connected');
+  t.ok(s.uplink.sendBestEffort(meta, Buffer.from('q0')));
+  await s.cloud.until(() => s.cloud.order.length === 1, 'stored');
+  const m = s.cloud.stored.get(s.cloud.order[0]!)!;
+  t.equal(m.payload.toString(), 'q0');
+  t.equal(m.meta.qos, 0);
+  t.equal(pendingOf(s.journal), 0, 'never in the journal');
+  await s.uplink.close();
+  t.notOk(s.uplink.sendBestEffort(meta, Buffer.from('lost')), 'dropped while down');
+  t.match(s.uplink.status(), { best_effort_sent: 1, best_effort_dropped: 1 });
+});
