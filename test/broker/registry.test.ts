@@ -1,9 +1,9 @@
 import t, { type Test } from 'tap';
-import { readFileSync, writeFileSync, statSync, readdirSync } from 'node:fs';
+import { readFileSync, writeFileSync, statSync, readdirSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../../daemon/logger.js';
 import { DeviceRegistry, normalizeSerial, validateMetadata, DEVICE_ID_RE, type RegistryData } from '../../broker/registry.js';
-import { tempDir } from '../helpers/daemon.js';
+import { tempDir, spawnDaemon } from '../helpers/daemon.js';
 
 const logger = createLogger({ level: 'silent' });
 
@@ -201,4 +201,18 @@ t.test('concurrent writes all land (serialized atomic writes)', async (t) => {
   await r.close();
   const again = await open(t, file);
   t.equal(again.list().length, 30);
+});
+
+t.test('the daemon refuses to start on a corrupt registry and says why (child process)', async (t) => {
+  const dir = tempDir(t);
+  mkdirSync(path.join(dir, 'state'), { mode: 0o700 });
+  const file = path.join(dir, 'state', 'registry.json');
+  writeFileSync(file, '{"version":1,"devices":', { mode: 0o600 });
+  const d = spawnDaemon(t, { dir });
+  const exit = await d.exited;
+  t.equal(exit.code, 70, 'exit code EX_SOFTWARE');
+  const { stdout, stderr } = d.output();
+  t.match(stdout + stderr, /ECONN_REGISTRY_CORRUPT/);
+  t.match(stdout + stderr, /registry\.json/);
+  t.equal(readFileSync(file, 'utf8'), '{"version":1,"devices":', 'left untouched');
 });
