@@ -282,7 +282,6 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   private queue: PendingWrite[] = [];
   private flushing: Promise<void> | undefined;
   private flushTimer: NodeJS.Timeout | NodeJS.Immediate | undefined;
-  private lastBatchSize = 0;
 
   // ack persistence
   private persistDeferred: Deferred = deferred();
@@ -783,9 +782,25 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
 
   private kick(): void {
     if (this.flushing || this.flushTimer) return;
-    const delay = this.cfg.fsync === 'batch' && this.lastBatchSize > 1 ? this.cfg.fsync_max_delay_ms : 0;
-    // commit_siblings-style: wait for more writers only when concurrent writers were seen
-    this.flushTimer = delay > 0 ? setTimeout(() => this.runFlush(), delay) : setImmediate(() => this.runFlush());
+    const delay = this.cfg.fsync === 'batch' ? this.cfg.fsync_max_delay_ms : 0;
+    if (delay <= 0) {
+      this.flushTimer = setImmediate(() => this.runFlush());
+      return;
+    }
+    // Hold the batch open only while writers keep arriving (each event-loop turn that added a
+    // record extends it), never longer than fsync_max_delay_ms: a lone or closed-loop writer is
+    // not delayed, a stream of arrivals shares one fsync.
+    const until = performance.now() + delay;
+    let seen = this.queue.length;
+    const check = (): void => {
+      if (this.queue.length > seen && performance.now() < until) {
+        seen = this.queue.length;
+        this.flushTimer = setImmediate(check);
+        return;
+      }
+      this.runFlush();
+    };
+    this.flushTimer = setImmediate(check);
   }
 
   private clearFlushTimer(): void {
@@ -827,7 +842,6 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
       batch.push(this.queue.shift()!);
       bytes += len;
     }
-    this.lastBatchSize = batch.length;
     const base = seg.size;
     try {
       try {
