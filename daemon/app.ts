@@ -95,7 +95,7 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
         logger,
         metrics,
         addReadinessCheck: (name, check) => health.addReadinessCheck(name, check),
-        journal: () => (ctx as { journal?: ReturnType<CloudLinkDeps['journal']> }).journal,
+        journal: () => ctx.journal,
         broker: () => (ctx as { broker?: ReturnType<CloudLinkDeps['broker']> }).broker,
       })
     : undefined;
