@@ -1,5 +1,5 @@
 /** `connector device …` and `connector enroll create`: device identity, through the running daemon's admin socket. */
-import { existsSync, mkdirSync, writeFileSync, chmodSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, writeFileSync, chmodSync, statSync, unlinkSync } from 'node:fs';
 import path from 'node:path';
 import { ConnectorError, EXIT } from '../errors.js';
 import { CONFIG_OPTION, adminCall, type Command, type Values } from './types.js';
@@ -89,6 +89,14 @@ export const deviceCommands: Command[] = [
       const files = { key: path.join(dir, `${id}.key`), cert: path.join(dir, `${id}.crt`), ca: path.join(dir, 'ca.crt'), token: path.join(dir, `${id}.token`) };
       for (const f of [files.key, files.cert, files.token]) {
         if (existsSync(f)) throw new ConnectorError('ECONN_USAGE', `${f} already exists; move it away or choose another --out directory (nothing was registered)`);
+      }
+      // make sure the files can be written before the device is registered
+      const probe = path.join(dir, `.${id}.probe-${process.pid}`);
+      try {
+        writeFileSync(probe, '', { mode: 0o600 });
+        unlinkSync(probe);
+      } catch (err) {
+        throw new ConnectorError('ECONN_USAGE', `cannot write into ${dir} (${(err as NodeJS.ErrnoException).code ?? 'error'}); nothing was registered`);
       }
       const metadata: Record<string, string> = {};
       const group = str(values, 'group');
