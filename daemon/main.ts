@@ -16,6 +16,7 @@ import { ConfigError, ConnectorError, EXIT, errorCode } from './errors.js';
 import { testHooksComponent, testHooksEnabled, registerTestHooks } from './testhooks.js';
 import { SystemdNotifier } from './notify.js';
 import { daemonStatus, statusLine, summarize } from './status.js';
+import { registerRotation } from './rotation.js';
 
 export function exitCodeFor(err: unknown): number {
   switch (errorCode(err)) {
@@ -167,6 +168,10 @@ export async function runDaemon(configFile: string): Promise<number> {
     return { ok: true };
   });
   daemon.ctx.admin.register('status', () => statusOf());
+  // ca.rotate: new device CA, then every component reloads its TLS context with the running config
+  if (daemon.ctx.identity) {
+    registerRotation(daemon.ctx.admin, { pki: daemon.ctx.identity.pki, serverName: () => config.daemon.server_name, reloadTls: () => lifecycle.reload(config), logger });
+  }
 
   const done = new Promise<number>((resolve) => {
     process.on('SIGTERM', () => void stop('SIGTERM').then(resolve));

@@ -41,6 +41,8 @@ export interface DaemonStatus {
   ready: { ready: boolean; reasons: string[] };
   ports: Record<string, number>;
   summary: StatusSummary;
+  /** Device certificates: how many, and the ones expiring soonest (at most 5). */
+  device_certificates?: { count: number; expiring_within_30d: number; soonest: (Expiry & { device_id: string })[] };
   watchdog?: WatchdogState;
   components: Record<string, unknown>;
 }
@@ -80,11 +82,12 @@ function toExpiry(what: string, v: unknown, now: number): Expiry | undefined {
  * Read the facts out of the components' status() results. Names read (first match wins):
  *  broker:   connected | clients | devices_connected
  *  registry: active | devices
- *  journal:  messages | pending_messages | backlog_messages, bytes | pending_bytes | backlog_bytes,
- *            oldest_unacked_age_s | oldest_age_s (or oldest_unacked_at / oldest_at as epoch ms)
+ *  journal:  pendingMessages | messages | backlog_messages, pendingBytes | bytes | backlog_bytes,
+ *            oldestPendingAgeMs (ms) | oldest_unacked_age_s (s) — falling back to the uplink's backlog_* fields
  *  uplink:   state, last_ack_age_s (or last_ack_at as epoch ms), reconnects;
  *            token_expires_at | token.expires_at
- *  pki:      server_cert_not_after | server_cert.not_after, ca_not_after | ca.not_after
+ *  pki:      server_not_after | server_cert_not_after, ca_not_after
+ * Device certificates come from the registry (identity), see deviceCertExpiries().
  */
 export function summarize(components: Obj, ports: Record<string, number>, now = Date.now()): StatusSummary {
   const broker = components.broker;
@@ -106,24 +109,22 @@ export function summarize(components: Obj, ports: Record<string, number>, now = 
     if (e) expiries.push(e);
   };
   if (isObj(pki)) {
-    add('server certificate', pki.server_cert_not_after ?? (isObj(pki.server_cert) ? pki.server_cert.not_after : undefined));
-    add('device CA', pki.ca_not_after ?? (isObj(pki.ca) ? pki.ca.not_after : undefined));
+    add('server certificate', pki.server_not_after ?? pki.server_cert_not_after);
+    add('device CA', pki.ca_not_after);
   }
   if (isObj(uplink)) add('cloud token', uplink.token_expires_at ?? (isObj(uplink.token) ? uplink.token.expires_at : undefined));
-  for (const name of ['tokens', 'identity']) {
-    const c = components[name];
-    if (isObj(c)) add('JWT signing key', c.key_expires_at);
-  }
 
+  const oldestMs = numAt(journal, 'oldestPendingAgeMs');
   return {
-    devices_connected: numAt(broker, 'connected', 'clients', 'devices_connected'),
+    devices_connected: numAt(broker, 'devices_connected', 'connected', 'clients'),
     devices_registered: numAt(registry, 'active', 'devices'),
     listeners: ports,
     journal: isObj(journal)
       ? {
-          messages: numAt(journal, 'messages', 'pending_messages', 'backlog_messages'),
-          bytes: numAt(journal, 'bytes', 'pending_bytes', 'backlog_bytes'),
-          oldest_unacked_age_s: ageFrom(journal, ['oldest_unacked_age_s', 'oldest_age_s'], ['oldest_unacked_at', 'oldest_at']),
+          messages: numAt(journal, 'pendingMessages', 'messages', 'backlog_messages') ?? numAt(uplink, 'backlog_messages'),
+          bytes: numAt(journal, 'pendingBytes', 'bytes', 'backlog_bytes') ?? numAt(uplink, 'backlog_bytes'),
+          oldest_unacked_age_s:
+            oldestMs !== null ? Math.round(oldestMs / 1000) : (ageFrom(journal, ['oldest_unacked_age_s'], ['oldest_unacked_at']) ?? numAt(uplink, 'oldest_unacked_age_s')),
         }
       : null,
     uplink: isObj(uplink)
@@ -156,6 +157,29 @@ export function statusLine(s: StatusSummary, ready: boolean): string {
   return parts.join(', ');
 }
 
+/** What deviceCertExpiries() reads of the device registry. */
+export interface DeviceCertSource {
+  list(): { id: string; status: string; certificates: { serial: string; not_after: string; revoked: boolean }[] }[];
+}
+
+/** The latest valid (not revoked) certificate of every active device, soonest expiry first. */
+export function deviceCertExpiries(registry: DeviceCertSource, now = Date.now()): (Expiry & { device_id: string; serial: string })[] {
+  const out: (Expiry & { device_id: string; serial: string })[] = [];
+  for (const d of registry.list()) {
+    if (d.status !== 'active') continue;
+    let best: { serial: string; ms: number } | undefined;
+    for (const c of d.certificates) {
+      const ms = Date.parse(c.not_after);
+      if (c.revoked || Number.isNaN(ms)) continue;
+      if (!best || ms > best.ms) best = { serial: c.serial, ms };
+    }
+    if (best) {
+      out.push({ what: `device ${d.id} certificate`, device_id: d.id, serial: best.serial, expires_at: new Date(best.ms).toISOString(), seconds_left: Math.round((best.ms - now) / 1000) });
+    }
+  }
+  return out.sort((a, b) => a.seconds_left - b.seconds_left);
+}
+
 let version: string | undefined;
 export function packageVersion(): string {
   try {
@@ -169,6 +193,13 @@ export function packageVersion(): string {
 export function daemonStatus(ctx: DaemonContext, lifecycle: Lifecycle, extra: { startedAt: number; watchdog?: WatchdogState }): DaemonStatus {
   const components = lifecycle.status();
   const ports = Object.fromEntries(ctx.ports);
+  let deviceCerts: DaemonStatus['device_certificates'];
+  try {
+    const all = ctx.identity ? deviceCertExpiries(ctx.identity.registry) : undefined;
+    if (all) deviceCerts = { count: all.length, expiring_within_30d: all.filter((e) => e.seconds_left < 30 * 86400).length, soonest: all.slice(0, 5) };
+  } catch {
+    // registry not started (yet): no device certificate facts
+  }
   return {
     pid: process.pid,
     version: packageVersion(),
@@ -178,6 +209,7 @@ export function daemonStatus(ctx: DaemonContext, lifecycle: Lifecycle, extra: { 
     ready: ctx.health.readiness(),
     ports,
     summary: summarize(components, ports),
+    ...(deviceCerts ? { device_certificates: deviceCerts } : {}),
     ...(extra.watchdog ? { watchdog: extra.watchdog } : {}),
     components,
   };

@@ -1,0 +1,62 @@
+/**
+ * Rotation admin methods that need the whole daemon, not just one component:
+ *
+ *   ca.rotate {}  a new device CA signs from now on; the previous one stays trusted
+ *                 (broker/pki.ts LocalPki.rotateCa keeps it in pki/trusted/) until it
+ *                 expires or is removed, so a fleet moves over without an outage. Then
+ *                 every component reloads its TLS context with the current config (no
+ *                 re-read of the config file), so the broker and the API trust
+ *                 certificates from both CAs for new handshakes; live sessions stay.
+ *
+ * The server certificate is renewed by LocalPki itself (at start, every 12 h, and on
+ * reload when identity.pki.server_names / server_cert_renew_before_days change),
+ * which emits 'server-cert' to the broker and the API. The JWT signing key rotates
+ * with the admin method token.rotate-key (broker/identity-admin.ts).
+ */
+import { X509Certificate } from 'node:crypto';
+import type { AdminServer } from './admin.js';
+import type { Logger } from './logger.js';
+
+/** What ca.rotate needs of broker/pki.ts LocalPki. */
+export interface CaRotator {
+  rotateCa(serverName?: string): Promise<{ serial: string }>;
+  caCertificatePem(): string;
+  trustedDeviceCaPems(): string[];
+}
+
+export interface CaRotateResult {
+  serial: string;
+  not_after: string;
+  /** Every CA trusted for device certificates after the rotation (current first). */
+  trusted: { serial: string; not_after: string; subject: string }[];
+  reloaded: string[];
+}
+
+function describe(pem: string): { serial: string; not_after: string; subject: string } {
+  const c = new X509Certificate(pem);
+  return { serial: c.serialNumber.toLowerCase(), not_after: new Date(c.validTo).toISOString(), subject: c.subject.replace(/\n/g, ', ') };
+}
+
+export function registerRotation(
+  admin: AdminServer,
+  opts: { pki: CaRotator; serverName: () => string; reloadTls: () => Promise<string[]>; logger: Logger },
+): void {
+  const log = opts.logger.child({ component: 'rotation' });
+  let busy: Promise<CaRotateResult> | undefined;
+  admin.register('ca.rotate', () => {
+    // one rotation at a time: a second request while one runs gets the same result
+    busy ??= (async () => {
+      try {
+        const { serial } = await opts.pki.rotateCa(opts.serverName());
+        const reloaded = await opts.reloadTls();
+        const trusted = opts.pki.trustedDeviceCaPems().map(describe);
+        const current = describe(opts.pki.caCertificatePem());
+        log.info({ serial, trusted: trusted.map((t) => t.serial), reloaded }, 'device CA rotated; the previous CA stays trusted');
+        return { serial, not_after: current.not_after, trusted, reloaded };
+      } finally {
+        busy = undefined;
+      }
+    })();
+    return busy;
+  });
+}
