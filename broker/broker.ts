@@ -272,7 +272,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     this.aedes = aedes;
     this.conformanceSessions = new SessionTracker();
     await aedes.listen();
-    aedes.on('clientReady', (c) => this.guard('clientReady', () => this.onClientReady(c)));
+    // register the session as soon as its CONNACK is written (before aedes' 'clientReady'), so a command can follow at once
+    aedes.on('connackSent', (packet, c) => this.guard('connackSent', () => packet.returnCode === 0 && this.onClientReady(c)));
     aedes.on('clientDisconnect', (c) => this.guard('clientDisconnect', () => this.endSession(c)));
     aedes.on('clientError', (c, err) => this.guard('clientError', () => this.onClientError(c, err)));
     aedes.on('connectionError', (c, err) => this.guard('connectionError', () => this.onClientError(c, err)));
@@ -912,7 +913,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
 
   isConnected(deviceId: string): boolean {
     const s = this.byDevice.get(deviceId);
-    return s !== undefined && !s.dropped && internals(s.client).connected;
+    return s !== undefined && !s.dropped && !s.ended && !internals(s.client).closed;
   }
 
   connectedDevices(): string[] {

@@ -1,13 +1,12 @@
 import t from 'tap';
 import path from 'node:path';
 import { once } from 'node:events';
-import { writeFileSync, renameSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import tls from 'node:tls';
-import { SignJWT, base64url } from 'jose';
-import { createPublicKey, createHmac, type JsonWebKey as CryptoJwk } from 'node:crypto';
-import { brokerFixture, collect, FakeSink, refused, suback, waitEvent, waitFor } from '../helpers/broker.js';
+import mqttPacket from 'mqtt-packet';
+import { brokerFixture, buildConfig, collect, FakeSink, refused, suback, waitEvent, waitFor } from '../helpers/broker.js';
 import { TestCA } from '../helpers/certs.js';
-import { TokenService } from '../../broker/tokens.js';
+import { normalizeSerial } from '../../broker/registry.js';
 import { ConnectorError } from '../../daemon/errors.js';
 
 t.test('device connects with its certificate and with its token (TLS and WSS)', async (t) => {
@@ -98,3 +97,264 @@ t.test('topic ACL on live connections', async (t) => {
   t.ok(ca3.connected, 'connection stays after refused subscriptions');
 });
 
+
+t.test('bridged publishes are journaled before the PUBACK, acknowledged in order; a full journal is not acknowledged', async (t) => {
+  const sink = new FakeSink();
+  const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#', 'devices/+/events'] } } });
+  const a = await fx.addDevice('dev-a');
+  const b = await fx.addDevice('dev-b');
+  const c = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key });
+  const other = await fx.connect({ clientId: 'dev-b', cert: b.cert, key: b.key });
+
+  // 1. no PUBACK while the append is pending
+  sink.hold = true;
+  let acked = false;
+  c.publish('devices/dev-a/telemetry/t', 'one', { qos: 1 }, () => (acked = true));
+  await waitFor(() => sink.held === 1, 5000, 'append started');
+  const gotB = await collect(other, 'devices/dev-b/#');
+  await other.publishAsync('devices/dev-b/x', 'roundtrip', { qos: 1 });
+  await waitFor(() => gotB.length === 1, 5000, 'an unrelated round trip');
+  t.notOk(acked, 'no PUBACK while the journal has not confirmed');
+  sink.release();
+  await waitFor(() => acked, 5000, 'PUBACK after the append resolved');
+  t.match(sink.appended[0], { meta: { deviceId: 'dev-a', topic: 'devices/dev-a/telemetry/t', qos: 1 } });
+  t.equal(sink.appended[0]!.payload.toString(), 'one');
+  t.type(sink.appended[0]!.meta.receivedAt, 'number');
+
+  // 2. order: appends resolved out of order still complete (PUBACK) in receive order
+  sink.appended = [];
+  const acks: number[] = [];
+  let maxHeld = 0;
+  for (let i = 0; i < 8; i++) c.publish(`devices/dev-a/telemetry/${i}`, String(i), { qos: 1 }, () => acks.push(i));
+  await waitFor(
+    () => {
+      maxHeld = Math.max(maxHeld, sink.held);
+      if (sink.held > 0) sink.release([...Array(sink.held).keys()].reverse());
+      return acks.length === 8;
+    },
+    10_000,
+    'eight PUBACKs',
+  );
+  t.same(sink.appended.map((x) => x.payload.toString()), ['0', '1', '2', '3', '4', '5', '6', '7'], 'appended in receive order');
+  t.same(acks, [0, 1, 2, 3, 4, 5, 6, 7], 'PUBACKs in receive order');
+  t.comment(`most appends pending at once: ${maxHeld}`);
+  sink.hold = false;
+
+  // 3. QoS 0 is journaled too (policy journal); topics outside bridge.topics are not
+  sink.appended = [];
+  const gotA = await collect(c, 'devices/dev-a/#');
+  c.publish('devices/dev-a/events', 'q0', { qos: 0 });
+  await c.publishAsync('devices/dev-a/not-bridged', 'nb', { qos: 1 });
+  await waitFor(() => gotA.includes('devices/dev-a/not-bridged') && gotA.includes('devices/dev-a/events'), 5000, 'local delivery');
+  t.same(sink.appended.map((x) => [x.meta.topic, x.meta.qos]), [['devices/dev-a/events', 0]], 'QoS 0 journaled, non-bridged topic not');
+
+  // 4. journal full: no PUBACK, the connection is closed so the device retries later
+  sink.failWith = new ConnectorError('ECONN_JOURNAL_FULL', 'journal full');
+  let ackedFull = false;
+  const closed = waitEvent(c, 'close');
+  c.publish('devices/dev-a/telemetry/full', 'x', { qos: 1 }, (err) => (ackedFull = !err));
+  await closed;
+  t.notOk(ackedFull, 'not acknowledged');
+  t.equal(fx.logs.find({ code: 'ECONN_JOURNAL_FULL' }).length, 1, 'logged once with its code');
+  t.ok(other.connected, 'other devices unaffected');
+});
+
+t.test('bridge.qos0 best_effort: QoS 0 skips the journal and goes to the best-effort hook', async (t) => {
+  const sink = new FakeSink();
+  const forwarded: string[] = [];
+  const fx = await brokerFixture(t, {
+    sink,
+    overrides: { bridge: { enabled: true, qos0: 'best_effort' } },
+    broker: { bestEffort: (meta) => forwarded.push(meta.topic) },
+  });
+  const a = await fx.addDevice('dev-a');
+  const c = await fx.connect({ clientId: 'dev-a', username: 'dev-a', password: a.token });
+  c.publish('devices/dev-a/q0', 'x', { qos: 0 });
+  await c.publishAsync('devices/dev-a/q1', 'y', { qos: 1 });
+  await waitFor(() => forwarded.length === 1, 5000, 'best-effort forward');
+  t.same(forwarded, ['devices/dev-a/q0']);
+  t.same(sink.appended.map((x) => x.meta.topic), ['devices/dev-a/q1']);
+  fx.broker.setSink(undefined);
+  await c.publishAsync('devices/dev-a/q1', 'z', { qos: 1 });
+  t.equal(sink.appended.length, 1, 'detached sink: nothing appended');
+});
+
+t.test('publishCommand: delivered on PUBACK; not connected, not subscribed, QoS 0, timeout', async (t) => {
+  const fx = await brokerFixture(t);
+  const a = await fx.addDevice('dev-a');
+  const b = await fx.addDevice('dev-b');
+  const d = await fx.addDevice('dev-slow');
+  t.match(await fx.broker.publishCommand('dev-a', 'reboot', Buffer.from('x')), { delivered: false, reason: /not connected/ });
+
+  const c = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key });
+  await waitFor(() => fx.broker.isConnected('dev-a'), 5000, 'registered');
+  t.match(await fx.broker.publishCommand('dev-a', 'reboot', Buffer.from('x')), { delivered: false, reason: /not subscribed/ });
+  const payloads: string[] = [];
+  c.on('message', (topic, payload, packet) => payloads.push(`${topic}|${payload.toString()}|${packet.qos}`));
+  await c.subscribeAsync('devices/dev-a/commands/#', { qos: 1 });
+  const r = await fx.broker.publishCommand('dev-a', 'reboot', Buffer.from('now'));
+  t.same(r, { delivered: true });
+  t.same(payloads, ['devices/dev-a/commands/reboot|now|1'], 'the device received it at QoS 1 before acknowledging');
+  const many = await Promise.all([1, 2, 3].map((i) => fx.broker.publishCommand('dev-a', `n/${i}`, Buffer.from(String(i)))));
+  t.same(many, [{ delivered: true }, { delivered: true }, { delivered: true }], 'concurrent commands each matched to their PUBACK');
+  t.match(await fx.broker.publishCommand('dev-a', 'a/+', Buffer.from('x')), { delivered: false, reason: /invalid/ });
+  t.match(await fx.broker.publishCommand('dev-a', '', Buffer.from('x')), { delivered: false, reason: /invalid/ });
+
+  const cb = await fx.connect({ clientId: 'dev-b', cert: b.cert, key: b.key });
+  await cb.subscribeAsync('devices/dev-b/commands/+', { qos: 0 });
+  t.match(await fx.broker.publishCommand('dev-b', 'ping', Buffer.from('x')), { delivered: true, reason: /QoS 0/ });
+
+  // a device that never acknowledges (raw MQTT: mqtt.js always acknowledges at protocol level 4)
+  const slow = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost', cert: d.cert, key: d.key });
+  t.teardown(() => slow.destroy());
+  await once(slow, 'secureConnect');
+  const parser = mqttPacket.parser({ protocolVersion: 4 });
+  const received: mqttPacket.Packet[] = [];
+  parser.on('packet', (p) => received.push(p));
+  slow.on('data', (b: Buffer) => parser.parse(b));
+  slow.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: 'dev-slow', keepalive: 60 }));
+  await waitFor(() => received.some((p) => p.cmd === 'connack'), 5000, 'CONNACK');
+  slow.write(mqttPacket.generate({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'devices/dev-slow/commands/#', qos: 1 }] }));
+  await waitFor(() => received.some((p) => p.cmd === 'suback'), 5000, 'SUBACK');
+  await waitFor(() => fx.broker.isConnected('dev-slow'), 5000, 'registered');
+  t.match(await fx.broker.publishCommand('dev-slow', 'x', Buffer.from('x'), 300), { delivered: false, reason: /no PUBACK within 300 ms/ });
+  const pending = fx.broker.publishCommand('dev-slow', 'y', Buffer.from('x'), 10_000);
+  await waitFor(() => received.filter((p) => p.cmd === 'publish').length === 2, 5000, 'second command received');
+  t.ok(fx.broker.disconnectDevice('dev-slow'));
+  t.match(await pending, { delivered: false, reason: /disconnected/ }, 'a disconnect resolves a pending command');
+});
+
+t.test('limits: payload, connections, keepalive, topic depth; garbage does not hurt', async (t) => {
+  const fx = await brokerFixture(t, {
+    overrides: { broker: { limits: { max_payload_bytes: 100, max_connections: 3, keepalive_max_s: 30, max_topic_depth: 4 } } },
+  });
+  const a = await fx.addDevice('dev-a');
+  const b = await fx.addDevice('dev-b');
+  const c = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key, keepalive: 20 });
+  let closed = waitEvent(c, 'close');
+  c.publish('devices/dev-a/big', Buffer.alloc(101), { qos: 1 });
+  await closed;
+  t.equal(fx.logs.find({ code: 'ECONN_BROKER_LIMIT' }).length, 1, 'payload over the limit: closed and logged');
+
+  const c2 = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key, keepalive: 20 });
+  await c2.publishAsync('devices/dev-a/ok', Buffer.alloc(100), { qos: 1 });
+  closed = waitEvent(c2, 'close');
+  c2.publish('devices/dev-a/1/2/3', 'deep', { qos: 1 });
+  await closed;
+  t.pass('topic deeper than max_topic_depth: closed');
+
+  t.equal((await refused(fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key, keepalive: 60 }))).code, 'CLOSED', 'keepalive above the bound: closed without CONNACK');
+
+  const held = [
+    await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key, keepalive: 20 }),
+    await fx.connect({ clientId: 'dev-b', cert: b.cert, key: b.key, keepalive: 20 }),
+  ];
+  // a raw third socket fills the last slot; the fourth is refused at accept
+  const raw = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost' });
+  t.teardown(() => raw.destroy());
+  await once(raw, 'secureConnect');
+  const over = await refused(fx.connect({ clientId: 'dev-b', cert: b.cert, key: b.key, keepalive: 20 }));
+  t.ok(over, 'over max_connections: refused');
+  t.match(fx.logs.find({ code: 'ECONN_BROKER_LIMIT' }).at(-1), { max_connections: 3 });
+  // garbage on the raw socket: closed, the broker stays up
+  raw.write(Buffer.from([0xff, 0xff, 0xff, 0xff, 0xff, 0x00]));
+  await once(raw, 'close');
+  for (const h of held) t.ok(h.connected, 'held connections unaffected');
+  const after = await fx.connect({ clientId: 'dev-b', cert: b.cert, key: b.key, keepalive: 20 });
+  t.ok(after.connected, 'a slot is free again after the garbage socket closed');
+});
+
+t.test('local listener: anonymous with and without rules, jwt mode', async (t) => {
+  const fx = await brokerFixture(t, { overrides: { broker: { listeners: { local: { enabled: true } } } } });
+  t.equal(fx.logs.find({ level: 'warn' }).filter((l) => String(l.msg).includes('ANONYMOUS')).length, 1, 'warned at start');
+  const a = await fx.addDevice('dev-a');
+  const app = await fx.connect({ listener: 'local', clientId: 'app-1' });
+  const got = await collect(app, 'devices/+/telemetry');
+  const dev = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key });
+  await dev.publishAsync('devices/dev-a/telemetry', 't', { qos: 1 });
+  await waitFor(() => got.length === 1, 5000, 'local app sees device telemetry');
+  t.equal((await refused(fx.connect({ listener: 'local', clientId: 'dev-a' }))).code, 2, "an anonymous app cannot use a device's client id");
+  t.ok(dev.connected, 'the device session was not taken over');
+  t.same(await suback(app, { '$SYS/#': { qos: 0 } }), [0], 'no rules: everything allowed');
+
+  const ruled = await brokerFixture(t, {
+    overrides: { broker: { listeners: { local: { enabled: true, acl: [{ allow: 'subscribe', topic: 'devices/+/telemetry' }] } } } },
+  });
+  const app2 = await ruled.connect({ listener: 'local', clientId: 'app-2' });
+  t.same(await suback(app2, { 'devices/+/telemetry': { qos: 1 }, '#': { qos: 1 } }), [1, 128], 'rules apply');
+  const closed = waitEvent(app2, 'close');
+  app2.publish('devices/x/commands/y', 'z', { qos: 1 });
+  await closed;
+  t.pass('publish outside the local rules: closed');
+
+  const jwt = await brokerFixture(t, { overrides: { broker: { listeners: { local: { enabled: true, auth: 'jwt' } } } } });
+  const j = await jwt.addDevice('dev-j');
+  t.equal((await refused(jwt.connect({ listener: 'local', clientId: 'app' }))).code, 4, 'jwt mode: anonymous refused');
+  const cj = await jwt.connect({ listener: 'local', clientId: 'dev-j', username: 'dev-j', password: j.token });
+  t.ok(cj.connected, 'jwt mode: device token accepted');
+});
+
+t.test('reload: ACL rules, TLS certificate and limits change without dropping sessions', async (t) => {
+  const fx = await brokerFixture(t);
+  const a = await fx.addDevice('dev-a', { group: 'cams' });
+  const c = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key });
+  let dropped = false;
+  c.on('close', () => (dropped = true));
+  t.same(await suback(c, { 'broadcast/#': { qos: 1 } }), [128], 'before: no group rule');
+
+  const other = await TestCA.create();
+  const srv = await other.server();
+  const certFile = path.join(fx.dir, 'srv.crt');
+  const keyFile = path.join(fx.dir, 'srv.key');
+  writeFileSync(certFile, srv.cert);
+  writeFileSync(keyFile, srv.key, { mode: 0o600 });
+  const next = buildConfig(fx.dir, {
+    broker: {
+      acl: { groups: { cams: [{ allow: 'subscribe', topic: 'broadcast/#' }] } },
+      tls: { cert_file: certFile, key_file: keyFile },
+      limits: { max_payload_bytes: 1000 },
+    },
+  });
+  const changes = await fx.broker.reload(next);
+  t.match(changes.join('\n'), /ACL rules updated/);
+  t.match(changes.join('\n'), /TLS context reloaded/);
+  t.match(changes.join('\n'), /limits updated/);
+  t.same(await suback(c, { 'broadcast/#': { qos: 1 } }), [1], 'after: the group rule applies to the live session');
+  t.notOk(dropped, 'the session survived the reload');
+  // new handshakes present the new certificate
+  const s = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: other.cert, servername: 'localhost' });
+  t.teardown(() => s.destroy());
+  await once(s, 'secureConnect');
+  t.equal(normalizeSerial(s.getPeerX509Certificate()!.serialNumber), normalizeSerial(srv.serial), 'new server certificate');
+  s.destroy();
+  // a broken TLS file on reload keeps the old context and says so
+  writeFileSync(keyFile, 'not a key');
+  const bad = await fx.broker.reload(buildConfig(fx.dir, { broker: { tls: { cert_file: certFile, key_file: keyFile } } }));
+  t.match(bad.join('\n'), /TLS reload failed/);
+  t.notOk(dropped);
+});
+
+t.test('close is idempotent and bounded; refuses new work afterwards', async (t) => {
+  const fx = await brokerFixture(t);
+  const a = await fx.addDevice('dev-a');
+  const c = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key });
+  await c.subscribeAsync('devices/dev-a/commands/#', { qos: 1 });
+  const closed = waitEvent(c, 'close');
+  await Promise.all([fx.broker.close(), fx.broker.close()]);
+  await closed;
+  t.pass('clients disconnected');
+  await fx.broker.close();
+  t.same(fx.broker.boundPorts().size, 0);
+  t.match(await fx.broker.publishCommand('dev-a', 'x', Buffer.from('x')), { delivered: false, reason: /not running/ });
+  await t.rejects(fx.broker.start(), { code: 'ECONN_CLOSED' });
+});
+
+t.test('a port in use gives a clear ECONN_LISTEN error and start cleans up', async (t) => {
+  const fx = await brokerFixture(t);
+  const port = fx.port('tls');
+  const { Broker } = await import('../../broker/broker.js');
+  const cfg = buildConfig(fx.dir, { broker: { listeners: { tls: { port } } } });
+  const b2 = new Broker({ config: cfg, logger: fx.logs.logger, registry: fx.registry, pki: fx.pki, tokens: fx.tokens });
+  t.teardown(() => b2.close());
+  await t.rejects(b2.start(), { code: 'ECONN_LISTEN', message: /broker\.listeners\.tls\.port/ });
+});
