@@ -13,20 +13,24 @@
  */
 import t, { type Test } from 'tap';
 import net from 'node:net';
+import { Duplex } from 'node:stream';
 import { Aedes, type AedesOptions, type AuthenticateError } from 'aedes';
 import mqtt from 'mqtt-packet';
 import type { IConnectPacket, IPublishPacket, ISubackPacket, Packet } from 'mqtt-packet';
-import { createLogger } from '../../daemon/logger.js';
+import { createLogger, silentLogger } from '../../daemon/logger.js';
 import {
   wrapConnection,
   conformanceHooks,
   SessionTracker,
+  topicMatches,
+  underlyingSocket,
   type ConformanceOptions,
   type ConformantConnection,
 } from '../../broker/conformance.js';
 
 const BARE = process.env.CONFORMANCE_TARGET === 'aedes';
 const WAIT_MS = 3000;
+const silent = silentLogger();
 
 // ---------------------------------------------------------------------------
 // harness
@@ -341,7 +345,7 @@ async function nothingBeforeSentinel(t: Test, h: BrokerHandle, sub: RawClient, s
 // 1.5.3 UTF-8 encoded strings
 // ---------------------------------------------------------------------------
 
-t.test('MQTT-1.5.3-1: ill-formed UTF-8 in a topic name closes the connection', async (t) => {
+t.test('MQTT-1.5.3-1, MQTT-3.3.2-1: ill-formed UTF-8 in a topic name closes the connection', async (t) => {
   const cases: Array<[string, Buffer]> = [
     ['invalid byte 0xFF', Buffer.from([0x61, 0x2f, 0xff])],
     ['lone continuation byte', Buffer.from([0x61, 0x80])],
@@ -541,7 +545,7 @@ t.test('MQTT-3.1.2-3: the reserved CONNECT flag must be 0, else close without CO
   loggedOnce(t, h, 'MQTT-3.1.2-3');
 });
 
-t.test('MQTT-3.1.2-4/5, MQTT-4.5.0-1: CleanSession 0 resumes the session and queues QoS>0 messages while offline', async (t) => {
+t.test('MQTT-3.1.2-4/5, MQTT-4.1.0-1, MQTT-4.5.0-1: CleanSession 0 resumes the session and queues QoS>0 messages while offline', async (t) => {
   const h = await startBroker(t);
   const clientId = uid('persist');
   let sub = await connect(t, h, { clientId, clean: false });
@@ -563,7 +567,7 @@ t.test('MQTT-3.1.2-4/5, MQTT-4.5.0-1: CleanSession 0 resumes the session and que
   t.match(await sub.next(), { cmd: 'publish', topic: 'sess/a' }, 'subscription still active');
 });
 
-t.test('MQTT-3.1.2-6, MQTT-3.2.2-1: CleanSession 1 discards the previous session and its state is not reused', async (t) => {
+t.test('MQTT-3.1.2-6, MQTT-3.1.4-3, MQTT-3.2.2-1: CleanSession 1 discards the previous session and its state is not reused', async (t) => {
   const h = await startBroker(t);
   const clientId = uid('clean');
   let c = await connect(t, h, { clientId, clean: false });
@@ -877,7 +881,7 @@ t.test('MQTT-3.2.2-6: when no 3.1.1 return code applies the connection is closed
 // 3.3 PUBLISH
 // ---------------------------------------------------------------------------
 
-t.test('MQTT-3.3.1-1, MQTT-4.4.0-1: unacknowledged QoS 1 PUBLISH is re-sent on reconnect with the same id and DUP 1', async (t) => {
+t.test('MQTT-3.3.1-1, MQTT-4.3.2-1, MQTT-4.4.0-1: unacknowledged QoS 1 PUBLISH is re-sent on reconnect with the same id and DUP 1', async (t) => {
   const h = await startBroker(t);
   const clientId = uid('redeliver');
   let sub = await connect(t, h, { clientId, clean: false });
@@ -1204,6 +1208,87 @@ t.test('MQTT-3.10.4-4/5/6: one UNSUBACK with the same id, even when nothing was 
 // 3.12 / 3.14 / 4.x
 // ---------------------------------------------------------------------------
 
+t.test('MQTT-3.10.4-3: after UNSUBSCRIBE the server completes a QoS 2 delivery it had started', async (t) => {
+  const h = await startBroker(t);
+  const sub = await connect(t, h);
+  await subscribe(sub, [['inflight/a', 2]]);
+  const pub = await connect(t, h);
+  publish(pub, 'inflight/a', 'x', { qos: 2 });
+  const p = await sub.expect<IPublishPacket>('publish');
+  sub.send({ cmd: 'unsubscribe', messageId: 77, unsubscriptions: ['inflight/a'] });
+  t.match(await sub.next(), { cmd: 'unsuback', messageId: 77 });
+  sub.send({ cmd: 'pubrec', messageId: p.messageId });
+  t.match(await sub.next(), { cmd: 'pubrel', messageId: p.messageId }, 'PUBREL still sent');
+});
+
+t.test('MQTT-4.6.0-1, MQTT-2.3.1-2/3/4: re-sent PUBLISH packets keep their ids and their original order', async (t) => {
+  const h = await startBroker(t);
+  const clientId = uid('order');
+  let sub = await connect(t, h, { clientId, clean: false });
+  await subscribe(sub, [['resend/#', 1]]);
+  const pub = await connect(t, h);
+  for (const n of ['1', '2', '3']) await publish1(pub, `resend/${n}`, n);
+  const first: IPublishPacket[] = [];
+  for (let i = 0; i < 3; i++) first.push(await sub.expect<IPublishPacket>('publish'));
+  const ids = first.map((p) => p.messageId);
+  t.equal(new Set(ids).size, 3, 'three distinct ids while none is acknowledged');
+  t.notOk(ids.includes(0), 'no id 0');
+  const gone = clientGone(h, clientId);
+  sub.close();
+  await gone;
+  sub = await connect(t, h, { clientId, clean: false });
+  const again: IPublishPacket[] = [];
+  for (let i = 0; i < 3; i++) again.push(await sub.expect<IPublishPacket>('publish'));
+  t.same(again.map((p) => p.payload.toString()), ['1', '2', '3'], 'same order');
+  t.same(again.map((p) => p.messageId), ids, 'same ids');
+  t.same(again.map((p) => p.dup), [true, true, true], 'all DUP 1');
+  for (const p of again) sub.send({ cmd: 'puback', messageId: p.messageId });
+  await publish1(pub, 'resend/4', '4');
+  const fresh = await sub.expect<IPublishPacket>('publish');
+  t.equal(fresh.dup, false, 'a new message after the re-deliveries has DUP 0');
+});
+
+t.test('MQTT-4.6.0-2/3: PUBACK and PUBREC go out in the order the PUBLISH packets came in', async (t) => {
+  const h = await startBroker(t);
+  const c = await connect(t, h);
+  const burst: Buffer[] = [];
+  const want: Array<[string, number]> = [];
+  for (let i = 1; i <= 20; i++) {
+    const qos = i % 3 === 0 ? 2 : 1;
+    burst.push(rawPublish(`acks/${i}`, { qos, id: 100 + i }));
+    want.push([qos === 1 ? 'puback' : 'pubrec', 100 + i]);
+  }
+  c.send(Buffer.concat(burst)); // one write: aedes handles them concurrently
+  const got: Array<[string, number]> = [];
+  for (let i = 0; i < 20; i++) {
+    const p = (await c.next()) as mqtt.IPubackPacket;
+    got.push([p.cmd, p.messageId!]);
+  }
+  // the order is per QoS level (aedes answers QoS 2 after a persistence round trip)
+  for (const cmd of ['puback', 'pubrec']) {
+    t.same(
+      got.filter(([c]) => c === cmd).map(([, id]) => id),
+      want.filter(([c]) => c === cmd).map(([, id]) => id),
+      `${cmd} in PUBLISH order`,
+    );
+  }
+});
+
+t.test('MQTT-4.6.0-4, MQTT-4.3.3-1: PUBREL goes out in the order the PUBREC packets came in', async (t) => {
+  const h = await startBroker(t);
+  const sub = await connect(t, h);
+  await subscribe(sub, [['rel/#', 2]]);
+  const pub = await connect(t, h);
+  for (const n of ['a', 'b', 'c']) publish(pub, `rel/${n}`, n, { qos: 1 });
+  const ids: number[] = [];
+  for (let i = 0; i < 3; i++) ids.push((await sub.expect<IPublishPacket>('publish')).messageId!);
+  const order = [ids[2]!, ids[0]!, ids[1]!];
+  for (const id of order) sub.send({ cmd: 'pubrec', messageId: id });
+  const rel: number[] = [];
+  for (let i = 0; i < 3; i++) rel.push((await sub.expect<mqtt.IPubrelPacket>('pubrel')).messageId!);
+  t.same(rel, order);
+});
+
 t.test('MQTT-4.3.2-2: after PUBACK, a PUBLISH with the same id is a new message', async (t) => {
   const h = await startBroker(t);
   const sub = await connect(t, h);
@@ -1358,4 +1443,230 @@ t.test('a packet larger than maxPacketBytes closes the connection before its bod
   c.send(Buffer.concat([Buffer.from([0x30]), varint(10_000_000), str('big/no')]));
   await closedWithoutPacket(t, c, '10 MB PUBLISH announced');
   t.match(h.logs.find((l) => l.code === 'ECONN_MQTT_PROTOCOL'), { statement: 'limit:max_packet_bytes' });
+});
+
+// ---------------------------------------------------------------------------
+// the wrapper itself: framing, back-pressure, close/error forwarding
+// (an in-process fake socket gives exact control over chunk boundaries)
+// ---------------------------------------------------------------------------
+
+class FakeSocket extends Duplex {
+  readonly written: Buffer[] = [];
+  private held: Array<() => void> | undefined;
+  constructor(opts: { writableHighWaterMark?: number } = {}) {
+    super({ writableHighWaterMark: opts.writableHighWaterMark });
+  }
+  override _read(): void {}
+  override _write(chunk: Buffer, _e: BufferEncoding, cb: (err?: Error | null) => void): void {
+    this.written.push(chunk);
+    if (this.held) this.held.push(() => cb());
+    else cb();
+  }
+  /** stop completing writes (the peer stopped reading) */
+  hold(): void {
+    this.held = [];
+  }
+  release(): void {
+    const h = this.held ?? [];
+    this.held = undefined;
+    for (const cb of h) cb();
+  }
+  bytes(): Buffer {
+    return Buffer.concat(this.written);
+  }
+}
+
+function readAll(conn: Duplex): Buffer {
+  const parts: Buffer[] = [];
+  for (let b = conn.read() as Buffer | null; b !== null; b = conn.read() as Buffer | null) parts.push(b);
+  return Buffer.concat(parts);
+}
+
+/** a seeded PRNG so a failing split pattern can be reproduced */
+function prng(seed: number): () => number {
+  return () => {
+    seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+    return seed / 0x7fffffff;
+  };
+}
+
+function clientStream(): { input: Buffer; expected: Buffer } {
+  const parts = [
+    mqtt.generate(connectPacket({ clientId: 'frame', username: 'u', password: Buffer.from('p'), will: { topic: 'w/t', payload: Buffer.from('w'), qos: 1, retain: true } })),
+    mqtt.generate({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'a/+', qos: 1 }, { topic: 'b/#', qos: 2 }] }),
+    mqtt.generate({ cmd: 'publish', topic: 'a/b', payload: Buffer.from('small'), qos: 0, retain: false, dup: false }),
+    mqtt.generate({ cmd: 'publish', topic: 'caf\u00e9/\u{1F600}', payload: Buffer.alloc(20_000, 0xab), qos: 1, messageId: 2, retain: true, dup: false }),
+    mqtt.generate({ cmd: 'publish', topic: 'a/c', payload: Buffer.alloc(0), qos: 2, messageId: 3, retain: false, dup: false }),
+    mqtt.generate({ cmd: 'puback', messageId: 9 }),
+    mqtt.generate({ cmd: 'pubrel', messageId: 3 }),
+    mqtt.generate({ cmd: 'pingreq' }),
+    mqtt.generate({ cmd: 'unsubscribe', messageId: 4, unsubscriptions: ['a/+', 'b/#'] }),
+    mqtt.generate({ cmd: 'disconnect' }),
+  ];
+  const input = Buffer.concat(parts);
+  return { input, expected: input };
+}
+
+t.test('wrapper: a valid byte stream passes unchanged whatever the chunk boundaries', async (t) => {
+  const { input, expected } = clientStream();
+  const splits: Array<[string, (n: number) => number[]]> = [
+    ['one chunk', (n) => [n]],
+    ['1-byte chunks', (n) => Array.from({ length: n }, () => 1)],
+    ['random chunks', (n) => {
+      const r = prng(42);
+      const out: number[] = [];
+      for (let left = n; left > 0; ) {
+        const k = Math.min(left, 1 + Math.floor(r() * (r() < 0.5 ? 8 : 5000)));
+        out.push(k);
+        left -= k;
+      }
+      return out;
+    }],
+  ];
+  for (const [what, split] of splits) {
+    const sock = new FakeSocket();
+    const conn = wrapConnection(sock, { logger: silent });
+    const got: Buffer[] = [];
+    conn.on('data', (b: Buffer) => got.push(b));
+    let off = 0;
+    for (const k of split(input.length)) {
+      sock.push(input.subarray(off, off + k));
+      off += k;
+    }
+    await new Promise((resolve) => setImmediate(resolve));
+    t.ok(Buffer.concat(got).equals(expected), `${what}: ${Buffer.concat(got).length} of ${expected.length} bytes, identical`);
+    t.notOk(conn.destroyed, `${what}: still open`);
+  }
+});
+
+t.test('wrapper: a QoS>0 PUBLISH has its DUP flag cleared on the way in, nothing else changes', async (t) => {
+  const sock = new FakeSocket();
+  const conn = wrapConnection(sock, { logger: silent });
+  const got: Buffer[] = [];
+  conn.on('data', (b: Buffer) => got.push(b));
+  const pub = rawPublish('a/b', { qos: 1, dup: true, id: 7, payload: Buffer.from('xyz') });
+  sock.push(mqtt.generate(connectPacket()));
+  sock.push(pub);
+  await new Promise((resolve) => setImmediate(resolve));
+  const out = Buffer.concat(got);
+  const tail = out.subarray(out.length - pub.length);
+  t.equal(tail[0], 0x32, 'DUP bit cleared');
+  t.ok(tail.subarray(1).equals(pub.subarray(1)), 'rest unchanged');
+});
+
+t.test('wrapper: outbound bytes pass unchanged whatever the chunk boundaries', async (t) => {
+  const server = Buffer.concat([
+    mqtt.generate({ cmd: 'connack', returnCode: 0, sessionPresent: false }),
+    mqtt.generate({ cmd: 'suback', messageId: 1, granted: [0, 1, 2, 128] }),
+    mqtt.generate({ cmd: 'publish', topic: 't/x', payload: Buffer.alloc(5_000, 1), qos: 1, messageId: 5, retain: false, dup: false }),
+    mqtt.generate({ cmd: 'publish', topic: 't/y', payload: Buffer.from('q0'), qos: 0, retain: true, dup: false }),
+    mqtt.generate({ cmd: 'pingresp' }),
+    mqtt.generate({ cmd: 'unsuback', messageId: 2, granted: [] }),
+  ]);
+  for (const size of [1, 3, 7, 1000, server.length]) {
+    const sock = new FakeSocket();
+    const conn = wrapConnection(sock, { logger: silent, sessions: new SessionTracker() });
+    sock.push(mqtt.generate(connectPacket({ clean: false })));
+    await new Promise((resolve) => setImmediate(resolve));
+    readAll(conn);
+    for (let off = 0; off < server.length; off += size) conn.write(server.subarray(off, off + size));
+    await new Promise((resolve) => setImmediate(resolve));
+    t.ok(sock.bytes().equals(server), `written in ${size}-byte pieces: identical`);
+  }
+});
+
+t.test('wrapper: back-pressure both ways', async (t) => {
+  // inbound: aedes does not read -> the socket is paused; reading resumes it
+  const sock = new FakeSocket();
+  const conn = wrapConnection(sock, { logger: silent });
+  sock.resume();
+  sock.push(mqtt.generate(connectPacket()));
+  const pub = mqtt.generate({ cmd: 'publish', topic: 'bp/a', payload: Buffer.alloc(4096), qos: 0, retain: false, dup: false });
+  for (let i = 0; i < 64; i++) sock.push(pub);
+  await new Promise((resolve) => setImmediate(resolve));
+  t.ok(sock.isPaused(), 'socket paused while the wrapper buffer is full');
+  t.ok(conn.readableLength >= conn.readableHighWaterMark, 'wrapper buffer at its high-water mark');
+  readAll(conn);
+  t.notOk(sock.isPaused(), 'socket resumed once aedes reads');
+
+  // outbound: the socket does not drain -> write() returns false; drain comes after the socket drains
+  const slow = new FakeSocket({ writableHighWaterMark: 1024 });
+  const out = wrapConnection(slow, { logger: silent });
+  slow.push(mqtt.generate(connectPacket()));
+  slow.hold();
+  let ok = true;
+  let writes = 0;
+  while (ok && writes < 1000) {
+    ok = out.write(pub);
+    writes++;
+  }
+  t.notOk(ok, `write() returned false after ${writes} writes`);
+  await new Promise((resolve) => setImmediate(resolve));
+  t.ok(out.writableLength > 0, 'the wrapper holds the data while the socket does not drain');
+  const drained = new Promise((resolve) => out.once('drain', resolve));
+  slow.release();
+  for (let i = 0; i < 100 && out.writableLength > 0; i++) {
+    slow.release();
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  await drained;
+  t.pass('drain emitted once the socket drained');
+});
+
+t.test('wrapper: close, end, error and destroy are forwarded both ways; the socket stays reachable', async (t) => {
+  let sock = new FakeSocket();
+  let conn = wrapConnection(sock, { logger: silent });
+  t.equal(conn.socket, sock, 'conn.socket is the wrapped stream');
+  t.equal(underlyingSocket(conn), sock, 'underlyingSocket(wrapped)');
+  t.equal(underlyingSocket(sock), sock, 'underlyingSocket(unwrapped)');
+  conn.destroy();
+  t.ok(sock.destroyed, 'destroying the wrapper destroys the socket');
+
+  sock = new FakeSocket();
+  conn = wrapConnection(sock, { logger: silent });
+  let closed = new Promise((resolve) => conn.once('close', resolve));
+  sock.destroy();
+  await closed;
+  t.ok(conn.destroyed, 'socket close -> wrapper closed');
+
+  sock = new FakeSocket();
+  conn = wrapConnection(sock, { logger: silent });
+  const errored = new Promise<Error>((resolve) => conn.once('error', resolve));
+  sock.destroy(new Error('ECONNRESET'));
+  t.equal((await errored).message, 'ECONNRESET', 'socket error -> wrapper error');
+
+  sock = new FakeSocket();
+  conn = wrapConnection(sock, { logger: silent });
+  conn.resume();
+  const ended = new Promise((resolve) => conn.once('end', resolve));
+  closed = new Promise((resolve) => conn.once('close', resolve));
+  sock.push(null);
+  await ended;
+  conn.end();
+  await closed;
+  t.pass('socket end -> wrapper end');
+});
+
+t.test('wrapper: SessionTracker is bounded', async (t) => {
+  const s = new SessionTracker(3);
+  for (const id of ['a', 'b', 'c', 'd']) s.open(id);
+  t.equal(s.size, 3);
+  t.notOk(s.has('a'), 'oldest forgotten');
+  s.discard('d');
+  t.notOk(s.has('d'));
+});
+
+t.test('topicMatches follows section 4.7', async (t) => {
+  const cases: Array<[string, string, boolean]> = [
+    ['a/#', 'a', true],
+    ['a/#', 'a/b/c', true],
+    ['#', 'a/b', true],
+    ['a/+', 'a/', true],
+    ['+/+', '/x', true],
+    ['a/+', 'a/b/c', false],
+    ['a/b', 'a/b/', false],
+    ['+', 'a/b', false],
+    ['/+', 'x', false],
+  ];
+  for (const [f, topic, want] of cases) t.equal(topicMatches(f, topic), want, `${f} vs ${topic}`);
 });
