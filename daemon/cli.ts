@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { commands } from './commands/index.js';
 import type { Command } from './commands/types.js';
 import { ConnectorError, EXIT, errorCode } from './errors.js';
-import { explain } from './main.js';
+import { explain } from './explain.js';
 
 function version(): string {
   const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };

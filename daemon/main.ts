@@ -12,40 +12,15 @@ import { createLogger } from './logger.js';
 import { runInit } from './init.js';
 import { buildDaemon, initSteps } from './app.js';
 import { Lifecycle } from './lifecycle.js';
-import { ConfigError, ConnectorError, EXIT, errorCode } from './errors.js';
+import { ConfigError, EXIT } from './errors.js';
+import { explain, exitCodeFor } from './explain.js';
+
+export { explain, exitCodeFor };
 import { testHooksComponent, testHooksEnabled, registerTestHooks } from './testhooks.js';
 import { SystemdNotifier } from './notify.js';
 import { daemonStatus, statusLine, summarize } from './status.js';
 import { registerRotation } from './rotation.js';
-
-export function exitCodeFor(err: unknown): number {
-  switch (errorCode(err)) {
-    case 'ECONN_CONFIG_NOT_FOUND':
-    case 'ECONN_CONFIG_INVALID':
-    case 'ECONN_CONFIG_SECRET':
-      return EXIT.CONFIG;
-    case 'ECONN_STATE_DIR':
-    case 'ECONN_LISTEN':
-      return EXIT.CANTCREAT;
-    case 'ECONN_REGISTRY_CORRUPT':
-    case 'ECONN_JOURNAL_CORRUPT':
-      return EXIT.SOFTWARE;
-    default:
-      return EXIT.FAILURE;
-  }
-}
-
-/** Print a clear, stack-free explanation to stderr (the JSON log has the details). */
-export function explain(err: unknown): void {
-  if (err instanceof ConfigError) {
-    for (const p of err.problems) process.stderr.write(`${p}\n`);
-    process.stderr.write(`connector: configuration invalid (${err.problems.length} problem${err.problems.length === 1 ? '' : 's'}); nothing was started\n`);
-  } else if (err instanceof ConnectorError) {
-    process.stderr.write(`connector: ${err.code}: ${err.message}\n`);
-  } else {
-    process.stderr.write(`connector: unexpected error: ${(err as Error)?.message ?? String(err)}\n`);
-  }
-}
+import { DaemonMetrics } from './metrics.js';
 
 /** Keys marked x-restart keep their running value on reload; returns the merged config and what was kept. */
 export function mergeRestartKeys(running: Config, next: Config): { merged: Config; needsRestart: string[] } {
@@ -99,7 +74,16 @@ export async function runDaemon(configFile: string): Promise<number> {
 
   const daemon = buildDaemon(config, configFile, logger);
   const components = testHooksEnabled() ? [...daemon.components, testHooksComponent(daemon.ctx.admin)] : daemon.components;
-  const lifecycle = new Lifecycle(components, logger, config.daemon.shutdown_timeout_ms);
+  // daemon-level metrics (daemon/metrics.ts) start last, after every component registered its own
+  const daemonMetrics = new DaemonMetrics({
+    registry: daemon.ctx.metrics,
+    componentStatus: () => lifecycle.status(),
+    ready: () => daemon.ctx.health.readiness().ready,
+    watchdog: () => (notifier.active ? notifier.watchdog() : undefined),
+    devices: () => daemon.ctx.identity?.registry,
+    journal: () => daemon.ctx.journal,
+  });
+  const lifecycle = new Lifecycle([...components, daemonMetrics], logger, config.daemon.shutdown_timeout_ms);
   // systemd notify + watchdog (a no-op without $NOTIFY_SOCKET): READY after start, RELOADING around reload, STOPPING on shutdown
   const startedAt = Date.now();
   const statusOf = () => daemonStatus(daemon.ctx, lifecycle, { startedAt, watchdog: notifier.active ? notifier.watchdog() : undefined });

@@ -1,9 +1,7 @@
 /** Foundation commands: start, check-config, init, status, reload. */
 import { loadConfig } from '../config/load.js';
 import { createLogger } from '../logger.js';
-import { runInit } from '../init.js';
-import { initSteps } from '../app.js';
-import { runDaemon, explain, exitCodeFor } from '../main.js';
+import { explain, exitCodeFor } from '../explain.js';
 import { EXIT } from '../errors.js';
 import { CONFIG_OPTION, adminCall, configPathOf, type Command } from './types.js';
 
@@ -13,7 +11,11 @@ export const baseCommands: Command[] = [
     summary: 'run the daemon (foreground; systemd runs this)',
     usage: 'connector start [-c FILE]\n\nRuns init first (creates missing keys and certificates), then serves until SIGTERM/SIGINT.\nSIGHUP reloads the configuration.',
     options: CONFIG_OPTION,
-    run: async ({ values }) => runDaemon(configPathOf(values)),
+    run: async ({ values }) => {
+      // the daemon's modules (every component) load only for the commands that need them: CLI calls stay fast
+      const { runDaemon } = await import('../main.js');
+      return runDaemon(configPathOf(values));
+    },
   },
   {
     path: ['check-config'],
@@ -39,6 +41,7 @@ export const baseCommands: Command[] = [
     run: async ({ values }) => {
       try {
         const { config } = loadConfig(configPathOf(values), { checkSecrets: false });
+        const [{ runInit }, { initSteps }] = await Promise.all([import('../init.js'), import('../app.js')]);
         const created = await runInit(config, createLogger({ level: 'warn' }), initSteps());
         if (created.length === 0) process.stdout.write(`nothing to do: ${config.daemon.state_dir} is initialised\n`);
         for (const f of created) process.stdout.write(`created ${f}\n`);
