@@ -320,7 +320,8 @@ export class TokenService implements Component {
     }
     // inside the grace period, check everything else as of the token's own expiry
     // (exp itself is covered by the signature check)
-    const at = new Date(Math.min(nowMs, exp * 1000));
+    // (jose treats exp <= now as expired, so check at the last millisecond before exp)
+    const at = new Date(Math.min(nowMs, exp * 1000 - 1));
     const payload = await this.verifySignedClaims(token, key, at);
     const claims = this.checkClaims(payload);
     const fresh = await this.issue(claims.deviceId);
