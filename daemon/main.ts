@@ -75,9 +75,9 @@ export async function runDaemon(configFile: string): Promise<number> {
   const daemon = buildDaemon(config, configFile, logger);
   const components = testHooksEnabled() ? [...daemon.components, testHooksComponent(daemon.ctx.admin)] : daemon.components;
   // daemon-level metrics (daemon/metrics.ts) start last, after every component registered its own
-  const daemonMetrics = new DaemonMetrics({
+  const daemonMetrics: DaemonMetrics = new DaemonMetrics({
     registry: daemon.ctx.metrics,
-    componentStatus: () => lifecycle.status(),
+    componentStatus: (): Record<string, unknown> => lifecycle.status(),
     ready: () => daemon.ctx.health.readiness().ready,
     watchdog: () => (notifier.active ? notifier.watchdog() : undefined),
     devices: () => daemon.ctx.identity?.registry,
