@@ -11,19 +11,24 @@
  *   8      8     seq (uint64 BE; strictly increasing within a journal)
  *   16     4     meta length M (uint32 BE, 2 ≤ M ≤ MAX_META_BYTES)
  *   20     4     inline payload length P (uint32 BE, ≤ MAX_INLINE_BYTES)
- *   24     4     CRC-32 (zlib/IEEE) over bytes 0..24, then the M meta bytes, then the P payload bytes
- *   28     M     meta: UTF-8 JSON (RecordMeta: id, message meta, size, sha256, createdAt, blob)
- *   28+M   P     payload
+ *   24     8     createdAt, ms since the epoch (uint64 BE; = meta.t)
+ *   32     8     payload size (uint64 BE; = P for inline records, the blob's size otherwise; = meta.size)
+ *   40     4     CRC-32 (zlib/IEEE) over bytes 0..40, then the M meta bytes, then the P payload bytes
+ *   44     M     meta: UTF-8 JSON (RecordMeta: id, message meta, size, sha256, createdAt, blob)
+ *   44+M   P     payload
  *
  * Integers are big-endian. A record is valid only if magic, version, lengths and CRC all check
- * and the meta parses; the first invalid record ends a segment (torn or corrupt tail).
+ * (and, where it is parsed, the meta agrees with the header); the first invalid record ends a
+ * segment (torn or corrupt tail). createdAt and size sit in the binary header so that replay
+ * can rebuild its index without parsing every record's JSON.
  */
 import { crc32 } from 'node:zlib';
 import type { UplinkMessageMeta } from './types.js';
 
 export const RECORD_MAGIC = 0x454a5231;
 export const FORMAT_VERSION = 1;
-export const HEADER_BYTES = 28;
+export const HEADER_BYTES = 44;
+const CRC_AT = 40;
 export const FLAG_BLOB = 1;
 /** Sanity bounds checked on decode: a length beyond them is corruption, not a record. */
 export const MAX_META_BYTES = 1024 * 1024;
@@ -50,6 +55,8 @@ export interface RecordHeader {
   seq: number;
   metaLen: number;
   payloadLen: number;
+  createdAt: number;
+  size: number;
   crc: number;
 }
 
@@ -61,6 +68,8 @@ export function encodeRecord(seq: number, meta: RecordMeta, payload: Buffer): Bu
   if (metaBuf.length > MAX_META_BYTES) throw new RangeError(`record meta is ${metaBuf.length} bytes, more than ${MAX_META_BYTES}`);
   if (payload.length > MAX_INLINE_BYTES) throw new RangeError(`inline payload is ${payload.length} bytes, more than ${MAX_INLINE_BYTES}`);
   if (!Number.isSafeInteger(seq) || seq < 0) throw new RangeError(`bad seq ${seq}`);
+  if (!Number.isSafeInteger(meta.t) || meta.t < 0 || !Number.isSafeInteger(meta.size) || meta.size < 0) throw new RangeError('bad createdAt or size');
+  if (!meta.blob && meta.size !== payload.length) throw new RangeError('inline payload length differs from meta.size');
   const out = Buffer.allocUnsafe(HEADER_BYTES + metaBuf.length + payload.length);
   out.writeUInt32BE(RECORD_MAGIC, 0);
   out.writeUInt8(FORMAT_VERSION, 4);
@@ -69,15 +78,17 @@ export function encodeRecord(seq: number, meta: RecordMeta, payload: Buffer): Bu
   out.writeBigUInt64BE(BigInt(seq), 8);
   out.writeUInt32BE(metaBuf.length, 16);
   out.writeUInt32BE(payload.length, 20);
+  out.writeBigUInt64BE(BigInt(meta.t), 24);
+  out.writeBigUInt64BE(BigInt(meta.size), 32);
   metaBuf.copy(out, HEADER_BYTES);
   payload.copy(out, HEADER_BYTES + metaBuf.length);
-  let crc = crc32(out.subarray(0, 24));
+  let crc = crc32(out.subarray(0, CRC_AT));
   crc = crc32(out.subarray(HEADER_BYTES), crc);
-  out.writeUInt32BE(crc >>> 0, 24);
+  out.writeUInt32BE(crc >>> 0, CRC_AT);
   return out;
 }
 
-/** Parse and sanity-check a 28-byte header (the CRC is checked later over the body). */
+/** Parse and sanity-check a header (the CRC is checked later over the body). */
 export function decodeHeader(buf: Buffer): HeaderCheck {
   if (buf.length < HEADER_BYTES) return { ok: false, reason: `short header (${buf.length} bytes)` };
   if (buf.readUInt32BE(0) !== RECORD_MAGIC) return { ok: false, reason: 'bad magic' };
@@ -92,12 +103,16 @@ export function decodeHeader(buf: Buffer): HeaderCheck {
   if (metaLen < 2 || metaLen > MAX_META_BYTES) return { ok: false, reason: `bad meta length ${metaLen}` };
   if (payloadLen > MAX_INLINE_BYTES) return { ok: false, reason: `bad payload length ${payloadLen}` };
   if ((flags & FLAG_BLOB) !== 0 && payloadLen !== 0) return { ok: false, reason: 'blob record with inline payload' };
-  return { ok: true, header: { version, flags, seq: Number(seqBig), metaLen, payloadLen, crc: buf.readUInt32BE(24) } };
+  const createdAt = buf.readBigUInt64BE(24);
+  const size = buf.readBigUInt64BE(32);
+  if (createdAt > BigInt(Number.MAX_SAFE_INTEGER) || size > BigInt(Number.MAX_SAFE_INTEGER)) return { ok: false, reason: 'createdAt or size out of range' };
+  if ((flags & FLAG_BLOB) === 0 && Number(size) !== payloadLen) return { ok: false, reason: 'size differs from the inline payload length' };
+  return { ok: true, header: { version, flags, seq: Number(seqBig), metaLen, payloadLen, createdAt: Number(createdAt), size: Number(size), crc: buf.readUInt32BE(CRC_AT) } };
 }
 
-/** Start of the CRC over a record: the first 24 header bytes. Continue with crc32(body, state). */
+/** Start of the CRC over a record: the header bytes before the CRC field. Continue with crc32(body, state). */
 export function headerCrc(header: Buffer): number {
-  return crc32(header.subarray(0, 24));
+  return crc32(header.subarray(0, CRC_AT));
 }
 
 export { crc32 };
@@ -120,7 +135,7 @@ export function parseMeta(buf: Buffer, header: RecordHeader): RecordMeta | null 
   const isBlob = (header.flags & FLAG_BLOB) !== 0;
   if (isBlob !== (typeof r.blob === 'string')) return null;
   if (isBlob && !/^[A-Za-z0-9._-]+$/.test(r.blob!)) return null;
-  if (!isBlob && r.size !== header.payloadLen) return null;
+  if (r.size !== header.size || r.t !== header.createdAt) return null;
   return r as RecordMeta;
 }
 

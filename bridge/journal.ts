@@ -40,7 +40,8 @@
  */
 import { EventEmitter } from 'node:events';
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
+import fsSync, { createReadStream, createWriteStream } from 'node:fs';
+import { promisify } from 'node:util';
 import fs, { type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { Readable } from 'node:stream';
@@ -52,6 +53,7 @@ import type { Logger } from '../daemon/logger.js';
 import { RequestError, StorageError, errorCode } from '../daemon/errors.js';
 import type { AppendResult, UplinkMessageMeta, UplinkSink } from './types.js';
 import {
+  FLAG_BLOB,
   HEADER_BYTES,
   crc32,
   decodeAckState,
@@ -121,23 +123,46 @@ interface Segment {
   /** Bytes of indexed records (live or done). */
   indexedBytes: number;
   live: number;
+  /** Id prefix (`<instance>-<boot>-`) of the records in this segment (one boot writes a segment). */
+  idPrefix: string;
   wfh?: FileHandle;
-  rfh?: Promise<FileHandle>;
+  /** Read descriptor (metadata read synchronously, payloads asynchronously); closed when unused after deletion. */
+  fd?: number;
   readers: number;
   deleted: boolean;
   queuedForDelete: boolean;
 }
 
+/**
+ * One slot of the in-memory index: positions and sizes only (≈100 bytes of heap). The message
+ * metadata stays on disk and is read when a record is handed out (a bounded cache keeps the
+ * recently appended ones).
+ */
 interface Entry {
-  readonly rec: JournalRecord;
+  readonly seq: number;
   readonly seg: Segment;
   /** Offset of the record in its segment. */
   readonly offset: number;
   readonly recordBytes: number;
-  /** Offset of the inline payload in the segment; -1 for a blob. */
-  readonly payloadOffset: number;
-  readonly blob?: string;
+  readonly metaLen: number;
+  /** Payload size (inline or blob). */
+  readonly size: number;
+  readonly createdAt: number;
+  readonly blob: string | undefined;
+  /** Only when the id is not seg.idPrefix + seq. */
+  readonly id: string | undefined;
   live: boolean;
+}
+
+const REC_CACHE = 4096;
+const readFd = promisify(fsSync.read);
+
+function idOfEntry(e: Entry): string {
+  return e.id ?? e.seg.idPrefix + e.seq;
+}
+
+function payloadOffset(e: Entry): number {
+  return e.offset + HEADER_BYTES + e.metaLen;
 }
 
 interface PendingWrite {
@@ -146,7 +171,7 @@ interface PendingWrite {
   buf: Buffer;
   /** Bytes of the blob this record names (reserved by the stream that wrote it). */
   blobBytes: number;
-  resolve: (e: Entry) => void;
+  resolve: (r: AppendResult) => void;
   reject: (err: Error) => void;
 }
 
@@ -264,7 +289,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   private active: Segment | undefined;
   private order: Entry[] = [];
   private head = 0;
-  private readonly byId = new Map<string, Entry>();
+  private readonly recCache = new Map<number, JournalRecord>();
 
   // accounting (bytes)
   private segCharged = 0; // indexedBytes of segments holding a live record
@@ -372,11 +397,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     for (const seg of this.segments.values()) {
       await seg.wfh?.close().catch(() => {});
       seg.wfh = undefined;
-      if (seg.rfh) {
-        const rfh = seg.rfh;
-        seg.rfh = undefined;
-        await rfh.then((h) => h.close()).catch(() => {});
-      }
+      this.closeReader(seg);
     }
   }
 
@@ -430,7 +451,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     let lastSeq = -1;
     const brokenBlobs: Entry[] = [];
     for (const name of names) {
-      const seg: Segment = { firstSeq: parseSegmentName(name)!, name, path: path.join(this.dir, name), size: 0, indexedBytes: 0, live: 0, readers: 0, deleted: false, queuedForDelete: false };
+      const seg: Segment = { firstSeq: parseSegmentName(name)!, name, path: path.join(this.dir, name), idPrefix: '', size: 0, indexedBytes: 0, live: 0, readers: 0, deleted: false, queuedForDelete: false };
       this.segments.set(name, seg);
       lastSeq = await this.scanSegment(seg, ack, lastSeq, brokenBlobs);
     }
@@ -447,14 +468,20 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
       if (seg.live === 0 && !seg.deleted) await this.deleteSegment(seg);
     }
     const referenced = new Set<string>();
-    for (const e of this.byId.values()) if (e.blob) referenced.add(e.blob);
+    for (let i = this.head; i < this.order.length; i++) {
+      const e = this.order[i]!;
+      if (e.live && e.blob) referenced.add(e.blob);
+    }
     let orphans = 0;
     for (const f of await fs.readdir(this.blobDir)) {
       if (referenced.has(f)) continue;
       await fs.rm(path.join(this.blobDir, f), { force: true });
       orphans++;
     }
-    for (const e of this.byId.values()) if (e.blob) this.blobDiskBytes += e.rec.size;
+    for (let i = this.head; i < this.order.length; i++) {
+      const e = this.order[i]!;
+      if (e.live && e.blob) this.blobDiskBytes += e.size;
+    }
     this.quarantineBytes = await dirBytes(this.quarantineDir);
     this.log.info(
       { pending: this.pendingCount, pendingBytes: this.pendingBytes, segments: this.segments.size, orphanBlobs: orphans, boot: this.boot, ms: this.now() - t0 },
@@ -524,20 +551,25 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
           problem = 'partial record header (torn write)';
           break;
         }
-        const hb = Buffer.from(await r.read(off, HEADER_BYTES));
+        const hb = await r.read(off, HEADER_BYTES);
         const h = decodeHeader(hb);
         if (!h.ok) {
           problem = h.reason;
           break;
         }
+        let crc = headerCrc(hb);
         const { metaLen, payloadLen, seq } = h.header;
         const recLen = HEADER_BYTES + metaLen + payloadLen;
         if (off + recLen > size) {
           problem = 'record runs past the end of the segment (torn write)';
           break;
         }
-        const metaBuf = Buffer.from(await r.read(off + HEADER_BYTES, metaLen));
-        let crc = crc32(metaBuf, headerCrc(hb));
+        const isBlob = (h.header.flags & FLAG_BLOB) !== 0;
+        const first = seg.indexedBytes === 0;
+        const metaBuf = await r.read(off + HEADER_BYTES, metaLen);
+        crc = crc32(metaBuf, crc);
+        // the JSON is parsed only where the index needs it: the first record (id prefix) and blob records (file name)
+        const meta = first || isBlob ? parseMeta(Buffer.from(metaBuf), h.header) : undefined;
         for (let p = 0; p < payloadLen; p += SCAN_BLOCK) {
           crc = crc32(await r.read(off + HEADER_BYTES + metaLen + p, Math.min(SCAN_BLOCK, payloadLen - p)), crc);
         }
@@ -545,8 +577,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
           problem = 'checksum mismatch';
           break;
         }
-        const meta = parseMeta(metaBuf, h.header);
-        if (!meta) {
+        if (meta === null) {
           problem = 'malformed record meta';
           break;
         }
@@ -554,20 +585,18 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
           problem = `sequence ${seq} not after ${lastSeq}`;
           break;
         }
+        let id: string | undefined;
+        if (meta) {
+          const suffix = `-${seq}`;
+          if (first && meta.id.endsWith(suffix)) seg.idPrefix = meta.id.slice(0, -String(seq).length);
+          if (meta.id !== seg.idPrefix + seq) id = meta.id;
+        }
         const live = !isDone(ack, seq);
-        const e: Entry = {
-          rec: Object.freeze({ id: meta.id, seq, meta: Object.freeze(meta.m), size: meta.size, sha256: meta.sha256, createdAt: meta.t }),
-          seg,
-          offset: off,
-          recordBytes: recLen,
-          payloadOffset: meta.blob ? -1 : off + HEADER_BYTES + metaLen,
-          ...(meta.blob ? { blob: meta.blob } : {}),
-          live: false,
-        };
+        const e: Entry = { seq, seg, offset: off, recordBytes: recLen, metaLen, size: h.header.size, createdAt: h.header.createdAt, blob: meta?.blob, id, live: false };
         this.index(e, live);
         if (live && e.blob) {
           const st = await fs.stat(path.join(this.blobDir, e.blob)).catch(() => undefined);
-          if (!st || st.size !== e.rec.size) brokenBlobs.push(e);
+          if (!st || st.size !== e.size) brokenBlobs.push(e);
         }
         lastSeq = seq;
         off += recLen;
@@ -685,10 +714,10 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
       // synchronous: the seq is assigned and the reservation handed over in one step
       const pending = this.enqueue(meta, total, digest.toString('hex'), Buffer.alloc(0), blob, total);
       reserved = 0;
-      const entry = await pending;
+      const result = await pending;
       blobPath = undefined;
       this.m.appendSeconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
-      return { id: entry.rec.id, size: entry.rec.size, sha256: entry.rec.sha256 };
+      return result;
     } catch (err) {
       this.reservedBytes -= reserved;
       if (staging) {
@@ -705,9 +734,9 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   }
 
   private async appendInline(meta: UplinkMessageMeta, payload: Buffer, sha256: string, t0: bigint): Promise<AppendResult> {
-    const entry = await this.enqueue(meta, payload.length, sha256, payload, undefined, 0);
+    const result = await this.enqueue(meta, payload.length, sha256, payload, undefined, 0);
     this.m.appendSeconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
-    return { id: entry.rec.id, size: entry.rec.size, sha256: entry.rec.sha256 };
+    return result;
   }
 
   private checkWritable(): void {
@@ -741,8 +770,8 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     while (this.used() + bytes > cap) {
       const oldest = this.head < this.order.length ? this.order[this.head] : undefined;
       if (!oldest || !oldest.live) break;
-      first ??= oldest.rec.id;
-      last = oldest.rec.id;
+      first ??= idOfEntry(oldest);
+      last = idOfEntry(oldest);
       this.drop(oldest, 'overflow');
       n++;
     }
@@ -766,7 +795,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
    * promise: it throws (full, closed) before anything is queued, so seq order = queue order =
    * file order. `blobBytes` were reserved by the caller and are owned by the queue from here.
    */
-  private enqueue(meta: UplinkMessageMeta, size: number, sha256: string, payload: Buffer, blob: string | undefined, blobBytes: number): Promise<Entry> {
+  private enqueue(meta: UplinkMessageMeta, size: number, sha256: string, payload: Buffer, blob: string | undefined, blobBytes: number): Promise<AppendResult> {
     this.checkWritable();
     const seq = this.nextSeq;
     const rm: RecordMeta = { id: this.idOf(seq), m: meta, size, sha256, t: this.now(), ...(blob ? { blob } : {}) };
@@ -774,7 +803,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     this.makeRoom(buf.length);
     this.nextSeq++;
     this.reservedBytes += buf.length;
-    return new Promise<Entry>((resolve, reject) => {
+    return new Promise<AppendResult>((resolve, reject) => {
       this.queue.push({ seq, rm, buf, blobBytes, resolve, reject });
       this.kick();
     });
@@ -867,27 +896,35 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
       return;
     }
     let offset = base;
+    const entries: Entry[] = [];
+    const recs: JournalRecord[] = [];
     for (const p of batch) {
-      const metaLen = p.buf.readUInt32BE(16);
       const entry: Entry = {
-        rec: Object.freeze({ id: p.rm.id, seq: p.seq, meta: Object.freeze(p.rm.m), size: p.rm.size, sha256: p.rm.sha256, createdAt: p.rm.t }),
+        seq: p.seq,
         seg,
         offset,
         recordBytes: p.buf.length,
-        payloadOffset: p.rm.blob ? -1 : offset + HEADER_BYTES + metaLen,
-        ...(p.rm.blob ? { blob: p.rm.blob } : {}),
+        metaLen: p.buf.readUInt32BE(16),
+        size: p.rm.size,
+        createdAt: p.rm.t,
+        blob: p.rm.blob,
+        id: p.rm.id === seg.idPrefix + p.seq ? undefined : p.rm.id,
         live: false,
       };
       offset += p.buf.length;
       this.reservedBytes -= p.buf.length + p.blobBytes;
       this.index(entry, true);
+      const rec: JournalRecord = { id: p.rm.id, seq: p.seq, meta: p.rm.m, size: p.rm.size, sha256: p.rm.sha256, createdAt: p.rm.t };
+      this.cacheRecord(rec);
+      recs.push(rec);
       this.indexedNext = p.seq + 1;
+      entries.push(entry);
     }
     // resolve after indexing all: a listener that acks from 'append' sees a consistent index
     for (let i = 0; i < batch.length; i++) {
-      const e = this.order[this.order.length - batch.length + i]!;
-      batch[i]!.resolve(e);
-      this.emit('append', e.rec);
+      const { rm } = batch[i]!;
+      batch[i]!.resolve({ id: rm.id, size: rm.size, sha256: rm.sha256 });
+      if (entries[i]!.live) this.emit('append', recs[i]!);
     }
   }
 
@@ -914,7 +951,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
       if (old.live === 0) this.queueSegmentDelete(old);
     }
     const name = segmentName(firstSeq);
-    const seg: Segment = { firstSeq, name, path: path.join(this.dir, name), size: 0, indexedBytes: 0, live: 0, readers: 0, deleted: false, queuedForDelete: false };
+    const seg: Segment = { firstSeq, name, path: path.join(this.dir, name), idPrefix: `${this.instanceId}-${this.boot}-`, size: 0, indexedBytes: 0, live: 0, readers: 0, deleted: false, queuedForDelete: false };
     try {
       seg.wfh = await fs.open(seg.path, 'wx', 0o600);
       if (this.cfg.fsync !== 'never') {
@@ -943,10 +980,9 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     if (live) {
       e.live = true;
       seg.live++;
-      this.byId.set(e.rec.id, e);
       this.pendingCount++;
-      this.pendingBytes += e.recordBytes + (e.blob ? e.rec.size : 0);
-      if (e.blob) this.liveBlobBytes += e.rec.size;
+      this.pendingBytes += e.recordBytes + (e.blob ? e.size : 0);
+      if (e.blob) this.liveBlobBytes += e.size;
     }
     this.segCharged += (seg.live > 0 ? seg.indexedBytes : 0) - before;
     this.order.push(e);
@@ -956,16 +992,16 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   private markDone(e: Entry): void {
     if (!e.live) return;
     e.live = false;
-    this.byId.delete(e.rec.id);
+    this.recCache.delete(e.seq);
     this.pendingCount--;
-    this.pendingBytes -= e.recordBytes + (e.blob ? e.rec.size : 0);
+    this.pendingBytes -= e.recordBytes + (e.blob ? e.size : 0);
     const seg = e.seg;
     const before = seg.live > 0 ? seg.indexedBytes : 0;
     seg.live--;
     this.segCharged += (seg.live > 0 ? seg.indexedBytes : 0) - before;
     if (e.blob) {
-      this.liveBlobBytes -= e.rec.size;
-      this.blobsToDelete.push({ name: e.blob, size: e.rec.size });
+      this.liveBlobBytes -= e.size;
+      this.blobsToDelete.push({ name: e.blob, size: e.size });
     }
     if (seg.live === 0 && seg !== this.active) this.queueSegmentDelete(seg);
     this.advanceHead();
@@ -976,7 +1012,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     this.markDone(e);
     this.droppedBy[reason]++;
     this.m.drops.inc({ reason });
-    this.emit('removed', { id: e.rec.id, seq: e.rec.seq, reason });
+    this.emit('removed', { id: idOfEntry(e), seq: e.seq, reason });
   }
 
   private queueSegmentDelete(seg: Segment): void {
@@ -998,7 +1034,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   }
 
   private ackState(): AckState {
-    const floor = this.head < this.order.length ? this.order[this.head]!.rec.seq : this.indexedNext;
+    const floor = this.head < this.order.length ? this.order[this.head]!.seq : this.indexedNext;
     const done: Array<[number, number]> = [];
     let run: [number, number] | undefined;
     for (let i = this.head; i < this.order.length; i++) {
@@ -1007,8 +1043,8 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
         run = undefined;
         continue;
       }
-      if (run) run[1] = e.rec.seq;
-      else done.push((run = [e.rec.seq, e.rec.seq]));
+      if (run) run[1] = e.seq;
+      else done.push((run = [e.seq, e.seq]));
     }
     return { version: 1, floor, done, next: this.nextSeq };
   }
@@ -1023,7 +1059,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     let hi = this.order.length;
     while (lo < hi) {
       const mid = (lo + hi) >>> 1;
-      if (this.order[mid]!.rec.seq <= afterSeq) lo = mid + 1;
+      if (this.order[mid]!.seq <= afterSeq) lo = mid + 1;
       else hi = mid;
     }
     let expired = 0;
@@ -1035,7 +1071,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
         expired++;
         continue;
       }
-      out.push(e.rec);
+      out.push(this.recordOf(e));
     }
     if (expired) {
       this.log.warn({ dropped: expired, reason: 'ttl', ttlS: this.cfg.ttl_s }, 'dropped unacknowledged messages older than bridge.journal.ttl_s');
@@ -1049,13 +1085,14 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   }
 
   get(id: string): JournalRecord | undefined {
-    return this.byId.get(id)?.rec;
+    const e = this.find(id);
+    return e ? this.recordOf(e) : undefined;
   }
 
   async readPayload(rec: JournalRecord, start = 0, end = rec.size): Promise<Buffer> {
     const e = this.liveEntry(rec);
-    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end > e.rec.size || start > end) {
-      throw new RangeError(`bad payload range [${start}, ${end}) of a ${e.rec.size}-byte message`);
+    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end > e.size || start > end) {
+      throw new RangeError(`bad payload range [${start}, ${end}) of a ${e.size}-byte message`);
     }
     if (end - start > MAX_READ_BYTES) throw new RangeError(`read payloads in chunks of at most ${MAX_READ_BYTES} bytes`);
     if (start === end) return Buffer.alloc(0);
@@ -1069,19 +1106,80 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
         }
       }
       const seg = e.seg;
+      const fd = this.readerFd(seg);
       seg.readers++;
       try {
-        seg.rfh ??= fs.open(seg.path, 'r');
-        return await this.checkedRead(await seg.rfh, end - start, e.payloadOffset + start);
+        const buf = Buffer.allocUnsafe(end - start);
+        let got = 0;
+        while (got < buf.length) {
+          const { bytesRead } = await readFd(fd, buf, got, buf.length - got, payloadOffset(e) + start + got);
+          if (bytesRead === 0) break;
+          got += bytesRead;
+        }
+        if (got !== buf.length) throw new StorageError('ECONN_JOURNAL_CORRUPT', `journal segment ${seg.name} is shorter than its index says (${got} of ${buf.length} bytes)`);
+        return buf;
       } finally {
         seg.readers--;
         if (seg.deleted && seg.readers === 0) this.closeReader(seg);
       }
     } catch (err) {
-      if (errorCode(err)) throw err;
+      if (errorCode(err) && !(err as NodeJS.ErrnoException).syscall) throw err;
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw this.gone(rec);
       throw ioError(`read of message ${rec.id}`, err);
     }
+  }
+
+  private readerFd(seg: Segment): number {
+    seg.fd ??= fsSync.openSync(seg.path, 'r');
+    return seg.fd;
+  }
+
+  /** The public record of an index slot: from the cache, else its metadata read from disk. */
+  private recordOf(e: Entry): JournalRecord {
+    const hit = this.recCache.get(e.seq);
+    if (hit) return hit;
+    const buf = Buffer.allocUnsafe(e.metaLen);
+    try {
+      const n = fsSync.readSync(this.readerFd(e.seg), buf, 0, e.metaLen, e.offset + HEADER_BYTES);
+      if (n !== e.metaLen) throw new Error(`short read (${n} of ${e.metaLen} bytes)`);
+    } catch (err) {
+      throw ioError(`read of the metadata of record ${e.seq} in ${e.seg.name}`, err);
+    }
+    let m: RecordMeta;
+    try {
+      m = JSON.parse(buf.toString('utf8')) as RecordMeta;
+    } catch (err) {
+      throw new StorageError('ECONN_JOURNAL_CORRUPT', `record ${e.seq} in ${e.seg.name} has unreadable metadata after passing its checksum`, { cause: err });
+    }
+    const rec: JournalRecord = { id: idOfEntry(e), seq: e.seq, meta: m.m, size: e.size, sha256: m.sha256, createdAt: e.createdAt };
+    this.cacheRecord(rec);
+    return rec;
+  }
+
+  private cacheRecord(rec: JournalRecord): void {
+    if (this.recCache.size >= REC_CACHE) {
+      const oldest = this.recCache.keys().next();
+      if (!oldest.done) this.recCache.delete(oldest.value);
+    }
+    this.recCache.set(rec.seq, rec);
+  }
+
+  /** The live index slot of an id (`<prefix>-<seq>`): binary search by seq, then the whole id must match. */
+  private find(id: string): Entry | undefined {
+    if (typeof id !== 'string') return undefined;
+    const dash = id.lastIndexOf('-');
+    const seq = dash >= 0 ? Number(id.slice(dash + 1)) : NaN;
+    if (!Number.isSafeInteger(seq)) return undefined;
+    let lo = this.head;
+    let hi = this.order.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const e = this.order[mid]!;
+      if (e.seq < seq) lo = mid + 1;
+      else if (e.seq > seq) hi = mid - 1;
+      else return e.live && idOfEntry(e) === id ? e : undefined;
+    }
+    return undefined;
   }
 
   private async checkedRead(fh: FileHandle, len: number, pos: number): Promise<Buffer> {
@@ -1093,14 +1191,14 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   /** The payload from `start` to its end as a stream of chunks read from disk. */
   createPayloadStream(rec: JournalRecord, start = 0): Readable {
     const e = this.liveEntry(rec);
-    if (!Number.isSafeInteger(start) || start < 0 || start > e.rec.size) throw new RangeError(`bad payload offset ${start} of a ${e.rec.size}-byte message`);
-    if (start === e.rec.size) return Readable.from([]);
-    if (e.blob) return createReadStream(path.join(this.blobDir, e.blob), { start, end: e.rec.size - 1, highWaterMark: 256 * 1024 });
-    return createReadStream(e.seg.path, { start: e.payloadOffset + start, end: e.payloadOffset + e.rec.size - 1, highWaterMark: 256 * 1024 });
+    if (!Number.isSafeInteger(start) || start < 0 || start > e.size) throw new RangeError(`bad payload offset ${start} of a ${e.size}-byte message`);
+    if (start === e.size) return Readable.from([]);
+    if (e.blob) return createReadStream(path.join(this.blobDir, e.blob), { start, end: e.size - 1, highWaterMark: 256 * 1024 });
+    return createReadStream(e.seg.path, { start: payloadOffset(e) + start, end: payloadOffset(e) + e.size - 1, highWaterMark: 256 * 1024 });
   }
 
   private liveEntry(rec: JournalRecord): Entry {
-    const e = this.byId.get(rec.id);
+    const e = this.find(rec.id);
     if (!e) throw this.gone(rec);
     return e;
   }
@@ -1111,7 +1209,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
 
   /** The cloud acknowledged `id`. Unknown ids are ignored. Resolves once the ack state is on disk. */
   ack(id: string): Promise<void> {
-    const e = this.byId.get(id);
+    const e = this.find(id);
     if (!e || this.closed) return this.acksSettled();
     this.markDone(e);
     return this.schedulePersist();
@@ -1126,8 +1224,9 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
 
   /** The cloud rejected `id` as permanently invalid: keep it in journal/quarantine/ with the reason, take it out of the queue. */
   async quarantine(id: string, reason: string): Promise<void> {
-    const e = this.byId.get(id);
+    const e = this.find(id);
     if (!e) return;
+    const rec = this.recordOf(e);
     const why = String(reason).slice(0, 2000);
     const base = path.join(this.quarantineDir, id);
     try {
@@ -1137,11 +1236,11 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
           await fs.copyFile(path.join(this.blobDir, e.blob!), `${base}.bin`);
         });
       } else {
-        await fs.writeFile(`${base}.bin`, await this.readPayload(e.rec), { mode: 0o600 });
+        await fs.writeFile(`${base}.bin`, await this.readPayload(rec), { mode: 0o600 });
       }
-      const info = JSON.stringify({ ...e.rec, reason: why, quarantinedAt: this.now() }, null, 2) + '\n';
+      const info = JSON.stringify({ ...rec, reason: why, quarantinedAt: this.now() }, null, 2) + '\n';
       await fs.writeFile(`${base}.json`, info, { mode: 0o600 });
-      this.quarantineBytes += e.rec.size + info.length;
+      this.quarantineBytes += rec.size + info.length;
     } catch (err) {
       this.log.error({ err, id }, 'could not copy a quarantined message to journal/quarantine; it is removed from the queue anyway');
     }
@@ -1149,8 +1248,8 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     this.markDone(e);
     this.quarantinedCount++;
     this.m.quarantined.inc();
-    this.log.warn({ id, seq: e.rec.seq, deviceId: e.rec.meta.deviceId, topic: e.rec.meta.topic, size: e.rec.size, reason: why }, 'message quarantined (rejected by the cloud as permanently invalid)');
-    this.emit('removed', { id, seq: e.rec.seq, reason: 'quarantine' });
+    this.log.warn({ id, seq: e.seq, deviceId: rec.meta.deviceId, topic: rec.meta.topic, size: rec.size, reason: why }, 'message quarantined (rejected by the cloud as permanently invalid)');
+    this.emit('removed', { id, seq: e.seq, reason: 'quarantine' });
     await this.schedulePersist();
   }
 
@@ -1169,7 +1268,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
 
   private oldestAgeMs(): number {
     const e = this.head < this.order.length ? this.order[this.head] : undefined;
-    return e?.live ? Math.max(0, this.now() - e.rec.createdAt) : 0;
+    return e?.live ? Math.max(0, this.now() - e.createdAt) : 0;
   }
 
   private diskBytes(): number {
@@ -1181,7 +1280,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   // ───────────────────────────── TTL ─────────────────────────────
 
   private isExpired(e: Entry): boolean {
-    return this.cfg.ttl_s > 0 && this.now() - e.rec.createdAt > this.cfg.ttl_s * 1000;
+    return this.cfg.ttl_s > 0 && this.now() - e.createdAt > this.cfg.ttl_s * 1000;
   }
 
   /** Drop pending records older than ttl_s (oldest first). Runs periodically; public for tests. Returns how many. */
@@ -1192,7 +1291,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     while (this.head < this.order.length) {
       const e = this.order[this.head]!;
       if (!this.isExpired(e)) break;
-      first ??= e.rec.id;
+      first ??= idOfEntry(e);
       this.drop(e, 'ttl');
       n++;
     }
@@ -1271,9 +1370,9 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   }
 
   private closeReader(seg: Segment): void {
-    const rfh = seg.rfh;
-    seg.rfh = undefined;
-    if (rfh) void rfh.then((h) => h.close()).catch(() => {});
+    const fd = seg.fd;
+    seg.fd = undefined;
+    if (fd !== undefined) fsSync.close(fd, () => {});
   }
 
   private get blobDir(): string {

@@ -73,16 +73,27 @@ t.test('headers with bad fields are refused with a reason', async (t) => {
     mutate(b);
     t.match(decodeHeader(b), { ok: false, reason: re }, `case ${i}`);
   }
+  const sz = Buffer.from(r);
+  sz.writeBigUInt64BE(2n, 32);
+  t.match(decodeHeader(sz), { ok: false, reason: /size differs/ });
   t.equal(decodeHeader(r).ok, true);
-  t.equal(HEADER_BYTES, 28);
+  t.match(decodeHeader(r), { header: { seq: 3, createdAt: 5, size: 1, payloadLen: 1 } });
+  t.equal(HEADER_BYTES, 44);
 });
 
 t.test('non-increasing seq and malformed meta end the valid prefix', async (t) => {
   const a = encodeRecord(5, meta('x-1-5', 0), Buffer.alloc(0));
   const b = encodeRecord(5, meta('x-1-5b', 0), Buffer.alloc(0));
   t.match(decodeAll(Buffer.concat([a, b])), { validBytes: a.length, error: /sequence/ });
-  // size in meta disagreeing with the inline payload
-  const c = encodeRecord(6, meta('x-1-6', 99), Buffer.from('abc'));
+  // meta disagreeing with the header (a record written by a buggy writer)
+  const c = encodeRecord(6, meta('x-1-6', 3), Buffer.from('abc'));
+  const metaAt = c.indexOf('"t":5');
+  c.write('"t":6', metaAt);
+  const fixed = encodeRecord(6, meta('x-1-6', 3), Buffer.from('abc'));
+  t.not(c.compare(fixed), 0);
+  // recompute the CRC so that only the meta/header disagreement remains
+  const { crc32 } = await import('node:zlib');
+  c.writeUInt32BE(crc32(c.subarray(HEADER_BYTES), crc32(c.subarray(0, 40))) >>> 0, 40);
   t.match(decodeAll(c), { validBytes: 0, error: /meta/ });
   // blob name with a path separator
   const d = encodeRecord(7, meta('x-1-7', 10, '../evil'), Buffer.alloc(0));
@@ -92,6 +103,7 @@ t.test('non-increasing seq and malformed meta end the valid prefix', async (t) =
 t.test('encodeRecord refuses impossible input', async (t) => {
   t.throws(() => encodeRecord(-1, meta('x', 0), Buffer.alloc(0)), RangeError);
   t.throws(() => encodeRecord(1.5, meta('x', 0), Buffer.alloc(0)), RangeError);
+  t.throws(() => encodeRecord(1, meta('x', 5), Buffer.alloc(2)), RangeError, 'inline size mismatch');
 });
 
 t.test('segment names sort by first seq and parse back', async (t) => {
