@@ -46,7 +46,14 @@ export class CloudLink implements Component {
     const journal = this.deps.journal();
     if (!journal) throw new StartupError('ECONN_INTERNAL', 'bridge.enabled is true but the journal is not built (app.ts must start the journal before the uplink)');
     const broker = this.deps.broker();
-    const tokens = new CloudTokenClient({ token: config.bridge.token, uplink: config.bridge.uplink, logger: this.deps.logger });
+    // a token endpoint outage backs off like the uplink itself (bridge.uplink.reconnect_min_ms … reconnect_max_ms)
+    const tokens = new CloudTokenClient({
+      token: config.bridge.token,
+      uplink: config.bridge.uplink,
+      logger: this.deps.logger,
+      retryMinMs: config.bridge.uplink.reconnect_min_ms,
+      retryMaxMs: config.bridge.uplink.reconnect_max_ms,
+    });
     const uplink = new Uplink({ config, journal, tokens, commands: broker, logger: this.deps.logger, metrics: this.deps.metrics, software: this.deps.software });
     this.tokens = tokens;
     this.uplink = uplink;

@@ -1,0 +1,489 @@
+/**
+ * End to end, real processes on loopback: devices (mqtt.js, mosquitto_pub, the
+ * HTTPS upload) → broker → journal → uplink → the reference cloud
+ * (`connector cloud -c FILE`) → a subscriber (`connector cloud tail`).
+ * Failures injected: cloud down at start, cloud killed mid-stream, connector
+ * killed with SIGKILL mid-stream, short-lived tokens, a refused client secret,
+ * a hostile cloud. Every wait is bounded.
+ */
+import t from 'tap';
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { readFileSync, writeFileSync, existsSync, createReadStream } from 'node:fs';
+import https from 'node:https';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import { stringify } from 'yaml';
+import mqtt, { type MqttClient } from 'mqtt';
+import { CLI, startDaemon, runCli, tempDir, type DaemonHandle, type Json, type TestLike } from '../helpers/daemon.js';
+import { MiniCloud } from '../helpers/mini-cloud.js';
+
+const CLIENT_SECRET = randomBytes(24).toString('base64url');
+
+// ─── the reference cloud as a process ────────────────────────────────────────
+
+interface Cloud {
+  proc: DaemonHandle;
+  port: number;
+  dir: string;
+  storeDir: string;
+  caFile: string;
+  secretFile: string;
+  configFile: string;
+}
+
+async function startCloud(t: TestLike, dir: string, opts: { port?: number; tokenTtlS?: number } = {}): Promise<Cloud> {
+  const secretFile = path.join(dir, 'cloud-client.secret');
+  if (!existsSync(secretFile)) writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
+  const storeDir = path.join(dir, 'cloud-data');
+  const configFile = path.join(dir, 'cloud.yaml');
+  writeFileSync(
+    configFile,
+    stringify({
+      listen: { host: '127.0.0.1', port: opts.port ?? 0 },
+      store_dir: storeDir,
+      clients: [{ id: 'edge-connector', secret: `file:${secretFile}` }],
+      token_ttl_s: opts.tokenTtlS ?? 300,
+      heartbeat_ms: 1000,
+      log_level: 'info',
+    }),
+    { mode: 0o600 },
+  );
+  const proc = await startDaemon(t, { dir, configFile, args: ['cloud', '-c', configFile], readyTimeoutMs: 20000 });
+  return { proc, port: proc.ports.cloud!, dir, storeDir, caFile: path.join(storeDir, 'tls', 'ca.crt'), secretFile, configFile };
+}
+
+/** A free TCP port on 127.0.0.1 (for "the cloud is down at start"). */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const p = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(p));
+    });
+  });
+}
+
+// ─── the connector ───────────────────────────────────────────────────────────
+
+function connectorConfig(cloud: { port: number; caFile: string }, secretFile: string, over: Json = {}): Json {
+  const base: Json = {
+    broker: { limits: { max_payload_bytes: 2 * 1024 * 1024 } },
+    bridge: {
+      enabled: true,
+      uplink: {
+        url: `wss://127.0.0.1:${cloud.port}/ingest`,
+        ca_file: cloud.caFile,
+        heartbeat_ms: 500,
+        dead_after_ms: 3000,
+        reconnect_min_ms: 50,
+        reconnect_max_ms: 1000,
+      },
+      token: { url: `https://127.0.0.1:${cloud.port}/oauth/token`, client_secret: `file:${secretFile}`, renew_before_s: 1 },
+    },
+  };
+  return merge(base, over);
+}
+
+function merge(a: Json, b: Json): Json {
+  const out: Json = { ...a };
+  for (const [k, v] of Object.entries(b)) {
+    const cur = out[k];
+    out[k] = v && typeof v === 'object' && !Array.isArray(v) && cur && typeof cur === 'object' && !Array.isArray(cur) ? merge(cur as Json, v as Json) : v;
+  }
+  return out;
+}
+
+interface DeviceFiles {
+  id: string;
+  cert: string;
+  key: string;
+  ca: string;
+  token: string;
+}
+
+async function addDevice(d: DaemonHandle, id: string): Promise<DeviceFiles> {
+  const out = path.join(d.dir, `dev-${id}`);
+  const r = await runCli(['device', 'add', id, '--out', out, '-c', d.configFile], { cwd: d.dir });
+  if (r.code !== 0) throw new Error(`device add ${id} failed: ${r.stderr}`);
+  const f = (n: string): string => readFileSync(path.join(out, n), 'utf8');
+  return { id, cert: path.join(out, `${id}.crt`), key: path.join(out, `${id}.key`), ca: path.join(out, 'ca.crt'), token: f(`${id}.token`).trim() };
+}
+
+async function mqttConnect(d: DaemonHandle, dev: DeviceFiles): Promise<MqttClient> {
+  const port = d.ports.mqtt_tls;
+  if (!port) throw new Error(`the daemon reports no mqtt_tls port (ports: ${JSON.stringify(d.ports)})`);
+  const c = mqtt.connect(`mqtts://127.0.0.1:${port}`, {
+    clientId: dev.id,
+    ca: readFileSync(dev.ca),
+    cert: readFileSync(dev.cert),
+    key: readFileSync(dev.key),
+    protocolVersion: 4,
+    reconnectPeriod: 0,
+    connectTimeout: 10_000,
+    rejectUnauthorized: true,
+  });
+  await new Promise<void>((resolve, reject) => {
+    c.once('connect', () => resolve());
+    c.once('error', reject);
+  });
+  c.on('error', () => undefined);
+  return c;
+}
+
+/** POST /api/publish/{id} streaming a file, with Content-Digest. */
+function upload(d: DaemonHandle, dev: DeviceFiles, file: string, topic?: string): Promise<{ status: number; body: Json }> {
+  const digest = createHash('sha256').update(readFileSync(file)).digest('base64');
+  return new Promise((resolve, reject) => {
+    const q = topic ? `?topic=${encodeURIComponent(topic)}` : '';
+    const req = https.request(
+      `https://127.0.0.1:${d.ports.api}/api/publish/${dev.id}${q}`,
+      {
+        method: 'POST',
+        ca: readFileSync(dev.ca),
+        headers: { authorization: `Bearer ${dev.token}`, 'content-digest': `sha-256=:${digest}:`, 'content-type': 'application/octet-stream' },
+        timeout: 60_000,
+      },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (s: string) => (text += s));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text ? (JSON.parse(text) as Json) : {} }));
+      },
+    );
+    req.on('error', reject);
+    createReadStream(file).pipe(req);
+  });
+}
+
+function bigFile(dir: string, bytes: number): { file: string; sha256: string } {
+  const file = path.join(dir, `big-${bytes}.bin`);
+  const h = createHash('sha256');
+  const block = randomBytes(1024 * 1024);
+  const parts: Buffer[] = [];
+  for (let off = 0; off < bytes; off += block.length) {
+    const b = block.subarray(0, Math.min(block.length, bytes - off));
+    // vary each MiB so a misplaced chunk changes the digest
+    const v = Buffer.from(b);
+    v.writeUInt32BE(off / block.length, 0);
+    parts.push(v);
+    h.update(v);
+  }
+  writeFileSync(file, Buffer.concat(parts));
+  return { file, sha256: h.digest('hex') };
+}
+
+// ─── the subscriber: `connector cloud tail` ─────────────────────────────────
+
+interface Delivered {
+  id: string;
+  device_id: string;
+  topic: string;
+  size: number;
+  sha256: string;
+  payload?: string;
+}
+
+/** Run `connector cloud tail --from-start` until pred(lines) holds (bounded), then stop it. */
+async function tail(t: TestLike, cloud: Cloud, pred: (m: Delivered[]) => boolean, what: string, timeoutMs = 30_000): Promise<Delivered[]> {
+  const p: ChildProcess = spawn(
+    process.execPath,
+    [CLI, 'cloud', 'tail', '--from-start', '--url', `https://127.0.0.1:${cloud.port}`, '--ca', cloud.caFile, '--secret', `file:${cloud.secretFile}`],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  t.teardown(() => void p.kill('SIGKILL'));
+  const got: Delivered[] = [];
+  let partial = '';
+  let stderr = '';
+  p.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr += s));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      p.kill('SIGKILL');
+      reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}; got ${got.length} messages; tail stderr: ${stderr.slice(-500)}`));
+    }, timeoutMs);
+    const check = (): void => {
+      if (pred(got)) {
+        clearTimeout(timer);
+        p.kill('SIGKILL');
+        resolve(got);
+      }
+    };
+    p.stdout!.setEncoding('utf8').on('data', (s: string) => {
+      partial += s;
+      let nl: number;
+      while ((nl = partial.indexOf('\n')) >= 0) {
+        const line = partial.slice(0, nl);
+        partial = partial.slice(nl + 1);
+        if (line.trim()) got.push(JSON.parse(line) as Delivered);
+      }
+      check();
+    });
+    p.on('exit', () => {
+      if (!pred(got)) {
+        clearTimeout(timer);
+        reject(new Error(`cloud tail exited before ${what} (${got.length} messages); stderr: ${stderr.slice(-500)}`));
+      }
+    });
+  });
+}
+
+/** Messages are "DEV:SEQ" (zero-padded) so order per device can be checked from the subscriber's side. */
+const seqMsg = (dev: string, i: number): Buffer => Buffer.from(`${dev}:${String(i).padStart(6, '0')}`);
+const decode = (m: Delivered): string => Buffer.from(m.payload ?? '', 'base64').toString();
+
+/** The tap assertions this helper uses (passed as closures: tap's Test type is not easy to name). */
+interface Asserts {
+  ok(v: boolean, m: string): void;
+  equal(a: number, b: number, m: string): void;
+}
+const asserts = (t: { ok: (v: boolean, m: string) => unknown; equal: (a: number, b: number, m: string) => unknown }): Asserts => ({
+  ok: (v, m) => void t.ok(v, m),
+  equal: (a, b, m) => void t.equal(a, b, m),
+});
+
+/** Exactly once and in order per device, for every acknowledged message. */
+function checkOnceInOrder(t: Asserts, got: Delivered[], acked: Map<string, number[]>): void {
+  const perDevice = new Map<string, number[]>();
+  const seen = new Set<string>();
+  let dups = 0;
+  for (const m of got) {
+    const text = decode(m);
+    const [dev, n] = text.split(':');
+    if (!dev || n === undefined) continue;
+    if (seen.has(text)) dups++;
+    seen.add(text);
+    if (!perDevice.has(dev)) perDevice.set(dev, []);
+    perDevice.get(dev)!.push(Number(n));
+  }
+  t.equal(dups, 0, 'no message delivered twice');
+  for (const [dev, nums] of acked) {
+    const recv = perDevice.get(dev) ?? [];
+    const have = new Set(recv);
+    const missing = nums.filter((n) => !have.has(n));
+    t.equal(missing.length, 0, `${dev}: every acknowledged message arrived (${nums.length}; missing ${missing.slice(0, 5).join(',')})`);
+    t.ok(recv.every((v, i) => i === 0 || v > recv[i - 1]!), `${dev}: in order (${recv.length} received)`);
+  }
+}
+
+async function metric(d: DaemonHandle, name: string): Promise<number | undefined> {
+  const text = await new Promise<string>((resolve, reject) => {
+    http
+      .get(`http://127.0.0.1:${d.ports.metrics}/metrics`, (res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (body += c));
+        res.on('end', () => resolve(body));
+      })
+      .on('error', reject);
+  });
+  const m = new RegExp(`^${name} ([0-9.e+-]+)$`, 'm').exec(text);
+  return m ? Number(m[1]) : undefined;
+}
+
+function mosquittoPub(d: DaemonHandle, dev: DeviceFiles, topic: string, message: string): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(
+      'mosquitto_pub',
+      ['-h', '127.0.0.1', '-p', String(d.ports.mqtt_tls), '--cafile', dev.ca, '--cert', dev.cert, '--key', dev.key, '-i', dev.id, '-q', '1', '-t', topic, '-m', message],
+      { timeout: 15_000 },
+      (err, _stdout, stderr) => resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stderr }),
+    );
+  });
+}
+
+async function setup(t: TestLike, cloudOpts: { tokenTtlS?: number } = {}, over: Json = {}): Promise<{ dir: string; cloud: Cloud; d: DaemonHandle; secretFile: string }> {
+  const dir = tempDir(t, 'ec-e2e-');
+  const cloud = await startCloud(t, dir, cloudOpts);
+  const secretFile = path.join(dir, 'connector-client.secret');
+  writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
+  const d = await startDaemon(t, { dir, config: connectorConfig(cloud, secretFile, over) });
+  return { dir, cloud, d, secretFile };
+}
+
+// ─── tests ───────────────────────────────────────────────────────────────────
+
+t.test('device → broker → journal → uplink → cloud → subscriber: mqtt.js, mosquitto_pub, 0 B … 1 MiB, and a 64 MiB upload', async (t) => {
+  const { dir, cloud, d } = await setup(t);
+  const dev = await addDevice(d, 'e2e-dev1');
+  const payloads = [Buffer.alloc(0), Buffer.from('small'), randomBytes(1024 * 1024)];
+  const c = await mqttConnect(d, dev);
+  t.teardown(() => c.end(true));
+  for (const [i, p] of payloads.entries()) await c.publishAsync(`devices/${dev.id}/data/${i}`, p, { qos: 1 });
+  const mp = await mosquittoPub(d, dev, `devices/${dev.id}/data/mosq`, 'from mosquitto');
+  t.equal(mp.code, 0, `mosquitto_pub ${mp.stderr}`);
+  const big = bigFile(dir, 64 * 1024 * 1024);
+  const up = await upload(d, dev, big.file, `devices/${dev.id}/blob`);
+  t.equal(up.status, 202, JSON.stringify(up.body));
+  t.equal(up.body.sha256, big.sha256);
+
+  const got = await tail(t, cloud, (m) => m.length >= 5, 'five messages', 60_000);
+  const byTopic = new Map(got.map((m) => [m.topic, m]));
+  for (const [i, p] of payloads.entries()) {
+    const m = byTopic.get(`devices/${dev.id}/data/${i}`);
+    t.ok(m, `message ${i} delivered`);
+    t.equal(m?.size, p.length);
+    t.equal(m?.sha256, createHash('sha256').update(p).digest('hex'), `message ${i}: digest`);
+    if (p.length <= 65536) t.equal(Buffer.from(m?.payload ?? '', 'base64').compare(p), 0, `message ${i}: payload`);
+  }
+  t.equal(decode(byTopic.get(`devices/${dev.id}/data/mosq`)!), 'from mosquitto');
+  const b = byTopic.get(`devices/${dev.id}/blob`)!;
+  t.equal(b.size, 64 * 1024 * 1024);
+  t.equal(b.sha256, big.sha256, '64 MiB digest as the subscriber sees it');
+  // and the bytes the cloud stored really are the payload
+  const stored = path.join(cloud.storeDir, 'payloads', `${b.id}.bin`);
+  if (existsSync(stored)) t.equal(createHash('sha256').update(readFileSync(stored)).digest('hex'), big.sha256, 'stored payload bytes');
+  t.equal(got.length, 5, 'nothing else, nothing twice');
+});
+
+t.test('cloud down at start, then started: the journal holds the message and the uplink delivers it', async (t) => {
+  const dir = tempDir(t, 'ec-e2e-');
+  const port = await freePort();
+  const secretFile = path.join(dir, 'connector-client.secret');
+  writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
+  const caFile = path.join(dir, 'cloud-data', 'tls', 'ca.crt'); // created by the cloud when it starts
+  const d = await startDaemon(t, { dir, config: connectorConfig({ port, caFile }, secretFile) });
+  const dev = await addDevice(d, 'late-dev');
+  const f = path.join(dir, 'msg.bin');
+  writeFileSync(f, 'waited for the cloud');
+  const up = await upload(d, dev, f);
+  t.equal(up.status, 202, 'accepted while the cloud is down');
+  await d.waitForLog((l) => l.code === 'ECONN_UPLINK' || l.code === 'ECONN_CLOUD_TOKEN', 10_000, 'an uplink/token error while the cloud is down');
+  const cloud = await startCloud(t, dir, { port });
+  const got = await tail(t, cloud, (m) => m.length >= 1, 'the message', 30_000);
+  t.equal(decode(got[0]!), 'waited for the cloud');
+});
+
+t.test('cloud killed mid-stream and restarted: every acknowledged message arrives once, in order per device', async (t) => {
+  const { dir, cloud, d } = await setup(t);
+  const devs = [await addDevice(d, 'rs-a'), await addDevice(d, 'rs-b')];
+  const clients = await Promise.all(devs.map((dev) => mqttConnect(d, dev)));
+  t.teardown(() => clients.forEach((c) => c.end(true)));
+  const acked = new Map<string, number[]>(devs.map((x) => [x.id, []]));
+  const N = 300;
+  let restarted: Promise<Cloud> | undefined;
+  await Promise.all(
+    devs.map(async (dev, k) => {
+      for (let i = 0; i < N; i++) {
+        await clients[k]!.publishAsync(`devices/${dev.id}/seq`, seqMsg(dev.id, i), { qos: 1 });
+        acked.get(dev.id)!.push(i);
+        if (k === 0 && i === 100) {
+          await cloud.proc.stop('SIGKILL');
+          restarted = (async () => {
+            await new Promise((r) => setTimeout(r, 300));
+            return startCloud(t, dir, { port: cloud.port });
+          })();
+        }
+      }
+    }),
+  );
+  const cloud2 = await restarted!;
+  const got = await tail(t, cloud2, (m) => m.length >= 2 * N, `${2 * N} messages`, 45_000);
+  await new Promise((r) => setTimeout(r, 300));
+  checkOnceInOrder(asserts(t), got, acked);
+});
+
+t.test('connector killed with SIGKILL mid-stream and restarted: every PUBACKed message arrives exactly once, in order', async (t) => {
+  const { dir, cloud, d } = await setup(t);
+  const dev = await addDevice(d, 'kill-dev');
+  const c = await mqttConnect(d, dev);
+  const acked: number[] = [];
+  let i = 0;
+  const pub = (async () => {
+    try {
+      for (; i < 100_000; i++) {
+        await c.publishAsync(`devices/${dev.id}/seq`, seqMsg(dev.id, i), { qos: 1 });
+        acked.push(i);
+      }
+    } catch {
+      /* the connector died */
+    }
+  })();
+  while (acked.length < 200) await new Promise((r) => setTimeout(r, 10));
+  await d.stop('SIGKILL');
+  await pub;
+  c.end(true);
+  const sent = i; // messages handed to the broker (the last may or may not have been journaled)
+  t.ok(acked.length >= 200, `${acked.length} PUBACKed before the kill`);
+  const d2 = await startDaemon(t, { dir, configFile: d.configFile });
+  const got = await tail(t, cloud, (m) => acked.every((n) => m.some((x) => decode(x) === seqMsg(dev.id, n).toString())), 'every PUBACKed message', 45_000);
+  await new Promise((r) => setTimeout(r, 500));
+  checkOnceInOrder(asserts(t), got, new Map([[dev.id, acked]]));
+  t.ok(got.length <= sent + 1, 'nothing the device did not send');
+  void d2;
+});
+
+t.test('token lifetime of 3 s over a long transfer: renewed in band, no loss, no duplicate, no reconnect storm', async (t) => {
+  const { dir, cloud, d } = await setup(t, { tokenTtlS: 3 });
+  const dev = await addDevice(d, 'tok-dev');
+  const c = await mqttConnect(d, dev);
+  t.teardown(() => c.end(true));
+  const acked: number[] = [];
+  const big = bigFile(dir, 32 * 1024 * 1024);
+  const bigUp = upload(d, dev, big.file, `devices/${dev.id}/blob`);
+  const end = Date.now() + 7000;
+  for (let i = 0; Date.now() < end; i++) {
+    await c.publishAsync(`devices/${dev.id}/seq`, seqMsg(dev.id, i), { qos: 1 });
+    acked.push(i);
+    if (i % 20 === 0) await new Promise((r) => setTimeout(r, 10));
+  }
+  t.equal((await bigUp).status, 202);
+  const got = await tail(t, cloud, (m) => m.length >= acked.length + 1, `${acked.length + 1} messages`, 45_000);
+  checkOnceInOrder(asserts(t), got, new Map([[dev.id, acked]]));
+  t.equal(got.find((m) => m.topic.endsWith('/blob'))?.sha256, big.sha256, 'the big upload arrived intact');
+  const renewed = d.logs.filter((l) => l.msg === 'uplink: renewed token accepted in band').length;
+  t.ok(renewed >= 2, `renewed in band ${renewed} times`);
+  const reconnects = await metric(d, 'connector_uplink_reconnects_total');
+  t.ok(reconnects !== undefined && reconnects <= 1, `reconnects: ${reconnects} (no storm)`);
+});
+
+t.test('token endpoint refusing (bad secret): clear error, backoff, recovery once the secret file is fixed', async (t) => {
+  const dir = tempDir(t, 'ec-e2e-');
+  const cloud = await startCloud(t, dir);
+  const secretFile = path.join(dir, 'connector-client.secret');
+  writeFileSync(secretFile, 'not-the-secret', { mode: 0o600 });
+  const d = await startDaemon(t, { dir, config: connectorConfig(cloud, secretFile) });
+  const dev = await addDevice(d, 'sec-dev');
+  const f = path.join(dir, 'm.bin');
+  writeFileSync(f, 'after the fix');
+  t.equal((await upload(d, dev, f)).status, 202);
+  const err = await d.waitForLog((l) => l.code === 'ECONN_CLOUD_TOKEN', 10_000, 'the token error');
+  t.match(String(err.msg), /answered 401 invalid_client.*check bridge\.token\.client_id and the client secret/);
+  t.notOk(d.output().stdout.includes('not-the-secret'), 'the wrong secret is never logged');
+  t.notOk(d.output().stdout.includes(CLIENT_SECRET), 'nor the right one');
+  const t0 = Date.now();
+  await new Promise((r) => setTimeout(r, 2500));
+  const failures = d.logs.filter((l) => l.code === 'ECONN_CLOUD_TOKEN' && l.retryInMs !== undefined).length;
+  t.ok(failures >= 2 && failures <= 8, `${failures} token attempts in ${Date.now() - t0 + 0} ms: backing off, not hammering`);
+  writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
+  const got = await tail(t, cloud, (m) => m.length >= 1, 'delivery after the fix', 60_000);
+  t.equal(decode(got[0]!), 'after the fix');
+});
+
+t.test('hostile cloud: malformed frames → ECONN_PROTOCOL logged, link dropped and resumed, daemon stays up', async (t) => {
+  const garbage = [
+    (c: { ws: { send(b: Buffer | string): void } }) => c.ws.send(randomBytes(64)),
+    (c: { ws: { send(b: Buffer | string): void } }) => c.ws.send('{"not":"binary"}'),
+    (c: { ws: { send(b: Buffer | string): void } }) => c.ws.send(Buffer.from([0xec, 1, 0x04, 0, 0, 0, 0, 9, 1, 2, 3])),
+  ];
+  const mini = await MiniCloud.start(t, {
+    onWelcome: (c) => {
+      const g = garbage[c.n - 1];
+      if (g) setTimeout(() => g(c), 50);
+    },
+  });
+  const dir = tempDir(t, 'ec-e2e-');
+  const secretFile = path.join(dir, 'connector-client.secret');
+  writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
+  const d = await startDaemon(t, { dir, config: connectorConfig({ port: mini.port, caFile: mini.caFile }, secretFile) });
+  const dev = await addDevice(d, 'hostile-dev');
+  const f = path.join(dir, 'm.bin');
+  writeFileSync(f, 'survived');
+  t.equal((await upload(d, dev, f)).status, 202);
+  await mini.until(() => mini.order.length === 1 && mini.conns.length >= garbage.length + 1, 'delivered after the attacks', 20_000);
+  t.equal(mini.stored.get(mini.order[0]!)!.payload.toString(), 'survived');
+  const proto = d.logs.filter((l) => l.code === 'ECONN_PROTOCOL');
+  t.ok(proto.length >= garbage.length, `${proto.length} ECONN_PROTOCOL log lines`);
+  t.equal(d.proc.exitCode, null, 'the daemon is still running');
+});
