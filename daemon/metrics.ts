@@ -108,7 +108,8 @@ export class DaemonMetrics implements Component {
         },
       });
     }
-    if (this.free('connector_devices_connected')) {
+    // only when a broker runs: without one, "0 devices connected" would be a lie
+    if (isObj(comp('broker')) && this.free('connector_devices_connected')) {
       new Gauge({
         name: 'connector_devices_connected',
         help: 'device sessions currently connected to the broker',
