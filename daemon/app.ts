@@ -19,6 +19,7 @@ import { registerIdentityAdmin, type Identity } from '../broker/identity-admin.j
 import { ApiServer } from '../broker/api.js';
 import { CloudLink, type CloudLinkDeps } from '../bridge/cloud-link.js';
 import { Journal } from '../bridge/journal.js';
+import { Broker, PORT_KEYS } from '../broker/broker.js';
 
 /** Ports actually bound (differs from the config when it says 0), reported in the `ready` log line. */
 export type BoundPorts = Map<string, number>;
@@ -35,6 +36,8 @@ export interface DaemonContext {
   identity?: Identity;
   /** The durable outbox (bridge/journal.ts), when bridge.enabled; replayed before the broker and the API listen. */
   journal?: Journal;
+  /** The embedded MQTT broker (broker/broker.ts): device listeners, auth, ACL; CommandTarget for the uplink. */
+  broker?: Broker;
 }
 
 export interface Daemon {
@@ -66,6 +69,9 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     ? new Journal({ dir: path.join(stateDir, 'journal'), config: config.bridge.journal, logger, metrics })
     : undefined;
   if (journal) ctx.journal = journal;
+  // the MQTT broker: after identity and the journal (it appends before PUBACK), before the API and the uplink
+  const broker = new Broker({ config, logger, registry, pki, tokens, ...(journal ? { sink: journal } : {}) });
+  ctx.broker = broker;
   registerIdentityAdmin(admin, ctx.identity, logger, { enrollmentDefaultTtlS: () => ctx.config.identity.enrollment_default_ttl_s });
 
   // HTTPS registration/upload API: the journal (uploads) and the broker (connected) are looked up per request,
@@ -82,6 +88,7 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   const portsOf: Component = {
     name: 'ports',
     start: async () => {
+      for (const [l, port] of broker.boundPorts()) ports.set(PORT_KEYS[l], port);
       if (api.boundPort) ports.set('api', api.boundPort);
       if (health.boundPort) ports.set('metrics', health.boundPort);
     },
@@ -101,6 +108,6 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     : undefined;
 
   // start order: state first, then device-facing and cloud-facing parts, health and admin last
-  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), api, ...(uplink ? [uplink] : []), health, portsOf, admin];
+  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), broker, api, ...(uplink ? [uplink] : []), health, portsOf, admin];
   return { ctx, components };
 }
