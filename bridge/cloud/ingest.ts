@@ -307,7 +307,14 @@ export class IngestSession {
     let p: Partial | undefined;
     if (c.seq === 0) {
       if (c.total > cfg.max_message_bytes) return this.reject(id, 'permanent', `message of ${c.total} bytes exceeds max_message_bytes ${cfg.max_message_bytes}`);
-      if (!store.getPartial(id) && store.partialCount(gw) >= cfg.max_partials) return this.reject(id, 'retry', `more than ${cfg.max_partials} messages in progress`);
+      if (!store.getPartial(id) && store.partialCount(gw) >= cfg.max_partials) {
+        // abandoned partials (the connector dropped them: TTL, quarantine) must not block the gateway forever:
+        // evict the least recently used one that is not in progress on this connection
+        const victim = store.partialsByAge(gw).find((q) => !this.touched.has(q));
+        if (!victim) return this.reject(id, 'retry', `more than ${cfg.max_partials} messages in progress`);
+        this.log.warn({ id: victim.id, offset: victim.durableOffset }, 'partial message evicted (max_partials)');
+        await store.discard(victim.id);
+      }
       p = await store.begin(id, gw, c.meta!, c.total, MessageAssembly.begin(c));
     } else {
       p = store.getPartial(id);
@@ -315,6 +322,7 @@ export class IngestSession {
       await store.load(p);
     }
     this.touched.add(p);
+    p.lastTouched = Date.now();
     try {
       p.asm!.accept(c);
     } catch (err) {

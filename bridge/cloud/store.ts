@@ -57,6 +57,8 @@ export interface Partial {
   asm?: MessageAssembly;
   /** Bytes written since the last persist. */
   dirty: number;
+  /** Last time a chunk of it arrived (ms); partials loaded from disk start at load time. */
+  lastTouched: number;
 }
 
 export class CloudStore extends EventEmitter {
@@ -140,7 +142,7 @@ export class CloudStore extends EventEmitter {
         const st = await stat(dataFile);
         if (st.size < j.offset) throw new Error('data shorter than its durable offset');
         if (st.size > j.offset) await truncate(dataFile, j.offset);
-        this.partials.set(id, { id, gatewayId: j.gateway_id, meta, total: j.total, durableOffset: j.offset, durableNextSeq: j.next_seq, dirty: 0 });
+        this.partials.set(id, { id, gatewayId: j.gateway_id, meta, total: j.total, durableOffset: j.offset, durableNextSeq: j.next_seq, dirty: 0, lastTouched: Date.now() });
       } catch (err) {
         this.log.warn({ id, err: (err as Error).message }, 'cloud store: dropping an unusable partial message');
         await rm(full, { force: true });
@@ -176,12 +178,17 @@ export class CloudStore extends EventEmitter {
     return n;
   }
 
+  /** Partials of a gateway, least recently touched first. */
+  partialsByAge(gatewayId: string): Partial[] {
+    return [...this.partials.values()].filter((p) => p.gatewayId === gatewayId).sort((a, b) => a.lastTouched - b.lastTouched);
+  }
+
   /** Start (or restart) a message: any previous partial of this id is discarded. */
   async begin(id: string, gatewayId: string, meta: MessageMeta, total: number, asm: MessageAssembly): Promise<Partial> {
     this.assertOpen();
     await this.discard(id);
     const fh = await open(path.join(this.partialDir, `${id}.part`), 'w', 0o600);
-    const p: Partial = { id, gatewayId, meta, total, durableOffset: 0, durableNextSeq: 0, fh, asm, dirty: 0 };
+    const p: Partial = { id, gatewayId, meta, total, durableOffset: 0, durableNextSeq: 0, fh, asm, dirty: 0, lastTouched: Date.now() };
     this.partials.set(id, p);
     return p;
   }

@@ -397,3 +397,26 @@ t.test('commands: POST /api/commands → COMMAND → COMMAND_RESULT; 504 without
   t.equal(notJson.status, 400);
   gw.close();
 });
+
+t.test('max_partials: REJECT retry while all are in progress here; abandoned partials are evicted, oldest first', async (t) => {
+  const c = await startCloud(t, { max_partials: 2, progress_bytes: 1 });
+  const token = await getToken(c);
+  const first = (id: string): ChunkFrame => chunkMessage(id, meta(), randomBytes(4096), 1024)[0]!;
+  const { gw: a } = await TestGateway.open(c, token);
+  a.send(first('p1'));
+  await a.next('ACK', (x) => (x.progress ?? []).some((p) => p.id === 'p1'));
+  a.send(first('p2'));
+  await a.next('ACK', (x) => (x.progress ?? []).some((p) => p.id === 'p2'));
+  a.send(first('p3'));
+  const rej = await a.next('REJECT', (r) => r.id === 'p3');
+  t.same([rej.kind, rej.offset, rej.next_seq], ['retry', 0, 0]);
+  a.close();
+  await a.closed;
+  const { gw: b, welcome } = await TestGateway.open(c, token);
+  t.same(welcome.partials.map((p) => p.id).sort(), ['p1', 'p2']);
+  b.send(first('p4'));
+  await b.next('ACK', (x) => (x.progress ?? []).some((p) => p.id === 'p4'));
+  b.send({ type: 'QUERY', ids: ['p1', 'p2', 'p4'] });
+  t.same((await b.next('QUERY_RESULT')).entries.map((e) => e.status), ['unknown', 'partial', 'partial'], 'the oldest abandoned partial was evicted');
+  b.close();
+});
