@@ -70,7 +70,7 @@ export const STATEMENTS = {
   'MQTT-3.1.0-1': 'the first packet must be CONNECT',
   'MQTT-3.1.0-2': 'a second CONNECT is a protocol violation',
   'MQTT-3.1.2-1': 'the protocol name must be "MQTT"',
-  'MQTT-3.1.2-2': 'unsupported protocol level: CONNACK 0x01, then close',
+  'MQTT-3.1.2-2': 'the protocol level must be one the server supports (4; 3 for MQIsdp)',
   'MQTT-3.1.2-3': 'the reserved CONNECT flag must be 0',
   'MQTT-3.1.2-9': 'Will Flag 1 requires Will Topic and Will Message',
   'MQTT-3.1.2-13': 'Will QoS must be 0 when Will Flag is 0',
@@ -82,10 +82,10 @@ export const STATEMENTS = {
   'MQTT-3.1.2-21': 'Password Flag 1 requires a password',
   'MQTT-3.1.2-22': 'Password Flag must be 0 when User Name Flag is 0',
   'MQTT-3.1.3-3': 'the client identifier must be present',
-  'MQTT-3.1.3-8': 'empty client id with CleanSession 0: CONNACK 0x02, then close',
-  'MQTT-3.1.3-9': 'a rejected client id gets CONNACK 0x02, then close',
-  'MQTT-3.1.4-1': 'a malformed CONNECT is closed without CONNACK',
-  'MQTT-3.2.2-6': 'when no 3.1.1 return code applies, close without CONNACK',
+  'MQTT-3.1.3-8': 'an empty client id requires CleanSession 1',
+  'MQTT-3.1.3-9': 'the server may reject a client id',
+  'MQTT-3.1.4-1': 'the CONNECT must be well-formed',
+  'MQTT-3.2.2-6': 'refusals without a matching 3.1.1 return code get no CONNACK',
   'MQTT-3.3.1-2': 'a QoS 0 PUBLISH must have DUP 0',
   'MQTT-3.3.1-4': 'a PUBLISH must not have both QoS bits set',
   'MQTT-3.3.2-2': 'a topic name must not contain wildcards',
@@ -168,19 +168,22 @@ const TYPE_NAMES = ['reserved(0)', 'CONNECT', 'CONNACK', 'PUBLISH', 'PUBACK', 'P
 // so scanning for '/', '+', '#' and 0x00 byte by byte is safe)
 // ---------------------------------------------------------------------------
 
-/** A topic name: non-empty, no U+0000, no wildcard, well-formed UTF-8. */
+/** A topic name: non-empty, no U+0000, no wildcard, well-formed UTF-8. Hot path: one pass, no allocation. */
 function checkTopicName(b: Buffer, start: number, end: number, wildcardStatement: StatementId): StatementId | undefined {
   if (end === start) return 'MQTT-4.7.3-1';
-  let high = false;
+  let high = 0;
   for (let i = start; i < end; i++) {
     const c = b[i]!;
-    if (c === 0) return 'MQTT-1.5.3-2';
-    if (c === PLUS || c === HASH) return wildcardStatement;
-    if (c >= 0x80) high = true;
+    high |= c;
+    // 0x00, '#' (0x23) and '+' (0x2b) are all <= 0x2b; letters, digits, '/', '-', '_' are above
+    if (c <= PLUS && (c === 0 || c === PLUS || c === HASH)) return c === 0 ? 'MQTT-1.5.3-2' : wildcardStatement;
   }
-  if (high && !isUtf8(b.subarray(start, end))) return 'MQTT-1.5.3-1';
+  if (high & 0x80 && !isUtf8(b.subarray(start, end))) return 'MQTT-1.5.3-1';
   return undefined;
 }
+
+/** big-endian 16-bit read without Buffer#readUInt16BE's argument validation (callers checked the bounds) */
+const u16 = (b: Buffer, i: number): number => (b[i]! << 8) | b[i + 1]!;
 
 /** A topic filter: non-empty, no U+0000, well-formed wildcards, well-formed UTF-8. */
 function checkTopicFilter(b: Buffer, start: number, end: number): StatementId | undefined {
@@ -294,6 +297,8 @@ interface SubackFixup {
   lastRequested: number[];
 }
 
+/** SUBSCRIBEs with repeated filters awaiting their SUBACK, per connection */
+const MAX_FIXUPS = 256;
 const NEED = -1;
 const FAIL = -2;
 
@@ -322,6 +327,9 @@ export class ConformantConnection extends Duplex {
 
   // outbound framing
   private oLeft = 0;
+  /** > 0 while reading the remaining length of a pass-through packet: the current multiplier */
+  private oVarMul = 0;
+  private oVarLen = 0;
   private oHold: Buffer[] | null = null;
   private oHoldLen = 0;
   private oNeed = 0;
@@ -513,7 +521,7 @@ export class ConformantConnection extends Duplex {
         break;
       case PUBACK:
       case PUBREC:
-        if (this.session) this.session.unacked.delete(b.readUInt16BE(p));
+        if (this.session) this.session.unacked.delete(u16(b, p));
         ok = true;
         break;
       case DISCONNECT:
@@ -535,7 +543,7 @@ export class ConformantConnection extends Duplex {
       this.need = h + 2;
       return NEED;
     }
-    const topicLen = b.readUInt16BE(s + h);
+    const topicLen = u16(b, s + h);
     const prefix = h + 2 + topicLen + (qos > 0 ? 2 : 0);
     if (prefix > total) return this.violation('MQTT-4.8.0-1', 'PUBLISH topic name or packet id runs past the packet');
     if (avail < prefix) {
@@ -546,7 +554,7 @@ export class ConformantConnection extends Duplex {
     const bad = checkTopicName(b, t0, t0 + topicLen, 'MQTT-3.3.2-2');
     if (bad) return this.violation(bad, 'PUBLISH topic name');
     if (qos > 0) {
-      if (b.readUInt16BE(t0 + topicLen) === 0) return this.violation('MQTT-2.3.1-1', `QoS ${qos} PUBLISH with packet identifier 0`);
+      if (u16(b, t0 + topicLen) === 0) return this.violation('MQTT-2.3.1-1', `QoS ${qos} PUBLISH with packet identifier 0`);
       // MQTT-3.3.1-3: the DUP of an incoming PUBLISH must not reach subscribers; aedes copies it
       if (flags & 0x08) b[s] = b[s]! & ~0x08;
     }
@@ -558,7 +566,7 @@ export class ConformantConnection extends Duplex {
   private checkConnect(b: Buffer, p: number, end: number): boolean {
     const malformed = (what: string): false => this.no('MQTT-3.1.4-1', `malformed CONNECT: ${what}`);
     if (end - p < 2) return malformed('no protocol name');
-    const nameLen = b.readUInt16BE(p);
+    const nameLen = u16(b, p);
     if (p + 2 + nameLen + 1 > end) return malformed('truncated protocol name or level');
     const name = b.toString('latin1', p + 2, p + 2 + nameLen);
     p += 2 + nameLen;
@@ -572,7 +580,7 @@ export class ConformantConnection extends Duplex {
     }
     if (end - p < 3) return malformed('truncated flags or keepalive');
     const cf = b[p]!;
-    const keepalive = b.readUInt16BE(p + 1);
+    const keepalive = u16(b, p + 1);
     p += 3;
     const will = (cf & 0x04) !== 0;
     const willQos = (cf >> 3) & 3;
@@ -588,7 +596,7 @@ export class ConformantConnection extends Duplex {
     // payload: client id, will topic, will message, user name, password (MQTT-3.1.3-1)
     const field = (): [number, number] | undefined => {
       if (end - p < 2) return undefined;
-      const l = b.readUInt16BE(p);
+      const l = u16(b, p);
       if (p + 2 + l > end) return undefined;
       const r: [number, number] = [p + 2, p + 2 + l];
       p += 2 + l;
@@ -634,7 +642,7 @@ export class ConformantConnection extends Duplex {
   }
 
   private checkSubscribe(b: Buffer, p: number, end: number): boolean {
-    const id = b.readUInt16BE(p);
+    const id = u16(b, p);
     if (id === 0) return this.no('MQTT-2.3.1-1', 'SUBSCRIBE with packet identifier 0');
     p += 2;
     let filters: string[] | undefined;
@@ -642,7 +650,7 @@ export class ConformantConnection extends Duplex {
     let count = 0;
     while (p < end) {
       if (end - p < 2) return this.no('MQTT-4.8.0-1', 'truncated SUBSCRIBE topic filter');
-      const l = b.readUInt16BE(p);
+      const l = u16(b, p);
       if (p + 2 + l + 1 > end) return this.no('MQTT-4.8.0-1', 'SUBSCRIBE topic filter without requested QoS');
       const bad = checkTopicFilter(b, p + 2, p + 2 + l);
       if (bad) return this.no(bad, 'SUBSCRIBE topic filter');
@@ -668,17 +676,17 @@ export class ConformantConnection extends Duplex {
         index.push(k);
         lastRequested[k] = requested[i]!;
       });
-      this.fixups.set(id, { requested, index, lastRequested });
+      if (this.fixups.size < MAX_FIXUPS) this.fixups.set(id, { requested, index, lastRequested });
     }
     return true;
   }
 
   private checkUnsubscribe(b: Buffer, p: number, end: number): boolean {
-    if (b.readUInt16BE(p) === 0) return this.no('MQTT-2.3.1-1', 'UNSUBSCRIBE with packet identifier 0');
+    if (u16(b, p) === 0) return this.no('MQTT-2.3.1-1', 'UNSUBSCRIBE with packet identifier 0');
     p += 2;
     while (p < end) {
       if (end - p < 2) return this.no('MQTT-4.8.0-1', 'truncated UNSUBSCRIBE topic filter');
-      const l = b.readUInt16BE(p);
+      const l = u16(b, p);
       if (p + 2 + l > end) return this.no('MQTT-4.8.0-1', 'UNSUBSCRIBE topic filter runs past the packet');
       const bad = checkTopicFilter(b, p + 2, p + 2 + l);
       if (bad) return this.no(bad, 'UNSUBSCRIBE topic filter');
@@ -725,7 +733,7 @@ export class ConformantConnection extends Duplex {
         .child({ component: 'mqtt-conformance', ...(peer ? { peer } : {}), ...(this.clientId !== undefined ? { clientId: this.clientId } : {}) })
         .warn(
           { code: 'ECONN_MQTT_PROTOCOL', statement, ...(connack !== undefined ? { connackReturnCode: connack } : {}) },
-          `MQTT protocol violation [${statement}] ${STATEMENTS[statement]}: ${detail}; ${connack !== undefined ? `CONNACK ${connack} sent, ` : ''}connection closed`,
+          `MQTT connection refused (${statement}: ${STATEMENTS[statement]}): ${detail}; ${connack !== undefined ? `CONNACK ${connack} sent and ` : ''}connection closed`,
         );
     } catch {
       // logging must never break the connection handling
@@ -824,31 +832,24 @@ export class ConformantConnection extends Duplex {
         this.oLeft -= k;
         continue;
       }
+      if (this.oVarMul > 0) {
+        // remaining length of a pass-through packet (mqtt-packet writes it as its own chunk)
+        const byte = c[off++]!;
+        this.oVarLen += (byte & 0x7f) * this.oVarMul;
+        if ((byte & 0x80) === 0 || this.oVarMul >= 0x200000) {
+          this.oLeft = this.oVarLen;
+          this.oVarMul = 0;
+        } else this.oVarMul *= 128;
+        continue;
+      }
       if (this.oHold === null) {
-        // packet boundary: a quick decision from the first byte and a complete header
-        const b0 = c[off]!;
-        if (!this.inspectOutbound(b0)) {
-          let len = 0;
-          let mul = 1;
-          let h = 1;
-          let complete = false;
-          while (off + h < n && h < 5) {
-            const byte = c[off + h]!;
-            len += (byte & 0x7f) * mul;
-            mul *= 128;
-            h++;
-            if ((byte & 0x80) === 0) {
-              complete = true;
-              break;
-            }
-          }
-          if (complete) {
-            off += h;
-            this.oLeft = len;
-            continue;
-          }
+        // packet boundary: most packets pass through, only their length is tracked
+        if (!this.inspectOutbound(c[off]!)) {
+          off++;
+          this.oVarMul = 1;
+          this.oVarLen = 0;
+          continue;
         }
-        // hold from here: header spans chunks, or the packet is inspected
         if (off > runStart) this.oOut.push(c.subarray(runStart, off));
         this.oHold = [];
         this.oHoldLen = 0;
@@ -873,11 +874,7 @@ export class ConformantConnection extends Duplex {
     let mul = 1;
     let h = 1;
     for (;;) {
-      if (h >= held.length) {
-        this.oHold = [held];
-        this.oNeed = h + 1;
-        return;
-      }
+      if (h >= held.length) return this.holdMore(held, h + 1);
       const byte = held[h]!;
       len += (byte & 0x7f) * mul;
       mul *= 128;
@@ -893,18 +890,12 @@ export class ConformantConnection extends Duplex {
     };
     if (!this.inspectOutbound(b0)) return release(held);
     if (type === PUBLISH) {
-      if (held.length < h + 2) {
-        this.oHold = [held];
-        this.oNeed = Math.min(h + 2, total);
-        return;
-      }
-      const idAt = h + 2 + held.readUInt16BE(h);
-      if (held.length < idAt + 2) {
-        this.oHold = [held];
-        this.oNeed = Math.min(idAt + 2, total);
-        return;
-      }
-      const id = held.readUInt16BE(idAt);
+      if (total < h + 2) return release(held); // malformed: not ours to judge
+      if (held.length < h + 2) return this.holdMore(held, h + 2);
+      const idAt = h + 2 + u16(held, h);
+      if (idAt + 2 > total) return release(held);
+      if (held.length < idAt + 2) return this.holdMore(held, idAt + 2);
+      const id = u16(held, idAt);
       const r = this.redeliver;
       if (r) {
         // re-deliveries of the previous connection's in-flight messages come first (aedes sends in order)
@@ -917,14 +908,10 @@ export class ConformantConnection extends Duplex {
       this.session?.unacked.add(id);
       return release(held);
     }
-    if (held.length < total) {
-      this.oHold = [held];
-      this.oNeed = total;
-      return;
-    }
+    if (held.length < total) return this.holdMore(held, total);
     if (type === CONNACK) return this.resolveConnack(held, h, release);
     // SUBACK
-    const id = held.readUInt16BE(h);
+    const id = u16(held, h);
     const fix = this.fixups.get(id);
     if (!fix) return release(held);
     this.fixups.delete(id);
@@ -938,6 +925,12 @@ export class ConformantConnection extends Duplex {
     });
     const body = Buffer.concat([held.subarray(h, h + 2), Buffer.from(expanded)]);
     release(Buffer.concat([Buffer.from([0x90]), encodeLength(body.length), body]));
+  }
+
+  private holdMore(held: Buffer, need: number): void {
+    this.oHold = [held];
+    this.oHoldLen = held.length;
+    this.oNeed = need;
   }
 
   private resolveConnack(held: Buffer, h: number, release: (buf: Buffer) => void): void {
