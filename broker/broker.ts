@@ -183,7 +183,10 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   private readonly sockets: Record<ListenerName, Set<net.Socket>> = { tls: new Set(), wss: new Set(), local: new Set() };
   private readonly ports = new Map<ListenerName, number>();
   private readonly conns = new WeakMap<Client, ConnInfo>();
+  /** live sessions */
   private readonly sessions = new Map<Client, Session>();
+  /** every authenticated client's session, also after it ended (aedes publishes the will after the stream closed) */
+  private readonly sessionOf = new WeakMap<Client, Session>();
   private readonly byDevice = new Map<string, Session>();
   private readonly commands = new Map<number, PendingCommand>();
   private cmdCounter = 0;
@@ -657,6 +660,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
             aclLogged: 0,
           };
           this.sessions.set(client, session);
+          this.sessionOf.set(client, session);
           done(null, true);
         })
         .catch((err: unknown) => {
@@ -771,7 +775,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       }
     };
     try {
-      const s = client ? this.sessions.get(client) : undefined;
+      const s = client ? this.sessionOf.get(client) : undefined;
       if (!s) return reply(new AuthorizationError('ECONN_NOT_AUTHORIZED', 'publish without an authenticated session'));
       if (s.dropped || this.closing) return reply(new AuthorizationError('ECONN_NOT_AUTHORIZED', 'session closing: publish (or will) refused'));
       const topic = packet.topic;

@@ -358,3 +358,28 @@ t.test('a port in use gives a clear ECONN_LISTEN error and start cleans up', asy
   t.teardown(() => b2.close());
   await t.rejects(b2.start(), { code: 'ECONN_LISTEN', message: /broker\.listeners\.tls\.port/ });
 });
+
+t.test('last will: published (and journaled) when a device vanishes, not when we drop it', async (t) => {
+  const sink = new FakeSink();
+  const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true }, broker: { listeners: { local: { enabled: true } } } } });
+  const a = await fx.addDevice('dev-a');
+  const b = await fx.addDevice('dev-b');
+  const watcher = await fx.connect({ listener: 'local', clientId: 'watcher' });
+  const got = await collect(watcher, 'devices/+/status');
+  const will = (id: string) => ({ will: { topic: `devices/${id}/status`, payload: Buffer.from('offline'), qos: 1 as const, retain: false } });
+  const ca = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key, extra: will('dev-a') });
+  const closed = waitEvent(ca, 'close');
+  ca.stream.destroy(); // no DISCONNECT: the network went away
+  await closed;
+  await waitFor(() => got.includes('devices/dev-a/status'), 5000, 'will delivered');
+  t.ok(sink.appended.some((x) => x.meta.topic === 'devices/dev-a/status' && x.payload.toString() === 'offline'), 'will journaled for the cloud');
+
+  const cb = await fx.connect({ clientId: 'dev-b', cert: b.cert, key: b.key, extra: will('dev-b') });
+  const closedB = waitEvent(cb, 'close');
+  await fx.registry.revoke('dev-b');
+  await closedB;
+  const ca2 = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key });
+  await ca2.publishAsync('devices/dev-a/status', 'marker', { qos: 1 });
+  await waitFor(() => got.filter((x) => x === 'devices/dev-a/status').length === 2, 5000, 'marker');
+  t.notOk(got.includes('devices/dev-b/status'), "a revoked device's will is not published");
+});
