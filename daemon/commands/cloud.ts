@@ -6,7 +6,7 @@ import { WebSocket } from 'ws';
 import { createLogger } from '../logger.js';
 import { ensureSecretFile, resolveSecret } from '../secrets.js';
 import { ConnectorError, EXIT, errorCode } from '../errors.js';
-import { explain, exitCodeFor } from '../main.js';
+import { explain, exitCodeFor } from '../explain.js';
 import { defaultCloudConfig, loadCloudConfig, type CloudConfig, type Scope } from '../../bridge/cloud/config.js';
 import { CloudServer } from '../../bridge/cloud/server.js';
 import { CONFIG_OPTION, type Command, type Options, type Values } from './types.js';
