@@ -8,7 +8,6 @@ import { ensureSecretFile, resolveSecret } from '../secrets.js';
 import { ConnectorError, EXIT, errorCode } from '../errors.js';
 import { explain, exitCodeFor } from '../explain.js';
 import { defaultCloudConfig, loadCloudConfig, type CloudConfig, type Scope } from '../../bridge/cloud/config.js';
-import { CloudServer } from '../../bridge/cloud/server.js';
 import { CONFIG_OPTION, type Command, type Options, type Values } from './types.js';
 
 const CLIENT_OPTIONS: Options = {
@@ -116,6 +115,7 @@ async function runCloud(values: Values): Promise<number> {
     return exitCodeFor(err);
   }
   const log = createLogger({ level: cfg.log_level }).child({ component: 'cloud' });
+  const { CloudServer } = await import('../../bridge/cloud/server.js');
   const server = new CloudServer(cfg, log);
   try {
     await server.start();

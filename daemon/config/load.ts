@@ -9,7 +9,7 @@ import { readFileSync, existsSync } from 'node:fs';
 import path from 'node:path';
 import { isIP } from 'node:net';
 import { parseDocument, LineCounter, isMap, isScalar, parse as parseYamlValue, type Document, type Node as YamlNode } from 'yaml';
-import { Ajv, type ErrorObject } from 'ajv';
+import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import { configSchema, type Config } from './schema.js';
 import { ConfigError } from '../errors.js';
 import { resolveSecret } from '../secrets.js';
@@ -49,8 +49,12 @@ type SchemaNode = {
   'x-path'?: boolean;
 };
 
-const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: false, verbose: true });
-const validate = ajv.compile(configSchema);
+let compiled: ValidateFunction | undefined;
+/** Compiled on first use: commands that never read the config (--help, --version) stay fast. */
+function validator(): ValidateFunction {
+  compiled ??= new Ajv({ allErrors: true, useDefaults: true, strict: false, verbose: true }).compile(configSchema);
+  return compiled;
+}
 
 /** Parse, override, validate and freeze. Throws ConfigError listing every problem. */
 export function loadConfig(file: string, opts: LoadOptions = {}): LoadedConfig {
@@ -111,6 +115,7 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
     return at(nearestRange(doc, segs));
   };
 
+  const validate = validator();
   if (!validate(data)) {
     for (const e of validate.errors ?? []) {
       const extraKey = e.keyword === 'additionalProperties' ? String((e.params as { additionalProperty: string }).additionalProperty) : undefined;
