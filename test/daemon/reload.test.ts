@@ -179,12 +179,67 @@ t.test('the server certificate is renewed before expiry on reload and served to 
   editConfig(d, (c) => (((c.identity as Json).pki as Json).server_names = ['localhost', '127.0.0.1', '::1', 'gw.site.test']));
   const mark2 = d.logs.length;
   d.proc.kill('SIGHUP');
-  const renewed2 = await nextLog(d, mark2, isMsg('server certificate renewed'), 'renewed for the new names');
-  t.equal(renewed2.reason, 'server_names changed');
+  const renewed2 = await nextLog(d, mark2, (l) => isMsg('server certificate renewed')(l) && l.reason === 'server_names changed', 'renewed for the new names');
+  t.ok(renewed2, 'renewed because server_names changed');
   let third = now;
   for (let i = 0; i < 50 && !third.san.includes('gw.site.test'); i++) {
     third = await servedCert(api);
     if (!third.san.includes('gw.site.test')) await new Promise((r) => setTimeout(r, 100));
   }
   t.match(third.san, /DNS:gw\.site\.test/);
+});
+
+t.test('a live MQTT/TLS device session survives a server certificate renewal and a device CA rotation', async (t) => {
+  const { default: mqtt } = await import('mqtt');
+  const d = await startDaemon(t);
+  const port = d.ports.mqtt_tls!;
+  t.ok(port, 'the broker listens');
+  const sock = adminSocketPath(d.stateDir);
+  const dev = (await adminRequest(sock, 'device.add', { id: 'live-1' })) as { key: string; cert: string; ca: string };
+  const client = mqtt.connect(`mqtts://127.0.0.1:${port}`, { key: dev.key, cert: dev.cert, ca: dev.ca, clientId: 'live-1', protocolVersion: 4, reconnectPeriod: 0, connectTimeout: 10000 });
+  t.teardown(() => void client.end(true));
+  let closed = 0;
+  await new Promise<void>((resolve, reject) => {
+    client.once('connect', () => resolve());
+    client.once('error', reject);
+  });
+  client.on('close', () => closed++);
+  const publish = (): Promise<void> =>
+    new Promise((resolve, reject) => client.publish('devices/live-1/telemetry', 'x', { qos: 1 }, (err) => (err ? reject(err) : resolve())));
+  await publish();
+  const first = await servedCert(port);
+
+  editConfig(d, (c) => {
+    const identity = (c.identity ??= {}) as Json;
+    identity.pki = { ...((identity.pki as Json) ?? {}), server_cert_renew_before_days: 100 };
+  });
+  const mark = d.logs.length;
+  d.proc.kill('SIGHUP');
+  await nextLog(d, mark, isMsg('server certificate renewed'), 'server certificate renewed');
+  let now = first;
+  for (let i = 0; i < 50 && now.serial === first.serial; i++) {
+    now = await servedCert(port);
+    if (now.serial === first.serial) await new Promise((r) => setTimeout(r, 100));
+  }
+  t.not(now.serial, first.serial, 'new MQTT/TLS handshakes get the renewed certificate');
+  await publish();
+  t.equal(closed, 0, 'the live session was not dropped by the renewal');
+  t.equal(client.connected, true);
+
+  const rot = await runCli(['ca', 'rotate', '-c', d.configFile]);
+  t.equal(rot.code, 0, rot.stderr);
+  await publish();
+  t.equal(closed, 0, 'the live session was not dropped by the CA rotation');
+  // a device certified by the new CA connects too (the server certificate is still the old CA's)
+  const dev2 = (await adminRequest(sock, 'device.add', { id: 'live-2' })) as { key: string; cert: string };
+  const c2 = mqtt.connect(`mqtts://127.0.0.1:${port}`, { key: dev2.key, cert: dev2.cert, ca: dev.ca, clientId: 'live-2', protocolVersion: 4, reconnectPeriod: 0, connectTimeout: 10000 });
+  t.teardown(() => void c2.end(true));
+  await new Promise<void>((resolve, reject) => {
+    c2.once('connect', () => resolve());
+    c2.once('error', reject);
+    c2.once('close', () => reject(new Error('new-CA device refused')));
+  });
+  t.pass('a new-CA device connects');
+  await client.endAsync();
+  await c2.endAsync();
 });
