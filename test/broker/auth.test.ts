@@ -183,6 +183,17 @@ t.test('listener auth modes: cert, jwt, cert+jwt', async (t) => {
   await both.endAsync();
 });
 
+t.test('identity from the SAN URI (broker.tls.identity_from: san_uri) end to end', async (t) => {
+  const fx = await brokerFixture(t, { overrides: { broker: { tls: { identity_from: 'san_uri' } } } });
+  const a = await fx.addDevice('dev-a');
+  const c = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key });
+  t.ok(c.connected, 'the local PKI puts urn:device:ID in the SAN');
+  await c.endAsync();
+  const other = await TestCA.create();
+  const trustedless = await other.client({ cn: 'dev-a' });
+  t.equal((await refused(fx.connect({ clientId: 'dev-a', cert: trustedless.cert, key: trustedless.key }))).code, 4);
+});
+
 t.test('revocation drops live sessions at once', async (t) => {
   const fx = await brokerFixture(t);
   const a = await fx.addDevice('dev-a');

@@ -21,6 +21,7 @@ t.test('device connects with its certificate and with its token (TLS and WSS)', 
   await waitFor(() => got.includes('devices/dev-a/telemetry'), 5000, 'own message');
   t.ok(fx.broker.isConnected('dev-a'));
   t.same(fx.broker.connectedDevices(), ['dev-a']);
+  t.ok(fx.registry.get('dev-a')!.last_seen_at, 'registry.touch() on connect');
   await c1.endAsync();
   await waitFor(() => !fx.broker.isConnected('dev-a'), 5000, 'disconnect noticed');
 
@@ -382,4 +383,15 @@ t.test('last will: published (and journaled) when a device vanishes, not when we
   await ca2.publishAsync('devices/dev-a/status', 'marker', { qos: 1 });
   await waitFor(() => got.filter((x) => x === 'devices/dev-a/status').length === 2, 5000, 'marker');
   t.notOk(got.includes('devices/dev-b/status'), "a revoked device's will is not published");
+});
+
+t.test('connect timeout: a connection that never sends CONNECT is closed', async (t) => {
+  const fx = await brokerFixture(t, { overrides: { broker: { limits: { connect_timeout_ms: 1000 } } } });
+  const raw = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost' });
+  t.teardown(() => raw.destroy());
+  await once(raw, 'secureConnect');
+  await waitEvent(raw, 'close', 10_000);
+  t.pass('closed by the broker');
+  await waitFor(() => (fx.broker.status() as { listeners: { tls: { connections: number } } }).listeners.tls.connections === 0, 5000, 'server side closed');
+  t.pass('no socket left behind');
 });
