@@ -300,6 +300,12 @@ interface SubackFixup {
 /** SUBSCRIBEs with repeated filters awaiting their SUBACK, per connection */
 const MAX_FIXUPS = 256;
 const NEED = -1;
+// outbound handling of a packet
+const PASS = 0;
+const PEEK = 1;
+const HOLD = 2;
+/** oPeek value between the first byte and the end of the remaining length of a peeked PUBLISH */
+const PEEK_NEXT = -1;
 const FAIL = -2;
 
 /** A Duplex between one device socket and aedes; see the module header. */
@@ -330,6 +336,11 @@ export class ConformantConnection extends Duplex {
   /** > 0 while reading the remaining length of a pass-through packet: the current multiplier */
   private oVarMul = 0;
   private oVarLen = 0;
+  /** > 0 while reading a passing PUBLISH's topic length and packet id (see peek()) */
+  private oPeek = 0;
+  private oPeekLeft = 0;
+  private oPeekVal = 0;
+  private oPeekSkip = 0;
   private oHold: Buffer[] | null = null;
   private oHoldLen = 0;
   private oNeed = 0;
@@ -805,21 +816,23 @@ export class ConformantConnection extends Duplex {
     }
   }
 
-  /** Does the packet starting with this first byte need to be looked at before it goes out? */
-  private inspectOutbound(b0: number): boolean {
+  /** How an outbound packet starting with this byte is handled: passed through, peeked at (id tracking) or held back. */
+  private outboundMode(b0: number): number {
     const type = b0 >> 4;
-    if (type === CONNACK) return true;
-    if (type === SUBACK) return this.fixups.size > 0;
-    if (type === PUBLISH) return this.session !== undefined && (b0 & 0x06) !== 0;
-    return false;
+    if (type === CONNACK) return HOLD;
+    if (type === SUBACK) return this.fixups.size > 0 ? HOLD : PASS;
+    if (type === PUBLISH && this.session !== undefined && (b0 & 0x06) !== 0) return this.redeliver ? HOLD : PEEK;
+    return PASS;
   }
 
   /**
    * Track packet boundaries of what aedes writes. Bytes pass through untouched
-   * (chunks written by mqtt-packet are shared constant buffers: never mutated)
-   * except for the few packets held back for inspection: CONNACK, SUBACK while a
-   * duplicate-filter fix-up is pending, and QoS>0 PUBLISH of a CleanSession 0
-   * session (their packet id is tracked for DUP on re-delivery).
+   * (mqtt-packet writes header, length, topic, id and payload as separate chunks,
+   * some of them shared constant buffers: never mutated) and without allocation,
+   * except for the few packets held back to be rewritten: CONNACK, SUBACK while a
+   * duplicate-filter fix-up is pending, and re-deliveries right after a
+   * CleanSession 0 reconnect (DUP 1). The packet id of a QoS>0 PUBLISH to a
+   * CleanSession 0 session is read on the fly (peeked) for the DUP tracking.
    */
   private outbound(c: Buffer): void {
     const n = c.length;
@@ -833,21 +846,29 @@ export class ConformantConnection extends Duplex {
         continue;
       }
       if (this.oVarMul > 0) {
-        // remaining length of a pass-through packet (mqtt-packet writes it as its own chunk)
+        // remaining length of a packet that is not held
         const byte = c[off++]!;
         this.oVarLen += (byte & 0x7f) * this.oVarMul;
         if ((byte & 0x80) === 0 || this.oVarMul >= 0x200000) {
-          this.oLeft = this.oVarLen;
           this.oVarMul = 0;
+          if (this.oPeek === PEEK_NEXT) {
+            this.oPeek = 1;
+            this.oPeekLeft = this.oVarLen;
+          } else this.oLeft = this.oVarLen;
         } else this.oVarMul *= 128;
         continue;
       }
+      if (this.oPeek > 0) {
+        off = this.peek(c, off, n);
+        continue;
+      }
       if (this.oHold === null) {
-        // packet boundary: most packets pass through, only their length is tracked
-        if (!this.inspectOutbound(c[off]!)) {
+        const mode = this.outboundMode(c[off]!);
+        if (mode !== HOLD) {
           off++;
           this.oVarMul = 1;
           this.oVarLen = 0;
+          this.oPeek = mode === PEEK ? PEEK_NEXT : 0;
           continue;
         }
         if (off > runStart) this.oOut.push(c.subarray(runStart, off));
@@ -865,7 +886,56 @@ export class ConformantConnection extends Duplex {
     if (off > runStart) this.oOut.push(runStart === 0 && off === n ? c : c.subarray(runStart, off));
   }
 
-  /** Enough bytes of a held outbound packet: decide, or ask for more (this.oNeed). */
+  /** Read a passing PUBLISH's topic length and packet id without holding it. Returns the new offset. */
+  private peek(c: Buffer, off: number, n: number): number {
+    // stages: 1 topic length MSB, 2 LSB, 3 skipping the topic, 4 packet id MSB, 5 LSB
+    while (off < n && this.oPeek > 0 && this.oPeekLeft > 0) {
+      if (this.oPeek === 3) {
+        const k = Math.min(this.oPeekSkip, n - off, this.oPeekLeft);
+        off += k;
+        this.oPeekSkip -= k;
+        this.oPeekLeft -= k;
+        if (this.oPeekSkip === 0) this.oPeek = 4;
+        continue;
+      }
+      const byte = c[off++]!;
+      this.oPeekLeft--;
+      if (this.oPeek === 1) {
+        this.oPeekVal = byte << 8;
+        this.oPeek = 2;
+      } else if (this.oPeek === 2) {
+        this.oPeekSkip = this.oPeekVal | byte;
+        this.oPeek = this.oPeekSkip > 0 ? 3 : 4;
+      } else if (this.oPeek === 4) {
+        this.oPeekVal = byte << 8;
+        this.oPeek = 5;
+      } else {
+        this.session?.unacked.add(this.oPeekVal | byte);
+        this.oPeek = 0;
+      }
+    }
+    if (this.oPeek === 0 || this.oPeekLeft === 0) {
+      this.oPeek = 0;
+      this.oLeft = this.oPeekLeft;
+      this.oPeekLeft = 0;
+    }
+    return off;
+  }
+
+  private holdMore(held: Buffer, need: number): void {
+    this.oHold = [held];
+    this.oHoldLen = held.length;
+    this.oNeed = need;
+  }
+
+  private release(buf: Buffer, heldLen: number, total: number): void {
+    this.oHold = null;
+    this.oHoldLen = 0;
+    this.oOut.push(buf);
+    this.oLeft = total - heldLen;
+  }
+
+  /** Enough bytes of a held outbound packet: decide, or ask for more (holdMore). */
   private resolveHold(): void {
     const held = Buffer.concat(this.oHold!, this.oHoldLen); // a copy: safe to modify
     const b0 = held[0]!;
@@ -882,18 +952,11 @@ export class ConformantConnection extends Duplex {
       if ((byte & 0x80) === 0 || h === 5) break;
     }
     const total = h + len;
-    const release = (buf: Buffer): void => {
-      this.oHold = null;
-      this.oHoldLen = 0;
-      this.oOut.push(buf);
-      this.oLeft = total - held.length;
-    };
-    if (!this.inspectOutbound(b0)) return release(held);
     if (type === PUBLISH) {
-      if (total < h + 2) return release(held); // malformed: not ours to judge
+      if (total < h + 2 || (b0 & 0x06) === 0) return this.release(held, held.length, total);
       if (held.length < h + 2) return this.holdMore(held, h + 2);
       const idAt = h + 2 + u16(held, h);
-      if (idAt + 2 > total) return release(held);
+      if (idAt + 2 > total) return this.release(held, held.length, total); // malformed: not ours to judge
       if (held.length < idAt + 2) return this.holdMore(held, idAt + 2);
       const id = u16(held, idAt);
       const r = this.redeliver;
@@ -906,17 +969,18 @@ export class ConformantConnection extends Duplex {
         } else this.redeliver = undefined;
       }
       this.session?.unacked.add(id);
-      return release(held);
+      return this.release(held, held.length, total);
     }
+    if (type !== CONNACK && type !== SUBACK) return this.release(held, held.length, total);
     if (held.length < total) return this.holdMore(held, total);
-    if (type === CONNACK) return this.resolveConnack(held, h, release);
+    if (type === CONNACK) return this.resolveConnack(held, h, total);
     // SUBACK
     const id = u16(held, h);
     const fix = this.fixups.get(id);
-    if (!fix) return release(held);
+    if (!fix) return this.release(held, held.length, total);
     this.fixups.delete(id);
     const codes = held.subarray(h + 2, total);
-    if (codes.length !== fix.lastRequested.length) return release(held);
+    if (codes.length !== fix.lastRequested.length) return this.release(held, held.length, total);
     const expanded = fix.index.map((k, i) => {
       const g = codes[k]!;
       if (g === 0x80) return 0x80;
@@ -924,16 +988,10 @@ export class ConformantConnection extends Duplex {
       return g < fix.lastRequested[k]! ? Math.min(fix.requested[i]!, g) : fix.requested[i]!;
     });
     const body = Buffer.concat([held.subarray(h, h + 2), Buffer.from(expanded)]);
-    release(Buffer.concat([Buffer.from([0x90]), encodeLength(body.length), body]));
+    this.release(Buffer.concat([Buffer.from([0x90]), encodeLength(body.length), body]), held.length, total);
   }
 
-  private holdMore(held: Buffer, need: number): void {
-    this.oHold = [held];
-    this.oHoldLen = held.length;
-    this.oNeed = need;
-  }
-
-  private resolveConnack(held: Buffer, h: number, release: (buf: Buffer) => void): void {
+  private resolveConnack(held: Buffer, h: number, total: number): void {
     const first = !this.connackSeen;
     this.connackSeen = true;
     const rc = held[h + 1]!;
@@ -947,7 +1005,7 @@ export class ConformantConnection extends Duplex {
     }
     if (rc !== 0) {
       this.phase = Phase.Done; // MQTT-3.1.4-5: nothing after a refused CONNECT is processed
-      return release(held);
+      return this.release(held, held.length, total);
     }
     const sessions = this.opts.sessions;
     if (first && this.clientId !== undefined && sessions) {
@@ -962,7 +1020,7 @@ export class ConformantConnection extends Duplex {
         }
       }
     }
-    release(held);
+    this.release(held, held.length, total);
   }
 }
 
