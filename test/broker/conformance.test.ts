@@ -362,7 +362,7 @@ t.test('MQTT-1.5.3-1, MQTT-3.3.2-1: ill-formed UTF-8 in a topic name closes the 
   }
 });
 
-t.test('MQTT-1.5.3-1: ill-formed UTF-8 in client id, will topic, user name and topic filters closes the connection', async (t) => {
+t.test('MQTT-1.5.3-1, MQTT-3.1.3-4, MQTT-3.1.3-10/11, MQTT-3.8.3-1, MQTT-3.10.3-1: ill-formed UTF-8 in client id, will topic, user name and topic filters closes the connection', async (t) => {
   const bad = Buffer.from([0x61, 0xed, 0xbf, 0xbf]); // surrogate U+DFFF
   const h = await startBroker(t);
   let c = await RawClient.open(t, h.port);
@@ -382,7 +382,7 @@ t.test('MQTT-1.5.3-1: ill-formed UTF-8 in client id, will topic, user name and t
   await closedWithoutPacket(t, c, 'UNSUBSCRIBE filter (MQTT-3.10.3-1)');
 });
 
-t.test('MQTT-1.5.3-2: U+0000 in a string closes the connection', async (t) => {
+t.test('MQTT-1.5.3-2, MQTT-4.7.3-2: U+0000 in a topic name, topic filter or client id closes the connection', async (t) => {
   const h = await startBroker(t);
   let c: RawClient = await connect(t, h);
   c.send(rawPublish(Buffer.from('a/\u0000/b')));
@@ -414,7 +414,7 @@ t.test('MQTT-1.5.3-3: a BOM (EF BB BF) in a topic is kept, not stripped', async 
 // 2.2 fixed header, 2.3 packet identifier
 // ---------------------------------------------------------------------------
 
-t.test('MQTT-2.2.2-1/2: reserved fixed-header flags must have their listed value, else close', async (t) => {
+t.test('MQTT-2.2.2-1/2, MQTT-3.6.1-1, MQTT-3.8.1-1, MQTT-3.10.1-1, MQTT-3.14.1-1: reserved fixed-header flags must have their listed value, else close', async (t) => {
   const cases: Array<[string, Buffer, string]> = [
     ['PUBACK with flags 0001', packet(0x41, u16(1)), 'MQTT-2.2.2-2'],
     ['PUBREC with flags 0010', packet(0x52, u16(1)), 'MQTT-2.2.2-2'],
@@ -535,6 +535,11 @@ t.test('MQTT-3.1.2-2: MQTT 3.1 (MQIsdp, level 3) is served as the other specific
   const c = await RawClient.open(t, h.port);
   c.send(connectPacket({ protocolId: 'MQIsdp', protocolVersion: 3 }));
   t.match(await c.next(), { cmd: 'connack', returnCode: 0 });
+  if (BARE) return;
+  // MQTT 3.1 requires a client id of 1..23 characters: CONNACK 2 (identifier rejected)
+  const e = await RawClient.open(t, h.port);
+  e.send(rawConnect({ name: 'MQIsdp', level: 3, payload: [str('')] }));
+  await connackThenClose(t, e, 2, 'MQIsdp with an empty client id');
 });
 
 t.test('MQTT-3.1.2-3: the reserved CONNECT flag must be 0, else close without CONNACK', async (t) => {
@@ -1367,7 +1372,7 @@ t.test('MQTT-4.7.2-1: filters starting with a wildcard do not match topics start
   t.match(await explicit.next(), { cmd: 'publish', topic: '$app/retained', retain: true }, 'an explicit $ filter matches');
 });
 
-t.test('MQTT-4.7.3-2, MQTT-4.7.3-1: topic filters must be non-empty and free of U+0000', async (t) => {
+t.test('MQTT-4.7.3-1: topic filters in SUBSCRIBE and UNSUBSCRIBE must not be empty', async (t) => {
   const h = await startBroker(t);
   let c = await connect(t, h);
   c.send(rawSubscribe(1, [['', 0]]));
