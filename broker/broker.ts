@@ -27,6 +27,7 @@ import https from 'node:https';
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, createWebSocketStream, type WebSocket } from 'ws';
+import { Counter, type Registry } from 'prom-client';
 import { Aedes, type Client, type PublishPacket, type Subscription, type ConnectPacket, type AedesPublishPacket } from 'aedes';
 import type { Config } from '../daemon/config/schema.js';
 import type { Logger } from '../daemon/logger.js';
@@ -96,6 +97,8 @@ export interface BrokerOptions {
   crlPollMs?: number;
   /** close() budget before remaining sockets are destroyed (ms) */
   closeTimeoutMs?: number;
+  /** Prometheus registry for connector_broker_connects_total / connector_broker_refusals_total */
+  metrics?: Registry;
 }
 
 interface ConnInfo {
@@ -196,6 +199,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   private limitRefusals = 0;
   private lastLimitLog = 0;
   private conformanceSessions = new SessionTracker();
+  private readonly mConnects: Counter<'listener' | 'via'> | undefined;
+  private readonly mRefusals: Counter<'listener' | 'code'> | undefined;
   private started: Promise<void> | undefined;
   private closing: Promise<void> | undefined;
 
@@ -210,6 +215,11 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     this.now = opts.now ?? Date.now;
     this.crlPollMs = opts.crlPollMs ?? 2000;
     this.closeTimeoutMs = opts.closeTimeoutMs ?? 3000;
+    if (opts.metrics) {
+      const registers = [opts.metrics];
+      this.mConnects = new Counter({ name: 'connector_broker_connects_total', help: 'accepted MQTT connections, by listener and credential (cert, jwt, cert+jwt, anonymous)', labelNames: ['listener', 'via'], registers });
+      this.mRefusals = new Counter({ name: 'connector_broker_refusals_total', help: 'refused MQTT connections, by listener and reason code (ECONN_…)', labelNames: ['listener', 'code'], registers });
+    }
     this.auth = new DeviceAuthenticator({
       registry: opts.registry,
       tokens: opts.tokens,
@@ -551,6 +561,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
         s.destroy();
         if (this.closing) return;
         this.limitRefusals++;
+        this.mRefusals?.inc({ listener, code: 'ECONN_BROKER_LIMIT' });
         const t = Date.now();
         if (t - this.lastLimitLog > 10_000) {
           this.lastLimitLog = t;
@@ -594,6 +605,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   }
 
   private refuseLog(info: ConnInfo | undefined, code: string, reason: string, extra: Record<string, unknown> = {}): void {
+    this.mRefusals?.inc({ listener: info?.listener ?? 'unknown', code });
     this.log.warn({ code, reason, listener: info?.listener, remote: info?.remote, client_id: info?.clientId, ...extra }, 'MQTT connection refused');
   }
 
@@ -697,12 +709,14 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       if (s.identity?.token && this.registry.isTokenRevoked(s.identity.token.jti)) return this.dropSession(s, 'ECONN_AUTH_TOKEN', 'token revoked during connect');
       this.byDevice.set(id, s);
       this.registry.touch(id);
+      this.mConnects?.inc({ listener: s.info.listener, via: s.identity?.via ?? 'unknown' });
       internals(client)._parser.on('packet', (p: { cmd: string; messageId?: number }) => {
         if (p.cmd === 'puback' && p.messageId !== undefined) this.onCommandAck(s, p.messageId);
       });
       this.armExpiry(s);
       s.log.info({ listener: s.info.listener, via: s.identity?.via, remote: s.info.remote }, 'device connected');
     } else {
+      this.mConnects?.inc({ listener: s.info.listener, via: 'anonymous' });
       s.log.info({ listener: s.info.listener, remote: s.info.remote }, 'local application connected');
     }
   }

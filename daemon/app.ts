@@ -70,7 +70,7 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     : undefined;
   if (journal) ctx.journal = journal;
   // the MQTT broker: after identity and the journal (it appends before PUBACK), before the API and the uplink
-  const broker = new Broker({ config, logger, registry, pki, tokens, ...(journal ? { sink: journal } : {}) });
+  const broker = new Broker({ config, logger, metrics, registry, pki, tokens, ...(journal ? { sink: journal } : {}) });
   ctx.broker = broker;
   registerIdentityAdmin(admin, ctx.identity, logger, { enrollmentDefaultTtlS: () => ctx.config.identity.enrollment_default_ttl_s });
 

@@ -4,6 +4,7 @@ import { once } from 'node:events';
 import { writeFileSync } from 'node:fs';
 import tls from 'node:tls';
 import mqttPacket from 'mqtt-packet';
+import { Registry } from 'prom-client';
 import { brokerFixture, buildConfig, collect, FakeSink, refused, suback, waitEvent, waitFor } from '../helpers/broker.js';
 import { TestCA } from '../helpers/certs.js';
 import { normalizeSerial } from '../../broker/registry.js';
@@ -333,6 +334,19 @@ t.test('reload: ACL rules, TLS certificate and limits change without dropping se
   const bad = await fx.broker.reload(buildConfig(fx.dir, { broker: { tls: { cert_file: certFile, key_file: keyFile } } }));
   t.match(bad.join('\n'), /TLS reload failed/);
   t.notOk(dropped);
+});
+
+t.test('metrics: connects and refusals by listener and reason', async (t) => {
+  const registry = new Registry();
+  const fx = await brokerFixture(t, { broker: { metrics: registry } });
+  const a = await fx.addDevice('dev-a');
+  const c = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key });
+  await waitFor(() => fx.broker.isConnected('dev-a'), 5000, 'registered');
+  await c.endAsync();
+  await refused(fx.connect({ clientId: 'dev-a', username: 'dev-a', password: 'bad' }));
+  const text = await registry.metrics();
+  t.match(text, /connector_broker_connects_total\{listener="tls",via="cert"\} 1/);
+  t.match(text, /connector_broker_refusals_total\{listener="tls",code="ECONN_AUTH_TOKEN"\} 1/);
 });
 
 t.test('close is idempotent and bounded; refuses new work afterwards', async (t) => {
