@@ -16,6 +16,7 @@
 import { X509Certificate } from 'node:crypto';
 import type { AdminServer } from './admin.js';
 import type { Logger } from './logger.js';
+import { normalizeSerial } from '../broker/registry.js';
 
 /** What ca.rotate needs of broker/pki.ts LocalPki. */
 export interface CaRotator {
@@ -34,7 +35,7 @@ export interface CaRotateResult {
 
 function describe(pem: string): { serial: string; not_after: string; subject: string } {
   const c = new X509Certificate(pem);
-  return { serial: c.serialNumber.toLowerCase(), not_after: new Date(c.validTo).toISOString(), subject: c.subject.replace(/\n/g, ', ') };
+  return { serial: normalizeSerial(c.serialNumber), not_after: new Date(c.validTo).toISOString(), subject: c.subject.replace(/\n/g, ', ') };
 }
 
 export function registerRotation(
