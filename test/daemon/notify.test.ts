@@ -223,6 +223,17 @@ t.test('READY=1 arrives once every listener is bound, with a STATUS line', async
   const s = (await adminRequest(adminSocketPath(d.stateDir), 'status')) as { summary: unknown; pid: number };
   t.equal(s.pid, d.proc.pid);
   t.ok(s.summary, 'status carries a summary');
+
+  // STATUS= follows what happens (refreshed every 5 s when it changed): a device connects
+  if (ports.mqtt_tls) {
+    const { default: mqtt } = await import('mqtt');
+    const dev = (await adminRequest(adminSocketPath(d.stateDir), 'device.add', { id: 'status-dev' })) as { key: string; cert: string; ca: string };
+    const c = mqtt.connect(`mqtts://127.0.0.1:${ports.mqtt_tls}`, { key: dev.key, cert: dev.cert, ca: dev.ca, clientId: 'status-dev', protocolVersion: 4, reconnectPeriod: 0 });
+    t.teardown(() => void c.end(true));
+    const mark = ns.messages.length;
+    const st = await ns.waitFor((m) => /^STATUS=1 device, /.test(m.text), 'STATUS with one device', 20000, mark);
+    t.match(st.text, /^STATUS=1 device, uplink off$/);
+  }
 });
 
 t.test('watchdog: WATCHDOG=1 pings while the loop is responsive; RELOADING/READY around SIGHUP; STOPPING on SIGTERM', async (t) => {
