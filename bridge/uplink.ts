@@ -141,6 +141,10 @@ interface Session {
 }
 
 const EMPTY = Buffer.alloc(0);
+/** Small messages read ahead of the socket, and their byte budget. */
+const PREFETCH_MSGS = 64;
+const PREFETCH_BYTES = 4 * 1024 * 1024;
+type ChunkRead = Promise<{ data?: Buffer; err?: unknown }>;
 const MAX_COMMANDS_IN_FLIGHT = 256;
 
 export class Uplink extends EventEmitter implements Component {
@@ -949,8 +953,15 @@ export class Uplink extends EventEmitter implements Component {
     });
   }
 
+  /**
+   * Send journal records in order, one message after the other. Reads are issued ahead of the socket: up
+   * to PREFETCH_MSGS small messages (at most PREFETCH_BYTES) and one chunk ahead within a large one, so
+   * disk latency overlaps the network instead of adding to it; memory stays bounded by those constants.
+   */
   private async pump(s: Session, epoch: number): Promise<void> {
-    let after = -1;
+    const queue: Array<{ rec: OutboundRecord; first?: ChunkRead; bytes: number }> = [];
+    let queuedBytes = 0;
+    let lastSeq = -1;
     try {
       while (this.live(s, epoch)) {
         const now = Date.now();
@@ -958,23 +969,30 @@ export class Uplink extends EventEmitter implements Component {
           await this.waitWake(s.pausedUntil - now);
           continue;
         }
-        const u = this.cfg.bridge.uplink;
-        if (s.inflight.size >= u.window_messages) {
+        if (queue.length < PREFETCH_MSGS / 2) {
+          for (const rec of this.journal.pending(lastSeq, PREFETCH_MSGS - queue.length)) {
+            lastSeq = rec.seq;
+            const e: { rec: OutboundRecord; first?: ChunkRead; bytes: number } = { rec, bytes: 0 };
+            if (rec.size <= s.chunkSize && !s.resume.has(rec.id) && queuedBytes + rec.size <= PREFETCH_BYTES) {
+              e.first = this.startRead(rec, 0, rec.size);
+              e.bytes = rec.size;
+              queuedBytes += rec.size;
+            }
+            queue.push(e);
+          }
+        }
+        if (queue.length === 0) {
           await this.waitWake(1000);
           continue;
         }
-        const rec = this.journal.pending(after, 1)[0];
-        if (!this.live(s, epoch)) return;
-        if (!rec) {
+        if (s.inflight.size >= this.cfg.bridge.uplink.window_messages) {
           await this.waitWake(1000);
           continue;
         }
-        if (s.inflight.has(rec.id)) {
-          after = rec.seq;
-          continue;
-        }
-        await this.sendMessage(s, epoch, rec);
-        after = rec.seq;
+        const e = queue.shift()!;
+        queuedBytes -= e.bytes;
+        if (s.inflight.has(e.rec.id)) continue;
+        await this.sendMessage(s, epoch, e.rec, e.first);
       }
     } catch (err) {
       if (!this.live(s, epoch)) return;
@@ -984,7 +1002,16 @@ export class Uplink extends EventEmitter implements Component {
     }
   }
 
-  private async sendMessage(s: Session, epoch: number, rec: OutboundRecord): Promise<void> {
+  /** Start reading a payload range; never rejects (errors are returned), so an abandoned read cannot go unhandled. */
+  private startRead(rec: OutboundRecord, offset: number, length: number): ChunkRead {
+    if (length === 0) return Promise.resolve({ data: EMPTY });
+    return this.readChunk(rec, offset, length).then(
+      (data) => ({ data }),
+      (err: unknown) => ({ err }),
+    );
+  }
+
+  private async sendMessage(s: Session, epoch: number, rec: OutboundRecord, firstRead?: ChunkRead): Promise<void> {
     const u = this.cfg.bridge.uplink;
     if (rec.size > s.maxMessageBytes) {
       // the cloud announced it would refuse it: quarantine without sending gigabytes for nothing
@@ -1008,14 +1035,22 @@ export class Uplink extends EventEmitter implements Component {
     const meta: MessageMeta = { device_id: rec.meta.deviceId, topic: rec.meta.topic, qos: rec.meta.qos, received_at: Math.floor(rec.meta.receivedAt) };
     if (rec.meta.contentType) meta.content_type = rec.meta.contentType;
     const payloadSha = Buffer.from(rec.sha256, 'hex');
-    for (const range of chunkRanges(rec.size, s.chunkSize, startOffset, startSeq)) {
+    const ranges = chunkRanges(rec.size, s.chunkSize, startOffset, startSeq);
+    let step = ranges.next();
+    let read: ChunkRead | undefined = step.done ? undefined : startOffset === 0 && firstRead ? firstRead : this.startRead(rec, step.value.offset, step.value.length);
+    while (!step.done && read) {
+      const range = step.value;
       // byte window: wait while the unacknowledged bytes would exceed it (one chunk always fits into an empty window)
       while (this.live(s, epoch) && s.inflight.get(rec.id) === o && s.unackedBytes > 0 && s.unackedBytes + range.length > this.cfg.bridge.uplink.window_bytes) {
         await this.waitWake(u.heartbeat_ms);
       }
       if (!this.live(s, epoch) || s.inflight.get(rec.id) !== o) return; // dropped, rewound, or acknowledged early (duplicate)
-      const data = range.length === 0 ? EMPTY : await this.readChunk(rec, range.offset, range.length);
+      const got = await read;
+      step = ranges.next();
+      read = step.done ? undefined : this.startRead(rec, step.value.offset, step.value.length); // one chunk ahead
       if (!this.live(s, epoch) || s.inflight.get(rec.id) !== o) return;
+      if (got.err !== undefined) throw got.err;
+      const data = got.data;
       if (!data) {
         // the record left the journal meanwhile (TTL, overflow, quarantine): nothing to send
         s.inflight.delete(rec.id);
