@@ -60,11 +60,28 @@ t.test('metrics cover the operations list; values follow events; /readyz judges 
   const dev = (await adminRequest(sock, 'device.add', { id: 'meter-1' })) as Bundle;
   t.equal(await upload(d.ports.api!, dev, 'hello'), 202, 'upload accepted into the journal');
 
+  // one device session, one refused connection (client id is not the device id)
+  const { default: mqtt } = await import('mqtt');
+  const full = dev as Bundle & { key: string; cert: string };
+  const ok = mqtt.connect(`mqtts://127.0.0.1:${d.ports.mqtt_tls}`, { key: full.key, cert: full.cert, ca: full.ca, clientId: 'meter-1', protocolVersion: 4, reconnectPeriod: 0 });
+  t.teardown(() => void ok.end(true));
+  await new Promise<void>((resolve, reject) => {
+    ok.once('connect', () => resolve());
+    ok.once('error', reject);
+  });
+  const bad = mqtt.connect(`mqtts://127.0.0.1:${d.ports.mqtt_tls}`, { key: full.key, cert: full.cert, ca: full.ca, clientId: 'someone-else', protocolVersion: 4, reconnectPeriod: 0 });
+  t.teardown(() => void bad.end(true));
+  await new Promise<void>((resolve) => {
+    bad.once('error', () => resolve());
+    bad.once('close', () => resolve());
+  });
+
   const m = await scrape(d);
   // the issue's list: fact -> metric names (any one present is enough)
   const required: [string, string[], string?][] = [
-    ['connected devices', ['connector_devices_connected'], 'broker not wired into the daemon yet (app.ts)'],
-    ['connects / refusals by reason', ['connector_broker_connects_total', 'connector_broker_refusals_total', 'connector_connections_refused_total'], 'broker helper: no connect/refusal counters yet'],
+    ['connected devices', ['connector_devices_connected']],
+    ['connects by listener and credential', ['connector_broker_connects_total']],
+    ['refusals by reason', ['connector_broker_refusals_total']],
     ['messages in', ['connector_messages_total']],
     ['bytes in', ['connector_message_bytes_total']],
     ['messages out', ['connector_uplink_messages_acked_total']],
@@ -90,6 +107,8 @@ t.test('metrics cover the operations list; values follow events; /readyz judges 
     else t.ok(found.length > 0, `${fact}: ${found[0] ?? names.join(' | ')}`);
   }
 
+  t.equal(value(m, 'connector_devices_connected'), 1, 'one device connected');
+  t.ok([...m.keys()].some((k) => k.startsWith('connector_broker_refusals_total{') && m.get(k)! >= 1), 'the refusal is counted');
   t.equal(value(m, 'connector_messages_total{direction="in"}'), 1, 'one message in');
   t.equal(value(m, 'connector_message_bytes_total{direction="in"}'), 5, 'five bytes in');
   t.equal(value(m, 'connector_journal_depth_messages'), 1, 'it waits in the journal');
