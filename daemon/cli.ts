@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { commands } from './commands/index.js';
 import type { Command } from './commands/types.js';
 import { ConnectorError, EXIT, errorCode } from './errors.js';
-import { explain } from './explain.js';
+import { explain, exitCodeFor } from './explain.js';
 
 function version(): string {
   const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -96,6 +96,8 @@ export async function main(argv: string[]): Promise<number> {
   } catch (err) {
     explain(err);
     if (errorCode(err) === 'ECONN_ADMIN') return EXIT.UNAVAILABLE;
+    const code = exitCodeFor(err);
+    if (code !== EXIT.FAILURE) return code; // config (78), state dir / listener (73), corrupt state (70)
     if (err instanceof ConnectorError) return EXIT.FAILURE;
     return EXIT.SOFTWARE;
   }

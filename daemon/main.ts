@@ -138,8 +138,9 @@ export async function runDaemon(configFile: string): Promise<number> {
       const { merged, needsRestart } = mergeRestartKeys(config, next);
       for (const k of needsRestart) log.warn({ key: k }, `changed key needs a restart and was not applied: ${k}`);
       if (merged.log.level !== config.log.level) {
+        // said at the old level, so that it is seen even when the new level is quieter
+        log[config.log.level === 'silent' ? 'info' : config.log.level]({ old_level: config.log.level, new_level: merged.log.level }, 'log level changed');
         logger.level = merged.log.level;
-        log.info({ new_level: merged.log.level }, 'log level changed');
       }
       const changes = await lifecycle.reload(merged);
       config = merged;

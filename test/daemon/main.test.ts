@@ -115,7 +115,7 @@ t.test('SIGHUP reloads: log level applied, port change needs a restart, invalid 
   d.proc.kill('SIGHUP');
   const line = await d.waitForLog((l) => typeof l.msg === 'string' && l.msg.startsWith('configuration reloaded'), 10000, 'reload line');
   t.match(line.needs_restart, [/metrics\.port/]);
-  await d.waitForLog((l) => l.msg === 'log level changed' && l.level === 'info');
+  await d.waitForLog((l) => l.msg === 'log level changed' && l.new_level === 'debug');
   // the metrics port is unchanged and still serving
   t.equal((await fetch(`http://127.0.0.1:${d.ports.metrics}/healthz`)).status, 200);
 
