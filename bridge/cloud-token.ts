@@ -220,10 +220,19 @@ export class CloudTokenClient extends EventEmitter {
     return p;
   }
 
-  /** The cloud refused our access token: forget it, so the next getToken() renews (refresh first). */
-  invalidate(): void {
+  /**
+   * The cloud refused our access token: forget it, so the next getToken() renews (refresh first).
+   * With `token`, only if that is still the current one (a newer token is kept).
+   */
+  invalidate(token?: string): void {
+    if (token !== undefined && token !== this.accessToken) return;
     this.accessToken = undefined;
     this.expiresAtMs = 0;
+  }
+
+  /** The current access token if it is still valid, without renewing anything. */
+  peek(): string | undefined {
+    return this.hasValidToken() ? this.accessToken : undefined;
   }
 
   /** Apply a new configuration (new endpoint, client, CA); the current token stays valid until it expires. */
@@ -306,7 +315,9 @@ export class CloudTokenClient extends EventEmitter {
       this.accessToken = res.accessToken;
       if (res.refreshToken) this.refreshToken = res.refreshToken; // RFC 6749 §6: keep the old one when none is returned
       this.obtainedAt = now;
-      this.expiresAtMs = now + res.lifetimeMs;
+      // the endpoint counts in whole seconds from when it issued the token, before the answer reached us:
+      // treat the token as expiring up to a second (at most a tenth of its lifetime) early
+      this.expiresAtMs = now + res.lifetimeMs - Math.min(1000, Math.floor(res.lifetimeMs / 10));
       this.renewals++;
       this.lastError = undefined;
       this.nextAttemptAt = 0;

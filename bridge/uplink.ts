@@ -130,6 +130,12 @@ interface Session {
   chunkSize: number;
   maxMessageBytes: number;
   tokenExpiresAt: number;
+  /** When tokenExpiresAt was last set (WELCOME or TOKEN_OK): with it, the lifetime of the token in force. */
+  tokenSetAt: number;
+  tokenSentAt: number;
+  /** Recent ACK latency (ms), a maximum that decays with a 5 s time constant: how long the cloud's queue is. */
+  ackLatencyMs: number;
+  ackLatencyAt: number;
   presentedToken: string;
   tokenInFlight: string | undefined;
   pausedUntil: number;
@@ -458,6 +464,10 @@ export class Uplink extends EventEmitter implements Component {
       chunkSize: u.chunk_size,
       maxMessageBytes: Number.MAX_SAFE_INTEGER,
       tokenExpiresAt: 0,
+      tokenSetAt: 0,
+      tokenSentAt: 0,
+      ackLatencyMs: 0,
+      ackLatencyAt: 0,
       presentedToken: token,
       tokenInFlight: undefined,
       pausedUntil: 0,
@@ -525,6 +535,7 @@ export class Uplink extends EventEmitter implements Component {
     s.chunkSize = Math.min(this.cfg.bridge.uplink.chunk_size, f.max_chunk_bytes, f.max_frame_bytes - 64 * 1024 > 0 ? f.max_frame_bytes - 64 * 1024 : f.max_chunk_bytes);
     s.maxMessageBytes = f.max_message_bytes;
     s.tokenExpiresAt = f.token_expires_at;
+    s.tokenSetAt = Date.now();
     for (const p of f.partials) s.resume.set(p.id, { offset: p.offset, next_seq: p.next_seq, total: p.total });
     s.lastAckOrProgress = Date.now();
     this.setState('connected');
@@ -567,22 +578,54 @@ export class Uplink extends EventEmitter implements Component {
     }, Math.max(50, Math.min(u.heartbeat_ms, Math.floor(u.dead_after_ms / 3))));
     hb.unref();
     s.timers.push(hb);
-    // fallback renewal: if the cloud's token is about to expire and no new one was presented, ask for one
+    // present a renewed token `tokenMargin` before the cloud's expiry of the one in force: if the token client
+    // renewed already (its 'token' event presents it at once) there is nothing to do; otherwise renew now
     if (s.tokenExpiresAt > 0) {
-      const left = s.tokenExpiresAt - Date.now();
-      const margin = Math.max(500, Math.min(this.cfg.bridge.token.renew_before_s * 1000, Math.floor(left * 0.1)));
       const t = setTimeout(() => {
-        if (this.session !== s || s.closing) return;
-        if (s.tokenExpiresAt - Date.now() <= margin + 50) {
-          this.log.info('uplink: the cloud token expires soon and no renewed token was presented: renewing now');
-          this.tokens.renew().catch(() => {
-            /* logged by the token client; the cloud closes with 4001 and we reconnect */
-          });
+        if (this.session !== s || s.closing || s.tokenInFlight) return;
+        const current = this.tokens.peek();
+        if (current && current !== s.presentedToken) {
+          void this.presentNewToken();
+          return;
         }
-      }, Math.max(0, left - margin));
+        this.log.info({ expiresInMs: s.tokenExpiresAt - Date.now() }, 'uplink: renewing the cloud token before it expires on the link');
+        this.tokens.renew().catch(() => {
+          /* logged by the token client; the cloud closes with 4001 at expiry and we reconnect */
+        });
+      }, Math.max(0, s.tokenExpiresAt - this.tokenMargin(s) - Date.now()));
       t.unref();
       s.timers.push(t);
     }
+  }
+
+  /**
+   * How long before the cloud's expiry a renewed token should be on its way: renew_before_s (at most half
+   * the lifetime), but at least half the lifetime up to 10 s, and at least twice the recent ACK latency:
+   * the TOKEN frame queues behind the chunks already sent (up to window_bytes), which a slow cloud may
+   * take a while to work through.
+   */
+  private tokenMargin(s: Session): number {
+    const lifetime = Math.max(0, s.tokenExpiresAt - s.tokenSetAt);
+    const before = this.cfg.bridge.token.renew_before_s * 1000;
+    const base = Math.max(Math.min(before, lifetime / 2), Math.min(lifetime / 2, 10_000));
+    // and twice the recent ACK latency (the cloud's queue), as far as the lifetime allows
+    return Math.max(base, Math.min(lifetime * 0.8, 2 * this.queueEstimate(s) + 250));
+  }
+
+  /**
+   * Hold new chunks while a renewed token is on its way and the token in force is close to its expiry
+   * (closer than twice the cloud's queue plus a second): nothing more queues in front of the cloud's answer.
+   * With tokens of minutes and a prompt cloud this never holds anything.
+   */
+  private holdForToken(s: Session): boolean {
+    if (s.tokenInFlight === undefined) return false;
+    const left = s.tokenExpiresAt - Date.now();
+    return left > 0 && left < 2 * this.queueEstimate(s) + 1000;
+  }
+
+  /** The recent ACK latency (ms): a maximum decaying with a 5 s time constant. */
+  private queueEstimate(s: Session): number {
+    return s.ackLatencyMs * Math.exp(-(Date.now() - s.ackLatencyAt) / 5000);
   }
 
   private async presentNewToken(): Promise<void> {
@@ -596,6 +639,7 @@ export class Uplink extends EventEmitter implements Component {
     }
     if (this.session !== s || s.closing || token === s.presentedToken || s.tokenInFlight) return;
     s.tokenInFlight = token;
+    s.tokenSentAt = Date.now();
     this.sendControl(s, { type: 'TOKEN', access_token: token });
   }
 
@@ -610,6 +654,7 @@ export class Uplink extends EventEmitter implements Component {
     let immediate = why?.immediate ?? false;
     if (why?.invalidateToken || code === CLOSE_CODES.TOKEN_INVALID) this.tokens.invalidate();
     if (code === CLOSE_CODES.TOKEN_EXPIRED) {
+      this.tokens.invalidate(s.presentedToken);
       this.log.warn('uplink: the cloud closed the link because the access token expired (renewal was not in time); reconnecting with a new token');
       immediate = true;
     } else if (code === CLOSE_CODES.REPLACED) {
@@ -736,7 +781,9 @@ export class Uplink extends EventEmitter implements Component {
           this.counts.tokensInBand++;
         }
         s.tokenExpiresAt = f.expires_at;
+        s.tokenSetAt = s.tokenSentAt || Date.now(); // the lifetime counts from when the token was sent, not from this answer
         this.log.info({ expiresInS: Math.round((f.expires_at - Date.now()) / 1000) }, 'uplink: renewed token accepted in band');
+        this.wake();
         this.armTimers(s);
         this.emit('token-renewed', { expiresAt: f.expires_at });
         // the token client may have renewed again meanwhile
@@ -795,7 +842,12 @@ export class Uplink extends EventEmitter implements Component {
       s.unackedBytes -= o.sentOffset - o.ackedOffset;
       s.lastAckOrProgress = now;
       this.lastAckAt = now;
-      if (o.doneAt > 0) this.m.ackLatency.observe((t - o.doneAt) / 1000);
+      if (o.doneAt > 0) {
+        const lat = t - o.doneAt;
+        this.m.ackLatency.observe(lat / 1000);
+        s.ackLatencyMs = Math.max(lat, s.ackLatencyMs * Math.exp(-(now - s.ackLatencyAt) / 5000));
+        s.ackLatencyAt = now;
+      }
       this.counts.messagesAcked++;
       this.counts.bytesAcked += o.rec.size;
       this.m.messagesAcked.inc();
@@ -1041,8 +1093,12 @@ export class Uplink extends EventEmitter implements Component {
     while (!step.done && read) {
       const range = step.value;
       // byte window: wait while the unacknowledged bytes would exceed it (one chunk always fits into an empty window)
-      while (this.live(s, epoch) && s.inflight.get(rec.id) === o && s.unackedBytes > 0 && s.unackedBytes + range.length > this.cfg.bridge.uplink.window_bytes) {
-        await this.waitWake(u.heartbeat_ms);
+      while (
+        this.live(s, epoch) &&
+        s.inflight.get(rec.id) === o &&
+        ((s.unackedBytes > 0 && s.unackedBytes + range.length > this.cfg.bridge.uplink.window_bytes) || this.holdForToken(s))
+      ) {
+        await this.waitWake(this.holdForToken(s) ? 50 : u.heartbeat_ms);
       }
       if (!this.live(s, epoch) || s.inflight.get(rec.id) !== o) return; // dropped, rewound, or acknowledged early (duplicate)
       const got = await read;

@@ -187,15 +187,16 @@ t.test('renews before expiry with the refresh token; emits token', async (t) => 
   const events: { via: string; expiresAt: number }[] = [];
   client.on('token', (e: { via: string; expiresAt: number }) => events.push(e));
   const first = await client.getToken();
-  t.equal(clock.nextTimer(), 3540_000, 'renewal scheduled renew_before_s (60 s) ahead of a 1 h expiry');
-  t.equal(clock.advance(3540_000), 1, 'renewal fired');
+  // expiry counted 1 s early (the endpoint's whole-second clock), renewal renew_before_s (60 s) ahead of it
+  t.equal(clock.nextTimer(), 3539_000, 'renewal scheduled renew_before_s ahead of a 1 h expiry');
+  t.equal(clock.advance(3539_000), 1, 'renewal fired');
   await until(() => events.length === 2, 'the refresh');
   t.equal(events[1]!.via, 'refresh_token');
   const second = await client.getToken();
   t.not(second, first, 'new token');
   t.equal(requests[1]!.params.get('grant_type'), 'refresh_token');
   // the next renewal refreshes with the kept refresh token again
-  clock.advance(3540_000);
+  clock.advance(3539_000);
   await until(() => events.length === 3, 'the second refresh');
   t.equal(requests[2]!.params.get('refresh_token'), 'rt-1', 'the old refresh token is kept when none is returned');
 });
@@ -203,7 +204,7 @@ t.test('renews before expiry with the refresh token; emits token', async (t) => 
 t.test('short-lived token: renewal at 80 % of its lifetime', async (t) => {
   const { client, clock } = await setup(t, (_r, res) => json(res, 200, goodToken({ expires_in: 10 })));
   await client.getToken();
-  t.equal(clock.nextTimer(), 8000, 'renew_before_s=60 exceeds the lifetime: 80 % of 10 s');
+  t.equal(clock.nextTimer(), 7200, 'renew_before_s=60 exceeds the lifetime: 80 % of 10 s (counted as 9 s: a tenth off for the endpoint clock)');
 });
 
 t.test('refresh refused: falls back to the full grant', async (t) => {
@@ -214,7 +215,7 @@ t.test('refresh refused: falls back to the full grant', async (t) => {
   const events: string[] = [];
   client.on('token', (e: { via: string }) => events.push(e.via));
   await client.getToken();
-  clock.advance(3540_000);
+  clock.advance(3539_000);
   await until(() => events.length === 2, 'renewal');
   t.same(
     requests.map((r) => r.params.get('grant_type')),
@@ -231,7 +232,7 @@ t.test('refresh failing with 503 is an outage, not a refusal: no full grant, bac
   });
   const tok = await client.getToken();
   down = true;
-  clock.advance(3540_000);
+  clock.advance(3539_000);
   await until(() => requests.length === 2, 'the refresh attempt');
   await until(() => client.status().failures === 1, 'failure recorded');
   t.equal(requests[1]!.params.get('grant_type'), 'refresh_token');
