@@ -191,7 +191,9 @@ async function startPair(kind) {
     }),
     { mode: 0o600 },
   );
-  const conn = run([CLI, 'start', '-c', cfg], { cwd: sub });
+  // BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the connector (written when it stops)
+  const nodeArgs = process.env.BENCH_NODE_ARGS ? process.env.BENCH_NODE_ARGS.split(' ').filter(Boolean) : [];
+  const conn = run([...nodeArgs, CLI, 'start', '-c', cfg], { cwd: sub });
   const ports = (await readyOf(conn, 'connector')).ports;
   const add = await cli(['device', 'add', 'bench-dev', '--out', path.join(sub, 'dev'), '-c', cfg]);
   if (add.code !== 0) throw new Error(`device add: ${add.stderr}`);
@@ -212,9 +214,12 @@ async function acked(pair) {
   return m ? Number(m[1]) : 0;
 }
 
-function stop(pair) {
-  pair.conn.kill('SIGKILL');
+async function stop(pair) {
   pair.cloud.kill('SIGKILL');
+  pair.conn.kill('SIGTERM');
+  const t = setTimeout(() => pair.conn.kill('SIGKILL'), 10_000);
+  await new Promise((r) => (pair.conn.exitCode !== null ? r() : pair.conn.once('exit', r)));
+  clearTimeout(t);
 }
 
 function cli(argv) {
@@ -353,7 +358,7 @@ for (const kind of kinds) {
       );
     } else console.log('mqtt: skipped (the daemon reports no mqtt_tls port: broker not wired)');
   } finally {
-    stop(pair);
+    await stop(pair);
   }
 }
 process.exit(0);

@@ -51,6 +51,7 @@ import {
   encodeFrame,
   errorFrameFor,
   makeChunk,
+  type ChunkRange,
   type Frame,
   type MessageMeta,
   type PartialInfo,
@@ -150,6 +151,8 @@ const EMPTY = Buffer.alloc(0);
 /** Small messages read ahead of the socket, and their byte budget. */
 const PREFETCH_MSGS = 64;
 const PREFETCH_BYTES = 4 * 1024 * 1024;
+/** Bytes of a large message read ahead of the socket. */
+const READ_AHEAD_BYTES = 1024 * 1024;
 type ChunkRead = Promise<{ data?: Buffer; err?: unknown }>;
 const MAX_COMMANDS_IN_FLIGHT = 256;
 
@@ -995,7 +998,7 @@ export class Uplink extends EventEmitter implements Component {
   private sendData(s: Session, buf: Buffer): Promise<void> {
     return new Promise((resolve) => {
       if (s.ws.readyState !== WebSocket.OPEN) return resolve();
-      const hwm = Math.max(1024 * 1024, 2 * s.chunkSize);
+      const hwm = Math.max(4 * 1024 * 1024, 4 * s.chunkSize);
       let waited = false;
       s.ws.send(buf, { binary: true }, () => {
         if (waited) resolve();
@@ -1087,11 +1090,21 @@ export class Uplink extends EventEmitter implements Component {
     const meta: MessageMeta = { device_id: rec.meta.deviceId, topic: rec.meta.topic, qos: rec.meta.qos, received_at: Math.floor(rec.meta.receivedAt) };
     if (rec.meta.contentType) meta.content_type = rec.meta.contentType;
     const payloadSha = Buffer.from(rec.sha256, 'hex');
+    // reads in flight ahead of the socket: READ_AHEAD_BYTES worth of chunks (at least two)
+    const depth = Math.max(2, Math.min(16, Math.ceil(READ_AHEAD_BYTES / s.chunkSize)));
     const ranges = chunkRanges(rec.size, s.chunkSize, startOffset, startSeq);
-    let step = ranges.next();
-    let read: ChunkRead | undefined = step.done ? undefined : startOffset === 0 && firstRead ? firstRead : this.startRead(rec, step.value.offset, step.value.length);
-    while (!step.done && read) {
-      const range = step.value;
+    const ahead: Array<{ range: ChunkRange; read: ChunkRead }> = [];
+    const fill = (): void => {
+      while (ahead.length < depth) {
+        const step = ranges.next();
+        if (step.done) return;
+        const read = ahead.length === 0 && step.value.offset === 0 && firstRead ? firstRead : this.startRead(rec, step.value.offset, step.value.length);
+        ahead.push({ range: step.value, read });
+      }
+    };
+    fill();
+    while (ahead.length > 0) {
+      const { range, read } = ahead[0]!;
       // byte window: wait while the unacknowledged bytes would exceed it (one chunk always fits into an empty window)
       while (
         this.live(s, epoch) &&
@@ -1102,8 +1115,8 @@ export class Uplink extends EventEmitter implements Component {
       }
       if (!this.live(s, epoch) || s.inflight.get(rec.id) !== o) return; // dropped, rewound, or acknowledged early (duplicate)
       const got = await read;
-      step = ranges.next();
-      read = step.done ? undefined : this.startRead(rec, step.value.offset, step.value.length); // one chunk ahead
+      ahead.shift();
+      fill();
       if (!this.live(s, epoch) || s.inflight.get(rec.id) !== o) return;
       if (got.err !== undefined) throw got.err;
       const data = got.data;
