@@ -17,7 +17,7 @@ import { TokenService } from '../broker/tokens.js';
 import { EnrollmentStore } from '../broker/enrollment.js';
 import { registerIdentityAdmin, type Identity } from '../broker/identity-admin.js';
 import { ApiServer } from '../broker/api.js';
-import { CloudLink, type CloudLinkDeps } from '../bridge/cloud-link.js';
+import { CloudLink } from '../bridge/cloud-link.js';
 import { Journal } from '../bridge/journal.js';
 import { Broker, PORT_KEYS } from '../broker/broker.js';
 
@@ -103,7 +103,7 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
         metrics,
         addReadinessCheck: (name, check) => health.addReadinessCheck(name, check),
         journal: () => ctx.journal,
-        broker: () => (ctx as { broker?: ReturnType<CloudLinkDeps['broker']> }).broker,
+        broker: () => ctx.broker,
       })
     : undefined;
 
