@@ -18,6 +18,7 @@ import { Uplink, signUpgrade } from '../../bridge/uplink.js';
 import type { CommandTarget, UplinkMessageMeta } from '../../bridge/types.js';
 import { encodeFrame, FRAME_MAGIC } from '../../bridge/protocol.js';
 import { MiniCloud, type MiniCloudOptions } from '../helpers/mini-cloud.js';
+import { TestCA } from '../helpers/certs.js';
 import { tempDir, deepMerge, type Json, type TestLike } from '../helpers/daemon.js';
 
 const SECRET = 'uplink-test-client-secret';
@@ -435,3 +436,41 @@ t.test('QoS 0 best effort: sent while the link is up, dropped (counted) while it
   t.notOk(s.uplink.sendBestEffort(meta, Buffer.from('lost')), 'dropped while down');
   t.match(s.uplink.status(), { best_effort_sent: 1, best_effort_dropped: 1 });
 });
+
+t.test('TLS: mTLS client certificate, certificate validation always on, minimum TLS version', async (t) => {
+  // mTLS: the cloud requires a client certificate from its own CA
+  const clientCa = await TestCA.create();
+  const client = await clientCa.client({ cn: 'gw-test' });
+  const dir = tempDir(t);
+  writeFileSync(path.join(dir, 'gw.crt'), client.cert);
+  writeFileSync(path.join(dir, 'gw.key'), client.key, { mode: 0o600 });
+  const m = await setup(t, { clientCa: clientCa.cert }, { bridge: { uplink: { cert_file: path.join(dir, 'gw.crt'), key_file: path.join(dir, 'gw.key') } } });
+  const id = await m.append('d', Buffer.from('mtls'));
+  await m.cloud.until(() => m.cloud.order.includes(id), 'delivered over mTLS');
+  const tlsSock = m.cloud.conns[0]!.ws as unknown as { _socket: { getPeerCertificate(): { subject?: { CN?: string } } } };
+  t.equal(tlsSock._socket.getPeerCertificate().subject?.CN, 'gw-test', 'the cloud saw the client certificate');
+
+  // a cloud whose certificate does not chain to the configured CA is refused (no option turns that off)
+  const other = await MiniCloud.start(t);
+  const v = await setup(t, {}, { bridge: { uplink: { url: other.url }, token: { url: other.tokenUrl } } }, { cloud: await MiniCloud.start(t) });
+  await v.append('d', Buffer.from('never'));
+  const denied = await until(() => v.logs.find((l) => l.code === 'ECONN_CLOUD_TOKEN' || l.code === 'ECONN_UPLINK'), 'a TLS error');
+  t.match(String(denied.msg), /certificate|verify|issuer/i);
+  t.equal(other.conns.length, 0, 'never connected');
+
+  // min_tls_version TLSv1.3 against a TLS 1.2-only cloud fails cleanly
+  const old = await setup(t, { maxTlsVersion: 'TLSv1.2' }, { bridge: { uplink: { min_tls_version: 'TLSv1.3' } } });
+  const e = await until(() => old.logs.find((l) => l.code === 'ECONN_CLOUD_TOKEN' || l.code === 'ECONN_UPLINK'), 'a protocol version error');
+  t.match(String(e.msg), /version|protocol/i);
+  t.equal(old.cloud.conns.length, 0);
+});
+
+async function until<T>(f: () => T | undefined, what: string, ms = 10_000): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = f();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}

@@ -63,6 +63,10 @@ export interface MiniCloudOptions {
   onFrame?: (c: CloudConn, f: Frame) => boolean | void;
   /** Called right after WELCOME. */
   onWelcome?: (c: CloudConn) => void;
+  /** Require a client certificate from this CA (mTLS). */
+  clientCa?: string;
+  /** Highest TLS version the server speaks. */
+  maxTlsVersion?: 'TLSv1.2' | 'TLSv1.3';
 }
 
 export class MiniCloud {
@@ -101,7 +105,16 @@ export class MiniCloud {
     const dir = tempDir(t);
     this.caFile = path.join(dir, 'cloud-ca.pem');
     writeFileSync(this.caFile, this.ca.cert);
-    this.server = https.createServer({ cert: srv.cert, key: srv.key, minVersion: 'TLSv1.2' }, (req, res) => this.http(req, res));
+    this.server = https.createServer(
+      {
+        cert: srv.cert,
+        key: srv.key,
+        minVersion: 'TLSv1.2',
+        ...(this.opts.maxTlsVersion ? { maxVersion: this.opts.maxTlsVersion } : {}),
+        ...(this.opts.clientCa ? { ca: this.opts.clientCa, requestCert: true, rejectUnauthorized: true } : {}),
+      },
+      (req, res) => this.http(req, res),
+    );
     this.wss = new WebSocketServer({
       noServer: true,
       maxPayload: 17 * 1024 * 1024,
