@@ -15,7 +15,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { Type, type Static } from '@sinclair/typebox';
 import { Ajv } from 'ajv';
-import { parseDocument, LineCounter, isMap, isScalar, type Node as YamlNode } from 'yaml';
+import { parseYamlSource, schemaProblems } from '../../daemon/config/load.js';
 import { ConfigError } from '../../daemon/errors.js';
 
 const SECRET_REF = '^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+|credential:[A-Za-z0-9_.@-]+)$';
@@ -96,7 +96,7 @@ export const cloudConfigSchema = Type.Object(
 
 export type CloudConfig = Static<typeof cloudConfigSchema>;
 
-const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: false });
+const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: false, verbose: true });
 const validate = ajv.compile(cloudConfigSchema);
 
 /** The loopback defaults used when `connector cloud` runs without -c. */
@@ -122,36 +122,10 @@ export function loadCloudConfig(file: string): CloudConfig {
 }
 
 export function parseCloudConfig(text: string, file: string): CloudConfig {
-  const lc = new LineCounter();
-  const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
-  const at = (offset: number | undefined): string => {
-    if (offset === undefined) return `${file}:1:1`;
-    const { line, col } = lc.linePos(offset);
-    return `${file}:${line}:${col}`;
-  };
-  if (doc.errors.length > 0) throw new ConfigError('ECONN_CONFIG_INVALID', doc.errors.map((e) => `${at(e.pos[0])} YAML syntax error: ${e.message.split('\n')[0]}`));
-  let data: unknown = doc.toJS({ maxAliasCount: 100 });
-  if (data === null || data === undefined) data = {};
-  if (typeof data !== 'object' || Array.isArray(data)) throw new ConfigError('ECONN_CONFIG_INVALID', [`${at(0)} (root): must be a mapping`]);
-  if (!validate(data)) {
-    const problems = (validate.errors ?? []).map((e) => {
-      const segs = e.instancePath ? e.instancePath.slice(1).split('/') : [];
-      const extra = e.keyword === 'additionalProperties' ? String((e.params as { additionalProperty: string }).additionalProperty) : undefined;
-      let offset: number | undefined;
-      for (let i = segs.length; i >= 0 && offset === undefined; i--) {
-        const node = (i === 0 ? doc.contents : doc.getIn(segs.slice(0, i).map((s) => (/^\d+$/.test(s) ? Number(s) : s)), true)) as YamlNode | undefined;
-        if (extra !== undefined && i === segs.length && isMap(node)) {
-          const pair = node.items.find((it) => isScalar(it.key) && String(it.key.value) === extra);
-          offset = (pair?.key as YamlNode | undefined)?.range?.[0];
-        }
-        if (offset === undefined && node && typeof node === 'object' && 'range' in node && node.range) offset = node.range[0];
-      }
-      const dotted = [...segs, ...(extra !== undefined ? [extra] : [])].join('.') || '(root)';
-      const msg = extra !== undefined ? 'unknown key' : e.keyword === 'pattern' ? 'must be a secret reference env:NAME, file:/path or credential:NAME' : (e.message ?? 'invalid');
-      return `${at(offset)} ${dotted}: ${msg}`;
-    });
-    throw new ConfigError('ECONN_CONFIG_INVALID', problems);
-  }
+  const src = parseYamlSource(text, file);
+  const schemaErrors = schemaProblems(src, validate);
+  if (schemaErrors.length > 0) throw new ConfigError('ECONN_CONFIG_INVALID', schemaErrors);
+  const data = src.data;
   const cfg = data as CloudConfig;
   const base = path.dirname(file);
   const problems: string[] = [];

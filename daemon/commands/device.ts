@@ -3,16 +3,8 @@ import { existsSync, mkdirSync, writeFileSync, chmodSync, statSync, unlinkSync }
 import path from 'node:path';
 import { ConnectorError, EXIT } from '../errors.js';
 import { CONFIG_OPTION, adminCall, type Command, type Values } from './types.js';
+import type { DeviceBundle } from '../../broker/identity-admin.js';
 
-interface Bundle {
-  id: string;
-  key: string;
-  cert: string;
-  ca: string;
-  token: string;
-  expires_at: string;
-  serial: string;
-}
 interface DeviceRow {
   id: string;
   status: string;
@@ -103,7 +95,7 @@ export const deviceCommands: Command[] = [
       const description = str(values, 'description');
       if (group !== undefined) metadata.group = group;
       if (description !== undefined) metadata.description = description;
-      const b = (await adminCall(values, 'device.add', { id, metadata, key_type: keyType })) as Bundle;
+      const b = (await adminCall(values, 'device.add', { id, metadata, key_type: keyType })) as DeviceBundle;
       writeSecretFile(files.key, b.key);
       writeSecretFile(files.cert, b.cert);
       writeSecretFile(files.ca, b.ca);

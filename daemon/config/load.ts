@@ -73,8 +73,18 @@ export function loadConfig(file: string, opts: LoadOptions = {}): LoadedConfig {
   return parseConfigText(text, abs, { ...opts, env });
 }
 
-export function parseConfigText(text: string, file: string, opts: LoadOptions = {}): LoadedConfig {
-  const env = opts.env ?? process.env;
+/** A parsed YAML document with the positions of its nodes, for `FILE:LINE:COL key.path: …` messages. */
+export interface YamlSource {
+  file: string;
+  doc: Document;
+  data: Record<string, unknown>;
+  at(offset: number | undefined): string;
+  /** Position of the value at a JSON pointer (or of `key` inside it); env overrides are named instead. */
+  where(instancePath: string, key?: string, fromEnv?: ReadonlyMap<string, string>): string;
+}
+
+/** Parse YAML keeping positions; syntax errors and a non-mapping root throw ConfigError with every problem. */
+export function parseYamlSource(text: string, file: string): YamlSource {
   const lc = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
   const at = (offset: number | undefined): string => {
@@ -91,17 +101,12 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
   let data: unknown = doc.toJS({ maxAliasCount: 100 });
   if (data === null || data === undefined) data = {};
   if (typeof data !== 'object' || Array.isArray(data)) {
-    throw new ConfigError('ECONN_CONFIG_INVALID', [`${at(doc.contents?.range?.[0])} (root): must be a mapping of sections (daemon:, broker:, …)`]);
+    throw new ConfigError('ECONN_CONFIG_INVALID', [`${at(doc.contents?.range?.[0])} (root): must be a mapping of sections`]);
   }
-  const problems: string[] = [];
-  const fromEnv = new Map<string, string>(); // json pointer -> env var name
-  applyEnvOverrides(data as Record<string, unknown>, env, fromEnv, problems);
-
-  const where = (instancePath: string, key?: string): string => {
+  const where = (instancePath: string, key?: string, fromEnv?: ReadonlyMap<string, string>): string => {
     const segs = pointerToPath(instancePath);
-    for (let i = segs.length; i >= 1; i--) {
-      const p = '/' + segs.slice(0, i).join('/');
-      const envName = fromEnv.get(p);
+    for (let i = segs.length; i >= 1 && fromEnv; i--) {
+      const envName = fromEnv.get('/' + segs.slice(0, i).join('/'));
       if (envName) return `env ${envName}`;
     }
     if (key !== undefined) {
@@ -114,15 +119,27 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
     }
     return at(nearestRange(doc, segs));
   };
+  return { file, doc, data: data as Record<string, unknown>, at, where };
+}
 
-  const validate = validator();
-  if (!validate(data)) {
-    for (const e of validate.errors ?? []) {
-      const extraKey = e.keyword === 'additionalProperties' ? String((e.params as { additionalProperty: string }).additionalProperty) : undefined;
-      const dotted = dottedPath(e.instancePath, extraKey);
-      problems.push(`${where(e.instancePath, extraKey)} ${dotted}: ${describeError(e)}`);
-    }
-  }
+/** Validate `src.data` (defaults applied in place by ajv) and describe every error with its position. */
+export function schemaProblems(src: YamlSource, validate: ValidateFunction, fromEnv?: ReadonlyMap<string, string>): string[] {
+  if (validate(src.data)) return [];
+  return (validate.errors ?? []).map((e) => {
+    const extraKey = e.keyword === 'additionalProperties' ? String((e.params as { additionalProperty: string }).additionalProperty) : undefined;
+    return `${src.where(e.instancePath, extraKey, fromEnv)} ${dottedPath(e.instancePath, extraKey)}: ${describeError(e)}`;
+  });
+}
+
+export function parseConfigText(text: string, file: string, opts: LoadOptions = {}): LoadedConfig {
+  const env = opts.env ?? process.env;
+  const src = parseYamlSource(text, file);
+  const data = src.data;
+  const problems: string[] = [];
+  const fromEnv = new Map<string, string>(); // json pointer -> env var name
+  applyEnvOverrides(data, env, fromEnv, problems);
+  const where = (ptr: string): string => src.where(ptr, undefined, fromEnv);
+  problems.push(...schemaProblems(src, validator(), fromEnv));
   const cfg = data as Config;
   try {
     // cross-key rules; run even when the schema found problems so that every error is listed at once
@@ -177,7 +194,7 @@ function describeError(e: ErrorObject): string {
     case 'enum':
       return `not allowed${got}; allowed: ${(ps.enum ?? []).map((v) => JSON.stringify(v)).join(', ')}`;
     case 'pattern':
-      if (ps['x-secret']) {
+      if (ps['x-secret'] || (e.params as { pattern: string }).pattern.startsWith('^(env:')) {
         return 'must be a secret reference env:NAME, file:/path or credential:NAME (plain-text secrets are not accepted)';
       }
       return `must match ${(e.params as { pattern: string }).pattern}${got}${ps.description ? ` (${ps.description})` : ''}`;

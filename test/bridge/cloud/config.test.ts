@@ -31,7 +31,7 @@ t.test('every problem is listed with its line; unknown keys and plain secrets ar
     const all = e.problems.join('\n');
     t.match(all, /\/c\.yaml:2:\d+ listen\.port/);
     t.match(all, /\/c\.yaml:3:\d+ listen\.hots: unknown key/);
-    t.match(all, /clients\.0\.secret: must be a secret reference/);
+    t.match(all, /clients\[0\]\.secret: must be a secret reference/);
     t.match(all, /token_ttl_s/);
     t.match(all, /\/c\.yaml:8:1 bogus: unknown key/);
     t.notMatch(all, /plaintext/, 'the secret value is not echoed');
