@@ -74,15 +74,14 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   ctx.broker = broker;
   registerIdentityAdmin(admin, ctx.identity, logger, { enrollmentDefaultTtlS: () => ctx.config.identity.enrollment_default_ttl_s });
 
-  // HTTPS registration/upload API: the journal (uploads) and the broker (connected) are looked up per request,
-  // so it does not depend on their construction order
+  // HTTPS registration/upload API: device status asks the broker; uploads go to the journal
   const api = new ApiServer({
     config,
     identity: ctx.identity,
     logger,
     ports,
     sink: () => ctx.journal,
-    isConnected: (id) => (ctx as { broker?: { isConnected?(id: string): boolean } }).broker?.isConnected?.(id),
+    isConnected: (id) => broker.isConnected(id),
   });
 
   const portsOf: Component = {
