@@ -58,7 +58,8 @@ import {
   type TokenVerifier,
 } from './auth.js';
 import type { DeviceRecord } from './registry.js';
-import { SessionTracker, conformanceHooks, wrapConnection } from './conformance.js';
+import { SessionTracker, conformanceHooks, wrapConnection, type ConformantConnection } from './conformance.js';
+import { RedeliveryTable, payloadDigest } from './redelivery.js';
 
 export type ListenerName = 'tls' | 'wss' | 'local';
 export const PORT_KEYS: Record<ListenerName, string> = { tls: 'mqtt_tls', wss: 'mqtt_wss', local: 'mqtt_local' };
@@ -99,6 +100,8 @@ export interface BrokerOptions {
   closeTimeoutMs?: number;
   /** Prometheus registry for connector_broker_connects_total / connector_broker_refusals_total */
   metrics?: Registry;
+  /** bounds of the QoS 1 redelivery table (broker/redelivery.ts); defaults: 64 per device, 10 min */
+  redelivery?: { perDevice?: number; maxAgeMs?: number; maxDevices?: number };
 }
 
 interface ConnInfo {
@@ -108,6 +111,8 @@ interface ConnInfo {
   remote: string;
   /** client id as sent in CONNECT (captured in preConnect) */
   clientId?: string;
+  /** the conformance guard in front of aedes (knows the DUP flag of incoming PUBLISHes) */
+  conn?: ConformantConnection;
 }
 
 interface PendingCommand {
@@ -199,6 +204,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   private limitRefusals = 0;
   private lastLimitLog = 0;
   private conformanceSessions = new SessionTracker();
+  /** recent journaled QoS 1 publishes per device: a DUP 1 redelivery is acknowledged, not journaled twice */
+  private readonly redelivery: RedeliveryTable;
   private readonly mConnects: Counter<'listener' | 'via'> | undefined;
   private readonly mRefusals: Counter<'listener' | 'code'> | undefined;
   private started: Promise<void> | undefined;
@@ -215,6 +222,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     this.now = opts.now ?? Date.now;
     this.crlPollMs = opts.crlPollMs ?? 2000;
     this.closeTimeoutMs = opts.closeTimeoutMs ?? 3000;
+    this.redelivery = new RedeliveryTable({ ...opts.redelivery, now: this.now });
     if (opts.metrics) {
       const registers = [opts.metrics];
       this.mConnects = new Counter({ name: 'connector_broker_connects_total', help: 'accepted MQTT connections, by listener and credential (cert, jwt, cert+jwt, anonymous)', labelNames: ['listener', 'via'], registers });
@@ -599,6 +607,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       keepaliveMaxS: l.keepalive_max_s,
       peer: `${info.listener} ${info.remote}`,
     });
+    info.conn = conn;
     const client = aedes.handle(conn, req);
     this.conns.set(client, info);
     stream.once('close', () => this.guard('stream close', () => this.endSession(client)));
@@ -790,6 +799,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     };
     try {
       const s = client ? this.sessionOf.get(client) : undefined;
+      // consumed for every QoS>0 PUBLISH, also refused ones, so the guard's record stays in step
+      const dup = packet.qos > 0 && packet.messageId !== undefined && s?.info.conn?.takeIncomingDup(packet.messageId) === true;
       if (!s) return reply(new AuthorizationError('ECONN_NOT_AUTHORIZED', 'publish without an authenticated session'));
       if (s.dropped || this.closing) return reply(new AuthorizationError('ECONN_NOT_AUTHORIZED', 'session closing: publish (or will) refused'));
       const topic = packet.topic;
@@ -818,7 +829,23 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       if (s.failed) return reply(new ConnectorError('ECONN_JOURNAL_IO', 'an earlier message on this connection could not be journaled'));
       let work: Promise<unknown> | undefined;
       if (journal && meta) {
-        work = this.sink!.append(meta, payload);
+        const pid = packet.qos > 0 ? packet.messageId : undefined;
+        if (deviceId !== undefined && pid !== undefined) {
+          const sha256 = payloadDigest(payload);
+          const prev = dup ? this.redelivery.match(deviceId, pid, topic, payload.length, sha256) : undefined;
+          if (prev) {
+            s.log.info({ topic, packet_id: pid }, 'QoS 1 redelivery (DUP 1) of a message already journaled: acknowledged, not journaled again');
+            // the original append may still be pending (its connection dropped): wait for it; if it failed, append now
+            work = prev.done.then(
+              () => undefined,
+              () => this.redelivery.match(deviceId, pid, topic, payload.length, sha256)?.done ?? this.appendRemembered(deviceId, pid, meta, payload, sha256),
+            );
+          } else {
+            work = this.appendRemembered(deviceId, pid, meta, payload, sha256);
+          }
+        } else {
+          work = this.sink!.append(meta, payload);
+        }
         work.catch(() => {}); // handled in the chain below
       }
       s.pending++;
@@ -847,6 +874,14 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       this.log.error({ err }, 'error in authorizePublish');
       reply(err as Error);
     }
+  }
+
+  /** Append a QoS 1 publish and remember it for redelivery detection until its append fails. */
+  private appendRemembered(deviceId: string, packetId: number, meta: UplinkMessageMeta, payload: Buffer, sha256: string): Promise<string | undefined> {
+    const done = this.sink!.append(meta, payload).then((r) => r?.id);
+    const entry = this.redelivery.remember(deviceId, packetId, { topic: meta.topic, length: payload.length, sha256, done });
+    done.catch(() => this.redelivery.forget(deviceId, packetId, entry));
+    return done;
   }
 
   private safeBestEffort(s: Session, fn: BestEffortForward, meta: UplinkMessageMeta, payload: Buffer): void {

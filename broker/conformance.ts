@@ -352,6 +352,8 @@ export class ConformantConnection extends Duplex {
   /** ids unacknowledged in the previous connection of this session: re-sent with DUP 1 */
   private redeliver: Set<number> | undefined;
   private readonly fixups = new Map<number, SubackFixup>();
+  /** packet ids of incoming QoS>0 PUBLISHes that carried DUP 1 (the flag itself is cleared), not yet taken */
+  private readonly dupIn = new Map<number, number>();
 
   private graceTimer: NodeJS.Timeout | undefined;
   private graceful = false;
@@ -545,6 +547,18 @@ export class ConformantConnection extends Duplex {
     return ok ? end : FAIL;
   }
 
+  /**
+   * Whether the incoming QoS>0 PUBLISH with this packet id carried DUP 1 (the guard clears the
+   * flag before aedes sees it, MQTT-3.3.1-3). Call once per PUBLISH, in receive order: it consumes.
+   */
+  takeIncomingDup(packetId: number): boolean {
+    const n = this.dupIn.get(packetId);
+    if (n === undefined) return false;
+    if (n <= 1) this.dupIn.delete(packetId);
+    else this.dupIn.set(packetId, n - 1);
+    return true;
+  }
+
   /** PUBLISH: check the topic name and packet id; the payload streams through unexamined. */
   private examinePublish(b: Buffer, s: number, e: number, h: number, total: number, flags: number): number {
     const avail = e - s;
@@ -566,8 +580,13 @@ export class ConformantConnection extends Duplex {
     if (bad) return this.violation(bad, 'PUBLISH topic name');
     if (qos > 0) {
       if (u16(b, t0 + topicLen) === 0) return this.violation('MQTT-2.3.1-1', `QoS ${qos} PUBLISH with packet identifier 0`);
-      // MQTT-3.3.1-3: the DUP of an incoming PUBLISH must not reach subscribers; aedes copies it
-      if (flags & 0x08) b[s] = b[s]! & ~0x08;
+      // MQTT-3.3.1-3: the DUP of an incoming PUBLISH must not reach subscribers; aedes copies it.
+      // The broker still needs to know it (redelivery dedup), so it is remembered per packet id.
+      if (flags & 0x08) {
+        b[s] = b[s]! & ~0x08;
+        const id = u16(b, t0 + topicLen);
+        if (this.dupIn.size < 65536) this.dupIn.set(id, (this.dupIn.get(id) ?? 0) + 1);
+      }
     }
     if (avail >= total) return s + total;
     this.streamLeft = total - avail;

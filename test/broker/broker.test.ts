@@ -409,3 +409,90 @@ t.test('connect timeout: a connection that never sends CONNECT is closed', async
   await waitFor(() => (fx.broker.status() as { listeners: { tls: { connections: number } } }).listeners.tls.connections === 0, 5000, 'server side closed');
   t.pass('no socket left behind');
 });
+
+t.test('QoS 1 redelivery (DUP 1) after a lost PUBACK is acknowledged but not journaled twice; new messages always are', async (t) => {
+  const sink = new FakeSink();
+  const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
+  const d = await fx.addDevice('dev-r');
+  const topic = 'devices/dev-r/telemetry/t';
+
+  /** a raw MQTT 3.1.1 device connection (mqtt.js cannot be made to lose a PUBACK on purpose) */
+  const rawDevice = async (): Promise<{ sock: tls.TLSSocket; received: mqttPacket.Packet[]; pub: (id: number, payload: string, dup: boolean) => void; acked: (id: number) => number }> => {
+    const sock = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost', cert: d.cert, key: d.key });
+    t.teardown(() => sock.destroy());
+    await once(sock, 'secureConnect');
+    const parser = mqttPacket.parser({ protocolVersion: 4 });
+    const received: mqttPacket.Packet[] = [];
+    parser.on('packet', (p) => received.push(p));
+    sock.on('data', (b: Buffer) => parser.parse(b));
+    sock.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: false, clientId: 'dev-r', keepalive: 60 }));
+    await waitFor(() => received.some((p) => p.cmd === 'connack'), 5000, 'CONNACK');
+    await waitFor(() => fx.broker.isConnected('dev-r'), 5000, 'registered');
+    return {
+      sock,
+      received,
+      pub: (id, payload, dup) => sock.write(mqttPacket.generate({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 1, dup, retain: false, messageId: id })),
+      acked: (id) => received.filter((p) => p.cmd === 'puback' && p.messageId === id).length,
+    };
+  };
+  const dropped = async (c: { sock: tls.TLSSocket }): Promise<void> => {
+    c.sock.destroy();
+    await waitFor(() => !fx.broker.isConnected('dev-r'), 5000, 'old connection gone');
+  };
+
+  // 1. the PUBACK is lost: the connection drops while the append is pending; the append then completes
+  sink.hold = true;
+  const c1 = await rawDevice();
+  c1.pub(7, 'reading-1', false);
+  await waitFor(() => sink.held === 1, 5000, 'append started');
+  await dropped(c1);
+  sink.release();
+  t.equal(c1.acked(7), 0, 'the device never saw the PUBACK');
+  // the device reconnects and re-sends the same PUBLISH with DUP 1 and the same packet id
+  sink.hold = false;
+  const c2 = await rawDevice();
+  c2.pub(7, 'reading-1', true);
+  await waitFor(() => c2.acked(7) === 1, 5000, 'PUBACK for the redelivery');
+  t.equal(sink.appended.length, 1, 'journaled exactly once');
+  t.ok(fx.logs.find({ msg: 'QoS 1 redelivery (DUP 1) of a message already journaled: acknowledged, not journaled again', packet_id: 7 }).length === 1, 'logged');
+
+  // 2. same packet id, DUP 1, but a different payload: genuinely new, appended
+  c2.pub(7, 'reading-2', true);
+  await waitFor(() => c2.acked(7) === 2, 5000, 'PUBACK');
+  t.same(sink.appended.map((x) => x.payload.toString()), ['reading-1', 'reading-2'], 'a different payload under the same packet id is appended');
+  // same id, same payload, DUP 0 (e.g. mosquitto_pub run twice, ids start at 1): a new message, appended
+  c2.pub(7, 'reading-2', false);
+  await waitFor(() => c2.acked(7) === 3, 5000, 'PUBACK');
+  t.equal(sink.appended.length, 3, 'DUP 0 is never treated as a redelivery');
+  // DUP 1 for a packet id never seen (the original never arrived): appended
+  c2.pub(8, 'reading-3', true);
+  await waitFor(() => c2.acked(8) === 1, 5000, 'PUBACK');
+  t.equal(sink.appended.length, 4, 'a DUP 1 message we never journaled is appended');
+
+  // 3. the redelivery arrives while the original append is still pending: it waits for it, no second append
+  sink.hold = true;
+  c2.pub(9, 'reading-4', false);
+  await waitFor(() => sink.held === 1, 5000, 'append started');
+  await dropped(c2);
+  const c3 = await rawDevice();
+  c3.pub(9, 'reading-4', true);
+  // a round trip on the same connection proves the redelivery was processed (PINGREQ is answered in order)
+  c3.sock.write(mqttPacket.generate({ cmd: 'pingreq' }));
+  await waitFor(() => c3.received.some((p) => p.cmd === 'pingresp'), 5000, 'PINGRESP');
+  t.equal(c3.acked(9), 0, 'no PUBACK while the original append is pending');
+  sink.release();
+  await waitFor(() => c3.acked(9) === 1, 5000, 'PUBACK once the original append resolved');
+  t.equal(sink.appended.length, 5, 'still journaled once');
+
+  // 4. the original append failed: the redelivery must be journaled
+  sink.hold = true;
+  c3.pub(10, 'reading-5', false);
+  await waitFor(() => sink.held === 1, 5000, 'append started');
+  await dropped(c3);
+  sink.failHeld(new ConnectorError('ECONN_JOURNAL_IO', 'disk gone'));
+  sink.hold = false;
+  const c4 = await rawDevice();
+  c4.pub(10, 'reading-5', true);
+  await waitFor(() => c4.acked(10) === 1, 5000, 'PUBACK');
+  t.same(sink.appended.slice(5).map((x) => x.payload.toString()), ['reading-5', 'reading-5'], 'failed original, then the redelivery appended');
+});
