@@ -821,7 +821,7 @@ export class ApiServer implements Component {
       token: issued.token,
       expires_at: issued.expiresAt.toISOString(),
       ...(certificate !== undefined ? { certificate } : {}),
-      ca_certificate: this.identity.pki.caCertificatePem(),
+      ca_certificate: this.identity.pki.deviceCaBundlePem(),
       endpoints: this.endpoints(ctx.req),
     });
   }

@@ -61,7 +61,7 @@ export async function addDevice(identity: Identity, id: string, metadata: unknow
     const bundle = await pki.issueDeviceBundle(id, kt);
     await registry.addCertificate(id, { serial: bundle.serial, fingerprint256: bundle.fingerprint256, not_after: bundle.notAfter.toISOString() });
     const tok = await tokens.issue(id);
-    return { id, key: bundle.key, cert: bundle.cert, ca: pki.caCertificatePem(), token: tok.token, expires_at: tok.expiresAt.toISOString(), serial: bundle.serial };
+    return { id, key: bundle.key, cert: bundle.cert, ca: pki.deviceCaBundlePem(), token: tok.token, expires_at: tok.expiresAt.toISOString(), serial: bundle.serial };
   } catch (err) {
     // do not leave a half-provisioned device behind
     await registry.revoke(id).catch(() => {});

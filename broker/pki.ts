@@ -2,10 +2,19 @@
  * Local PKI in `<state_dir>/pki/`:
  *
  *   ca.crt, ca.key            the current device CA (EC P-256, self-signed); it signs device
- *                             certificates and the server certificate
- *   trusted/<serial>.crt      previous device CAs, still trusted for device certificates after
- *                             a CA rotation (removed by hand or when they expire)
+ *                             certificates (and the server certificate when no rotation is open)
+ *   trusted/<serial>.crt,.key previous device CAs after a CA rotation: still trusted for device
+ *                             certificates until `connector ca retire` (or they expire)
+ *   retired/<serial>.crt      CAs dropped by retireCa() (certificate only, the key is deleted)
  *   server.crt, server.key    the broker/API server certificate (SAN from identity.pki.server_names)
+ *
+ * CA rotation is two steps. rotateCa(): a new CA signs device certificates; the previous one stays
+ * trusted, and the server certificate keeps being issued (also on renewal) by the OLDEST still-
+ * trusted CA whose key we hold and that has more than server_cert_renew_before_days left, because
+ * devices that still only have the old ca.crt verify the server with it. Devices are handed a
+ * bundle of all trusted CAs (deviceCaBundlePem()) meanwhile, so they can move over. retireCa():
+ * the operator says every device has the new CA; the server certificate is re-issued by the
+ * current CA and the previous CAs are dropped from trust and from issuing.
  *
  * Private keys are 0600, written atomically. `connector init` (LocalPki.initStep)
  * creates what is missing and never overwrites; start() only loads, except that
@@ -20,7 +29,7 @@
  */
 import { EventEmitter } from 'node:events';
 import { X509Certificate, createPrivateKey, createPublicKey } from 'node:crypto';
-import { readFileSync, existsSync, mkdirSync, readdirSync } from 'node:fs';
+import { readFileSync, existsSync, mkdirSync, readdirSync, unlinkSync } from 'node:fs';
 import { isIP } from 'node:net';
 import path from 'node:path';
 import type { Config } from '../daemon/config/schema.js';
@@ -244,7 +253,8 @@ export class LocalPki extends EventEmitter implements Component {
   private readonly log: Logger;
   private readonly paths: ReturnType<typeof pkiPaths>;
   private ca: CaMaterial | undefined;
-  private previousCas: string[] = [];
+  /** previous CAs (rotation open), most recent first; `file` is trusted/<serial>.crt (its key: .key) */
+  private previousCas: { pem: string; file: string }[] = [];
   private server: { cert: string; key: string } | undefined;
   private started: Promise<void> | undefined;
   private timer: NodeJS.Timeout | undefined;
@@ -302,14 +312,14 @@ export class LocalPki extends EventEmitter implements Component {
     this.timer.unref();
   }
 
-  private loadTrusted(): string[] {
+  private loadTrusted(): { pem: string; file: string }[] {
     let names: string[];
     try {
       names = readdirSync(this.paths.trustedDir).filter((n) => n.endsWith('.crt'));
     } catch {
       return [];
     }
-    const out: string[] = [];
+    const out: { pem: string; file: string; notBefore: number }[] = [];
     for (const n of names.sort()) {
       const file = path.join(this.paths.trustedDir, n);
       try {
@@ -319,12 +329,42 @@ export class LocalPki extends EventEmitter implements Component {
           this.log.info({ file }, 'previous device CA has expired; no longer trusted');
           continue;
         }
-        out.push(pem);
+        out.push({ pem, file, notBefore: new Date(c.validFrom).getTime() });
       } catch (err) {
         this.log.warn({ err, file }, 'previous device CA cannot be parsed; ignored');
       }
     }
-    return out;
+    return out.sort((a, b) => b.notBefore - a.notBefore).map(({ pem, file }) => ({ pem, file }));
+  }
+
+  /**
+   * The CA that issues the server certificate: the oldest previous CA (rotation not yet retired)
+   * whose key we hold and that is valid for more than server_cert_renew_before_days (+1 day),
+   * so devices that only know the old CA keep verifying the server; otherwise the current CA.
+   */
+  private async issuingCa(): Promise<CaMaterial> {
+    const ca = this.requireCa();
+    const minLeft = Date.now() + (this.config.server_cert_renew_before_days + 1) * DAY;
+    for (const prev of [...this.previousCas].reverse()) {
+      try {
+        if (new Date(new X509Certificate(prev.pem).validTo).getTime() <= minLeft) continue;
+        const keyPem = readIf(prev.file.replace(/\.crt$/, '.key'));
+        if (!keyPem) continue;
+        return await loadCa(prev.pem, keyPem);
+      } catch (err) {
+        this.log.warn({ err, file: prev.file }, 'previous device CA key cannot be loaded; not used for the server certificate');
+      }
+    }
+    return ca;
+  }
+
+  private async writeServer(ca: CaMaterial, reason: string): Promise<void> {
+    const srv = await issueServerCert(ca, this.config.server_names, this.config.server_cert_validity_days);
+    await writeAtomic(this.paths.serverKey, srv.key, 0o600);
+    await writeAtomic(this.paths.serverCert, srv.cert, 0o644);
+    this.server = srv;
+    this.log.info({ reason, issuer: normalizeSerial(ca.cert.serialNumber), not_after: new X509Certificate(srv.cert).validTo }, 'server certificate renewed');
+    this.emit('server-cert', srv);
   }
 
   /** Server certificate renewal: near expiry, or SAN no longer matching identity.pki.server_names. */
@@ -333,17 +373,19 @@ export class LocalPki extends EventEmitter implements Component {
     const cur = new X509Certificate(this.server.cert);
     const expires = new Date(cur.validTo).getTime();
     const renewAt = expires - this.config.server_cert_renew_before_days * DAY;
-    const issuedByCurrentCa = cur.checkIssued(new X509Certificate(this.ca.pem));
-    const ourCert = issuedByCurrentCa || this.previousCas.some((p) => cur.checkIssued(new X509Certificate(p)));
-    if (!ourCert) return; // operator-provided server certificate: not ours to renew
+    if (!this.isOurServerCert(cur)) return; // operator-provided server certificate: not ours to renew
+    const issuer = await this.issuingCa();
     const sanChanged = x509Sans(cur) !== nodeSanString(this.config.server_names);
-    if (Date.now() < renewAt && !sanChanged) return;
-    const srv = await issueServerCert(this.ca, this.config.server_names, this.config.server_cert_validity_days);
-    await writeAtomic(this.paths.serverKey, srv.key, 0o600);
-    await writeAtomic(this.paths.serverCert, srv.cert, 0o644);
-    this.server = srv;
-    this.log.info({ reason: sanChanged ? 'server_names changed' : 'near expiry', not_after: new X509Certificate(srv.cert).validTo }, 'server certificate renewed');
-    this.emit('server-cert', srv);
+    const issuerChanged = !cur.checkIssued(new X509Certificate(issuer.pem)) || !cur.verify(new X509Certificate(issuer.pem).publicKey);
+    if (Date.now() < renewAt && !sanChanged && !issuerChanged) return;
+    await this.writeServer(issuer, sanChanged ? 'server_names changed' : issuerChanged ? 'issuing CA changed' : 'near expiry');
+  }
+
+  private isOurServerCert(cur: X509Certificate): boolean {
+    return [this.requireCa().pem, ...this.previousCas.map((p) => p.pem)].some((p) => {
+      const ca = new X509Certificate(p);
+      return cur.checkIssued(ca) && cur.verify(ca.publicKey);
+    });
   }
 
   async reload(next: Config): Promise<string[]> {
@@ -367,6 +409,7 @@ export class LocalPki extends EventEmitter implements Component {
     return {
       ca_not_after: this.ca.cert.notAfter.toISOString(),
       previous_cas: this.previousCas.length,
+      rotation_open: this.previousCas.length > 0,
       server_not_after: new Date(new X509Certificate(this.server.cert).validTo).toISOString(),
     };
   }
@@ -381,7 +424,18 @@ export class LocalPki extends EventEmitter implements Component {
   }
 
   trustedDeviceCaPems(): string[] {
-    return [this.requireCa().pem, ...this.previousCas];
+    return [this.requireCa().pem, ...this.previousCas.map((p) => p.pem)];
+  }
+
+  /**
+   * The `ca.crt` handed to devices (registration API, `connector device add`): the current CA,
+   * and while a rotation is open (before retireCa) every previous CA too, current first, so a
+   * device verifies the server both before and after the rotation is retired.
+   */
+  deviceCaBundlePem(): string {
+    const pems = this.trustedDeviceCaPems();
+    if (pems.length === 1) return pems[0]!;
+    return pems.map((p) => `${p.trim()}\n`).join('');
   }
 
   serverCredentials(): { cert: string; key: string } {
@@ -477,10 +531,10 @@ export class LocalPki extends EventEmitter implements Component {
 
   /**
    * CA rotation: a new device CA becomes current (signs new device certificates);
-   * the previous one moves to trusted/ and stays in trustedDeviceCaPems() until it
-   * expires or is removed, so existing device certificates keep working. The server
-   * certificate is left as is (devices that only know the old CA can still verify it)
-   * until its normal renewal.
+   * the previous one moves to trusted/ and stays in trustedDeviceCaPems() until
+   * retireCa() (or it expires), so existing device certificates keep working. The server
+   * certificate stays issued by the oldest still-trusted CA, also when it is renewed
+   * (devices that only know the old CA keep verifying it), until retireCa().
    */
   async rotateCa(serverName = 'rotated'): Promise<{ serial: string }> {
     const old = this.requireCa();
@@ -492,11 +546,49 @@ export class LocalPki extends EventEmitter implements Component {
     await writeAtomic(this.paths.caKey, fresh.key, 0o600);
     await writeAtomic(this.paths.caCert, fresh.cert, 0o644);
     this.ca = await loadCa(fresh.cert, fresh.key);
-    this.previousCas = [old.pem, ...this.previousCas.filter((p) => p !== old.pem)];
+    this.previousCas = [{ pem: old.pem, file: path.join(this.paths.trustedDir, `${oldSerial}.crt`) }, ...this.previousCas.filter((p) => p.pem !== old.pem)];
     const serial = normalizeSerial(this.ca.cert.serialNumber);
     this.log.info({ serial, previous: oldSerial }, 'device CA rotated');
     this.emit('ca-rotated', { serial });
     return { serial };
+  }
+
+  /**
+   * Finish a CA rotation once every device has the new CA: the server certificate is re-issued
+   * by the current CA (if it is ours), then every previous CA is dropped from trust and from
+   * issuing (certificate moved to retired/, key deleted). Device certificates from a retired CA
+   * stop working. Nothing open: returns retired = []. Order matters for a crash in between: the
+   * new server certificate is written first, and a second call finishes the job.
+   */
+  async retireCa(): Promise<{ serial: string; retired: string[] }> {
+    const ca = this.requireCa();
+    const serial = normalizeSerial(ca.cert.serialNumber);
+    const prev = this.previousCas;
+    if (prev.length === 0) return { serial, retired: [] };
+    if (this.server) {
+      const cur = new X509Certificate(this.server.cert);
+      const byCurrent = cur.checkIssued(new X509Certificate(ca.pem)) && cur.verify(new X509Certificate(ca.pem).publicKey);
+      if (!byCurrent && this.isOurServerCert(cur)) await this.writeServer(ca, 'device CA rotation retired');
+    }
+    const retiredDir = path.join(this.paths.dir, 'retired');
+    mkdirSync(retiredDir, { recursive: true, mode: 0o700 });
+    const retired: string[] = [];
+    for (const p of prev) {
+      const s = normalizeSerial(new X509Certificate(p.pem).serialNumber);
+      await writeAtomic(path.join(retiredDir, path.basename(p.file)), p.pem, 0o644);
+      for (const f of [p.file, p.file.replace(/\.crt$/, '.key')]) {
+        try {
+          unlinkSync(f);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new StorageError('ECONN_PKI', `${f} cannot be removed (${(err as NodeJS.ErrnoException).code}); remove it by hand to finish retiring the CA`, { cause: err });
+        }
+      }
+      retired.push(s);
+    }
+    this.previousCas = [];
+    this.log.info({ serial, retired }, 'device CA rotation retired: only the current CA is trusted');
+    this.emit('ca-retired', { serial, retired });
+    return { serial, retired };
   }
 
   get stateDirectory(): string {

@@ -2,12 +2,13 @@
  * Operations commands (talk to the running daemon over the admin socket):
  *   connector status [--json]   what the daemon is doing; exit 0 ready, 1 running but not ready,
  *                               69 not running (admin socket unreachable)
- *   connector ca rotate         new device CA; the previous one stays trusted
+ *   connector ca rotate         new device CA; the previous one stays trusted (and issues the server certificate)
+ *   connector ca retire         finish a rotation: only the new CA is trusted and issues the server certificate
  *   connector keys rotate       new JWT signing key; the previous one keeps verifying its tokens
  */
 import { EXIT } from '../errors.js';
 import type { DaemonStatus, Expiry } from '../status.js';
-import type { CaRotateResult } from '../rotation.js';
+import type { CaRetireResult, CaRotateResult } from '../rotation.js';
 import { CONFIG_OPTION, adminCall, type Command } from './types.js';
 
 function duration(s: number): string {
@@ -91,9 +92,9 @@ export const opsCommands: Command[] = [
   },
   {
     path: ['ca', 'rotate'],
-    summary: 'start a new device CA; the previous one stays trusted until it expires',
+    summary: 'start a new device CA; the previous one stays trusted until `connector ca retire`',
     usage:
-      'connector ca rotate [-c FILE] [--json]\n\nNew device certificates are signed by the new CA at once; certificates from the previous CA keep\nworking until it expires or you remove it from <state_dir>/pki/trusted/. Give devices the new ca.crt.',
+      'connector ca rotate [-c FILE] [--json]\n\nNew device certificates are signed by the new CA at once; certificates from the previous CA keep\nworking, and the server certificate stays issued by the previous CA, until `connector ca retire`.\nMeanwhile devices get a ca.crt bundle of both CAs: give it to every device, then retire.',
     options: { ...CONFIG_OPTION, json: { type: 'boolean' } },
     run: async ({ values }) => {
       const r = (await adminCall(values, 'ca.rotate')) as CaRotateResult;
@@ -104,6 +105,27 @@ export const opsCommands: Command[] = [
       process.stdout.write(`new device CA: serial ${r.serial}, valid until ${r.not_after}\n`);
       process.stdout.write('trusted for device certificates now:\n');
       for (const t of r.trusted) process.stdout.write(`  ${t.serial}  until ${t.not_after}  ${t.subject}\n`);
+      return EXIT.OK;
+    },
+  },
+  {
+    path: ['ca', 'retire'],
+    summary: 'finish a CA rotation: the server certificate moves to the new CA, previous CAs are no longer trusted',
+    usage:
+      'connector ca retire [-c FILE] [--json]\n\nRun it once every device has the new CA (the ca.crt bundle handed out since `connector ca rotate`).\nThe server certificate is re-issued by the current CA; device certificates from the previous CAs\nstop working. Without an open rotation nothing changes.',
+    options: { ...CONFIG_OPTION, json: { type: 'boolean' } },
+    run: async ({ values }) => {
+      const r = (await adminCall(values, 'ca.retire')) as CaRetireResult;
+      if (values.json) {
+        process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
+        return EXIT.OK;
+      }
+      if (r.retired.length === 0) {
+        process.stdout.write(`no CA rotation to retire: device CA ${r.serial} is the only one trusted\n`);
+        return EXIT.OK;
+      }
+      process.stdout.write(`retired device CA${r.retired.length > 1 ? 's' : ''}: ${r.retired.join(', ')}\n`);
+      process.stdout.write(`device CA ${r.serial} is now the only one trusted and issues the server certificate\n`);
       return EXIT.OK;
     },
   },

@@ -10,6 +10,7 @@ import { LocalPki, initPki, pkiPaths } from '../../broker/pki.js';
 import { x509, generateKeyPair, signingAlgorithm } from '../../broker/x509.js';
 import { createCsr, TestCA } from '../helpers/certs.js';
 import { tempDir } from '../helpers/daemon.js';
+import { normalizeSerial } from '../../broker/registry.js';
 
 const logger = createLogger({ level: 'silent' });
 const DAY = 86400_000;
@@ -261,4 +262,110 @@ t.test('an operator-provided server certificate is never renewed', async (t) => 
   await pki.start();
   t.equal(pki.serverCredentials().cert, srv.cert);
   t.equal(readFileSync(p.serverCert, 'utf8'), srv.cert);
+});
+
+/** TLS handshake against the given server credentials, verifying with `ca` (a PEM or a bundle); true when it verified. */
+async function tlsVerifies(t: Test, srv: { cert: string; key: string }, ca: string): Promise<boolean> {
+  const server = tls.createServer({ cert: srv.cert, key: srv.key, minVersion: 'TLSv1.2' }, (s) => s.end('hi'));
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  t.teardown(() => new Promise<void>((r) => server.close(() => r())));
+  const port = (server.address() as { port: number }).port;
+  return new Promise<boolean>((resolve) => {
+    const s = tls.connect({ host: '127.0.0.1', port, ca, servername: 'localhost' }, () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.on('error', () => resolve(false));
+  });
+}
+
+function pemsOf(bundle: string): string[] {
+  return bundle.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+}
+
+function issuedBy(certPem: string, caPem: string): boolean {
+  const c = new X509Certificate(certPem);
+  const ca = new X509Certificate(caPem);
+  return c.checkIssued(ca) && c.verify(ca.publicKey);
+}
+
+t.test('CA rotation: renewed server certificates stay on the old CA until retireCa; devices get a bundle meanwhile', async (t) => {
+  const { pki, stateDir } = await started(t);
+  const p = pkiPaths(stateDir);
+  const oldCa = pki.caCertificatePem();
+  t.equal(pki.deviceCaBundlePem(), oldCa, 'no rotation open: the bundle is the single CA');
+  t.same(await pki.retireCa(), { serial: normalizeSerial(new X509Certificate(oldCa).serialNumber), retired: [] }, 'nothing to retire');
+
+  const oldDevice = await pki.issueDeviceBundle('d-old');
+  await pki.rotateCa('gw');
+  const newCa = pki.caCertificatePem();
+  t.not(newCa, oldCa);
+
+  // during the rotation devices are handed both CAs, current first
+  const bundle = pemsOf(pki.deviceCaBundlePem());
+  t.equal(bundle.length, 2, 'bundle of both CAs');
+  t.equal(new X509Certificate(bundle[0]!).fingerprint256, new X509Certificate(newCa).fingerprint256, 'current CA first');
+  t.equal(new X509Certificate(bundle[1]!).fingerprint256, new X509Certificate(oldCa).fingerprint256, 'previous CA second');
+
+  // a renewal during the rotation (here: server_names changed) is still issued by the OLD CA
+  let renewed = 0;
+  pki.on('server-cert', () => renewed++);
+  await pki.reload(config(stateDir, 'identity: { pki: { server_names: [localhost, 127.0.0.1, gw-a.example] } }'));
+  t.equal(renewed, 1, 'renewed');
+  const duringRotation = pki.serverCredentials();
+  t.match(new X509Certificate(duringRotation.cert).subjectAltName, /gw-a\.example/);
+  t.ok(issuedBy(duringRotation.cert, oldCa), 'renewed server certificate issued by the old CA');
+  t.notOk(issuedBy(duringRotation.cert, newCa), 'not by the new CA');
+  t.ok(await tlsVerifies(t, duringRotation, oldCa), 'a device that only has the old ca.crt verifies the server');
+  t.ok(await tlsVerifies(t, duringRotation, pki.deviceCaBundlePem()), 'a device with the bundle verifies the server');
+  t.notOk(await tlsVerifies(t, duringRotation, newCa), 'control: the new CA alone does not verify it yet');
+
+  // a restart keeps it (the issuing CA did not change): no renewal
+  const cfgA = config(stateDir, 'identity: { pki: { server_names: [localhost, 127.0.0.1, gw-a.example] } }');
+  await pki.close();
+  const again = new LocalPki({ stateDir, config: cfgA.identity.pki, logger });
+  t.teardown(() => again.close());
+  await again.start();
+  t.equal(again.serverCredentials().cert, duringRotation.cert, 'restart during the rotation: same server certificate');
+  t.equal(pemsOf(again.deviceCaBundlePem()).length, 2, 'bundle survives a restart');
+
+  // retire: server certificate re-issued by the new CA, the old CA no longer trusted nor issuing
+  let renewedAgain = 0;
+  again.on('server-cert', () => renewedAgain++);
+  const r = await again.retireCa();
+  t.same(r, { serial: normalizeSerial(new X509Certificate(newCa).serialNumber), retired: [normalizeSerial(new X509Certificate(oldCa).serialNumber)] });
+  t.equal(renewedAgain, 1, 'server-cert emitted so listeners reload');
+  const afterRetire = again.serverCredentials();
+  t.ok(issuedBy(afterRetire.cert, newCa), 'server certificate now issued by the new CA');
+  t.ok(await tlsVerifies(t, afterRetire, newCa), 'a device with the new CA verifies the server');
+  t.notOk(await tlsVerifies(t, afterRetire, oldCa), 'the old CA alone no longer verifies it');
+  t.same(again.trustedDeviceCaPems(), [newCa], 'only the new CA is trusted');
+  t.equal(again.deviceCaBundlePem(), newCa, 'devices get the new CA only');
+  t.notOk(again.trustedDeviceCaPems().some((ca) => new X509Certificate(oldDevice.cert).verify(new X509Certificate(ca).publicKey)), 'old-CA device certificates no longer chain to a trusted CA');
+  t.same(readdirSync(p.trustedDir), [], 'previous CA certificate and key removed from trusted/');
+  t.same(readdirSync(path.join(p.dir, 'retired')).filter((n) => n.endsWith('.key')), [], 'the retired key is deleted');
+  t.equal(readdirSync(path.join(p.dir, 'retired')).length, 1, 'the retired certificate is kept for reference');
+
+  // a later renewal uses the new CA, and a restart keeps the retirement
+  await again.reload(config(stateDir, 'identity: { pki: { server_names: [localhost, 127.0.0.1, gw-b.example] } }'));
+  t.ok(issuedBy(again.serverCredentials().cert, newCa), 'renewal after retire: new CA');
+  await again.close();
+  const third = new LocalPki({ stateDir, config: config(stateDir, 'identity: { pki: { server_names: [localhost, 127.0.0.1, gw-b.example] } }').identity.pki, logger });
+  t.teardown(() => third.close());
+  await third.start();
+  t.equal(third.trustedDeviceCaPems().length, 1, 'restart: still only the new CA');
+  t.equal(third.serverCredentials().cert, again.serverCredentials().cert, 'restart: server certificate kept');
+  t.same((await third.retireCa()).retired, [], 'retiring again: nothing to do');
+});
+
+t.test('CA rotation: a previous CA whose key is gone does not issue the server certificate', async (t) => {
+  const { pki, stateDir } = await started(t);
+  const oldCa = pki.caCertificatePem();
+  await pki.rotateCa('gw');
+  const newCa = pki.caCertificatePem();
+  unlinkSync(path.join(pkiPaths(stateDir).trustedDir, readdirKey(stateDir)));
+  await pki.reload(config(stateDir, 'identity: { pki: { server_names: [localhost, 127.0.0.1, gw-c.example] } }'));
+  t.ok(issuedBy(pki.serverCredentials().cert, newCa), 'falls back to the current CA');
+  t.equal(pki.trustedDeviceCaPems().length, 2, 'the previous CA is still trusted for device certificates');
+  t.ok(pki.trustedDeviceCaPems().includes(oldCa));
 });

@@ -1,5 +1,5 @@
 /**
- * `connector status`, `connector ca rotate`, `connector keys rotate` against a
+ * `connector status`, `connector ca rotate|retire`, `connector keys rotate` against a
  * real daemon child process.
  */
 import t from 'tap';
@@ -181,11 +181,36 @@ t.test('connector ca rotate: certificates from the old and the new CA both work;
   const header = JSON.parse(Buffer.from(fresh.token.split('.')[0]!, 'base64url').toString()) as Json;
   t.equal(header.kid, kid, 'new tokens are signed with the new key');
   t.equal(await deviceStatus(d.ports.api!, 'old-ca-dev', { token: fresh.token }, before.ca), 200);
+
+  // during the rotation devices are handed a bundle of every trusted CA, current first
+  const caPems = (pem: string): string[] => pem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+  t.equal(caPems(after.ca).length, 2, 'device.add during the rotation: ca bundle of both CAs');
+  const late = (await adminRequest(sock, 'device.add', { id: 'late-dev' })) as Bundle;
+  t.equal(caPems(late.ca).length, 3, 'after two rotations: all three CAs');
+  t.equal(await deviceStatus(d.ports.api!, 'late-dev', { cert: late.cert, key: late.key }, late.ca), 200, 'the bundle verifies the server');
+
+  // connector ca retire: only the newest CA is trusted and issues the server certificate
+  const ret = await runCli(['ca', 'retire', '--json', ...cfg]);
+  t.equal(ret.code, 0, ret.stderr);
+  const rr = JSON.parse(ret.stdout) as { serial: string; retired: string[]; trusted: { serial: string }[]; reloaded: string[] };
+  t.equal(rr.retired.length, 2, 'both previous CAs retired');
+  t.ok(rr.retired.includes(oldCaSerial));
+  t.same(rr.trusted.map((x) => x.serial), [rr.serial], 'only the current CA is trusted');
+  t.ok(rr.reloaded.some((l) => /api/.test(l)), `TLS contexts reloaded: ${JSON.stringify(rr.reloaded)}`);
+  const newest = caPems(late.ca)[0]!;
+  t.equal(await deviceStatus(d.ports.api!, 'late-dev', { cert: late.cert, key: late.key }, newest), 200, 'the server certificate now verifies with the newest CA alone');
+  await t.rejects(deviceStatus(d.ports.api!, 'old-ca-dev', { token: fresh.token }, before.ca), 'the old CA alone no longer verifies the server');
+  const oldCert = await deviceStatus(d.ports.api!, 'old-ca-dev', { cert: before.cert, key: before.key }, newest).catch(() => 0);
+  t.not(oldCert, 200, 'an old-CA device certificate is no longer accepted');
+  const again = await runCli(['ca', 'retire', ...cfg]);
+  t.equal(again.code, 0, again.stderr);
+  t.match(again.stdout, /^no CA rotation to retire/m);
 });
 
 t.test('ca rotate / keys rotate without a daemon: exit 69', async (t) => {
   const dir = tempDir(t);
   const file = writeConfig(dir, testConfig(`${dir}/state`));
   t.equal((await runCli(['ca', 'rotate', '-c', file])).code, 69);
+  t.equal((await runCli(['ca', 'retire', '-c', file])).code, 69);
   t.equal((await runCli(['keys', 'rotate', '-c', file])).code, 69);
 });
