@@ -61,7 +61,8 @@ export function resolveSecret(ref: SecretRef, env: NodeJS.ProcessEnv = process.e
       return readSecretFile(ref, path.join(dir, name));
     }
     default:
-      fail(ref, 'must be env:NAME, file:/path or credential:NAME');
+      // not a reference: it may be the secret itself, so it is not repeated
+      throw new SecurityError('ECONN_CONFIG_SECRET', 'a secret must be given as env:NAME, file:/path or credential:NAME, not in plain text');
   }
 }
 
