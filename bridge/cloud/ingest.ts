@@ -7,7 +7,10 @@
  *
  * Frames of one connection are handled strictly in order (one async queue);
  * the socket is paused while too many bytes wait, which pushes back on the
- * sender through TCP.
+ * sender through TCP. A complete message is handed to the store's group commit
+ * without holding up the queue (its ACK is sent when it is durable), so the
+ * messages of one connection share fsync rounds. Order per device across a
+ * retry-REJECT: see `blocked`.
  */
 import { randomBytes } from 'node:crypto';
 import type { WebSocket, RawData } from 'ws';
@@ -19,6 +22,7 @@ import {
   PROTOCOL_VERSION,
   MessageAssembly,
   WireError,
+  LIMITS,
   decodeFrame,
   encodeFrame,
   errorFrameFor,
@@ -87,6 +91,17 @@ export class IngestSession {
   /** Stored ids already re-acknowledged on this connection (duplicates of a resend). */
   private readonly dupAcked = new Set<string>();
   private readonly touched = new Set<Partial>();
+  /**
+   * Order per device: device id → the message of it REJECTed for retry on this connection.
+   * Until that message is complete and queued for commit ahead of them (or rejected
+   * permanently), every later message of the device is REJECTed for retry too, so none is
+   * stored before it. If its commit fails, the device is blocked again (store onFail).
+   */
+  private readonly blocked = new Map<string, string>();
+  /** Commits in flight (group commit: the frame queue does not wait for them; close does). */
+  private readonly inflight = new Set<Promise<unknown>>();
+  /** Ids stored and not yet acknowledged (sent together on the next turn of the event loop). */
+  private acks: string[] = [];
   private readonly commands = new Map<string, PendingCommand>();
   private finishedResolve!: () => void;
   /** Resolves when the connection is closed and every frame it received has been handled. */
@@ -276,8 +291,10 @@ export class IngestSession {
     this.send({ type: 'TOKEN_OK', expires_at: v.expiresAt });
   }
 
-  private reject(id: string, kind: 'permanent' | 'retry', reason: string, resume?: { offset: number; nextSeq: number }): void {
+  private reject(id: string, kind: 'permanent' | 'retry', reason: string, resume?: { offset: number; nextSeq: number }, deviceId?: string): void {
     this.rejected.set(id, kind === 'permanent' ? { offset: -1, nextSeq: -1 } : (resume ?? { offset: 0, nextSeq: 0 }));
+    if (kind === 'retry' && deviceId !== undefined && !this.blocked.has(deviceId)) this.blocked.set(deviceId, id);
+    if (kind === 'permanent') this.unblock(id); // the connector quarantines it and goes on with the next
     this.log.warn({ id, kind, reason }, 'message rejected');
     this.send(
       kind === 'permanent'
@@ -286,11 +303,19 @@ export class IngestSession {
     );
   }
 
+  /** The message a device waited for is stored or will never be: its later messages may be stored again. */
+  private unblock(id: string): void {
+    for (const [device, blocker] of this.blocked) if (blocker === id) this.blocked.delete(device);
+  }
+
   private async onChunk(c: ChunkFrame): Promise<void> {
-    const { store, cfg, registry } = this.ctx;
+    const { store, cfg } = this.ctx;
     const gw = this.gatewayId as string;
     const id = c.id;
+    // a chunk of a message whose commit is in flight (a resend crossing its ACK): decide once it is settled
+    if (store.isCommitting(id)) await store.whenSettled(id);
     if (store.isStored(id)) {
+      this.unblock(id);
       // a resend of a stored message: acknowledge again, store nothing
       if (c.seq === 0 || !this.dupAcked.has(id)) {
         this.dupAcked.add(id);
@@ -304,6 +329,15 @@ export class IngestSession {
       if (c.seq === 0 || (c.seq === rej.nextSeq && c.offset === rej.offset)) this.rejected.delete(id);
       else return; // chunks the connector sent before it saw the REJECT
     }
+    const deviceId = c.seq === 0 ? c.meta!.device_id : store.getPartial(id)?.meta.device_id;
+    const blocker = deviceId === undefined ? undefined : this.blocked.get(deviceId);
+    if (blocker !== undefined && blocker !== id) {
+      // an earlier message of this device waits for its resend: storing this one now would break the order per device
+      const held = c.seq === 0 ? undefined : store.getPartial(id);
+      if (held?.asm) await store.persist(held);
+      const resume = held && held.gatewayId === gw ? { offset: held.durableOffset, nextSeq: held.durableNextSeq } : undefined;
+      return this.reject(id, 'retry', `an earlier message of device ${deviceId} (${blocker}) was rejected for retry and is not stored yet`, resume);
+    }
     let p: Partial | undefined;
     if (c.seq === 0) {
       if (c.total > cfg.max_message_bytes) return this.reject(id, 'permanent', `message of ${c.total} bytes exceeds max_message_bytes ${cfg.max_message_bytes}`);
@@ -311,7 +345,7 @@ export class IngestSession {
         // abandoned partials (the connector dropped them: TTL, quarantine) must not block the gateway forever:
         // evict the least recently used one that is not in progress on this connection
         const victim = store.partialsByAge(gw).find((q) => !this.touched.has(q));
-        if (!victim) return this.reject(id, 'retry', `more than ${cfg.max_partials} messages in progress`);
+        if (!victim) return this.reject(id, 'retry', `more than ${cfg.max_partials} messages in progress`, undefined, c.meta!.device_id);
         this.log.warn({ id: victim.id, offset: victim.durableOffset }, 'partial message evicted (max_partials)');
         await store.discard(victim.id);
       }
@@ -329,7 +363,7 @@ export class IngestSession {
       if (!(err instanceof WireError)) throw err;
       if (err.reason === 'bad_digest' && !p.asm!.complete) {
         await store.persist(p);
-        return this.reject(id, 'retry', 'chunk data does not match chunk_sha256', { offset: p.asm!.offset, nextSeq: p.asm!.nextSeq });
+        return this.reject(id, 'retry', 'chunk data does not match chunk_sha256', { offset: p.asm!.offset, nextSeq: p.asm!.nextSeq }, p.meta.device_id);
       }
       if (err.reason === 'bad_digest') {
         await store.discard(id);
@@ -340,11 +374,7 @@ export class IngestSession {
     try {
       await store.write(p, c.offset, c.data);
       if (p.asm!.complete) {
-        const entry = await store.commit(p, (c.payload_sha256 as Buffer).toString('hex'));
-        this.touched.delete(p);
-        registry.noteDevice(entry.device_id, gw);
-        this.log.debug({ id, size: entry.size, seq: entry.seq }, 'message stored');
-        this.send({ type: 'ACK', ids: [id] });
+        this.commit(p, (c.payload_sha256 as Buffer).toString('hex'));
       } else if (p.dirty >= cfg.progress_bytes) {
         await store.persist(p);
         this.send({ type: 'ACK', ids: [], progress: [{ id, offset: p.durableOffset, next_seq: p.durableNextSeq }] });
@@ -353,8 +383,50 @@ export class IngestSession {
       this.log.error({ err, id }, 'cloud store failed: asking for a resend');
       await store.discard(id).catch(() => undefined);
       this.touched.delete(p);
-      this.reject(id, 'retry', 'storage error');
+      this.reject(id, 'retry', 'storage error', undefined, p.meta.device_id);
     }
+  }
+
+  /** ACK stored messages: those of one group commit round go out in one ACK frame. */
+  private queueAck(id: string): void {
+    this.acks.push(id);
+    if (this.acks.length === 1) setImmediate(() => this.flushAcks());
+  }
+
+  private flushAcks(): void {
+    while (this.acks.length > 0) this.send({ type: 'ACK', ids: this.acks.splice(0, LIMITS.maxIdsPerFrame) });
+  }
+
+  /** Hand a complete message to the store's group commit; ACK when durable, REJECT retry if the round fails. */
+  private commit(p: Partial, sha256: string): void {
+    const { store, registry } = this.ctx;
+    const gw = this.gatewayId as string;
+    const { id } = p;
+    const deviceId = p.meta.device_id;
+    this.touched.delete(p); // no longer in progress: its file belongs to the commit now
+    // queued for commit = ordered before anything of this device queued later (a failed round fails everything
+    // behind it, and onFail blocks the device again), so its later messages may go on
+    this.unblock(id);
+    const done = store
+      .commit(p, sha256, undefined, () => {
+        // synchronous, before any later message can be queued: refuse what follows of this device
+        if (!this.blocked.has(deviceId)) this.blocked.set(deviceId, id);
+      })
+      .then(
+        (entry) => {
+          registry.noteDevice(entry.device_id, gw);
+          this.log.debug({ id, size: entry.size, seq: entry.seq }, 'message stored');
+          this.queueAck(id);
+        },
+        async (err: unknown) => {
+          this.log.error({ err, id }, 'cloud store failed: asking for a resend');
+          await store.discard(id).catch(() => undefined);
+          this.reject(id, 'retry', 'storage error', undefined, deviceId);
+        },
+      )
+      .catch((err: unknown) => this.log.error({ err, id }, 'ingest: commit bookkeeping failed'));
+    this.inflight.add(done);
+    void done.finally(() => this.inflight.delete(done));
   }
 
   /** Send a COMMAND and wait for its COMMAND_RESULT. */
@@ -412,6 +484,8 @@ export class IngestSession {
     this.log.info({ code, reason }, 'ingest connection closed');
     try {
       await this.chain;
+      while (this.inflight.size > 0) await Promise.all([...this.inflight]);
+      this.acks = [];
       for (const p of this.touched) {
         if (this.ctx.store.getPartial(p.id) === p) await this.ctx.store.persist(p);
       }

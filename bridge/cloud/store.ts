@@ -11,9 +11,10 @@
  *                         prefix (the .part file is fsynced before this is written)
  *
  * A message is stored when: its .part is fsynced, renamed to payloads/ID.bin,
- * the payloads directory fsynced, and its index line appended and fsynced
- * (group commit: concurrent commits share one write + fsync). Only then is it
- * acknowledged. On open, a torn last index line is cut off, and each partial is
+ * the payloads directory fsynced, and its index line appended and fsynced.
+ * Group commit: every message completed while a round is in flight shares the
+ * next round (payload fsyncs in parallel, ONE directory fsync, ONE index write
+ * and fsync). Only then is it acknowledged. On open, a torn last index line is cut off, and each partial is
  * truncated to its durable offset (a partial whose data is shorter is dropped).
  */
 import { EventEmitter } from 'node:events';
@@ -61,6 +62,15 @@ export interface Partial {
   lastTouched: number;
 }
 
+interface PendingCommit {
+  p: Partial;
+  fh: FileHandle;
+  entry: StoredEntry;
+  resolve: () => void;
+  reject: (e: Error) => void;
+  onFail?: ((e: Error) => void) | undefined;
+}
+
 export class CloudStore extends EventEmitter {
   readonly dir: string;
   private readonly payloadDir: string;
@@ -71,8 +81,11 @@ export class CloudStore extends EventEmitter {
   private seq = 0;
   /** Highest seq whose index line is durable and announced ('stored' emitted). */
   private committed = 0;
-  private pending: { entry: StoredEntry; resolve: () => void; reject: (e: Error) => void }[] = [];
-  private flushing = false;
+  private pending: PendingCommit[] = [];
+  private flushing?: Promise<void>;
+  private readonly committing = new Map<string, Promise<StoredEntry>>();
+  /** Group commit rounds run so far (each: payload fsyncs, one directory fsync, one index fsync). */
+  rounds = 0;
   private closed = false;
 
   constructor(
@@ -186,7 +199,7 @@ export class CloudStore extends EventEmitter {
   /** Start (or restart) a message: any previous partial of this id is discarded. */
   async begin(id: string, gatewayId: string, meta: MessageMeta, total: number, asm: MessageAssembly): Promise<Partial> {
     this.assertOpen();
-    await this.discard(id);
+    if (this.partials.has(id)) await this.discard(id); // no partial, no files (open() removes orphans)
     const fh = await open(path.join(this.partialDir, `${id}.part`), 'w', 0o600);
     const p: Partial = { id, gatewayId, meta, total, durableOffset: 0, durableNextSeq: 0, fh, asm, dirty: 0, lastTouched: Date.now() };
     this.partials.set(id, p);
@@ -258,15 +271,35 @@ export class CloudStore extends EventEmitter {
     await rm(path.join(this.partialDir, `${id}.part`), { force: true });
   }
 
-  /** Store a complete, verified message durably; resolves once its index line is fsynced. */
-  async commit(p: Partial, sha256: string, storedAt = Date.now()): Promise<StoredEntry> {
-    this.assertOpen();
-    if (!p.fh) throw new StorageError('ECONN_JOURNAL_IO', `partial ${p.id} is not open`);
-    await p.fh.sync();
-    await p.fh.close();
+  /** True while a commit of this id is queued or in an fsync round. */
+  isCommitting(id: string): boolean {
+    return this.committing.has(id);
+  }
+
+  /** Resolves (never rejects) when the commit of this id in flight, if any, has finished either way. */
+  async whenSettled(id: string): Promise<void> {
+    await this.committing.get(id)?.catch(() => undefined);
+  }
+
+  /**
+   * Store a complete, verified message durably; resolves once its payload file,
+   * the payloads directory and its index line are fsynced. Group commit: the
+   * commit is queued synchronously (index order = call order) and every commit
+   * queued while an fsync round is in flight shares the next round (payload
+   * fsyncs in parallel, renames, ONE directory fsync, ONE index write + fsync).
+   * `onFail` is called synchronously, in queue order, when the round fails —
+   * before any later commit can be queued — so a caller can refuse what follows.
+   */
+  commit(p: Partial, sha256: string, storedAt = Date.now(), onFail?: (err: Error) => void): Promise<StoredEntry> {
+    try {
+      this.assertOpen();
+      if (!p.fh) throw new StorageError('ECONN_JOURNAL_IO', `partial ${p.id} is not open`);
+    } catch (err) {
+      return Promise.reject(err as Error);
+    }
+    const fh = p.fh;
     delete p.fh;
     const rel = path.join('payloads', `${p.id}.bin`);
-    await rename(path.join(this.partialDir, `${p.id}.part`), path.join(this.dir, rel));
     const entry: StoredEntry = {
       seq: 0,
       id: p.id,
@@ -281,56 +314,89 @@ export class CloudStore extends EventEmitter {
       payload_file: rel,
     };
     if (p.meta.content_type !== undefined) entry.content_type = p.meta.content_type;
-    await new Promise<void>((resolve, reject) => {
-      this.pending.push({ entry, resolve, reject });
-      void this.flush();
+    const done = new Promise<StoredEntry>((resolve, reject) => {
+      this.pending.push({ p, fh, entry, resolve: () => resolve(entry), reject, onFail });
+      this.kick();
     });
-    this.partials.delete(p.id);
-    await rm(path.join(this.partialDir, `${p.id}.json`), { force: true });
-    return entry;
+    this.committing.set(p.id, done);
+    const clear = (): void => {
+      if (this.committing.get(p.id) === done) this.committing.delete(p.id);
+    };
+    done.then(clear, clear);
+    return done;
   }
 
-  /** Group commit of index lines: one payload-dir fsync, one write, one fsync for every commit waiting. */
-  private async flush(): Promise<void> {
+  /** Resolves when no commit is queued or in flight. */
+  async idle(): Promise<void> {
+    while (this.flushing) await this.flushing;
+  }
+
+  private kick(): void {
     if (this.flushing) return;
-    this.flushing = true;
-    try {
-      while (this.pending.length > 0) {
-        const batch = this.pending;
-        this.pending = [];
-        try {
-          const dirFh = await open(this.payloadDir, 'r');
-          try {
-            await dirFh.sync();
-          } finally {
-            await dirFh.close();
-          }
-          const lines: string[] = [];
-          for (const b of batch) {
-            if (this.ids.has(b.entry.id)) continue; // two connections raced on one id: store once
-            b.entry.seq = ++this.seq;
-            this.ids.add(b.entry.id);
-            lines.push(JSON.stringify(b.entry) + '\n');
-          }
-          if (lines.length > 0) {
-            await this.index!.write(lines.join(''));
-            await this.index!.sync();
-          }
-          for (const b of batch) {
-            if (b.entry.seq > 0) {
-              this.committed = b.entry.seq;
-              this.emit('stored', b.entry);
+    this.flushing = this.flush().finally(() => {
+      this.flushing = undefined;
+      if (this.pending.length > 0) this.kick(); // queued after the last round's check
+    });
+  }
+
+  /** Group commit rounds until nothing is queued. */
+  private async flush(): Promise<void> {
+    // let every commit of the current tick (e.g. several frames of one socket read) join the first round
+    await new Promise<void>((r) => setImmediate(r));
+    while (this.pending.length > 0) {
+      const batch = this.pending;
+      this.pending = [];
+      this.rounds++;
+      try {
+        await Promise.all(
+          batch.map(async (b) => {
+            try {
+              await b.fh.datasync(); // data and size (all a reader needs); the directory fsync below covers the name
+            } finally {
+              await b.fh.close();
             }
-            b.resolve();
+          }),
+        );
+        await Promise.all(batch.map((b) => rename(path.join(this.partialDir, `${b.p.id}.part`), path.join(this.dir, b.entry.payload_file))));
+        const dirFh = await open(this.payloadDir, 'r');
+        try {
+          await dirFh.sync();
+        } finally {
+          await dirFh.close();
+        }
+        const lines: string[] = [];
+        for (const b of batch) {
+          if (this.ids.has(b.entry.id)) continue; // two connections raced on one id: store once
+          b.entry.seq = ++this.seq;
+          this.ids.add(b.entry.id);
+          lines.push(JSON.stringify(b.entry) + '\n');
+        }
+        if (lines.length > 0) {
+          await this.index!.write(lines.join(''));
+          await this.index!.datasync(); // an append: data and the new size
+        }
+        for (const b of batch) {
+          if (this.partials.get(b.p.id) === b.p) this.partials.delete(b.p.id);
+          if (b.entry.seq > 0) {
+            this.committed = b.entry.seq;
+            this.emit('stored', b.entry);
           }
-        } catch (err) {
-          const e = new StorageError('ECONN_JOURNAL_IO', 'cloud store: index write failed', { cause: err });
-          this.log.error({ err }, 'cloud store: index write failed');
-          for (const b of batch) b.reject(e);
+          b.resolve();
+        }
+        // the partial's record is stale once the index line is durable (open() drops it anyway)
+        await Promise.all(batch.map((b) => rm(path.join(this.partialDir, `${b.p.id}.json`), { force: true }).catch(() => undefined)));
+      } catch (err) {
+        const e = new StorageError('ECONN_JOURNAL_IO', 'cloud store: could not store a message durably', { cause: err });
+        this.log.error({ err, messages: batch.length }, 'cloud store: group commit failed');
+        // everything queued behind the failed round fails too: nothing may be stored after an earlier message that failed
+        const failed = [...batch, ...this.pending];
+        this.pending = [];
+        for (const b of failed) b.onFail?.(e);
+        for (const b of failed) {
+          await b.fh.close().catch(() => undefined);
+          b.reject(e);
         }
       }
-    } finally {
-      this.flushing = false;
     }
   }
 
@@ -367,6 +433,7 @@ export class CloudStore extends EventEmitter {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await this.idle();
     for (const p of this.partials.values()) {
       await this.persist(p).catch((err: unknown) => this.log.warn({ err, id: p.id }, 'cloud store: could not persist a partial'));
       await this.unload(p);

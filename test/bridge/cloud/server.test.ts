@@ -204,6 +204,35 @@ t.test('bad chunk digest → REJECT retry at the held offset, connection survive
   gw.close();
 });
 
+t.test('order per device: after a REJECT retry of X, later messages of its device are REJECTed (retry) until X is stored', async (t) => {
+  const c = await startCloud(t);
+  const { gw } = await TestGateway.open(c, await getToken(c));
+  const px = randomBytes(200_000);
+  const xs = chunkMessage('ord-x', meta('dev-a'), px, 100_000);
+  gw.send(xs[0]!);
+  gw.send({ ...xs[1]!, data: Buffer.from(xs[1]!.data).fill(1) });
+  // sent before the connector saw the REJECT: a later message of the same device, and one of another device
+  for (const ch of chunkMessage('ord-y', meta('dev-a'), Buffer.from('y'), 1024)) gw.send(ch);
+  for (const ch of chunkMessage('ord-z', meta('dev-b'), Buffer.from('z'), 1024)) gw.send(ch);
+  const rx = await gw.next('REJECT', (r) => r.id === 'ord-x');
+  t.same({ kind: rx.kind, offset: rx.offset }, { kind: 'retry', offset: 100_000 });
+  const ry = await gw.next('REJECT', (r) => r.id === 'ord-y');
+  t.equal(ry.kind, 'retry', 'the later message of the same device is refused for retry');
+  t.match(ry.reason, /earlier message of device dev-a/);
+  await gw.next('ACK', (a) => a.ids.includes('ord-z'));
+  t.same(indexOf(c).map((e) => e.id), ['ord-z'], 'another device is not held up; Y is not stored before X');
+  // a resend of Y alone is still refused while X is not stored
+  for (const ch of chunkMessage('ord-y', meta('dev-a'), Buffer.from('y'), 1024)) gw.send(ch);
+  await gw.next('REJECT', (r) => r.id === 'ord-y');
+  // the connector resends from its first unacknowledged record: X (from the held offset), then Y
+  for (const ch of xs.slice(1)) gw.send(ch);
+  for (const ch of chunkMessage('ord-y', meta('dev-a'), Buffer.from('y'), 1024)) gw.send(ch);
+  await gw.next('ACK', (a) => a.ids.includes('ord-y'));
+  t.same(indexOf(c).map((e) => e.id), ['ord-z', 'ord-x', 'ord-y'], 'X stored before Y');
+  t.equal(indexOf(c).find((e) => e.id === 'ord-x')?.sha256, sha256Hex(px));
+  gw.close();
+});
+
 t.test('malformed frames from a hostile client: ERROR + close, the cloud stays up', async (t) => {
   const c = await startCloud(t, { max_chunk_bytes: 65536 });
   const token = await getToken(c);

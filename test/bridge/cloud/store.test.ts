@@ -1,9 +1,9 @@
 import t from 'tap';
-import { appendFileSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { silentLogger } from '../../../daemon/logger.js';
-import { CloudStore, type StoredEntry } from '../../../bridge/cloud/store.js';
+import { CloudStore, type Partial, type StoredEntry } from '../../../bridge/cloud/store.js';
 import { MessageAssembly, chunkMessage, sha256Hex, type MessageMeta } from '../../../bridge/protocol.js';
 import { tempDir } from '../../helpers/daemon.js';
 
@@ -105,4 +105,64 @@ t.test('partials: durable prefix survives a reopen, bytes beyond it are cut, unu
   const e = await s.commit(p, sha256Hex(payload));
   t.ok((await s.readPayload(e)).equals(payload), 'resumed from the durable prefix');
   t.equal(s.getPartial('p1'), undefined);
+});
+
+/** Begin and write a whole message without committing it. */
+async function prepare(s: CloudStore, id: string, payload: Buffer): Promise<Partial> {
+  const chunks = chunkMessage(id, META, payload, 64 * 1024);
+  const p = await s.begin(id, 'gw', META, payload.length, MessageAssembly.begin(chunks[0]!));
+  for (const c of chunks) {
+    p.asm!.accept(c);
+    await s.write(p, c.offset, c.data);
+  }
+  return p;
+}
+
+t.test('group commit: concurrent commits share fsync rounds; index order is commit order; ACK-able only when durable', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const s = await open(t, dir);
+  const ids = Array.from({ length: 20 }, (_, i) => `g${i}`);
+  const parts = await Promise.all(ids.map((id) => prepare(s, id, Buffer.from(id))));
+  t.equal(s.rounds, 0);
+  const all = parts.map((p) => s.commit(p, sha256Hex(Buffer.from(p.id))));
+  t.ok(s.isCommitting('g0'), 'committing until durable');
+  t.notOk(s.isStored('g0'), 'not stored before its round');
+  const entries = await Promise.all(all);
+  t.equal(s.rounds, 1, '20 commits queued together: one round (one directory fsync, one index fsync)');
+  t.same(entries.map((e) => e.seq), ids.map((_, i) => i + 1), 'seq in commit order');
+  t.same(readFileSync(path.join(dir, 'index.jsonl'), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as StoredEntry).id), ids, 'index in commit order');
+  t.notOk(s.isCommitting('g0'));
+  t.equal(s.count, 20);
+
+  // commits made while a round is in flight all share the next round
+  const [first, ...rest] = await Promise.all(Array.from({ length: 11 }, (_, i) => prepare(s, `h${i}`, Buffer.from(`h${i}`))));
+  const firstDone = s.commit(first!, sha256Hex(Buffer.from('h0')));
+  for (let i = 0; i < 1000 && s.rounds < 2; i++) await new Promise((r) => setImmediate(r));
+  t.equal(s.rounds, 2, 'the first commit has its round');
+  const later = rest.map((p) => s.commit(p, sha256Hex(Buffer.from(p.id))));
+  await Promise.all([firstDone, ...later]);
+  t.equal(s.rounds, 3, 'ten commits queued during (or after) that round share one more round');
+  t.equal(s.count, 31);
+  for (const e of await Promise.all(later)) t.ok(existsSync(path.join(dir, e.payload_file)), `${e.id} payload in place`);
+});
+
+t.test('group commit: a failed round fails everything queued with or behind it, and onFail runs first, in order', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const s = await open(t, dir);
+  const a = await prepare(s, 'fa', Buffer.from('a'));
+  const b = await prepare(s, 'fb', Buffer.from('b'));
+  rmSync(path.join(dir, 'partials', 'fa.part')); // the rename of the round fails
+  const failed: string[] = [];
+  const results = await Promise.allSettled([
+    s.commit(a, sha256Hex(Buffer.from('a')), undefined, () => failed.push('fa')),
+    s.commit(b, sha256Hex(Buffer.from('b')), undefined, () => failed.push('fb')),
+  ]);
+  t.same(results.map((r) => r.status), ['rejected', 'rejected']);
+  t.match((results[0] as PromiseRejectedResult).reason, { code: 'ECONN_JOURNAL_IO' });
+  t.same(failed, ['fa', 'fb'], 'onFail in queue order');
+  t.equal(s.count, 0);
+  t.notOk(s.isStored('fb'), 'nothing behind a failed message is stored');
+  // the store goes on
+  const e = await feed(s, 'fc', Buffer.from('c'), 1024);
+  t.equal(e!.seq, 1);
 });
