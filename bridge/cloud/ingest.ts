@@ -31,7 +31,7 @@ import {
   type HelloFrame,
   type QueryEntry,
 } from '../protocol.js';
-import type { CloudStore, Partial } from './store.js';
+import type { CloudStore, Partial, StoredEntry } from './store.js';
 import type { TokenService, VerifiedToken } from './token-endpoint.js';
 import type { CloudConfig } from './config.js';
 
@@ -338,6 +338,22 @@ export class IngestSession {
       const resume = held && held.gatewayId === gw ? { offset: held.durableOffset, nextSeq: held.durableNextSeq } : undefined;
       return this.reject(id, 'retry', `an earlier message of device ${deviceId} (${blocker}) was rejected for retry and is not stored yet`, resume);
     }
+    if (c.seq === 0 && c.total === c.data.length && c.total <= cfg.max_message_bytes && !store.getPartial(id)) {
+      // a whole message in one chunk: verified here, written straight to its payload file in the commit round
+      const asm = MessageAssembly.begin(c);
+      let ok = false;
+      try {
+        asm.accept(c);
+        ok = asm.complete;
+      } catch (err) {
+        if (!(err instanceof WireError)) throw err; // digest errors: handled (REJECT) by the general path below
+      }
+      if (ok) {
+        const meta = c.meta!;
+        this.commit(id, meta.device_id, (onFail) => store.commitData(id, gw, meta, c.data, (c.payload_sha256 as Buffer).toString('hex'), undefined, onFail));
+        return;
+      }
+    }
     let p: Partial | undefined;
     if (c.seq === 0) {
       if (c.total > cfg.max_message_bytes) return this.reject(id, 'permanent', `message of ${c.total} bytes exceeds max_message_bytes ${cfg.max_message_bytes}`);
@@ -374,7 +390,9 @@ export class IngestSession {
     try {
       await store.write(p, c.offset, c.data);
       if (p.asm!.complete) {
-        this.commit(p, (c.payload_sha256 as Buffer).toString('hex'));
+        const done = p;
+        this.touched.delete(done); // no longer in progress: its file belongs to the commit now
+        this.commit(id, done.meta.device_id, (onFail) => store.commit(done, (c.payload_sha256 as Buffer).toString('hex'), undefined, onFail));
       } else if (p.dirty >= cfg.progress_bytes) {
         await store.persist(p);
         this.send({ type: 'ACK', ids: [], progress: [{ id, offset: p.durableOffset, next_seq: p.durableNextSeq }] });
@@ -398,33 +416,27 @@ export class IngestSession {
   }
 
   /** Hand a complete message to the store's group commit; ACK when durable, REJECT retry if the round fails. */
-  private commit(p: Partial, sha256: string): void {
+  private commit(id: string, deviceId: string, start: (onFail: () => void) => Promise<StoredEntry>): void {
     const { store, registry } = this.ctx;
     const gw = this.gatewayId as string;
-    const { id } = p;
-    const deviceId = p.meta.device_id;
-    this.touched.delete(p); // no longer in progress: its file belongs to the commit now
     // queued for commit = ordered before anything of this device queued later (a failed round fails everything
     // behind it, and onFail blocks the device again), so its later messages may go on
     this.unblock(id);
-    const done = store
-      .commit(p, sha256, undefined, () => {
-        // synchronous, before any later message can be queued: refuse what follows of this device
-        if (!this.blocked.has(deviceId)) this.blocked.set(deviceId, id);
-      })
-      .then(
-        (entry) => {
-          registry.noteDevice(entry.device_id, gw);
-          this.log.debug({ id, size: entry.size, seq: entry.seq }, 'message stored');
-          this.queueAck(id);
-        },
-        async (err: unknown) => {
-          this.log.error({ err, id }, 'cloud store failed: asking for a resend');
-          await store.discard(id).catch(() => undefined);
-          this.reject(id, 'retry', 'storage error', undefined, deviceId);
-        },
-      )
-      .catch((err: unknown) => this.log.error({ err, id }, 'ingest: commit bookkeeping failed'));
+    const done = start(() => {
+      // synchronous, before any later message can be queued: refuse what follows of this device
+      if (!this.blocked.has(deviceId)) this.blocked.set(deviceId, id);
+    }).then(
+      (entry) => {
+        registry.noteDevice(entry.device_id, gw);
+        this.log.debug({ id, size: entry.size, seq: entry.seq }, 'message stored');
+        this.queueAck(id);
+      },
+      async (err: unknown) => {
+        this.log.error({ err, id }, 'cloud store failed: asking for a resend');
+        await store.discard(id).catch(() => undefined);
+        this.reject(id, 'retry', 'storage error', undefined, deviceId);
+      },
+    ).catch((err: unknown) => this.log.error({ err, id }, 'ingest: commit bookkeeping failed'));
     this.inflight.add(done);
     void done.finally(() => this.inflight.delete(done));
   }

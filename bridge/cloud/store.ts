@@ -63,8 +63,12 @@ export interface Partial {
 }
 
 interface PendingCommit {
-  p: Partial;
-  fh: FileHandle;
+  id: string;
+  /** A message assembled in partials/ID.part (its open file), or … */
+  p?: Partial;
+  fh?: FileHandle;
+  /** … a whole payload in memory (a message of one chunk), written straight to payloads/ID.bin in the round. */
+  data?: Buffer;
   entry: StoredEntry;
   resolve: () => void;
   reject: (e: Error) => void;
@@ -299,28 +303,51 @@ export class CloudStore extends EventEmitter {
     }
     const fh = p.fh;
     delete p.fh;
-    const rel = path.join('payloads', `${p.id}.bin`);
+    return this.enqueue({ id: p.id, p, fh }, this.entryFor(p.id, p.gatewayId, p.meta, p.total, sha256, storedAt), onFail);
+  }
+
+  /**
+   * Store a complete, verified message of one chunk straight from memory (no
+   * partial files): same group commit and guarantees as commit(). The caller
+   * makes sure no partial of this id exists.
+   */
+  commitData(id: string, gatewayId: string, meta: MessageMeta, data: Buffer, sha256: string, storedAt = Date.now(), onFail?: (err: Error) => void): Promise<StoredEntry> {
+    try {
+      this.assertOpen();
+      if (this.partials.has(id)) throw new StorageError('ECONN_JOURNAL_IO', `message ${id} is in progress as a partial`);
+    } catch (err) {
+      return Promise.reject(err as Error);
+    }
+    return this.enqueue({ id, data }, this.entryFor(id, gatewayId, meta, data.length, sha256, storedAt), onFail);
+  }
+
+  private entryFor(id: string, gatewayId: string, meta: MessageMeta, size: number, sha256: string, storedAt: number): StoredEntry {
     const entry: StoredEntry = {
       seq: 0,
-      id: p.id,
-      gateway_id: p.gatewayId,
-      device_id: p.meta.device_id,
-      topic: p.meta.topic,
-      qos: p.meta.qos,
-      size: p.total,
+      id,
+      gateway_id: gatewayId,
+      device_id: meta.device_id,
+      topic: meta.topic,
+      qos: meta.qos,
+      size,
       sha256,
-      received_at: p.meta.received_at,
+      received_at: meta.received_at,
       stored_at: storedAt,
-      payload_file: rel,
+      payload_file: path.join('payloads', `${id}.bin`),
     };
-    if (p.meta.content_type !== undefined) entry.content_type = p.meta.content_type;
+    if (meta.content_type !== undefined) entry.content_type = meta.content_type;
+    return entry;
+  }
+
+  private enqueue(src: Pick<PendingCommit, 'id' | 'p' | 'fh' | 'data'>, entry: StoredEntry, onFail?: (err: Error) => void): Promise<StoredEntry> {
+    const { id } = src;
     const done = new Promise<StoredEntry>((resolve, reject) => {
-      this.pending.push({ p, fh, entry, resolve: () => resolve(entry), reject, onFail });
+      this.pending.push({ ...src, entry, resolve: () => resolve(entry), reject, onFail });
       this.kick();
     });
-    this.committing.set(p.id, done);
+    this.committing.set(id, done);
     const clear = (): void => {
-      if (this.committing.get(p.id) === done) this.committing.delete(p.id);
+      if (this.committing.get(id) === done) this.committing.delete(id);
     };
     done.then(clear, clear);
     return done;
@@ -350,14 +377,21 @@ export class CloudStore extends EventEmitter {
       try {
         await Promise.all(
           batch.map(async (b) => {
+            // a torn payloads/ID.bin without an index line is harmless: not stored, overwritten by the resend
+            const fh = b.fh ?? (await open(path.join(this.dir, b.entry.payload_file), 'w', 0o600));
+            delete b.fh;
             try {
-              await b.fh.datasync(); // data and size (all a reader needs); the directory fsync below covers the name
+              if (b.data) {
+                let done = 0;
+                while (done < b.data.length) done += (await fh.write(b.data, done, b.data.length - done)).bytesWritten;
+              }
+              await fh.datasync(); // data and size (all a reader needs); the directory fsync below covers the name
             } finally {
-              await b.fh.close();
+              await fh.close();
             }
           }),
         );
-        await Promise.all(batch.map((b) => rename(path.join(this.partialDir, `${b.p.id}.part`), path.join(this.dir, b.entry.payload_file))));
+        await Promise.all(batch.filter((b) => b.p).map((b) => rename(path.join(this.partialDir, `${b.id}.part`), path.join(this.dir, b.entry.payload_file))));
         const dirFh = await open(this.payloadDir, 'r');
         try {
           await dirFh.sync();
@@ -376,7 +410,7 @@ export class CloudStore extends EventEmitter {
           await this.index!.datasync(); // an append: data and the new size
         }
         for (const b of batch) {
-          if (this.partials.get(b.p.id) === b.p) this.partials.delete(b.p.id);
+          if (b.p && this.partials.get(b.id) === b.p) this.partials.delete(b.id);
           if (b.entry.seq > 0) {
             this.committed = b.entry.seq;
             this.emit('stored', b.entry);
@@ -384,7 +418,7 @@ export class CloudStore extends EventEmitter {
           b.resolve();
         }
         // the partial's record is stale once the index line is durable (open() drops it anyway)
-        await Promise.all(batch.map((b) => rm(path.join(this.partialDir, `${b.p.id}.json`), { force: true }).catch(() => undefined)));
+        await Promise.all(batch.filter((b) => b.p).map((b) => rm(path.join(this.partialDir, `${b.id}.json`), { force: true }).catch(() => undefined)));
       } catch (err) {
         const e = new StorageError('ECONN_JOURNAL_IO', 'cloud store: could not store a message durably', { cause: err });
         this.log.error({ err, messages: batch.length }, 'cloud store: group commit failed');
@@ -393,7 +427,8 @@ export class CloudStore extends EventEmitter {
         this.pending = [];
         for (const b of failed) b.onFail?.(e);
         for (const b of failed) {
-          await b.fh.close().catch(() => undefined);
+          await b.fh?.close().catch(() => undefined);
+          delete b.fh;
           b.reject(e);
         }
       }

@@ -166,3 +166,22 @@ t.test('group commit: a failed round fails everything queued with or behind it, 
   const e = await feed(s, 'fc', Buffer.from('c'), 1024);
   t.equal(e!.seq, 1);
 });
+
+t.test('commitData: a one-chunk message from memory shares the round with assembled ones, in call order', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const s = await open(t, dir);
+  const big = randomBytes(100_000);
+  const p = await prepare(s, 'asm', big);
+  const results = await Promise.all([
+    s.commitData('mem-1', 'gw', META, Buffer.from('one'), sha256Hex(Buffer.from('one'))),
+    s.commit(p, sha256Hex(big)),
+    s.commitData('mem-2', 'gw', META, Buffer.alloc(0), sha256Hex(Buffer.alloc(0))),
+  ]);
+  t.equal(s.rounds, 1);
+  t.same(results.map((e) => [e.id, e.seq, e.size]), [['mem-1', 1, 3], ['asm', 2, 100_000], ['mem-2', 3, 0]]);
+  t.same(await s.readPayload(results[0]), Buffer.from('one'));
+  t.ok((await s.readPayload(results[1])).equals(big));
+  t.equal((await s.readPayload(results[2])).length, 0);
+  await prepare(s, 'busy', Buffer.from('b'));
+  await t.rejects(s.commitData('busy', 'gw', META, Buffer.from('b'), sha256Hex(Buffer.from('b'))), { code: 'ECONN_JOURNAL_IO' }, 'refused while a partial of the id is in progress');
+});
