@@ -1043,7 +1043,8 @@ export class ConformantConnection extends Duplex {
   }
 }
 
-function encodeLength(n: number): Buffer {
+/** MQTT variable-length integer (remaining length), also used by the tests' raw packet builders. */
+export function encodeLength(n: number): Buffer {
   const out: number[] = [];
   do {
     let b = n % 128;

@@ -12,11 +12,10 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync, existsSync, createReadStream } from 'node:fs';
 import https from 'node:https';
 import http from 'node:http';
-import net from 'node:net';
 import path from 'node:path';
 import { stringify } from 'yaml';
 import mqtt, { type MqttClient } from 'mqtt';
-import { CLI, startDaemon, runCli, tempDir, type DaemonHandle, type Json, type TestLike } from '../helpers/daemon.js';
+import { CLI, startDaemon, runCli, tempDir, type DaemonHandle, type Json, type TestLike, freePort } from '../helpers/daemon.js';
 import { MiniCloud } from '../helpers/mini-cloud.js';
 
 const CLIENT_SECRET = randomBytes(24).toString('base64url');
@@ -54,17 +53,6 @@ async function startCloud(t: TestLike, dir: string, opts: { port?: number; token
   return { proc, port: proc.ports.cloud!, dir, storeDir, caFile: path.join(storeDir, 'tls', 'ca.crt'), secretFile, configFile };
 }
 
-/** A free TCP port on 127.0.0.1 (for "the cloud is down at start"). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(p));
-    });
-  });
-}
 
 // ─── the connector ───────────────────────────────────────────────────────────
 

@@ -20,6 +20,7 @@ import type { IConnectPacket, IPublishPacket, ISubackPacket, Packet } from 'mqtt
 import { createLogger, silentLogger } from '../../daemon/logger.js';
 import {
   wrapConnection,
+  encodeLength,
   conformanceHooks,
   SessionTracker,
   topicMatches,
@@ -251,16 +252,7 @@ function clientGone(h: BrokerHandle, clientId: string): Promise<void> {
 
 // ---- raw packet builders (for packets mqtt-packet refuses to generate) ----
 
-function varint(n: number): Buffer {
-  const out: number[] = [];
-  do {
-    let b = n % 128;
-    n = Math.floor(n / 128);
-    if (n > 0) b |= 0x80;
-    out.push(b);
-  } while (n > 0);
-  return Buffer.from(out);
-}
+const varint = encodeLength;
 const u16 = (n: number): Buffer => Buffer.from([n >> 8, n & 0xff]);
 /** a length-prefixed MQTT string from text or raw bytes */
 const str = (s: string | Buffer): Buffer => {

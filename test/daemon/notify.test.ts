@@ -7,7 +7,7 @@ import t from 'tap';
 import net from 'node:net';
 import path from 'node:path';
 import { createRequire } from 'node:module';
-import { spawnDaemon, tempDir, type TestLike, type DaemonHandle } from '../helpers/daemon.js';
+import { spawnDaemon, tempDir, type TestLike, type DaemonHandle, freePort } from '../helpers/daemon.js';
 import { adminRequest, adminSocketPath } from '../../daemon/admin.js';
 import { SystemdNotifier, watchdogTimeoutMs, oneLine, type NotifyTransport } from '../../daemon/notify.js';
 import { createLogger } from '../../daemon/logger.js';
@@ -75,16 +75,6 @@ function notifySocket(t: TestLike) {
 const fields = (text: string): Record<string, string> =>
   Object.fromEntries(text.split('\n').filter(Boolean).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(p));
-    });
-  });
-}
 
 function connectable(port: number): Promise<boolean> {
   return new Promise((resolve) => {

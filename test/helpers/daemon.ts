@@ -4,6 +4,7 @@
  * its `ready` log line, and tear everything down when the test ends.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import net from 'node:net';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -241,5 +242,17 @@ export function runCli(args: string[], opts: { cwd?: string; env?: NodeJS.Proces
       resolve({ code, stdout, stderr });
     });
     p.stdin.end(opts.input ?? '');
+  });
+}
+
+/** A free TCP port on 127.0.0.1 (for "nothing listens there" cases). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const p = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(p));
+    });
   });
 }
