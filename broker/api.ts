@@ -31,6 +31,7 @@ import type { LocalPki } from './pki.js';
 import type { TokenService } from './tokens.js';
 import type { EnrollmentStore } from './enrollment.js';
 import { validateRegisterBody, validateEmptyBody, type RegisterBody } from './api-schemas.js';
+import { loadServerCredentials } from './server-cert.js';
 
 export const SECURITY_HEADERS: Readonly<Record<string, string>> = Object.freeze({
   'strict-transport-security': 'max-age=31536000; includeSubDomains',
@@ -390,7 +391,7 @@ export class ApiServer implements Component {
   }
 
   private async tlsOptions(config: Config): Promise<SecureContextOptions & { minVersion: 'TLSv1.2' | 'TLSv1.3' }> {
-    const { cert, key } = this.identity.pki.serverCredentials();
+    const { cert, key } = await loadServerCredentials(config.broker.tls, this.identity.pki);
     const devicePems = [...this.identity.pki.trustedDeviceCaPems().flatMap(splitPem), ...(await this.readCaFiles(config.broker.tls.trusted_ca_files, 'broker.tls.trusted_ca_files'))];
     const bootstrapPems = await this.readCaFiles(config.api.bootstrap_ca_files, 'api.bootstrap_ca_files');
     if (!this.sharedCrls?.()) await this.ownCrls.load(config.broker.tls.crl_files);

@@ -60,6 +60,7 @@ import {
 import type { DeviceRecord } from './registry.js';
 import { SessionTracker, conformanceHooks, wrapConnection, type ConformantConnection } from './conformance.js';
 import { RedeliveryTable, payloadDigest } from './redelivery.js';
+import { loadServerCredentials } from './server-cert.js';
 
 export type ListenerName = 'tls' | 'wss' | 'local';
 export const PORT_KEYS: Record<ListenerName, string> = { tls: 'mqtt_tls', wss: 'mqtt_wss', local: 'mqtt_local' };
@@ -452,20 +453,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
 
   private async secureContextOptions(): Promise<tls.SecureContextOptions> {
     const t = this.config.broker.tls;
-    let cert: string;
-    let key: string;
-    if (t.cert_file || t.key_file) {
-      if (!t.cert_file || !t.key_file) {
-        throw new ConnectorError('ECONN_CONFIG_INVALID', 'broker.tls.cert_file and broker.tls.key_file must be set together (or both left empty for the local PKI)');
-      }
-      try {
-        [cert, key] = await Promise.all([readFile(t.cert_file, 'utf8'), readFile(t.key_file, 'utf8')]);
-      } catch (err) {
-        throw new ConnectorError('ECONN_CONFIG_INVALID', `broker TLS certificate/key cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'}) (broker.tls.cert_file / key_file)`, { cause: err });
-      }
-    } else {
-      ({ cert, key } = this.pki.serverCredentials());
-    }
+    const { cert, key } = await loadServerCredentials(t, this.pki);
     const ca = [...this.pki.trustedDeviceCaPems()];
     for (const f of t.trusted_ca_files) {
       try {

@@ -16,7 +16,7 @@ import { validateRegisterBody } from '../../broker/api-schemas.js';
 import { TestCA, createCsr } from '../helpers/certs.js';
 import { apiEnv, buildConfig, type Response } from './api-fixtures.js';
 import { x509, importPrivateKeyPem, signingAlgorithm } from '../../broker/x509.js';
-import { startDaemon, runCli } from '../helpers/daemon.js';
+import { startDaemon, runCli, tempDir } from '../helpers/daemon.js';
 
 function checkSecurityHeaders(t: Test, r: Response): void {
   for (const [k, v] of Object.entries(SECURITY_HEADERS)) t.equal(r.headers[k], v, `${k} header`);
@@ -442,4 +442,25 @@ t.test('a JSON body that does not arrive in time gets 408 and the connection is 
   t.match(raw, /"code":"ECONN_REQUEST_TIMEOUT"/);
   t.match(raw, /x-frame-options: DENY/i);
   t.equal(env.registry.list().length, 0);
+});
+
+t.test('operator-provided server certificate (broker.tls.cert_file/key_file) is served by the API too', async (t) => {
+  const operatorCa = await TestCA.create({ cn: 'Operator CA' });
+  const server = await operatorCa.server(['localhost', '127.0.0.1']);
+  const dir = tempDir(t);
+  const certFile = path.join(dir, 'server.crt');
+  const keyFile = path.join(dir, 'server.key');
+  writeFileSync(certFile, server.cert);
+  writeFileSync(keyFile, server.key, { mode: 0o600 });
+  const env = await apiEnv(t, { config: { broker: { tls: { cert_file: certFile, key_file: keyFile } } } });
+  const peer = await new Promise<X509Certificate>((resolve, reject) => {
+    const s = tls.connect({ host: '127.0.0.1', port: env.port, ca: operatorCa.cert, servername: 'localhost' }, () => {
+      const c = s.getPeerX509Certificate();
+      s.end();
+      if (c) resolve(c);
+      else reject(new Error('no peer certificate'));
+    });
+    s.on('error', reject);
+  });
+  t.equal(peer.fingerprint256, new X509Certificate(server.cert).fingerprint256, 'the operator certificate is presented');
 });
