@@ -12,6 +12,16 @@ export interface UplinkMessageMeta {
   contentType?: string;
   /** When the gateway received the message, ms since the epoch. */
   receivedAt: number;
+  /**
+   * MQTT packet id of a QoS 1 publish. Kept in the journal (not sent upstream) so that a
+   * device's redelivery after a lost PUBACK is recognised even across a daemon restart.
+   */
+  packetId?: number;
+}
+
+/** A journal's unacknowledged records, read by the broker at start to rebuild its redelivery table. */
+export interface PendingRecords {
+  pending(afterSeq?: number, limit?: number): Array<{ id: string; seq: number; meta: UplinkMessageMeta; size: number; sha256: string }>;
 }
 
 export interface AppendResult {

@@ -34,7 +34,7 @@ import type { Logger } from '../daemon/logger.js';
 import type { Component } from '../daemon/component.js';
 import { listen } from '../daemon/net.js';
 import { AuthorizationError, ConnectorError, ProtocolError, errorCode, type ErrorCode } from '../daemon/errors.js';
-import type { CommandTarget, UplinkMessageMeta, UplinkSink } from '../bridge/types.js';
+import type { CommandTarget, PendingRecords, UplinkMessageMeta, UplinkSink } from '../bridge/types.js';
 import {
   authorizeDelivery,
   authorizePublish,
@@ -276,6 +276,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     if (b.tls.crl_files.length) this.log.info({ crls: r.crls, entries: r.entries }, 'CRLs loaded');
     for (const f of r.stale) this.log.warn({ file: f }, 'CRL is past its nextUpdate; publish a fresh one');
 
+    this.rememberJournaled();
     const aedes = new Aedes({
       id: `edge-connector-${process.pid}`,
       connectTimeout: b.limits.connect_timeout_ms,
@@ -806,7 +807,10 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       const deviceId = s.identity?.deviceId;
       const bridged = deviceId !== undefined && isBridgedTopic(topic, this.config.bridge.topics);
       const journal = bridged && this.sink !== undefined && (packet.qos > 0 || this.config.bridge.qos0 === 'journal');
-      const meta: UplinkMessageMeta | undefined = bridged ? { deviceId, topic, qos: packet.qos > 0 ? 1 : 0, receivedAt: this.now() } : undefined;
+      const pid = packet.qos > 0 ? packet.messageId : undefined;
+      const meta: UplinkMessageMeta | undefined = bridged
+        ? { deviceId, topic, qos: packet.qos > 0 ? 1 : 0, receivedAt: this.now(), ...(pid !== undefined ? { packetId: pid } : {}) }
+        : undefined;
       const bestEffort = bridged && !journal && packet.qos === 0 && this.config.bridge.qos0 === 'best_effort' ? this.bestEffort : undefined;
 
       if (!journal && s.pending === 0) {
@@ -817,7 +821,6 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       if (s.failed) return reply(new ConnectorError('ECONN_JOURNAL_IO', 'an earlier message on this connection could not be journaled'));
       let work: Promise<unknown> | undefined;
       if (journal && meta) {
-        const pid = packet.qos > 0 ? packet.messageId : undefined;
         if (deviceId !== undefined && pid !== undefined) {
           const sha256 = payloadDigest(payload);
           const prev = dup ? this.redelivery.match(deviceId, pid, topic, payload.length, sha256) : undefined;
@@ -862,6 +865,31 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       this.log.error({ err }, 'error in authorizePublish');
       reply(err as Error);
     }
+  }
+
+  /**
+   * After a restart, the journal's unacknowledged QoS 1 records (they carry their MQTT packet id)
+   * seed the redelivery table: a device whose PUBACK was lost to a crash resends with DUP 1 and
+   * gets its PUBACK without a second copy upstream. Bounded by the table's own limits.
+   */
+  private rememberJournaled(): void {
+    const source = this.sink as (UplinkSink & Partial<PendingRecords>) | undefined;
+    if (typeof source?.pending !== 'function') return;
+    let after = -1;
+    let seeded = 0;
+    for (let page = 0; page < 10_000; page++) {
+      const recs = source.pending(after, 1024);
+      if (recs.length === 0) break;
+      for (const r of recs) {
+        const m = r.meta;
+        if (m.qos === 1 && typeof m.packetId === 'number') {
+          this.redelivery.remember(m.deviceId, m.packetId, { topic: m.topic, length: r.size, sha256: r.sha256, done: Promise.resolve(r.id) });
+          seeded++;
+        }
+      }
+      after = recs[recs.length - 1]!.seq;
+    }
+    if (seeded > 0) this.log.info({ entries: seeded }, 'redelivery table seeded from the journal');
   }
 
   /** Append a QoS 1 publish and remember it for redelivery detection until its append fails. */

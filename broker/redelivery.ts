@@ -23,10 +23,13 @@
  * `maxDevices` devices (default 10 000; the least recently used device's table is evicted).
  * Entries outlive a connection on purpose: the redelivery arrives on the NEXT connection.
  *
- * Limitation: the table is in memory only. A daemon restart between the append and the
- * redelivery forgets it, and that redelivery is journaled (and delivered) a second time. So is
- * a redelivery from a client that does not set DUP 1, or one that comes later than `maxAgeMs`
- * or after more than `perDevice` newer QoS 1 messages of the same device.
+ * Across a restart: each journaled QoS 1 record keeps its packet id in its meta, and the broker
+ * seeds this table at start from the journal's unacknowledged records (Broker.rememberJournaled),
+ * so a PUBACK lost to a crash or kill -9 is covered as long as the cloud had not yet acknowledged
+ * the message. Not covered (journaled and delivered a second time): a message the cloud had
+ * already acknowledged before the restart (it left the journal), a redelivery from a client that
+ * does not set DUP 1, or one later than `maxAgeMs` or after more than `perDevice` newer QoS 1
+ * messages of the same device.
  */
 import { createHash } from 'node:crypto';
 

@@ -9,6 +9,8 @@ import { brokerFixture, buildConfig, collect, FakeSink, refused, suback, waitEve
 import { TestCA } from '../helpers/certs.js';
 import { normalizeSerial } from '../../broker/registry.js';
 import { ConnectorError } from '../../daemon/errors.js';
+import type { PendingRecords, UplinkSink } from '../../bridge/types.js';
+import { payloadDigest } from '../../broker/redelivery.js';
 
 t.test('device connects with its certificate and with its token (TLS and WSS)', async (t) => {
   const fx = await brokerFixture(t);
@@ -495,4 +497,45 @@ t.test('QoS 1 redelivery (DUP 1) after a lost PUBACK is acknowledged but not jou
   c4.pub(10, 'reading-5', true);
   await waitFor(() => c4.acked(10) === 1, 5000, 'PUBACK');
   t.same(sink.appended.slice(5).map((x) => x.payload.toString()), ['reading-5', 'reading-5'], 'failed original, then the redelivery appended');
+});
+
+t.test('after a restart, the journal seeds the redelivery table: a DUP 1 resend of a journaled message is not journaled again', async (t) => {
+  const topic = 'devices/dev-k/telemetry/t';
+  const before = Buffer.from('journaled-before-the-crash');
+  const appended: Buffer[] = [];
+  // the journal as the restarted daemon finds it: one unacknowledged QoS 1 record that carries its packet id
+  const sink: UplinkSink & PendingRecords = {
+    append: async (meta, payload) => {
+      appended.push(payload);
+      return { id: `new-${appended.length}`, size: payload.length, sha256: payloadDigest(payload) };
+    },
+    appendStream: async () => {
+      throw new Error('not used');
+    },
+    pending: (afterSeq = -1) =>
+      afterSeq >= 0
+        ? []
+        : [{ id: 'old-1', seq: 0, size: before.length, sha256: payloadDigest(before), meta: { deviceId: 'dev-k', topic, qos: 1, receivedAt: Date.now(), packetId: 9 } }],
+  };
+  const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
+  const d = await fx.addDevice('dev-k');
+  const sock = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost', cert: d.cert, key: d.key });
+  t.teardown(() => sock.destroy());
+  await once(sock, 'secureConnect');
+  const parser = mqttPacket.parser({ protocolVersion: 4 });
+  const received: mqttPacket.Packet[] = [];
+  parser.on('packet', (p) => received.push(p));
+  sock.on('data', (b: Buffer) => parser.parse(b));
+  sock.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: false, clientId: 'dev-k', keepalive: 60 }));
+  await waitFor(() => received.some((p) => p.cmd === 'connack'), 5000, 'CONNACK');
+  const acked = (id: number): number => received.filter((p) => p.cmd === 'puback' && p.messageId === id).length;
+  const pub = (payload: Buffer): void => {
+    sock.write(mqttPacket.generate({ cmd: 'publish', topic, payload, qos: 1, dup: true, retain: false, messageId: 9 }));
+  };
+  pub(before);
+  await waitFor(() => acked(9) === 1, 5000, 'PUBACK for the resend');
+  t.equal(appended.length, 0, 'the resend of the journaled message is not journaled again');
+  pub(Buffer.from('something else'));
+  await waitFor(() => acked(9) === 2, 5000, 'PUBACK');
+  t.same(appended.map(String), ['something else'], 'a different payload under the same packet id is journaled');
 });
