@@ -5,7 +5,7 @@ import { writeFileSync } from 'node:fs';
 import tls from 'node:tls';
 import mqttPacket from 'mqtt-packet';
 import { Registry } from 'prom-client';
-import { brokerFixture, buildConfig, collect, FakeSink, refused, suback, waitEvent, waitFor } from '../helpers/broker.js';
+import { brokerFixture, buildConfig, collect, FakeSink, rawDevice, refused, suback, waitEvent, waitFor, type RawDevice } from '../helpers/broker.js';
 import { TestCA } from '../helpers/certs.js';
 import { normalizeSerial } from '../../broker/registry.js';
 import { ConnectorError } from '../../daemon/errors.js';
@@ -209,16 +209,8 @@ t.test('publishCommand: delivered on PUBACK; not connected, not subscribed, QoS 
   t.match(await fx.broker.publishCommand('dev-b', 'ping', Buffer.from('x')), { delivered: true, reason: /QoS 0/ });
 
   // a device that never acknowledges (raw MQTT: mqtt.js always acknowledges at protocol level 4)
-  const slow = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost', cert: d.cert, key: d.key });
-  t.teardown(() => slow.destroy());
-  await once(slow, 'secureConnect');
-  const parser = mqttPacket.parser({ protocolVersion: 4 });
-  const received: mqttPacket.Packet[] = [];
-  parser.on('packet', (p) => received.push(p));
-  slow.on('data', (b: Buffer) => parser.parse(b));
-  slow.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: 'dev-slow', keepalive: 60 }));
-  await waitFor(() => received.some((p) => p.cmd === 'connack'), 5000, 'CONNACK');
-  slow.write(mqttPacket.generate({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'devices/dev-slow/commands/#', qos: 1 }] }));
+  const { received, send: sendSlow } = await rawDevice(t, fx, d, 'dev-slow', true);
+  sendSlow({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'devices/dev-slow/commands/#', qos: 1 }] });
   await waitFor(() => received.some((p) => p.cmd === 'suback'), 5000, 'SUBACK');
   await waitFor(() => fx.broker.isConnected('dev-slow'), 5000, 'registered');
   t.match(await fx.broker.publishCommand('dev-slow', 'x', Buffer.from('x'), 300), { delivered: false, reason: /no PUBACK within 300 ms/ });
@@ -418,24 +410,10 @@ t.test('QoS 1 redelivery (DUP 1) after a lost PUBACK is acknowledged but not jou
   const d = await fx.addDevice('dev-r');
   const topic = 'devices/dev-r/telemetry/t';
 
-  /** a raw MQTT 3.1.1 device connection (mqtt.js cannot be made to lose a PUBACK on purpose) */
-  const rawDevice = async (): Promise<{ sock: tls.TLSSocket; received: mqttPacket.Packet[]; pub: (id: number, payload: string, dup: boolean) => void; acked: (id: number) => number }> => {
-    const sock = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost', cert: d.cert, key: d.key });
-    t.teardown(() => sock.destroy());
-    await once(sock, 'secureConnect');
-    const parser = mqttPacket.parser({ protocolVersion: 4 });
-    const received: mqttPacket.Packet[] = [];
-    parser.on('packet', (p) => received.push(p));
-    sock.on('data', (b: Buffer) => parser.parse(b));
-    sock.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: false, clientId: 'dev-r', keepalive: 60 }));
-    await waitFor(() => received.some((p) => p.cmd === 'connack'), 5000, 'CONNACK');
+  const connectRaw = async (): Promise<RawDevice & { pub: (id: number, payload: string, dup: boolean) => void }> => {
+    const c = await rawDevice(t, fx, d, 'dev-r');
     await waitFor(() => fx.broker.isConnected('dev-r'), 5000, 'registered');
-    return {
-      sock,
-      received,
-      pub: (id, payload, dup) => sock.write(mqttPacket.generate({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 1, dup, retain: false, messageId: id })),
-      acked: (id) => received.filter((p) => p.cmd === 'puback' && p.messageId === id).length,
-    };
+    return { ...c, pub: (id, payload, dup) => c.send({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 1, dup, retain: false, messageId: id }) };
   };
   const dropped = async (c: { sock: tls.TLSSocket }): Promise<void> => {
     c.sock.destroy();
@@ -444,7 +422,7 @@ t.test('QoS 1 redelivery (DUP 1) after a lost PUBACK is acknowledged but not jou
 
   // 1. the PUBACK is lost: the connection drops while the append is pending; the append then completes
   sink.hold = true;
-  const c1 = await rawDevice();
+  const c1 = await connectRaw();
   c1.pub(7, 'reading-1', false);
   await waitFor(() => sink.held === 1, 5000, 'append started');
   await dropped(c1);
@@ -452,7 +430,7 @@ t.test('QoS 1 redelivery (DUP 1) after a lost PUBACK is acknowledged but not jou
   t.equal(c1.acked(7), 0, 'the device never saw the PUBACK');
   // the device reconnects and re-sends the same PUBLISH with DUP 1 and the same packet id
   sink.hold = false;
-  const c2 = await rawDevice();
+  const c2 = await connectRaw();
   c2.pub(7, 'reading-1', true);
   await waitFor(() => c2.acked(7) === 1, 5000, 'PUBACK for the redelivery');
   t.equal(sink.appended.length, 1, 'journaled exactly once');
@@ -476,7 +454,7 @@ t.test('QoS 1 redelivery (DUP 1) after a lost PUBACK is acknowledged but not jou
   c2.pub(9, 'reading-4', false);
   await waitFor(() => sink.held === 1, 5000, 'append started');
   await dropped(c2);
-  const c3 = await rawDevice();
+  const c3 = await connectRaw();
   c3.pub(9, 'reading-4', true);
   // a round trip on the same connection proves the redelivery was processed (PINGREQ is answered in order)
   c3.sock.write(mqttPacket.generate({ cmd: 'pingreq' }));
@@ -493,7 +471,7 @@ t.test('QoS 1 redelivery (DUP 1) after a lost PUBACK is acknowledged but not jou
   await dropped(c3);
   sink.failHeld(new ConnectorError('ECONN_JOURNAL_IO', 'disk gone'));
   sink.hold = false;
-  const c4 = await rawDevice();
+  const c4 = await connectRaw();
   c4.pub(10, 'reading-5', true);
   await waitFor(() => c4.acked(10) === 1, 5000, 'PUBACK');
   t.same(sink.appended.slice(5).map((x) => x.payload.toString()), ['reading-5', 'reading-5'], 'failed original, then the redelivery appended');
@@ -519,19 +497,8 @@ t.test('after a restart, the journal seeds the redelivery table: a DUP 1 resend 
   };
   const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
   const d = await fx.addDevice('dev-k');
-  const sock = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost', cert: d.cert, key: d.key });
-  t.teardown(() => sock.destroy());
-  await once(sock, 'secureConnect');
-  const parser = mqttPacket.parser({ protocolVersion: 4 });
-  const received: mqttPacket.Packet[] = [];
-  parser.on('packet', (p) => received.push(p));
-  sock.on('data', (b: Buffer) => parser.parse(b));
-  sock.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: false, clientId: 'dev-k', keepalive: 60 }));
-  await waitFor(() => received.some((p) => p.cmd === 'connack'), 5000, 'CONNACK');
-  const acked = (id: number): number => received.filter((p) => p.cmd === 'puback' && p.messageId === id).length;
-  const pub = (payload: Buffer): void => {
-    sock.write(mqttPacket.generate({ cmd: 'publish', topic, payload, qos: 1, dup: true, retain: false, messageId: 9 }));
-  };
+  const { send, acked } = await rawDevice(t, fx, d, 'dev-k');
+  const pub = (payload: Buffer): void => send({ cmd: 'publish', topic, payload, qos: 1, dup: true, retain: false, messageId: 9 });
   pub(before);
   await waitFor(() => acked(9) === 1, 5000, 'PUBACK for the resend');
   t.equal(appended.length, 0, 'the resend of the journaled message is not journaled again');

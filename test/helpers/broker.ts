@@ -5,6 +5,9 @@
  */
 import path from 'node:path';
 import type { EventEmitter } from 'node:events';
+import { once } from 'node:events';
+import tls from 'node:tls';
+import mqttPacket from 'mqtt-packet';
 import { writeFileSync } from 'node:fs';
 import { stringify } from 'yaml';
 import mqtt, { type MqttClient, type IClientOptions } from 'mqtt';
@@ -288,4 +291,39 @@ export class FakeSink implements UplinkSink {
 
 export function writeText(file: string, text: string): void {
   writeFileSync(file, text);
+}
+
+export interface RawDevice {
+  sock: tls.TLSSocket;
+  /** every packet the broker sent, in order */
+  received: mqttPacket.Packet[];
+  send(packet: mqttPacket.Packet): void;
+  /** how many PUBACKs arrived for this packet id */
+  acked(id: number): number;
+}
+
+/**
+ * A raw MQTT 3.1.1 device over mTLS, connected (CONNACK received): for what mqtt.js cannot be
+ * made to do on purpose (lose a PUBACK, never acknowledge, set DUP by hand).
+ */
+export async function rawDevice(
+  t: TestLike,
+  fx: { port(l: 'tls'): number; ca: string },
+  device: { cert: string; key: string },
+  clientId: string,
+  clean = false,
+): Promise<RawDevice> {
+  const sock = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost', cert: device.cert, key: device.key });
+  t.teardown(() => sock.destroy());
+  await once(sock, 'secureConnect');
+  const parser = mqttPacket.parser({ protocolVersion: 4 });
+  const received: mqttPacket.Packet[] = [];
+  parser.on('packet', (p) => received.push(p));
+  sock.on('data', (b: Buffer) => parser.parse(b));
+  const send = (p: mqttPacket.Packet): void => {
+    sock.write(mqttPacket.generate(p));
+  };
+  send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean, clientId, keepalive: 60 });
+  await waitFor(() => received.some((p) => p.cmd === 'connack'), 5000, 'CONNACK');
+  return { sock, received, send, acked: (id) => received.filter((p) => p.cmd === 'puback' && p.messageId === id).length };
 }
