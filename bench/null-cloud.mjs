@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 /**
  * A "null" cloud for bench/uplink.mjs: the ingest protocol (docs/PROTOCOL.md)
- * with the real codec (dist/bridge/protocol.js), chunk and payload digests
+ * with the real codec (dist/protocol/codec.js), chunk and payload digests
  * verified, but nothing stored: every complete message is acknowledged at once.
  * It isolates the connector's own throughput from the reference cloud's
  * storage (which fsyncs every message before acknowledging it).
@@ -12,7 +12,7 @@ import https from 'node:https';
 import { readFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { WebSocketServer } from 'ws';
-import { SUBPROTOCOL, decodeFrame, encodeFrame, sha256, digestEquals } from '../dist/bridge/protocol.js';
+import { SUBPROTOCOL, decodeFrame, encodeFrame, sha256, digestEquals } from '../dist/protocol/codec.js';
 
 const [cert, key] = [readFileSync(process.argv[2]), readFileSync(process.argv[3])];
 const server = https.createServer({ cert, key }, (req, res) => {

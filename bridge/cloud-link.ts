@@ -9,11 +9,11 @@
  * by the socket being open.
  */
 import type { Registry } from 'prom-client';
-import type { Config } from '../daemon/config/schema.js';
-import type { Component } from '../daemon/component.js';
-import type { Logger } from '../daemon/logger.js';
-import { StartupError } from '../daemon/errors.js';
-import type { CommandTarget, UplinkMessageMeta, UplinkSink } from './types.js';
+import type { Config } from '../core/config/schema.js';
+import type { Component } from '../core/component.js';
+import type { Logger } from '../core/logger.js';
+import { StartupError } from '../core/errors.js';
+import type { CommandTarget, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
 import { CloudTokenClient } from './cloud-token.js';
 import { Uplink, type UplinkJournal } from './uplink.js';
 

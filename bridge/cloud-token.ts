@@ -9,7 +9,7 @@
  *  - client authentication: HTTP Basic (client_secret_basic, RFC 6749 §2.3.1,
  *    which every server must support) when a client secret is configured,
  *    otherwise `client_id` in the body (public client);
- *  - secrets (client secret, password) are resolved through daemon/secrets.ts
+ *  - secrets (client secret, password) are resolved through core/secrets.ts
  *    on every request, so a rotated or fixed secret file is picked up on the
  *    next attempt; they never reach a log line or an error message;
  *  - HTTPS only, with the same trust as the uplink (system store plus
@@ -30,11 +30,11 @@ import { EventEmitter } from 'node:events';
 import https from 'node:https';
 import tls from 'node:tls';
 import { readFileSync } from 'node:fs';
-import type { Config } from '../daemon/config/schema.js';
-import type { Logger } from '../daemon/logger.js';
-import { redactString } from '../daemon/logger.js';
-import { resolveSecret } from '../daemon/secrets.js';
-import { ConnectorError, errorCode } from '../daemon/errors.js';
+import type { Config } from '../core/config/schema.js';
+import type { Logger } from '../core/logger.js';
+import { redactString } from '../core/logger.js';
+import { resolveSecret } from '../core/secrets.js';
+import { ConnectorError, errorCode } from '../core/errors.js';
 import { Backoff, parseRetryAfter } from './backoff.js';
 
 export type TokenConfig = Config['bridge']['token'];

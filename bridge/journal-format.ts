@@ -23,7 +23,7 @@
  * can rebuild its index without parsing every record's JSON.
  */
 import { crc32 } from 'node:zlib';
-import type { UplinkMessageMeta } from './types.js';
+import type { UplinkMessageMeta } from '../core/ports.js';
 
 export const RECORD_MAGIC = 0x454a5231;
 export const FORMAT_VERSION = 1;

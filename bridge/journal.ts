@@ -1,6 +1,6 @@
 /**
  * The durable journal (outbox) between the device side and the uplink. Implements
- * UplinkSink (bridge/types.ts) for the broker and the HTTPS upload, and the consumer
+ * UplinkSink (core/ports.ts) for the broker and the HTTPS upload, and the consumer
  * API below for the uplink.
  *
  * ## On disk (<state_dir>/journal, mode 0700)
@@ -47,11 +47,11 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
-import type { Config } from '../daemon/config/schema.js';
-import type { Component } from '../daemon/component.js';
-import type { Logger } from '../daemon/logger.js';
-import { RequestError, StorageError, errorCode } from '../daemon/errors.js';
-import type { AppendResult, UplinkMessageMeta, UplinkSink } from './types.js';
+import type { Config } from '../core/config/schema.js';
+import type { Component } from '../core/component.js';
+import type { Logger } from '../core/logger.js';
+import { RequestError, StorageError, errorCode } from '../core/errors.js';
+import type { AppendResult, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
 import {
   FLAG_BLOB,
   HEADER_BYTES,

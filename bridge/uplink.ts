@@ -29,13 +29,13 @@ import { createHmac, randomBytes } from 'node:crypto';
 import type { IncomingMessage, ClientRequest } from 'node:http';
 import { WebSocket, type RawData } from 'ws';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
-import type { Config } from '../daemon/config/schema.js';
-import type { Logger } from '../daemon/logger.js';
-import { redactString } from '../daemon/logger.js';
-import type { Component } from '../daemon/component.js';
-import { ConnectorError, errorCode } from '../daemon/errors.js';
-import { resolveSecret } from '../daemon/secrets.js';
-import type { CommandTarget, UplinkMessageMeta } from './types.js';
+import type { Config } from '../core/config/schema.js';
+import type { Logger } from '../core/logger.js';
+import { redactString } from '../core/logger.js';
+import type { Component } from '../core/component.js';
+import { ConnectorError, errorCode } from '../core/errors.js';
+import { resolveSecret } from '../core/secrets.js';
+import type { CommandTarget, UplinkMessageMeta } from '../core/ports.js';
 import { Backoff, parseRetryAfter } from './backoff.js';
 import { cloudTlsOptions, type CloudTokenClient } from './cloud-token.js';
 import {
@@ -56,7 +56,7 @@ import {
   type MessageMeta,
   type PartialInfo,
   type CommandResultFrame,
-} from './protocol.js';
+} from '../protocol/codec.js';
 
 // ─── what the uplink needs from the journal ─────────────────────────────────
 

@@ -21,7 +21,7 @@
  *
  * Anonymous local applications with no rules configured may do everything except publish to `$`-topics.
  */
-import type { AclRule } from '../daemon/config/schema.js';
+import type { AclRule } from '../core/config/schema.js';
 
 export type { AclRule };
 

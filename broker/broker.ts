@@ -5,7 +5,7 @@
  *    and an optional plain listener on loopback for local applications (auth `none` or `jwt`).
  *  - TLS ≥ 1.2; server certificate from broker.tls.cert_file/key_file or the local PKI; client
  *    certificates are requested but not required by OpenSSL (rejectUnauthorized: false) so a
- *    token-only device can connect in `cert|jwt` mode; broker/auth.ts decides.
+ *    token-only device can connect in `cert|jwt` mode; identity/auth.ts decides.
  *  - Every aedes hook catches everything (a throw inside a hook would crash the process).
  *  - Device publishes that match config.bridge.topics (never a command topic) are appended to
  *    the uplink journal (UplinkSink) and only then acknowledged: the aedes authorizePublish
@@ -29,12 +29,12 @@ import type { Duplex } from 'node:stream';
 import { WebSocketServer, createWebSocketStream, type WebSocket } from 'ws';
 import { Counter, type Registry } from 'prom-client';
 import { Aedes, type Client, type PublishPacket, type Subscription, type ConnectPacket, type AedesPublishPacket } from 'aedes';
-import type { Config } from '../daemon/config/schema.js';
-import type { Logger } from '../daemon/logger.js';
-import type { Component } from '../daemon/component.js';
-import { listen } from '../daemon/net.js';
-import { AuthorizationError, ConnectorError, ProtocolError, errorCode, type ErrorCode } from '../daemon/errors.js';
-import type { CommandTarget, PendingRecords, UplinkMessageMeta, UplinkSink } from '../bridge/types.js';
+import type { Config } from '../core/config/schema.js';
+import type { Logger } from '../core/logger.js';
+import type { Component } from '../core/component.js';
+import { listen } from '../core/net.js';
+import { AuthorizationError, ConnectorError, ProtocolError, errorCode, type ErrorCode } from '../core/errors.js';
+import type { CommandTarget, PendingRecords, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
 import {
   authorizeDelivery,
   authorizePublish,
@@ -56,11 +56,11 @@ import {
   type ListenerAuth,
   type RegistryView,
   type TokenVerifier,
-} from './auth.js';
-import type { DeviceRecord } from './registry.js';
+} from '../identity/auth.js';
+import type { DeviceRecord } from '../identity/registry.js';
 import { SessionTracker, conformanceHooks, wrapConnection, type ConformantConnection } from './conformance.js';
 import { RedeliveryTable, payloadDigest } from './redelivery.js';
-import { loadServerCredentials } from './server-cert.js';
+import { loadServerCredentials } from '../identity/server-cert.js';
 
 export type ListenerName = 'tls' | 'wss' | 'local';
 export const PORT_KEYS: Record<ListenerName, string> = { tls: 'mqtt_tls', wss: 'mqtt_wss', local: 'mqtt_local' };

@@ -59,7 +59,7 @@
 import { Duplex } from 'node:stream';
 import { isUtf8 } from 'node:buffer';
 import type { AedesOptions, AedesPublishPacket, Client, Subscription } from 'aedes';
-import type { Logger } from '../daemon/logger.js';
+import type { Logger } from '../core/logger.js';
 
 /** The normative statements this guard enforces (id → what it says, as logged). */
 export const STATEMENTS = {

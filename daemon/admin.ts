@@ -8,11 +8,11 @@
 import net from 'node:net';
 import { chmodSync, existsSync, unlinkSync } from 'node:fs';
 import path from 'node:path';
-import type { Logger } from './logger.js';
-import type { Component } from './component.js';
-import { ConnectorError, errorCode, StartupError } from './errors.js';
+import type { Logger } from '../core/logger.js';
+import type { AdminHandler, AdminRegistry, Component } from '../core/component.js';
+import { ConnectorError, errorCode, StartupError } from '../core/errors.js';
 
-export type AdminHandler = (params: Record<string, unknown>) => Promise<unknown> | unknown;
+export type { AdminHandler };
 
 export const ADMIN_SOCKET_NAME = 'admin.sock';
 const MAX_REQUEST_BYTES = 1024 * 1024;
@@ -21,7 +21,7 @@ export function adminSocketPath(stateDir: string): string {
   return path.join(stateDir, ADMIN_SOCKET_NAME);
 }
 
-export class AdminServer implements Component {
+export class AdminServer implements Component, AdminRegistry {
   readonly name = 'admin';
   private readonly handlers = new Map<string, AdminHandler>();
   private server: net.Server | undefined;

@@ -4,19 +4,19 @@
  * The lifecycle closes them in reverse.
  */
 import type { Registry } from 'prom-client';
-import type { Config } from './config/schema.js';
-import type { Logger } from './logger.js';
-import type { Component } from './component.js';
+import type { Config } from '../core/config/schema.js';
+import type { Logger } from '../core/logger.js';
+import type { Component } from '../core/component.js';
 import type { InitStep } from './init.js';
 import { AdminServer, adminSocketPath } from './admin.js';
 import { HealthServer, createMetricsRegistry } from './health.js';
 import path from 'node:path';
-import { DeviceRegistry } from '../broker/registry.js';
-import { LocalPki } from '../broker/pki.js';
-import { TokenService } from '../broker/tokens.js';
-import { EnrollmentStore } from '../broker/enrollment.js';
-import { registerIdentityAdmin, type Identity } from '../broker/identity-admin.js';
-import { ApiServer } from '../broker/api.js';
+import { DeviceRegistry } from '../identity/registry.js';
+import { LocalPki } from '../identity/pki.js';
+import { TokenService } from '../identity/tokens.js';
+import { EnrollmentStore } from '../identity/enrollment.js';
+import { registerIdentityAdmin, type Identity } from '../identity/admin.js';
+import { ApiServer } from '../api/api.js';
 import { CloudLink } from '../bridge/cloud-link.js';
 import { Journal } from '../bridge/journal.js';
 import { Broker, PORT_KEYS } from '../broker/broker.js';

@@ -1,13 +1,13 @@
 #!/usr/bin/env node
 /**
  * The `connector` command line. `connector help` lists the commands;
- * `connector COMMAND --help` shows one. Exit codes: see EXIT in daemon/errors.ts.
+ * `connector COMMAND --help` shows one. Exit codes: see EXIT in core/errors.ts.
  */
 import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
 import { commands } from './commands/index.js';
 import type { Command } from './commands/types.js';
-import { ConnectorError, EXIT, errorCode } from './errors.js';
+import { ConnectorError, EXIT, errorCode } from '../core/errors.js';
 import { explain, exitCodeFor } from './explain.js';
 
 function version(): string {

@@ -1,5 +1,5 @@
 /** How a failed command explains itself: a clear, stack-free line on stderr and a documented exit code. */
-import { ConfigError, ConnectorError, EXIT, errorCode } from './errors.js';
+import { ConfigError, ConnectorError, EXIT, errorCode } from '../core/errors.js';
 
 export function exitCodeFor(err: unknown): number {
   switch (errorCode(err)) {

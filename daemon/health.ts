@@ -7,9 +7,9 @@
  */
 import http from 'node:http';
 import { collectDefaultMetrics, Registry } from 'prom-client';
-import type { Logger } from './logger.js';
-import type { Component } from './component.js';
-import { listen, closeServer } from './net.js';
+import type { Logger } from '../core/logger.js';
+import type { Component } from '../core/component.js';
+import { listen, closeServer } from '../core/net.js';
 
 export type ReadinessCheck = () => { ok: boolean; reason?: string };
 

@@ -5,18 +5,15 @@
  */
 import { mkdirSync, statSync, chmodSync, writeFileSync, unlinkSync } from 'node:fs';
 import path from 'node:path';
-import type { Config } from './config/schema.js';
-import type { Logger } from './logger.js';
-import { StartupError } from './errors.js';
-import { ensureSecretFile } from './secrets.js';
-import { isGeneratedSecret } from './config/load.js';
+import type { Config } from '../core/config/schema.js';
+import type { Logger } from '../core/logger.js';
+import { StartupError } from '../core/errors.js';
+import { ensureSecretFile } from '../core/secrets.js';
+import { isGeneratedSecret } from '../core/config/load.js';
+import type { InitStep } from '../core/component.js';
 
-export interface InitStep {
-  /** Human name shown by `connector init`. */
-  readonly name: string;
-  /** Create what is missing; return the paths it created (empty when all existed). */
-  run(config: Config, logger: Logger): Promise<string[]>;
-}
+export type { InitStep };
+
 
 export function ensureStateDir(dir: string): boolean {
   let created = false;

@@ -3,10 +3,10 @@
  * remaining shutdown budget. If a start fails, what already started is closed
  * (reverse order) and the error is rethrown.
  */
-import type { Logger } from './logger.js';
-import type { Component } from './component.js';
-import type { Config } from './config/schema.js';
-import { ConnectorError } from './errors.js';
+import type { Logger } from '../core/logger.js';
+import type { Component } from '../core/component.js';
+import type { Config } from '../core/config/schema.js';
+import { ConnectorError } from '../core/errors.js';
 
 export class Lifecycle {
   private readonly started: Component[] = [];

@@ -2,17 +2,17 @@
  * `connector start`: load and validate the config, init the state directory,
  * build and start every component, then serve until SIGTERM/SIGINT (graceful
  * close within daemon.shutdown_timeout_ms, a second signal forces). SIGHUP
- * reloads the configuration. Exit codes are listed in EXIT (daemon/errors.ts)
+ * reloads the configuration. Exit codes are listed in EXIT (core/errors.ts)
  * and in the README.
  */
-import type { Config } from './config/schema.js';
-import { configSchema } from './config/schema.js';
-import { loadConfig } from './config/load.js';
-import { createLogger } from './logger.js';
+import type { Config } from '../core/config/schema.js';
+import { configSchema } from '../core/config/schema.js';
+import { loadConfig } from '../core/config/load.js';
+import { createLogger } from '../core/logger.js';
 import { runInit } from './init.js';
 import { buildDaemon, initSteps } from './app.js';
 import { Lifecycle } from './lifecycle.js';
-import { ConfigError, EXIT } from './errors.js';
+import { ConfigError, EXIT } from '../core/errors.js';
 import { explain, exitCodeFor } from './explain.js';
 
 export { explain, exitCodeFor };

@@ -21,7 +21,7 @@
  */
 import type { EventEmitter } from 'node:events';
 import { Counter, Gauge, type Registry } from 'prom-client';
-import type { Component } from './component.js';
+import type { Component } from '../core/component.js';
 import type { WatchdogState } from './notify.js';
 import { deviceCertExpiries, numAt, type DeviceCertSource } from './status.js';
 

@@ -39,7 +39,7 @@
  * lucky timer either: systemd kills and restarts the daemon (Restart=on-failure).
  */
 import { createRequire } from 'node:module';
-import type { Logger } from './logger.js';
+import type { Logger } from '../core/logger.js';
 
 /** What we use of unix-dgram's socket. */
 interface DgramSocket {

@@ -2,7 +2,7 @@
  * Rotation admin methods that need the whole daemon, not just one component:
  *
  *   ca.rotate {}  a new device CA signs device certificates from now on; the previous one
- *                 stays trusted (broker/pki.ts LocalPki.rotateCa keeps it in pki/trusted/)
+ *                 stays trusted (identity/pki.ts LocalPki.rotateCa keeps it in pki/trusted/)
  *                 and keeps issuing the server certificate until ca.retire, so a fleet moves
  *                 over without an outage (devices get a bundle of both CAs meanwhile). Then
  *                 every component reloads its TLS context with the current config (no
@@ -15,14 +15,14 @@
  * The server certificate is renewed by LocalPki itself (at start, every 12 h, and on
  * reload when identity.pki.server_names / server_cert_renew_before_days change),
  * which emits 'server-cert' to the broker and the API. The JWT signing key rotates
- * with the admin method token.rotate-key (broker/identity-admin.ts).
+ * with the admin method token.rotate-key (identity/admin.ts).
  */
 import { X509Certificate } from 'node:crypto';
 import type { AdminServer } from './admin.js';
-import type { Logger } from './logger.js';
-import { normalizeSerial } from '../broker/registry.js';
+import type { Logger } from '../core/logger.js';
+import { normalizeSerial } from '../identity/registry.js';
 
-/** What ca.rotate needs of broker/pki.ts LocalPki. */
+/** What ca.rotate needs of identity/pki.ts LocalPki. */
 export interface CaRotator {
   rotateCa(serverName?: string): Promise<{ serial: string }>;
   retireCa(): Promise<{ serial: string; retired: string[] }>;

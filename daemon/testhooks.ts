@@ -12,10 +12,10 @@
  * can tell which datagrams were sent while the loop was unhealthy.
  */
 import type { AdminServer } from './admin.js';
-import type { Component } from './component.js';
-import type { Logger } from './logger.js';
+import type { Component } from '../core/component.js';
+import type { Logger } from '../core/logger.js';
 import type { SystemdNotifier } from './notify.js';
-import { ConnectorError } from './errors.js';
+import { ConnectorError } from '../core/errors.js';
 
 export function testHooksEnabled(env: NodeJS.ProcessEnv = process.env): boolean {
   return env.EDGE_CONNECTOR_TEST_HOOKS === '1';

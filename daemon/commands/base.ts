@@ -1,8 +1,8 @@
 /** Foundation commands: start, check-config, init, status, reload. */
-import { loadConfig } from '../config/load.js';
-import { createLogger } from '../logger.js';
+import { loadConfig } from '../../core/config/load.js';
+import { createLogger } from '../../core/logger.js';
 import { explain, exitCodeFor } from '../explain.js';
-import { EXIT } from '../errors.js';
+import { EXIT } from '../../core/errors.js';
 import { CONFIG_OPTION, adminCall, configPathOf, type Command } from './types.js';
 
 export const baseCommands: Command[] = [

@@ -3,11 +3,11 @@ import https from 'node:https';
 import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { WebSocket } from 'ws';
-import { createLogger } from '../logger.js';
-import { ensureSecretFile, resolveSecret } from '../secrets.js';
-import { ConnectorError, EXIT, errorCode } from '../errors.js';
+import { createLogger } from '../../core/logger.js';
+import { ensureSecretFile, resolveSecret } from '../../core/secrets.js';
+import { ConnectorError, EXIT, errorCode } from '../../core/errors.js';
 import { explain, exitCodeFor } from '../explain.js';
-import { defaultCloudConfig, loadCloudConfig, type CloudConfig, type Scope } from '../../bridge/cloud/config.js';
+import { defaultCloudConfig, loadCloudConfig, type CloudConfig, type Scope } from '../../cloud/config.js';
 import { CONFIG_OPTION, type Command, type Options, type Values } from './types.js';
 
 const CLIENT_OPTIONS: Options = {
@@ -115,7 +115,7 @@ async function runCloud(values: Values): Promise<number> {
     return exitCodeFor(err);
   }
   const log = createLogger({ level: cfg.log_level }).child({ component: 'cloud' });
-  const { CloudServer } = await import('../../bridge/cloud/server.js');
+  const { CloudServer } = await import('../../cloud/server.js');
   const server = new CloudServer(cfg, log);
   try {
     await server.start();

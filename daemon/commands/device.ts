@@ -1,9 +1,9 @@
 /** `connector device …` and `connector enroll create`: device identity, through the running daemon's admin socket. */
 import { existsSync, mkdirSync, writeFileSync, chmodSync, statSync, unlinkSync } from 'node:fs';
 import path from 'node:path';
-import { ConnectorError, EXIT } from '../errors.js';
+import { ConnectorError, EXIT } from '../../core/errors.js';
 import { CONFIG_OPTION, adminCall, type Command, type Values } from './types.js';
-import type { DeviceBundle } from '../../broker/identity-admin.js';
+import type { DeviceBundle } from '../../identity/admin.js';
 
 interface DeviceRow {
   id: string;

@@ -6,7 +6,7 @@
  *   connector ca retire         finish a rotation: only the new CA is trusted and issues the server certificate
  *   connector keys rotate       new JWT signing key; the previous one keeps verifying its tokens
  */
-import { EXIT } from '../errors.js';
+import { EXIT } from '../../core/errors.js';
 import type { DaemonStatus, Expiry } from '../status.js';
 import type { CaRetireResult, CaRotateResult } from '../rotation.js';
 import { CONFIG_OPTION, adminCall, type Command } from './types.js';

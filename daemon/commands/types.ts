@@ -1,5 +1,5 @@
 import type { ParseArgsConfig } from 'node:util';
-import { loadConfig, defaultConfigPath } from '../config/load.js';
+import { loadConfig, defaultConfigPath } from '../../core/config/load.js';
 import { adminRequest, adminSocketPath } from '../admin.js';
 
 export type Options = NonNullable<ParseArgsConfig['options']>;

@@ -10,7 +10,7 @@ import { writeFileSync, chmodSync } from 'node:fs';
 import path from 'node:path';
 import { TestCA } from '../helpers/certs.js';
 import { tempDir, type TestLike } from '../helpers/daemon.js';
-import { createLogger, type Logger } from '../../daemon/logger.js';
+import { createLogger, type Logger } from '../../core/logger.js';
 import { CloudTokenClient, CloudTokenError, type Clock, type TokenConfig } from '../../bridge/cloud-token.js';
 
 interface Timer {

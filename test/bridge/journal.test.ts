@@ -7,9 +7,9 @@ import { Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
 import { Registry } from 'prom-client';
 import { Journal, type JournalConfig, type JournalRecord } from '../../bridge/journal.js';
-import { createLogger } from '../../daemon/logger.js';
-import { errorCode } from '../../daemon/errors.js';
-import type { UplinkMessageMeta } from '../../bridge/types.js';
+import { createLogger } from '../../core/logger.js';
+import { errorCode } from '../../core/errors.js';
+import type { UplinkMessageMeta } from '../../core/ports.js';
 import { REPO, tempDir } from '../helpers/daemon.js';
 
 type Tap = Test;
@@ -570,7 +570,7 @@ t.test('crash: SIGKILL while appending loses no acknowledged record, keeps order
     script,
     `
 import { Journal } from ${JSON.stringify(pathToFileURL(dist).href)};
-import { silentLogger } from ${JSON.stringify(pathToFileURL(path.join(REPO, 'dist/daemon/logger.js')).href)};
+import { silentLogger } from ${JSON.stringify(pathToFileURL(path.join(REPO, 'dist/core/logger.js')).href)};
 const j = new Journal({ dir: process.argv[2], logger: silentLogger(), config: ${JSON.stringify(config({ segment_bytes: 65536 }))} });
 await j.start();
 let n = 0;

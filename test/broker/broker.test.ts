@@ -7,9 +7,9 @@ import mqttPacket from 'mqtt-packet';
 import { Registry } from 'prom-client';
 import { brokerFixture, buildConfig, collect, FakeSink, rawDevice, refused, suback, waitEvent, waitFor, type RawDevice } from '../helpers/broker.js';
 import { TestCA } from '../helpers/certs.js';
-import { normalizeSerial } from '../../broker/registry.js';
-import { ConnectorError } from '../../daemon/errors.js';
-import type { PendingRecords, UplinkSink } from '../../bridge/types.js';
+import { normalizeSerial } from '../../identity/registry.js';
+import { ConnectorError } from '../../core/errors.js';
+import type { PendingRecords, UplinkSink } from '../../core/ports.js';
 import { payloadDigest } from '../../broker/redelivery.js';
 
 t.test('device connects with its certificate and with its token (TLS and WSS)', async (t) => {

@@ -17,7 +17,7 @@ import { Duplex } from 'node:stream';
 import { Aedes, type AedesOptions, type AuthenticateError } from 'aedes';
 import mqtt from 'mqtt-packet';
 import type { IConnectPacket, IPublishPacket, ISubackPacket, Packet } from 'mqtt-packet';
-import { createLogger, silentLogger } from '../../daemon/logger.js';
+import { createLogger, silentLogger } from '../../core/logger.js';
 import {
   wrapConnection,
   encodeLength,

@@ -3,8 +3,8 @@ import net from 'node:net';
 import path from 'node:path';
 import { statSync, writeFileSync } from 'node:fs';
 import { AdminServer, adminRequest } from '../../daemon/admin.js';
-import { ConnectorError } from '../../daemon/errors.js';
-import { silentLogger } from '../../daemon/logger.js';
+import { ConnectorError } from '../../core/errors.js';
+import { silentLogger } from '../../core/logger.js';
 import { tempDir } from '../helpers/daemon.js';
 
 function raw(sock: string, data: string): Promise<string> {

@@ -1,8 +1,8 @@
 import t from 'tap';
 import { Lifecycle } from '../../daemon/lifecycle.js';
-import type { Component } from '../../daemon/component.js';
-import { silentLogger } from '../../daemon/logger.js';
-import type { Config } from '../../daemon/config/schema.js';
+import type { Component } from '../../core/component.js';
+import { silentLogger } from '../../core/logger.js';
+import type { Config } from '../../core/config/schema.js';
 
 function comp(name: string, events: string[], opts: { failStart?: boolean; hangClose?: boolean; reload?: string[] } = {}): Component {
   return {

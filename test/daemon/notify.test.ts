@@ -10,7 +10,7 @@ import { createRequire } from 'node:module';
 import { spawnDaemon, tempDir, type TestLike, type DaemonHandle, freePort } from '../helpers/daemon.js';
 import { adminRequest, adminSocketPath } from '../../daemon/admin.js';
 import { SystemdNotifier, watchdogTimeoutMs, oneLine, type NotifyTransport } from '../../daemon/notify.js';
-import { createLogger } from '../../daemon/logger.js';
+import { createLogger } from '../../core/logger.js';
 
 interface RecvSocket {
   on(event: 'message', cb: (buf: Buffer) => void): void;

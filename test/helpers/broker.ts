@@ -11,14 +11,14 @@ import mqttPacket from 'mqtt-packet';
 import { writeFileSync } from 'node:fs';
 import { stringify } from 'yaml';
 import mqtt, { type MqttClient, type IClientOptions } from 'mqtt';
-import { parseConfigText } from '../../daemon/config/load.js';
-import type { Config } from '../../daemon/config/schema.js';
-import { createLogger, type Logger } from '../../daemon/logger.js';
-import { DeviceRegistry } from '../../broker/registry.js';
-import { LocalPki, initPki } from '../../broker/pki.js';
-import { TokenService, initTokenKeys } from '../../broker/tokens.js';
+import { parseConfigText } from '../../core/config/load.js';
+import type { Config } from '../../core/config/schema.js';
+import { createLogger, type Logger } from '../../core/logger.js';
+import { DeviceRegistry } from '../../identity/registry.js';
+import { LocalPki, initPki } from '../../identity/pki.js';
+import { TokenService, initTokenKeys } from '../../identity/tokens.js';
 import { Broker, type BrokerOptions } from '../../broker/broker.js';
-import type { UplinkSink } from '../../bridge/types.js';
+import type { UplinkSink } from '../../core/ports.js';
 import { tempDir, testConfig, type Json, type TestLike } from './daemon.js';
 
 export interface LogCapture {

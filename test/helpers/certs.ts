@@ -3,7 +3,7 @@
  * CSRs generated at test time (EC P-256 by default, RSA on request), including
  * the expired / not-yet-valid / wrong-CA variants the auth tests need.
  */
-import { x509, generateKeyPair, privateKeyToPem, signingAlgorithm, randomSerial, type KeyType } from '../../broker/x509.js';
+import { x509, generateKeyPair, privateKeyToPem, signingAlgorithm, randomSerial, type KeyType } from '../../core/x509.js';
 
 const DAY = 86400_000;
 

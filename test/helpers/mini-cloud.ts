@@ -1,10 +1,10 @@
 /**
  * A small, controllable cloud for the uplink unit tests: a real HTTPS server
  * (certificate from a TestCA) with an OAuth2 token endpoint and the WSS ingest
- * of docs/PROTOCOL.md, built on the real codec (bridge/protocol.ts). Each knob
+ * of docs/PROTOCOL.md, built on the real codec (protocol/codec.ts). Each knob
  * lets a test make the cloud misbehave in one precise way (withhold ACKs, drop
  * the link mid-message, reject, go silent, send garbage) — things the
- * reference cloud (bridge/cloud/) is not meant to do on purpose. The
+ * reference cloud (cloud/) is not meant to do on purpose. The
  * end-to-end tests use the reference cloud.
  */
 import https from 'node:https';
@@ -15,7 +15,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { WebSocketServer, WebSocket } from 'ws';
 import { TestCA } from './certs.js';
 import { tempDir, type TestLike } from './daemon.js';
-import { SUBPROTOCOL, decodeFrame, encodeFrame, sha256, digestEquals, type Frame, type ChunkFrame, type MessageMeta } from '../../bridge/protocol.js';
+import { SUBPROTOCOL, decodeFrame, encodeFrame, sha256, digestEquals, type Frame, type ChunkFrame, type MessageMeta } from '../../protocol/codec.js';
 
 export interface Stored {
   id: string;

@@ -11,8 +11,8 @@ import { createServer } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { stringify } from 'yaml';
 import { spawnDaemon, startDaemon, runCli, tempDir } from '../../helpers/daemon.js';
-import { TestGateway, getToken, tokenRequest, SECRET } from '../../bridge/cloud/helpers.js';
-import { chunkMessage, sha256Hex, type MessageMeta } from '../../../bridge/protocol.js';
+import { TestGateway, getToken, tokenRequest, SECRET } from '../../cloud/helpers.js';
+import { chunkMessage, sha256Hex, type MessageMeta } from '../../../protocol/codec.js';
 
 const meta = (device: string, topic: string): MessageMeta => ({ device_id: device, topic, qos: 1, received_at: 1_700_000_000_000 });
 

@@ -8,7 +8,7 @@ import { X509Certificate } from 'node:crypto';
 import { startDaemon, runCli, tempDir, testConfig, writeConfig, type Json } from '../../helpers/daemon.js';
 import { adminRequest, adminSocketPath } from '../../../daemon/admin.js';
 import { formatStatus } from '../../../daemon/commands/ops.js';
-import { normalizeSerial } from '../../../broker/registry.js';
+import { normalizeSerial } from '../../../identity/registry.js';
 import type { DaemonStatus } from '../../../daemon/status.js';
 
 interface Bundle {

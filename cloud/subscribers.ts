@@ -1,0 +1,186 @@
+/**
+ * WSS /subscribe: cloud consumers receive stored messages as JSON text frames.
+ *
+ * The filters (MQTT-style, `+` one level, `#` the rest) come as query
+ * parameters: /subscribe?filter=devices/%2B/telemetry&filter=…&from_start=1.
+ * Every stored message that matches is sent once, in store order, as
+ *   {"type":"message","seq","id","gateway_id","device_id","topic","qos","size",
+ *    "sha256","received_at","stored_at","content_type"?,"payload"?}
+ * with `payload` (base64) for payloads up to 64 KiB. With from_start=1 the
+ * index is replayed first, then {"type":"replayed","count":N} marks the switch
+ * to live messages (no gap, no duplicate at the switch). A subscriber that
+ * falls more than MAX_QUEUE messages behind is closed with 4029.
+ */
+import type { WebSocket } from 'ws';
+import type { Logger } from '../core/logger.js';
+import type { CloudStore, StoredEntry } from './store.js';
+
+export const INLINE_PAYLOAD_MAX = 64 * 1024;
+const MAX_QUEUE = 100_000;
+export const CLOSE_TOO_SLOW = 4029;
+
+/** Validate an MQTT topic filter; returns an error text or undefined. */
+export function filterError(f: string): string | undefined {
+  if (f.length === 0 || Buffer.byteLength(f) > 4096) return 'filter must be 1..4096 bytes';
+  if (f.includes('\u0000')) return 'filter must not contain NUL';
+  const levels = f.split('/');
+  for (const [i, l] of levels.entries()) {
+    if (l.includes('#') && (l !== '#' || i !== levels.length - 1)) return '"#" must be a whole last level';
+    if (l.includes('+') && l !== '+') return '"+" must be a whole level';
+  }
+  return undefined;
+}
+
+/** MQTT topic matching (filters starting with a wildcard do not match topics starting with "$"). */
+export function topicMatches(filter: string, topic: string): boolean {
+  const f = filter.split('/');
+  const t = topic.split('/');
+  if ((f[0] === '+' || f[0] === '#') && topic.startsWith('$')) return false;
+  for (let i = 0; i < f.length; i++) {
+    if (f[i] === '#') return true;
+    if (i >= t.length) return false;
+    if (f[i] !== '+' && f[i] !== t[i]) return false;
+  }
+  return f.length === t.length;
+}
+
+class Subscriber {
+  private queue: StoredEntry[] = [];
+  private running = false;
+  private closed = false;
+  private replaying: boolean;
+  private readonly replayUpTo: number;
+
+  constructor(
+    private readonly ws: WebSocket,
+    private readonly filters: string[],
+    fromStart: boolean,
+    private readonly store: CloudStore,
+    private readonly log: Logger,
+  ) {
+    this.replaying = fromStart;
+    this.replayUpTo = fromStart ? store.count : 0;
+  }
+
+  matches(e: StoredEntry): boolean {
+    return this.filters.some((f) => topicMatches(f, e.topic));
+  }
+
+  /** A newly stored message (live). */
+  offer(e: StoredEntry): void {
+    if (this.closed || e.seq <= this.replayUpTo || !this.matches(e)) return;
+    if (this.queue.length >= MAX_QUEUE) {
+      this.log.warn('subscriber too slow: closing');
+      this.close(CLOSE_TOO_SLOW, 'subscriber too slow');
+      return;
+    }
+    this.queue.push(e);
+    if (!this.replaying) void this.pump();
+  }
+
+  async start(): Promise<void> {
+    if (this.replaying) {
+      let n = 0;
+      try {
+        for await (const e of this.store.replay(this.replayUpTo)) {
+          if (this.closed) return;
+          if (!this.matches(e)) continue;
+          await this.deliver(e);
+          n++;
+        }
+      } catch (err) {
+        this.log.error({ err }, 'subscriber replay failed');
+        this.close(1011, 'replay failed');
+        return;
+      }
+      await this.sendJson({ type: 'replayed', count: n });
+      this.replaying = false;
+    }
+    void this.pump();
+  }
+
+  private async pump(): Promise<void> {
+    if (this.running) return;
+    this.running = true;
+    try {
+      while (!this.closed && this.queue.length > 0) await this.deliver(this.queue.shift() as StoredEntry);
+    } catch (err) {
+      this.log.warn({ err }, 'subscriber delivery failed: closing');
+      this.close(1011, 'delivery failed');
+    } finally {
+      this.running = false;
+    }
+  }
+
+  private async deliver(e: StoredEntry): Promise<void> {
+    const msg: Record<string, unknown> = { type: 'message', ...e };
+    delete msg.payload_file;
+    if (e.size <= INLINE_PAYLOAD_MAX) msg.payload = (await this.store.readPayload(e)).toString('base64');
+    await this.sendJson(msg);
+  }
+
+  private sendJson(o: unknown): Promise<void> {
+    return new Promise((resolve) => {
+      if (this.closed || this.ws.readyState !== this.ws.OPEN) return resolve();
+      this.ws.send(JSON.stringify(o), (err) => {
+        if (err) this.close(1011, 'send failed');
+        resolve();
+      });
+    });
+  }
+
+  close(code: number, reason: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.queue = [];
+    try {
+      this.ws.close(code, reason);
+    } catch {
+      this.ws.terminate();
+    }
+  }
+
+  markClosed(): void {
+    this.closed = true;
+    this.queue = [];
+  }
+}
+
+export class SubscriberHub {
+  private readonly subs = new Set<Subscriber>();
+  private readonly onStored = (e: StoredEntry): void => {
+    for (const s of this.subs) s.offer(e);
+  };
+
+  constructor(
+    private readonly store: CloudStore,
+    private readonly log: Logger,
+  ) {
+    store.on('stored', this.onStored);
+  }
+
+  get size(): number {
+    return this.subs.size;
+  }
+
+  attach(ws: WebSocket, filters: string[], fromStart: boolean, remote: string): void {
+    const log = this.log.child({ subscriber: remote });
+    const sub = new Subscriber(ws, filters, fromStart, this.store, log);
+    this.subs.add(sub);
+    ws.on('close', () => {
+      sub.markClosed();
+      this.subs.delete(sub);
+    });
+    ws.on('error', () => undefined);
+    // inbound frames are not part of the API; ignore them
+    ws.on('message', () => undefined);
+    log.info({ filters, from_start: fromStart }, 'subscriber attached');
+    void sub.start();
+  }
+
+  close(): void {
+    this.store.off('stored', this.onStored);
+    for (const s of this.subs) s.close(1001, 'cloud shutting down');
+    this.subs.clear();
+  }
+}

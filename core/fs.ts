@@ -1,0 +1,91 @@
+/**
+ * Durable file primitives: the one place that knows how to replace a small
+ * file so that after a crash or power cut it holds either the old or the new
+ * content, never a mix and never nothing (registry, PKI material, tokens,
+ * journal identity, cloud store metadata, cloud TLS material).
+ *
+ * The recipe: write a temporary file in the same directory, fsync it, rename
+ * it over the target (atomic on POSIX), then fsync the directory so the rename
+ * itself survives a power cut.
+ */
+import { mkdirSync, openSync, writeSync, fsyncSync, closeSync, renameSync, unlinkSync, fchmodSync } from 'node:fs';
+import { mkdir, open, rename, unlink } from 'node:fs/promises';
+import path from 'node:path';
+
+function tmpName(file: string): string {
+  return path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
+}
+
+/** fsync a directory (makes creates, renames and unlinks inside it durable). Some filesystems refuse it: ignored there. */
+export async function syncDir(dir: string): Promise<void> {
+  let d;
+  try {
+    d = await open(dir, 'r');
+    await d.sync();
+  } catch {
+    // EINVAL/EISDIR on filesystems without directory fsync: the rename is still atomic
+  } finally {
+    await d?.close().catch(() => {});
+  }
+}
+
+/** Synchronous syncDir, for start-up paths that are synchronous. */
+export function syncDirSync(dir: string): void {
+  let fd: number | undefined;
+  try {
+    fd = openSync(dir, 'r');
+    fsyncSync(fd);
+  } catch {
+    // as in syncDir
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
+}
+
+/** Replace `file` atomically and durably with `data` (mode applied even when the file existed). */
+export async function writeAtomic(file: string, data: string | Uint8Array, mode = 0o600): Promise<void> {
+  const dir = path.dirname(file);
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const tmp = tmpName(file);
+  const fh = await open(tmp, 'w', mode);
+  try {
+    await fh.writeFile(data);
+    await fh.chmod(mode);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  try {
+    await rename(tmp, file);
+  } catch (err) {
+    await unlink(tmp).catch(() => {});
+    throw err;
+  }
+  await syncDir(dir);
+}
+
+/** Synchronous writeAtomic, same guarantees. */
+export function writeAtomicSync(file: string, data: string | Uint8Array, mode = 0o600): void {
+  const dir = path.dirname(file);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const tmp = tmpName(file);
+  const fd = openSync(tmp, 'w', mode);
+  try {
+    const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
+    let off = 0;
+    while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
+    fchmodSync(fd, mode);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  try {
+    renameSync(tmp, file);
+  } catch (err) {
+    try {
+      unlinkSync(tmp);
+    } catch {}
+    throw err;
+  }
+  syncDirSync(dir);
+}

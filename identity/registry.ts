@@ -1,0 +1,504 @@
+/**
+ * Device registry: one lowdb JSON document in `<state_dir>/registry.json`.
+ *
+ * - Writes are atomic and durable: a temp file is written, fsynced and renamed
+ *   over the old one, then the directory is fsynced (our lowdb adapter; lowdb's
+ *   own steno writer renames but never fsyncs). The file is mode 0600.
+ * - A corrupt file (not JSON, or JSON of the wrong shape) stops start() with
+ *   StorageError ECONN_REGISTRY_CORRUPT. It is never replaced or "repaired":
+ *   the operator restores a backup or moves it away.
+ * - Revoked certificate serials and token ids are indexed in memory so the
+ *   broker's per-connection checks are O(1).
+ * - A revoked device id can be registered again; its revoked certificates and
+ *   tokens stay in the record (and stay revoked), so a new registration never
+ *   revives an old credential.
+ */
+import { EventEmitter } from 'node:events';
+import { open, rename, mkdir, readFile, unlink } from 'node:fs/promises';
+import path from 'node:path';
+import { Low, type Adapter } from 'lowdb';
+import type { Logger } from '../core/logger.js';
+import type { Component } from '../core/component.js';
+import { ConnectorError, StorageError } from '../core/errors.js';
+
+/** A device id is safe as one MQTT topic level and as a file name: no '/', '+', '#', '$'. */
+export const DEVICE_ID_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+/** Canonical certificate serial: lowercase hex, no colons or spaces, no leading zeros ("0" for zero). */
+export function normalizeSerial(hexOrColonHex: string): string {
+  const hex = hexOrColonHex.replace(/[:\s]/g, '').toLowerCase().replace(/^0x/, '');
+  const stripped = hex.replace(/^0+/, '');
+  return stripped === '' ? '0' : stripped;
+}
+
+export type DeviceStatus = 'active' | 'revoked';
+export interface DeviceMetadata {
+  url?: string;
+  description?: string;
+  capabilities?: string[];
+  group?: string;
+}
+export interface DeviceCertificate {
+  serial: string;
+  fingerprint256: string;
+  not_after: string;
+  revoked: boolean;
+}
+export interface DeviceToken {
+  jti: string;
+  exp: number;
+  revoked: boolean;
+}
+export interface DeviceRecord {
+  id: string;
+  status: DeviceStatus;
+  metadata: DeviceMetadata;
+  certificates: DeviceCertificate[];
+  tokens: DeviceToken[];
+  created_at: string;
+  last_seen_at: string | null;
+  revoked_at?: string;
+}
+
+/** Stored enrollment token (only its SHA-256 is kept). Used by identity/enrollment.ts. */
+export interface StoredEnrollment {
+  hash: string;
+  created_at: string;
+  expires_at: string;
+  uses_left: number;
+  uses: number;
+}
+
+export interface RegistryData {
+  version: 1;
+  devices: Record<string, DeviceRecord>;
+  enrollments: StoredEnrollment[];
+}
+
+const MAX_METADATA_STRING = 2048;
+const MAX_CAPABILITIES = 64;
+/** Token entries are kept this long after their exp (longer than the largest renew_grace_s), then pruned. */
+const TOKEN_RETENTION_S = 31 * 86400;
+const TOUCH_FLUSH_MS = 5000;
+
+function isObj(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+/** Validate device metadata from an untrusted source (API body, admin params). Throws ECONN_BAD_REQUEST. */
+export function validateMetadata(input: unknown): DeviceMetadata {
+  if (input === undefined || input === null) return {};
+  if (!isObj(input)) throw new ConnectorError('ECONN_BAD_REQUEST', 'metadata must be an object with url, description, capabilities, group');
+  const out: DeviceMetadata = {};
+  for (const [k, v] of Object.entries(input)) {
+    switch (k) {
+      case 'url':
+      case 'description':
+      case 'group':
+        if (typeof v !== 'string' || v.length > MAX_METADATA_STRING) {
+          throw new ConnectorError('ECONN_BAD_REQUEST', `metadata.${k} must be a string of at most ${MAX_METADATA_STRING} characters`);
+        }
+        if (k === 'group' && !/^[A-Za-z0-9_.-]+$/.test(v)) {
+          throw new ConnectorError('ECONN_BAD_REQUEST', 'metadata.group may contain only letters, digits, "_", "." and "-"');
+        }
+        out[k] = v;
+        break;
+      case 'capabilities':
+        if (!Array.isArray(v) || v.length > MAX_CAPABILITIES || !v.every((c) => typeof c === 'string' && c.length <= 256)) {
+          throw new ConnectorError('ECONN_BAD_REQUEST', `metadata.capabilities must be a list of at most ${MAX_CAPABILITIES} strings`);
+        }
+        out.capabilities = [...(v as string[])];
+        break;
+      default:
+        throw new ConnectorError('ECONN_BAD_REQUEST', `metadata.${k} is not a known field (allowed: url, description, capabilities, group)`);
+    }
+  }
+  return out;
+}
+
+export function assertDeviceId(id: unknown): asserts id is string {
+  if (typeof id !== 'string' || !DEVICE_ID_RE.test(id)) {
+    throw new ConnectorError(
+      'ECONN_BAD_REQUEST',
+      'device id must be 1-128 characters: letters, digits, ".", "_" and "-", starting with a letter or digit',
+    );
+  }
+}
+
+/**
+ * lowdb adapter: read returns null when the file is missing and throws on bad
+ * JSON (the registry turns that into ECONN_REGISTRY_CORRUPT); write is
+ * tmp + fsync + rename + directory fsync, serialized, mode 0600.
+ */
+export class AtomicJsonFile<T> implements Adapter<T> {
+  private chain: Promise<void> = Promise.resolve();
+  constructor(readonly file: string) {}
+
+  async read(): Promise<T | null> {
+    let text: string;
+    try {
+      text = await readFile(this.file, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    }
+    return JSON.parse(text) as T;
+  }
+
+  write(data: T): Promise<void> {
+    const text = JSON.stringify(data, null, 2) + '\n';
+    const run = this.chain.then(() => writeAtomic(this.file, text));
+    this.chain = run.catch(() => {});
+    return run;
+  }
+}
+
+/** Write a file atomically and durably (tmp in the same directory, fsync, rename, fsync dir). */
+export async function writeAtomic(file: string, data: string | Uint8Array, mode = 0o600): Promise<void> {
+  const dir = path.dirname(file);
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.tmp`);
+  const fh = await open(tmp, 'w', mode);
+  try {
+    await fh.writeFile(data);
+    await fh.chmod(mode);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  try {
+    await rename(tmp, file);
+  } catch (err) {
+    await unlink(tmp).catch(() => {});
+    throw err;
+  }
+  try {
+    const d = await open(dir, 'r');
+    try {
+      await d.sync();
+    } finally {
+      await d.close();
+    }
+  } catch {
+    // some filesystems refuse fsync on a directory; the rename is still atomic
+  }
+}
+
+function checkShape(data: unknown): string | undefined {
+  if (!isObj(data)) return 'the top level is not an object';
+  if (data.version !== 1) return `unknown version ${JSON.stringify(data.version)}`;
+  if (!isObj(data.devices)) return '"devices" is not an object';
+  if (data.enrollments !== undefined && !Array.isArray(data.enrollments)) return '"enrollments" is not a list';
+  for (const [id, r] of Object.entries(data.devices)) {
+    if (!isObj(r)) return `device ${JSON.stringify(id)} is not an object`;
+    if (r.id !== id) return `device ${JSON.stringify(id)} has a different id inside`;
+    if (r.status !== 'active' && r.status !== 'revoked') return `device ${JSON.stringify(id)} has an invalid status`;
+    if (!Array.isArray(r.certificates) || !Array.isArray(r.tokens) || !isObj(r.metadata)) {
+      return `device ${JSON.stringify(id)} lacks certificates, tokens or metadata`;
+    }
+    for (const c of r.certificates as unknown[]) {
+      if (!isObj(c) || typeof c.serial !== 'string' || typeof c.revoked !== 'boolean') return `device ${JSON.stringify(id)} has an invalid certificate entry`;
+    }
+    for (const tk of r.tokens as unknown[]) {
+      if (!isObj(tk) || typeof tk.jti !== 'string' || typeof tk.exp !== 'number' || typeof tk.revoked !== 'boolean') {
+        return `device ${JSON.stringify(id)} has an invalid token entry`;
+      }
+    }
+  }
+  return undefined;
+}
+
+function clone<T>(v: T): T {
+  return structuredClone(v);
+}
+
+export interface DeviceRegistryEvents {
+  revoked: [deviceId: string];
+  'token-revoked': [deviceId: string, jti: string];
+  created: [deviceId: string];
+}
+
+export class DeviceRegistry extends EventEmitter implements Component {
+  readonly name = 'registry';
+  readonly file: string;
+  private readonly log: Logger;
+  private readonly now: () => number;
+  private db: Low<RegistryData> | undefined;
+  private started: Promise<void> | undefined;
+  private revokedSerials = new Set<string>();
+  /** every known serial -> device id */
+  private serialOwner = new Map<string, string>();
+  /** every known jti -> device id */
+  private jtiOwner = new Map<string, string>();
+  private revokedJtis = new Set<string>();
+  private touchTimer: NodeJS.Timeout | undefined;
+  private touchDirty = false;
+
+  constructor(opts: { file: string; logger: Logger; now?: () => number }) {
+    super();
+    this.file = opts.file;
+    this.log = opts.logger.child({ component: 'registry' });
+    this.now = opts.now ?? Date.now;
+  }
+
+  start(): Promise<void> {
+    this.started ??= this.load();
+    return this.started;
+  }
+
+  private async load(): Promise<void> {
+    const db = new Low<RegistryData>(new AtomicJsonFile<RegistryData>(this.file), { version: 1, devices: {}, enrollments: [] });
+    try {
+      await db.read();
+    } catch (err) {
+      if (err instanceof SyntaxError) {
+        throw new StorageError(
+          'ECONN_REGISTRY_CORRUPT',
+          `device registry ${this.file} is not valid JSON (${err.message}); it was left untouched: restore it from a backup or move it away to start with an empty registry`,
+          { cause: err },
+        );
+      }
+      throw new StorageError('ECONN_REGISTRY_CORRUPT', `device registry ${this.file} cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {
+        cause: err,
+      });
+    }
+    const problem = checkShape(db.data);
+    if (problem) {
+      throw new StorageError(
+        'ECONN_REGISTRY_CORRUPT',
+        `device registry ${this.file} is corrupt: ${problem}; it was left untouched: restore it from a backup or move it away to start with an empty registry`,
+      );
+    }
+    db.data.enrollments ??= [];
+    this.db = db;
+    this.reindex();
+    this.log.info({ file: this.file, devices: Object.keys(db.data.devices).length }, 'registry loaded');
+  }
+
+  private reindex(): void {
+    this.revokedSerials.clear();
+    this.serialOwner.clear();
+    this.jtiOwner.clear();
+    this.revokedJtis.clear();
+    for (const r of Object.values(this.data().devices)) this.indexRecord(r);
+  }
+
+  private indexRecord(r: DeviceRecord): void {
+    for (const c of r.certificates) {
+      const s = normalizeSerial(c.serial);
+      this.serialOwner.set(s, r.id);
+      if (c.revoked || r.status === 'revoked') this.revokedSerials.add(s);
+    }
+    for (const tk of r.tokens) {
+      this.jtiOwner.set(tk.jti, r.id);
+      if (tk.revoked || r.status === 'revoked') this.revokedJtis.add(tk.jti);
+    }
+  }
+
+  private data(): RegistryData {
+    if (!this.db) throw new ConnectorError('ECONN_CLOSED', 'device registry is not started');
+    return this.db.data;
+  }
+
+  private async persist(): Promise<void> {
+    if (!this.db) throw new ConnectorError('ECONN_CLOSED', 'device registry is not started');
+    this.touchDirty = false;
+    try {
+      await this.db.write();
+    } catch (err) {
+      this.log.error({ err, file: this.file }, 'registry write failed');
+      throw new StorageError('ECONN_STATE_DIR', `device registry ${this.file} could not be written (${(err as NodeJS.ErrnoException).code ?? 'error'}); check free space and permissions of the state directory`, { cause: err });
+    }
+  }
+
+  private record(id: string): DeviceRecord {
+    const r = Object.hasOwn(this.data().devices, id) ? this.data().devices[id] : undefined;
+    if (!r) throw new ConnectorError('ECONN_DEVICE_UNKNOWN', `device "${id}" is not registered`);
+    return r;
+  }
+
+  async close(): Promise<void> {
+    if (this.touchTimer) clearTimeout(this.touchTimer);
+    this.touchTimer = undefined;
+    if (this.db && this.touchDirty) {
+      try {
+        await this.persist();
+      } catch {
+        // logged in persist; last_seen is best effort
+      }
+    }
+  }
+
+  status(): Record<string, unknown> {
+    if (!this.db) return { started: false };
+    const devices = Object.values(this.db.data.devices);
+    return { devices: devices.length, active: devices.filter((d) => d.status === 'active').length };
+  }
+
+  get(id: string): DeviceRecord | undefined {
+    const devices = this.data().devices;
+    return Object.hasOwn(devices, id) ? clone(devices[id]) : undefined;
+  }
+
+  list(): DeviceRecord[] {
+    return Object.values(this.data().devices)
+      .map(clone)
+      .sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  }
+
+  isActive(id: string): boolean {
+    const devices = this.data().devices;
+    return Object.hasOwn(devices, id) && devices[id]!.status === 'active';
+  }
+
+  async create(id: string, metadata: DeviceMetadata): Promise<DeviceRecord> {
+    assertDeviceId(id);
+    const meta = validateMetadata(metadata);
+    const devices = this.data().devices;
+    const existing = Object.hasOwn(devices, id) ? devices[id] : undefined;
+    if (existing && existing.status === 'active') {
+      throw new ConnectorError('ECONN_DEVICE_EXISTS', `device "${id}" is already registered; revoke it first to register it again`);
+    }
+    const nowIso = new Date(this.now()).toISOString();
+    const rec: DeviceRecord = {
+      id,
+      status: 'active',
+      metadata: meta,
+      // a re-registration keeps the old, revoked credentials so they stay refused
+      certificates: existing ? existing.certificates.map((c) => ({ ...c, revoked: true })) : [],
+      tokens: existing ? existing.tokens.map((tk) => ({ ...tk, revoked: true })) : [],
+      created_at: nowIso,
+      last_seen_at: null,
+    };
+    devices[id] = rec;
+    this.indexRecord(rec);
+    await this.persist();
+    this.log.info({ deviceId: id, reregistered: Boolean(existing) }, 'device registered');
+    this.emit('created', id);
+    return clone(rec);
+  }
+
+  async updateMetadata(id: string, metadata: DeviceMetadata): Promise<DeviceRecord> {
+    const r = this.record(id);
+    r.metadata = validateMetadata(metadata);
+    await this.persist();
+    return clone(r);
+  }
+
+  async revoke(id: string): Promise<DeviceRecord> {
+    const r = this.record(id);
+    const already = r.status === 'revoked';
+    r.status = 'revoked';
+    r.revoked_at ??= new Date(this.now()).toISOString();
+    for (const c of r.certificates) c.revoked = true;
+    for (const tk of r.tokens) tk.revoked = true;
+    this.indexRecord(r);
+    await this.persist();
+    if (!already) this.log.info({ deviceId: id }, 'device revoked');
+    // emitted even when already revoked: listeners drop any session that slipped in
+    this.emit('revoked', id);
+    return clone(r);
+  }
+
+  async addCertificate(id: string, cert: Omit<DeviceCertificate, 'revoked'>): Promise<void> {
+    const r = this.record(id);
+    if (r.status !== 'active') throw new ConnectorError('ECONN_DEVICE_REVOKED', `device "${id}" is revoked`);
+    const serial = normalizeSerial(cert.serial);
+    const owner = this.serialOwner.get(serial);
+    if (owner !== undefined && owner !== id) {
+      throw new ConnectorError('ECONN_PKI', `certificate serial ${serial} is already recorded for another device`);
+    }
+    if (r.certificates.some((c) => normalizeSerial(c.serial) === serial)) return;
+    r.certificates.push({ serial, fingerprint256: cert.fingerprint256, not_after: cert.not_after, revoked: false });
+    this.serialOwner.set(serial, id);
+    await this.persist();
+  }
+
+  /** Revoke one certificate of a device (the device stays active). */
+  async revokeCertificate(serial: string): Promise<void> {
+    const s = normalizeSerial(serial);
+    const owner = this.serialOwner.get(s);
+    if (owner === undefined) throw new ConnectorError('ECONN_NOT_FOUND', `no device certificate with serial ${s}`);
+    const r = this.record(owner);
+    for (const c of r.certificates) if (normalizeSerial(c.serial) === s) c.revoked = true;
+    this.revokedSerials.add(s);
+    await this.persist();
+    this.emit('certificate-revoked', owner, s);
+  }
+
+  async addToken(id: string, t: { jti: string; exp: number }): Promise<void> {
+    const r = this.record(id);
+    if (r.status !== 'active') throw new ConnectorError('ECONN_DEVICE_REVOKED', `device "${id}" is revoked`);
+    const nowS = Math.floor(this.now() / 1000);
+    // prune entries long past their expiry (a revoked one can no longer verify either: exp is checked)
+    const keep = r.tokens.filter((tk) => tk.exp + TOKEN_RETENTION_S > nowS);
+    for (const tk of r.tokens) {
+      if (!keep.includes(tk)) {
+        this.jtiOwner.delete(tk.jti);
+        this.revokedJtis.delete(tk.jti);
+      }
+    }
+    r.tokens = keep;
+    if (!r.tokens.some((tk) => tk.jti === t.jti)) r.tokens.push({ jti: t.jti, exp: t.exp, revoked: false });
+    this.jtiOwner.set(t.jti, id);
+    await this.persist();
+  }
+
+  async revokeToken(jti: string): Promise<void> {
+    const owner = this.jtiOwner.get(jti);
+    if (owner === undefined) throw new ConnectorError('ECONN_NOT_FOUND', 'no token with this id is recorded');
+    const r = this.record(owner);
+    for (const tk of r.tokens) if (tk.jti === jti) tk.revoked = true;
+    this.revokedJtis.add(jti);
+    await this.persist();
+    this.emit('token-revoked', owner, jti);
+  }
+
+  isSerialRevoked(serial: string): boolean {
+    return this.revokedSerials.has(normalizeSerial(serial));
+  }
+
+  /** The device a certificate serial was issued to (any format), if it was recorded. */
+  deviceForSerial(serial: string): string | undefined {
+    return this.serialOwner.get(normalizeSerial(serial));
+  }
+
+  /** Every revoked serial (normalised), e.g. to write a CRL. */
+  revokedSerialList(): string[] {
+    return [...this.revokedSerials].sort();
+  }
+
+  isTokenRevoked(jti: string): boolean {
+    return this.revokedJtis.has(jti);
+  }
+
+  /** The device a token id was issued to, if recorded. */
+  deviceForToken(jti: string): string | undefined {
+    return this.jtiOwner.get(jti);
+  }
+
+  touch(id: string): void {
+    const devices = this.db?.data.devices;
+    if (!devices || !Object.hasOwn(devices, id)) return;
+    devices[id]!.last_seen_at = new Date(this.now()).toISOString();
+    this.touchDirty = true;
+    if (this.touchTimer) return;
+    this.touchTimer = setTimeout(() => {
+      this.touchTimer = undefined;
+      if (this.touchDirty) this.persist().catch(() => {});
+    }, TOUCH_FLUSH_MS);
+    this.touchTimer.unref();
+  }
+
+  // ---- enrollment storage (used by identity/enrollment.ts) ----
+
+  /** Run a synchronous mutation of the enrollment list and persist it. The mutation is atomic (no await inside). */
+  async mutateEnrollments<R>(fn: (list: StoredEnrollment[]) => { list: StoredEnrollment[]; result: R }): Promise<R> {
+    const data = this.data();
+    const { list, result } = fn(data.enrollments);
+    if (list === data.enrollments) return result; // unchanged: no write (an unknown token costs no disk I/O)
+    data.enrollments = list;
+    await this.persist();
+    return result;
+  }
+}

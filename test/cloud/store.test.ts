@@ -1,0 +1,187 @@
+import t from 'tap';
+import { appendFileSync, existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { silentLogger } from '../../core/logger.js';
+import { CloudStore, type Partial, type StoredEntry } from '../../cloud/store.js';
+import { MessageAssembly, chunkMessage, sha256Hex, type MessageMeta } from '../../protocol/codec.js';
+import { tempDir } from '../helpers/daemon.js';
+
+const META: MessageMeta = { device_id: 'd1', topic: 'devices/d1/x', qos: 1, received_at: 1 };
+
+async function open(t: Tap, dir: string): Promise<CloudStore> {
+  const s = new CloudStore(dir, silentLogger());
+  await s.open();
+  t.teardown(() => s.close());
+  return s;
+}
+type Tap = { teardown(fn: () => unknown): void };
+
+/** Feed chunks of a message into the store like the ingest does; commit when complete. */
+async function feed(s: CloudStore, id: string, payload: Buffer, chunkSize: number, upToChunk?: number): Promise<StoredEntry | undefined> {
+  const chunks = chunkMessage(id, META, payload, chunkSize);
+  const p = await s.begin(id, 'gw', META, payload.length, MessageAssembly.begin(chunks[0]!));
+  for (const c of chunks.slice(0, upToChunk ?? chunks.length)) {
+    p.asm!.accept(c);
+    await s.write(p, c.offset, c.data);
+  }
+  if (p.asm!.complete) return s.commit(p, sha256Hex(payload));
+  return undefined;
+}
+
+t.test('stores, counts, replays; the directory is 0700', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const s = await open(t, dir);
+  const stored: StoredEntry[] = [];
+  s.on('stored', (e: StoredEntry) => stored.push(e));
+  const payloads = [Buffer.alloc(0), Buffer.from('hello'), randomBytes(100_000)];
+  const entries = await Promise.all(payloads.map((p, i) => feed(s, `m${i}`, p, 30_000)));
+  t.equal(s.count, 3);
+  t.same(stored.map((e) => e.seq).sort(), [1, 2, 3]);
+  for (const [i, e] of entries.entries()) {
+    t.equal(e!.sha256, sha256Hex(payloads[i]!));
+    t.ok((await s.readPayload(e!)).equals(payloads[i]!));
+  }
+  t.ok(s.isStored('m1'));
+  const replayed: string[] = [];
+  for await (const e of s.replay(2)) replayed.push(e.id);
+  t.equal(replayed.length, 2, 'replay stops at upTo');
+  t.equal(statSync(dir).mode & 0o777, 0o700);
+});
+
+t.test('reopen: a torn index tail is cut off; stored ids are remembered', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  {
+    const s = new CloudStore(dir, silentLogger());
+    await s.open();
+    await feed(s, 'a', Buffer.from('1'), 1024);
+    await feed(s, 'b', Buffer.from('2'), 1024);
+    await s.close();
+  }
+  appendFileSync(path.join(dir, 'index.jsonl'), '{"seq":3,"id":"c","torn');
+  const s = await open(t, dir);
+  t.equal(s.count, 2);
+  t.ok(s.isStored('a') && s.isStored('b'));
+  t.notOk(s.isStored('c'));
+  t.ok(readFileSync(path.join(dir, 'index.jsonl'), 'utf8').endsWith('}\n'), 'tail cut at the last good line');
+  const e = await feed(s, 'c', Buffer.from('3'), 1024);
+  t.equal(e!.seq, 3, 'numbering continues');
+});
+
+t.test('partials: durable prefix survives a reopen, bytes beyond it are cut, unusable partials are dropped', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const payload = randomBytes(50_000);
+  {
+    const s = new CloudStore(dir, silentLogger());
+    await s.open();
+    await feed(s, 'p1', payload, 10_000, 2);
+    const p = s.getPartial('p1')!;
+    await s.persist(p);
+    // a third chunk written but not persisted (crash before the progress point)
+    const c3 = chunkMessage('p1', META, payload, 10_000)[2]!;
+    p.asm!.accept(c3);
+    await s.write(p, c3.offset, c3.data);
+    await p.fh!.sync();
+    // simulate a crash: do not close (which would persist); just drop the handle
+    await p.fh!.close();
+    delete p.fh;
+  }
+  writeFileSync(path.join(dir, 'partials', 'orphan.part'), 'x');
+  writeFileSync(path.join(dir, 'partials', 'bad.json'), '{not json');
+  writeFileSync(path.join(dir, 'partials', 'bad.part'), 'x');
+  const s = await open(t, dir);
+  const p = s.getPartial('p1')!;
+  t.same([p.durableOffset, p.durableNextSeq, p.total], [20_000, 2, 50_000]);
+  t.equal(statSync(path.join(dir, 'partials', 'p1.part')).size, 20_000, 'cut to the durable offset');
+  t.same(s.partialsOf('gw', 10), [{ id: 'p1', offset: 20_000, next_seq: 2, total: 50_000 }]);
+  t.same(s.partialsOf('other', 10), []);
+  t.notOk(existsSync(path.join(dir, 'partials', 'orphan.part')), 'orphan data removed');
+  t.notOk(existsSync(path.join(dir, 'partials', 'bad.json')), 'corrupt partial removed');
+  await s.load(p);
+  for (const c of chunkMessage('p1', META, payload, 10_000, 20_000, 2)) {
+    p.asm!.accept(c);
+    await s.write(p, c.offset, c.data);
+  }
+  const e = await s.commit(p, sha256Hex(payload));
+  t.ok((await s.readPayload(e)).equals(payload), 'resumed from the durable prefix');
+  t.equal(s.getPartial('p1'), undefined);
+});
+
+/** Begin and write a whole message without committing it. */
+async function prepare(s: CloudStore, id: string, payload: Buffer): Promise<Partial> {
+  const chunks = chunkMessage(id, META, payload, 64 * 1024);
+  const p = await s.begin(id, 'gw', META, payload.length, MessageAssembly.begin(chunks[0]!));
+  for (const c of chunks) {
+    p.asm!.accept(c);
+    await s.write(p, c.offset, c.data);
+  }
+  return p;
+}
+
+t.test('group commit: concurrent commits share fsync rounds; index order is commit order; ACK-able only when durable', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const s = await open(t, dir);
+  const ids = Array.from({ length: 20 }, (_, i) => `g${i}`);
+  const parts = await Promise.all(ids.map((id) => prepare(s, id, Buffer.from(id))));
+  t.equal(s.rounds, 0);
+  const all = parts.map((p) => s.commit(p, sha256Hex(Buffer.from(p.id))));
+  t.ok(s.isCommitting('g0'), 'committing until durable');
+  t.notOk(s.isStored('g0'), 'not stored before its round');
+  const entries = await Promise.all(all);
+  t.equal(s.rounds, 1, '20 commits queued together: one round (one directory fsync, one index fsync)');
+  t.same(entries.map((e) => e.seq), ids.map((_, i) => i + 1), 'seq in commit order');
+  t.same(readFileSync(path.join(dir, 'index.jsonl'), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as StoredEntry).id), ids, 'index in commit order');
+  t.notOk(s.isCommitting('g0'));
+  t.equal(s.count, 20);
+
+  // commits made while a round is in flight all share the next round
+  const [first, ...rest] = await Promise.all(Array.from({ length: 11 }, (_, i) => prepare(s, `h${i}`, Buffer.from(`h${i}`))));
+  const firstDone = s.commit(first!, sha256Hex(Buffer.from('h0')));
+  for (let i = 0; i < 1000 && s.rounds < 2; i++) await new Promise((r) => setImmediate(r));
+  t.equal(s.rounds, 2, 'the first commit has its round');
+  const later = rest.map((p) => s.commit(p, sha256Hex(Buffer.from(p.id))));
+  await Promise.all([firstDone, ...later]);
+  t.equal(s.rounds, 3, 'ten commits queued during (or after) that round share one more round');
+  t.equal(s.count, 31);
+  for (const e of await Promise.all(later)) t.ok(existsSync(path.join(dir, e.payload_file)), `${e.id} payload in place`);
+});
+
+t.test('group commit: a failed round fails everything queued with or behind it, and onFail runs first, in order', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const s = await open(t, dir);
+  const a = await prepare(s, 'fa', Buffer.from('a'));
+  const b = await prepare(s, 'fb', Buffer.from('b'));
+  rmSync(path.join(dir, 'partials', 'fa.part')); // the rename of the round fails
+  const failed: string[] = [];
+  const results = await Promise.allSettled([
+    s.commit(a, sha256Hex(Buffer.from('a')), undefined, () => failed.push('fa')),
+    s.commit(b, sha256Hex(Buffer.from('b')), undefined, () => failed.push('fb')),
+  ]);
+  t.same(results.map((r) => r.status), ['rejected', 'rejected']);
+  t.match((results[0] as PromiseRejectedResult).reason, { code: 'ECONN_JOURNAL_IO' });
+  t.same(failed, ['fa', 'fb'], 'onFail in queue order');
+  t.equal(s.count, 0);
+  t.notOk(s.isStored('fb'), 'nothing behind a failed message is stored');
+  // the store goes on
+  const e = await feed(s, 'fc', Buffer.from('c'), 1024);
+  t.equal(e!.seq, 1);
+});
+
+t.test('commitData: a one-chunk message from memory shares the round with assembled ones, in call order', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const s = await open(t, dir);
+  const big = randomBytes(100_000);
+  const p = await prepare(s, 'asm', big);
+  const results = await Promise.all([
+    s.commitData('mem-1', 'gw', META, Buffer.from('one'), sha256Hex(Buffer.from('one'))),
+    s.commit(p, sha256Hex(big)),
+    s.commitData('mem-2', 'gw', META, Buffer.alloc(0), sha256Hex(Buffer.alloc(0))),
+  ]);
+  t.equal(s.rounds, 1);
+  t.same(results.map((e) => [e.id, e.seq, e.size]), [['mem-1', 1, 3], ['asm', 2, 100_000], ['mem-2', 3, 0]]);
+  t.same(await s.readPayload(results[0]), Buffer.from('one'));
+  t.ok((await s.readPayload(results[1])).equals(big));
+  t.equal((await s.readPayload(results[2])).length, 0);
+  await prepare(s, 'busy', Buffer.from('b'));
+  await t.rejects(s.commitData('busy', 'gw', META, Buffer.from('b'), sha256Hex(Buffer.from('b'))), { code: 'ECONN_JOURNAL_IO' }, 'refused while a partial of the id is in progress');
+});
