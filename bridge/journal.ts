@@ -50,6 +50,7 @@ import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import type { Config } from '../core/config/schema.js';
 import type { Component } from '../core/component.js';
 import type { Logger } from '../core/logger.js';
+import { syncDir, writeAtomic } from '../core/fs.js';
 import { RequestError, StorageError, errorCode } from '../core/errors.js';
 import type { AppendResult, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
 import {
@@ -192,14 +193,6 @@ function deferred(): Deferred {
   return { promise, resolve, reject };
 }
 
-async function syncDir(dir: string): Promise<void> {
-  const fh = await fs.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 async function writeFully(fh: FileHandle, buf: Buffer, position?: number): Promise<void> {
   let off = 0;
@@ -238,19 +231,6 @@ class BlockReader {
   }
 }
 
-/** Write a small file atomically and durably: tmp + fsync + rename + dir fsync. */
-export async function atomicWrite(file: string, data: string | Buffer): Promise<void> {
-  const tmp = `${file}.tmp`;
-  const fh = await fs.open(tmp, 'w', 0o600);
-  try {
-    await writeFully(fh, Buffer.isBuffer(data) ? data : Buffer.from(data));
-    await fh.datasync();
-  } finally {
-    await fh.close();
-  }
-  await fs.rename(tmp, file);
-  await syncDir(path.dirname(file));
-}
 
 /** Run a journal file operation; its failure becomes ECONN_JOURNAL_IO. */
 async function io<T>(what: string, p: Promise<T>): Promise<T> {
@@ -508,7 +488,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     ident ??= { version: 1, instanceId: randomBytes(6).toString('hex'), createdAt: this.now(), boots: 0 };
     ident.boots += 1;
     try {
-      await atomicWrite(file, JSON.stringify(ident) + '\n');
+      await writeAtomic(file, JSON.stringify(ident) + '\n');
     } catch (err) {
       throw ioError('write of journal.json', err);
     }
@@ -1337,7 +1317,7 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     const segs = this.segsToDelete.splice(0);
     this.persisting = (async () => {
       try {
-        await atomicWrite(path.join(this.dir, 'ack.json'), encodeAckState(state));
+        await writeAtomic(path.join(this.dir, 'ack.json'), encodeAckState(state));
         this.m.fsyncs.inc({ kind: 'ack' }, 2);
       } catch (err) {
         this.blobsToDelete.unshift(...blobs);

@@ -25,7 +25,7 @@
  *    COMMAND_RESULT, exactly once each.
  */
 import { EventEmitter } from 'node:events';
-import { createHmac, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ClientRequest } from 'node:http';
 import { WebSocket, type RawData } from 'ws';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
@@ -33,6 +33,7 @@ import type { Config } from '../core/config/schema.js';
 import type { Logger } from '../core/logger.js';
 import { redactString } from '../core/logger.js';
 import type { Component } from '../core/component.js';
+import { SIGNATURE_HEADER, signRequest } from '../protocol/signature.js';
 import { ConnectorError, errorCode } from '../core/errors.js';
 import { resolveSecret } from '../core/secrets.js';
 import type { CommandTarget, UplinkMessageMeta } from '../core/ports.js';
@@ -443,7 +444,7 @@ export class Uplink extends EventEmitter implements Component {
       } catch (err) {
         throw new ConnectorError('ECONN_UPLINK', `cannot read bridge.uplink.signing_secret: ${(err as Error).message}`, { cause: err });
       }
-      headers['x-signature'] = signUpgrade(secret, 'GET', url.pathname + url.search, Math.floor(Date.now() / 1000));
+      headers[SIGNATURE_HEADER] = signRequest(secret, 'GET', url.pathname + url.search, Math.floor(Date.now() / 1000));
     }
     const ws = new WebSocket(url, [SUBPROTOCOL], {
       ...tlsOpts,
@@ -1185,10 +1186,5 @@ export class Uplink extends EventEmitter implements Component {
   }
 }
 
-/** The X-Signature header value of docs/PROTOCOL.md §1: `t=UNIX_SECONDS,v1=HEX`. */
-export function signUpgrade(secret: string, method: string, pathAndQuery: string, unixSeconds: number): string {
-  const mac = createHmac('sha256', Buffer.from(secret, 'utf8')).update(`${unixSeconds}\n${method}\n${pathAndQuery}`).digest('hex');
-  return `t=${unixSeconds},v1=${mac}`;
-}
 
 export type { PartialInfo };

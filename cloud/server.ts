@@ -12,7 +12,6 @@
 import https from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { createHmac, timingSafeEqual } from 'node:crypto';
 import { mkdirSync, readFileSync, chmodSync } from 'node:fs';
 import path from 'node:path';
 import { WebSocketServer } from 'ws';
@@ -28,33 +27,9 @@ import { CloudStore } from './store.js';
 import { TokenService, type VerifiedToken } from './token-endpoint.js';
 import { GatewayRegistry, IngestSession, maxFrameBytes } from './ingest.js';
 import { SubscriberHub, filterError } from './subscribers.js';
+import { SIGNATURE_HEADER, verifySignature } from '../protocol/signature.js';
 
-export const SIGNATURE_HEADER = 'x-signature';
-export const SIGNATURE_MAX_SKEW_S = 300;
 const MAX_JSON_BODY = 1024 * 1024;
-
-/** Verify an X-Signature header (docs/PROTOCOL.md §1). */
-export function verifySignature(header: string | undefined, secret: string, method: string, target: string, nowS = Math.floor(Date.now() / 1000)): boolean {
-  if (!header) return false;
-  let t: number | undefined;
-  const sigs: string[] = [];
-  for (const part of header.split(',')) {
-    const eq = part.indexOf('=');
-    if (eq < 0) continue;
-    const k = part.slice(0, eq).trim();
-    const v = part.slice(eq + 1).trim();
-    if (k === 't' && /^\d{1,12}$/.test(v)) t = Number(v);
-    else if (k === 'v1' && /^[0-9a-f]{64}$/.test(v)) sigs.push(v);
-  }
-  if (t === undefined || sigs.length === 0 || Math.abs(nowS - t) > SIGNATURE_MAX_SKEW_S) return false;
-  const expected = createHmac('sha256', secret).update(`${t}\n${method}\n${target}`).digest();
-  return sigs.some((s) => timingSafeEqual(Buffer.from(s, 'hex'), expected));
-}
-
-/** The X-Signature value a client sends (used by the uplink and tests). */
-export function signRequest(secret: string, method: string, target: string, nowS = Math.floor(Date.now() / 1000)): string {
-  return `t=${nowS},v1=${createHmac('sha256', secret).update(`${nowS}\n${method}\n${target}`).digest('hex')}`;
-}
 
 function httpReject(socket: Duplex, status: number, text: string, body: Record<string, unknown>, headers: Record<string, string> = {}): void {
   const json = JSON.stringify(body);

@@ -19,12 +19,13 @@
  */
 import { EventEmitter } from 'node:events';
 import { createReadStream, mkdirSync, chmodSync } from 'node:fs';
-import { open, readFile, readdir, rename, rm, stat, truncate, writeFile, type FileHandle } from 'node:fs/promises';
+import { open, readFile, readdir, rename, rm, stat, truncate, type FileHandle } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { StorageError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
+import { writeAtomic } from '../core/fs.js';
 import { MessageAssembly, isValidMessageId, parseMeta, type MessageMeta, type PartialInfo } from '../protocol/codec.js';
 
 export interface StoredEntry {
@@ -252,16 +253,8 @@ export class CloudStore extends EventEmitter {
     if (p.asm.offset === p.durableOffset && p.asm.nextSeq === p.durableNextSeq) return;
     await p.fh.sync();
     const json = path.join(this.partialDir, `${p.id}.json`);
-    const tmp = `${json}.tmp`;
     const body = JSON.stringify({ id: p.id, gateway_id: p.gatewayId, meta: p.meta, total: p.total, offset: p.asm.offset, next_seq: p.asm.nextSeq });
-    const fh = await open(tmp, 'w', 0o600);
-    try {
-      await fh.writeFile(body);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(tmp, json);
+    await writeAtomic(json, body, 0o600);
     p.durableOffset = p.asm.offset;
     p.durableNextSeq = p.asm.nextSeq;
     p.dirty = 0;
@@ -480,10 +473,4 @@ export class CloudStore extends EventEmitter {
     if (this.closed || !this.index) throw new StorageError('ECONN_CLOSED', 'cloud store is closed');
   }
 
-  /** Write a small file atomically (used for the token key). */
-  static async writeFileAtomic(file: string, data: string, mode: number): Promise<void> {
-    const tmp = `${file}.${process.pid}.tmp`;
-    await writeFile(tmp, data, { mode });
-    await rename(tmp, file);
-  }
 }

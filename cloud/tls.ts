@@ -5,11 +5,12 @@
  * ca.crt (what the connector trusts: bridge.uplink.ca_file), ca.key,
  * server.crt, server.key. Existing files are reused, never overwritten.
  */
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import { isIP } from 'node:net';
 import { x509, generateKeyPair, privateKeyToPem, signingAlgorithm, randomSerial, importPrivateKeyPem } from '../core/x509.js';
 import { StartupError } from '../core/errors.js';
+import { writeAtomicSync } from '../core/fs.js';
 
 const DAY = 86_400_000;
 
@@ -20,12 +21,6 @@ export interface CloudTls {
   caFile?: string;
   /** Files created now. */
   created: string[];
-}
-
-function writeAtomic(file: string, data: string, mode: number): void {
-  const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, data, { mode });
-  renameSync(tmp, file);
 }
 
 function read(file: string, key: string): string {
@@ -60,8 +55,8 @@ export async function loadOrCreateTls(opts: { storeDir: string; certFile: string
         await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
       ],
     });
-    writeAtomic(caKey, await privateKeyToPem(keys.privateKey), 0o600);
-    writeAtomic(caCrt, `${ca.toString('pem').trim()}\n`, 0o644);
+    writeAtomicSync(caKey, await privateKeyToPem(keys.privateKey), 0o600);
+    writeAtomicSync(caCrt, `${ca.toString('pem').trim()}\n`, 0o644);
     created.push(caCrt, caKey);
     // a new CA invalidates an old server certificate
     if (existsSync(srvCrt)) renameSync(srvCrt, `${srvCrt}.old`);
@@ -89,8 +84,8 @@ export async function loadOrCreateTls(opts: { storeDir: string; certFile: string
         new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyEncipherment, true),
       ],
     });
-    writeAtomic(srvKey, await privateKeyToPem(keys.privateKey), 0o600);
-    writeAtomic(srvCrt, `${cert.toString('pem').trim()}\n${ca.toString('pem').trim()}\n`, 0o644);
+    writeAtomicSync(srvKey, await privateKeyToPem(keys.privateKey), 0o600);
+    writeAtomicSync(srvCrt, `${cert.toString('pem').trim()}\n${ca.toString('pem').trim()}\n`, 0o644);
     created.push(srvCrt, srvKey);
   }
   return { cert: readFileSync(srvCrt, 'utf8'), key: readFileSync(srvKey, 'utf8'), caFile: caCrt, created };

@@ -16,29 +16,36 @@ function tmpName(file: string): string {
   return path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
 }
 
-/** fsync a directory (makes creates, renames and unlinks inside it durable). Some filesystems refuse it: ignored there. */
+/** Errors of filesystems that cannot fsync a directory at all (the rename is still atomic there). */
+function unsupported(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException).code;
+  return code === 'EINVAL' || code === 'ENOTSUP' || code === 'EOPNOTSUPP' || code === 'EISDIR';
+}
+
+/**
+ * fsync a directory (makes creates, renames and unlinks inside it durable).
+ * A filesystem that cannot fsync directories is tolerated; a real I/O error is thrown.
+ */
 export async function syncDir(dir: string): Promise<void> {
-  let d;
+  const d = await open(dir, 'r');
   try {
-    d = await open(dir, 'r');
     await d.sync();
-  } catch {
-    // EINVAL/EISDIR on filesystems without directory fsync: the rename is still atomic
+  } catch (err) {
+    if (!unsupported(err)) throw err;
   } finally {
-    await d?.close().catch(() => {});
+    await d.close().catch(() => {});
   }
 }
 
 /** Synchronous syncDir, for start-up paths that are synchronous. */
 export function syncDirSync(dir: string): void {
-  let fd: number | undefined;
+  const fd = openSync(dir, 'r');
   try {
-    fd = openSync(dir, 'r');
     fsyncSync(fd);
-  } catch {
-    // as in syncDir
+  } catch (err) {
+    if (!unsupported(err)) throw err;
   } finally {
-    if (fd !== undefined) closeSync(fd);
+    closeSync(fd);
   }
 }
 

@@ -54,7 +54,8 @@ async function forgeVerifiesCsr(csrPem: string): Promise<boolean> {
   const forge = (await import('node-forge')).default;
   return forge.pki.certificationRequestFromPem(csrPem).verify();
 }
-import { DEVICE_ID_RE, normalizeSerial, writeAtomic } from './registry.js';
+import { DEVICE_ID_RE, normalizeSerial } from './registry.js';
+import { writeAtomic } from '../core/fs.js';
 
 export type PkiConfig = Config['identity']['pki'];
 

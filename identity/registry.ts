@@ -14,10 +14,10 @@
  *   revives an old credential.
  */
 import { EventEmitter } from 'node:events';
-import { open, rename, mkdir, readFile, unlink } from 'node:fs/promises';
-import path from 'node:path';
+import { readFile } from 'node:fs/promises';
 import { Low, type Adapter } from 'lowdb';
 import type { Logger } from '../core/logger.js';
+import { writeAtomic } from '../core/fs.js';
 import type { Component } from '../core/component.js';
 import { ConnectorError, StorageError } from '../core/errors.js';
 
@@ -153,36 +153,6 @@ export class AtomicJsonFile<T> implements Adapter<T> {
   }
 }
 
-/** Write a file atomically and durably (tmp in the same directory, fsync, rename, fsync dir). */
-export async function writeAtomic(file: string, data: string | Uint8Array, mode = 0o600): Promise<void> {
-  const dir = path.dirname(file);
-  await mkdir(dir, { recursive: true, mode: 0o700 });
-  const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.tmp`);
-  const fh = await open(tmp, 'w', mode);
-  try {
-    await fh.writeFile(data);
-    await fh.chmod(mode);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  try {
-    await rename(tmp, file);
-  } catch (err) {
-    await unlink(tmp).catch(() => {});
-    throw err;
-  }
-  try {
-    const d = await open(dir, 'r');
-    try {
-      await d.sync();
-    } finally {
-      await d.close();
-    }
-  } catch {
-    // some filesystems refuse fsync on a directory; the rename is still atomic
-  }
-}
 
 function checkShape(data: unknown): string | undefined {
   if (!isObj(data)) return 'the top level is not an object';

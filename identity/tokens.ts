@@ -20,7 +20,8 @@ import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
 import type { InitStep } from '../core/component.js';
 import { AuthenticationError, ConnectorError, StorageError } from '../core/errors.js';
-import { DEVICE_ID_RE, writeAtomic, type DeviceRegistry } from './registry.js';
+import { DEVICE_ID_RE, type DeviceRegistry } from './registry.js';
+import { writeAtomic } from '../core/fs.js';
 
 export type JwtConfig = Config['identity']['jwt'];
 export type JwtAlgorithm = JwtConfig['algorithm'];

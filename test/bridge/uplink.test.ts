@@ -14,7 +14,8 @@ import type { Config } from '../../core/config/schema.js';
 import { createLogger } from '../../core/logger.js';
 import { Journal } from '../../bridge/journal.js';
 import { CloudTokenClient } from '../../bridge/cloud-token.js';
-import { Uplink, signUpgrade } from '../../bridge/uplink.js';
+import { Uplink } from '../../bridge/uplink.js';
+import { signRequest } from '../../protocol/signature.js';
 import type { CommandTarget, UplinkMessageMeta } from '../../core/ports.js';
 import { encodeFrame, FRAME_MAGIC } from '../../protocol/codec.js';
 import { MiniCloud, type MiniCloudOptions } from '../helpers/mini-cloud.js';
@@ -118,7 +119,7 @@ t.test('X-Signature on the upgrade when a signing secret is configured', async (
   await s.cloud.until(() => s.cloud.order.length === 1, 'stored (the cloud verified the signature)');
   t.match(String(s.cloud.upgradeHeaders[0]!['x-signature']), /^t=\d+,v1=[0-9a-f]{64}$/);
   const expected = createHmac('sha256', 'k').update('1700000000\nGET\n/ingest').digest('hex');
-  t.equal(signUpgrade('k', 'GET', '/ingest', 1700000000), `t=1700000000,v1=${expected}`);
+  t.equal(signRequest('k', 'GET', '/ingest', 1700000000), `t=1700000000,v1=${expected}`);
 });
 
 t.test('bounded window: stops at window_messages while the cloud withholds ACKs, continues after', async (t) => {

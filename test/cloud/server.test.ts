@@ -13,7 +13,7 @@ import {
   type ChunkFrame,
   type MessageMeta,
 } from '../../protocol/codec.js';
-import { signRequest, verifySignature } from '../../cloud/server.js';
+import { signRequest, verifySignature } from '../../protocol/signature.js';
 import { startCloud, getToken, httpsRequest, TestGateway, type CloudHandle } from './helpers.js';
 
 const meta = (device = 'dev-1', topic = `devices/${device}/telemetry`): MessageMeta => ({ device_id: device, topic, qos: 1, received_at: Date.now(), content_type: 'application/octet-stream' });

@@ -8,7 +8,8 @@
  * end-to-end tests use the reference cloud.
  */
 import https from 'node:https';
-import { createHash, createHmac, timingSafeEqual } from 'node:crypto';
+import { createHash } from 'node:crypto';
+import { SIGNATURE_HEADER, verifySignature } from '../../protocol/signature.js';
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -181,12 +182,8 @@ export class MiniCloud {
   }
 
   private checkSignature(req: IncomingMessage): boolean {
-    const h = String(req.headers['x-signature'] ?? '');
-    const m = /^t=(\d+),v1=([0-9a-f]{64})$/.exec(h);
-    if (!m) return false;
-    if (Math.abs(Date.now() / 1000 - Number(m[1])) > 300) return false;
-    const want = createHmac('sha256', this.opts.signingSecret!).update(`${m[1]}\nGET\n${req.url}`).digest();
-    return timingSafeEqual(want, Buffer.from(m[2]!, 'hex'));
+    const h = req.headers[SIGNATURE_HEADER];
+    return verifySignature(typeof h === 'string' ? h : undefined, this.opts.signingSecret!, 'GET', req.url ?? '/');
   }
 
   private http(req: IncomingMessage, res: ServerResponse): void {
