@@ -11,6 +11,12 @@ export interface Component {
   start(): Promise<void>;
   close(): Promise<void>;
   /**
+   * Immediate, forced stop: called by the lifecycle when close() overran its
+   * budget. Drop connections, cancel timers, release handles; do not wait for
+   * peers. Must not throw; may be called while close() is still pending.
+   */
+  destroy?(err: Error): void | Promise<void>;
+  /**
    * Apply a new, already validated configuration without dropping healthy
    * sessions. Returns one human line per thing it changed (logged by the
    * lifecycle). Keys that need a restart are handled by the lifecycle, not here.

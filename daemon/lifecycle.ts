@@ -1,7 +1,9 @@
 /**
  * Start components in order, close them in reverse order, each bounded by the
- * remaining shutdown budget. If a start fails, what already started is closed
- * (reverse order) and the error is rethrown.
+ * remaining shutdown budget; a component that overruns it is destroyed
+ * (Component.destroy) and the next one is closed. If a start fails, what
+ * already started is closed (reverse order) and the error is rethrown.
+ * Total time is bounded by shutdown_timeout_ms + 2 × graceMs per component.
  */
 import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
@@ -17,6 +19,8 @@ export class Lifecycle {
     private readonly components: readonly Component[],
     logger: Logger,
     private readonly shutdownTimeoutMs: number,
+    /** Least time a component gets to close once the budget is spent, and to destroy. */
+    private readonly graceMs = Math.min(1000, Math.max(50, Math.floor(shutdownTimeoutMs / 10))),
   ) {
     this.log = logger.child({ component: 'lifecycle' });
   }
@@ -37,7 +41,13 @@ export class Lifecycle {
     }
   }
 
-  /** Graceful, idempotent, bounded by shutdown_timeout_ms. Rejects with ECONN_SHUTDOWN_TIMEOUT when the budget runs out. */
+  /**
+   * Graceful, idempotent, bounded. Components close in reverse start order,
+   * each within what is left of shutdown_timeout_ms (at least `graceMs` once
+   * the budget is spent, so that every component gets a chance). A component
+   * whose close() overruns gets destroy(err) and the next one is closed.
+   * Rejects with ECONN_SHUTDOWN_TIMEOUT naming the first component that overran.
+   */
   close(): Promise<void> {
     this.closing ??= this.closeAll();
     return this.closing;
@@ -47,13 +57,8 @@ export class Lifecycle {
     const deadline = Date.now() + this.shutdownTimeoutMs;
     let timedOut: string | undefined;
     for (const c of [...this.started].reverse()) {
-      const left = deadline - Date.now();
-      if (left <= 0) {
-        timedOut ??= c.name;
-        continue;
-      }
-      let timer: NodeJS.Timeout | undefined;
-      const result = await Promise.race([
+      const budget = Math.max(deadline - Date.now(), this.graceMs);
+      const result = await within(
         c.close().then(
           () => 'ok' as const,
           (err: unknown) => {
@@ -61,13 +66,32 @@ export class Lifecycle {
             return 'error' as const;
           },
         ),
-        new Promise<'timeout'>((r) => {
-          timer = setTimeout(() => r('timeout'), left);
-        }),
-      ]);
-      clearTimeout(timer);
-      if (result === 'timeout') timedOut ??= c.name;
-      else this.log.debug({ closed: c.name }, 'component closed');
+        budget,
+      );
+      if (result !== 'timeout') {
+        this.log.debug({ closed: c.name }, 'component closed');
+        continue;
+      }
+      timedOut ??= c.name;
+      const err = new ConnectorError('ECONN_SHUTDOWN_TIMEOUT', `component ${c.name} did not close within ${budget} ms`);
+      if (!c.destroy) {
+        this.log.error({ component_name: c.name, budget_ms: budget }, `component ${c.name} did not close within ${budget} ms and cannot be destroyed; moving on`);
+        continue;
+      }
+      this.log.error({ component_name: c.name, budget_ms: budget }, `component ${c.name} did not close within ${budget} ms; destroying it`);
+      const destroyed = await within(
+        Promise.resolve()
+          .then(() => c.destroy!(err))
+          .then(
+            () => 'ok' as const,
+            (e: unknown) => {
+              this.log.error({ err: e, component_name: c.name }, `component ${c.name} failed to destroy`);
+              return 'error' as const;
+            },
+          ),
+        this.graceMs,
+      );
+      if (destroyed === 'timeout') this.log.error({ component_name: c.name }, `component ${c.name} did not finish destroy within ${this.graceMs} ms; moving on`);
     }
     this.started.length = 0;
     if (timedOut) {
@@ -93,5 +117,15 @@ export class Lifecycle {
     const out: Record<string, unknown> = {};
     for (const c of this.started) if (c.status) out[c.name] = c.status();
     return out;
+  }
+}
+
+/** The promise's result, or 'timeout' after ms (the timer never outlives the race). */
+async function within<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), ms)))]);
+  } finally {
+    clearTimeout(timer);
   }
 }

@@ -37,12 +37,55 @@ t.test('a failed start closes what already started, in reverse, and rethrows', a
   t.same(ev, ['start a', 'start b', 'start c', 'close b', 'close a']);
 });
 
-t.test('a component that never closes is bounded by the shutdown timeout; the others still close', async (t) => {
+t.test('a component that never closes is bounded by the shutdown timeout, gets destroy(err), and the others still close in reverse order', async (t) => {
   const ev: string[] = [];
-  const lc = new Lifecycle([comp('a', ev), comp('stuck', ev, { hangClose: true }), comp('c', ev)], silentLogger(), 200);
+  const destroyed: Error[] = [];
+  const stuck: Component = { ...comp('stuck', ev, { hangClose: true }), destroy: (err) => void destroyed.push(err) };
+  const lc = new Lifecycle([comp('a', ev), stuck, comp('c', ev)], silentLogger(), 200);
   await lc.start();
+  const t0 = performance.now();
   await t.rejects(lc.close(), { code: 'ECONN_SHUTDOWN_TIMEOUT', message: /stuck/ });
-  t.same(ev.slice(3), ['close c', 'close stuck']);
+  // bounded: the budget (200 ms) plus one grace period for 'a' (not a speed assertion: 20× headroom for a loaded machine)
+  t.ok(performance.now() - t0 < 5000, 'close is bounded');
+  t.same(ev.slice(3), ['close c', 'close stuck', 'close a'], 'a closes after stuck was given up on');
+  t.equal(destroyed.length, 1, 'stuck got destroy() exactly once');
+  t.match(destroyed[0], { code: 'ECONN_SHUTDOWN_TIMEOUT', message: /stuck/ });
+});
+
+t.test('every component that overruns is destroyed; one without destroy() is reported and skipped; the rest close', async (t) => {
+  const ev: string[] = [];
+  const mk = (name: string, withDestroy: boolean): Component => ({
+    ...comp(name, ev, { hangClose: true }),
+    ...(withDestroy ? { destroy: async () => void ev.push(`destroy ${name}`) } : {}),
+  });
+  const lc = new Lifecycle([comp('a', ev), mk('x', true), mk('nodestroy', false), mk('y', true), comp('b', ev)], silentLogger(), 100);
+  await lc.start();
+  await t.rejects(lc.close(), { code: 'ECONN_SHUTDOWN_TIMEOUT', message: /stuck in y/ });
+  t.same(ev.slice(5), ['close b', 'close y', 'destroy y', 'close nodestroy', 'close x', 'destroy x', 'close a']);
+});
+
+t.test('a destroy() that throws or hangs does not stop the shutdown', async (t) => {
+  const ev: string[] = [];
+  const lc = new Lifecycle(
+    [
+      comp('a', ev),
+      { ...comp('throws', ev, { hangClose: true }), destroy: () => { throw new Error('boom'); } },
+      { ...comp('hangs', ev, { hangClose: true }), destroy: () => new Promise<void>(() => {}) },
+    ],
+    silentLogger(),
+    100,
+  );
+  await lc.start();
+  await t.rejects(lc.close(), { code: 'ECONN_SHUTDOWN_TIMEOUT' });
+  t.same(ev.slice(3), ['close hangs', 'close throws', 'close a']);
+});
+
+t.test('a component that closes in time is not destroyed', async (t) => {
+  const ev: string[] = [];
+  const lc = new Lifecycle([{ ...comp('a', ev), destroy: () => void ev.push('destroy a') }], silentLogger(), 1000);
+  await lc.start();
+  await lc.close();
+  t.same(ev, ['start a', 'close a']);
 });
 
 t.test('reload collects the changes of components that support it', async (t) => {
