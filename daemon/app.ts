@@ -17,7 +17,8 @@ import { TokenService } from '../identity/tokens.js';
 import { EnrollmentStore } from '../identity/enrollment.js';
 import { registerIdentityAdmin, type Identity } from '../identity/admin.js';
 import { ApiServer } from '../api/api.js';
-import { CloudLink } from '../bridge/cloud-link.js';
+import { CloudTokenClient } from '../bridge/cloud-token.js';
+import { Uplink } from '../bridge/uplink.js';
 import { Journal } from '../bridge/journal.js';
 import { Broker, PORT_KEYS } from '../broker/broker.js';
 
@@ -38,6 +39,8 @@ export interface DaemonContext {
   journal?: Journal;
   /** The embedded MQTT broker (broker/broker.ts): device listeners, auth, ACL; CommandTarget for the uplink. */
   broker?: Broker;
+  /** The cloud uplink (bridge/uplink.ts), when bridge.enabled: sends the journal to the cloud, takes its commands. */
+  uplink?: Uplink;
 }
 
 export interface Daemon {
@@ -69,9 +72,39 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     ? new Journal({ dir: path.join(stateDir, 'journal'), config: config.bridge.journal, logger, metrics })
     : undefined;
   if (journal) ctx.journal = journal;
-  // the MQTT broker: after identity and the journal (it appends before PUBACK), before the API and the uplink
-  const broker = new Broker({ config, logger, metrics, registry, pki, tokens, ...(journal ? { sink: journal } : {}) });
+  // the cloud side (bridge.enabled): the token client and the uplink. Built before the broker so that the
+  // broker's QoS 0 best-effort path (bridge.qos0=best_effort) can reach the uplink; the uplink takes the
+  // broker as its CommandTarget. Constructors do no I/O: nothing connects before the lifecycle starts them.
+  let uplink: Uplink | undefined;
+  // a token endpoint outage backs off like the uplink itself (bridge.uplink.reconnect_min_ms … reconnect_max_ms)
+  const cloudTokens = journal
+    ? new CloudTokenClient({
+        token: config.bridge.token,
+        uplink: config.bridge.uplink,
+        logger,
+        retryMinMs: config.bridge.uplink.reconnect_min_ms,
+        retryMaxMs: config.bridge.uplink.reconnect_max_ms,
+      })
+    : undefined;
+  // the MQTT broker: after identity and the journal (it appends before PUBACK), before the API and the uplink;
+  // the journal is its sink for uplink topics, the uplink its best-effort path for QoS 0
+  const broker = new Broker({
+    config,
+    logger,
+    metrics,
+    registry,
+    pki,
+    tokens,
+    ...(journal ? { sink: journal, bestEffort: (meta, payload) => void uplink?.sendBestEffort(meta, payload) } : {}),
+  });
   ctx.broker = broker;
+  if (journal && cloudTokens) {
+    uplink = new Uplink({ config, journal, tokens: cloudTokens, commands: broker, logger, metrics });
+    ctx.uplink = uplink;
+    // /readyz judges the uplink by the age of the last cloud ack (Uplink.readiness), not by an open socket
+    const link = uplink;
+    health.addReadinessCheck('uplink', () => link.readiness());
+  }
   registerIdentityAdmin(admin, ctx.identity, logger, { enrollmentDefaultTtlS: () => ctx.config.identity.enrollment_default_ttl_s });
 
   // HTTPS registration/upload API: device status asks the broker; uploads go to the journal
@@ -94,19 +127,10 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     close: async () => {},
   };
 
-  // cloud uplink (token client + WSS link): starts after the journal and the broker, looked up at its start
-  const uplink = config.bridge.enabled
-    ? new CloudLink({
-        config: () => ctx.config,
-        logger,
-        metrics,
-        addReadinessCheck: (name, check) => health.addReadinessCheck(name, check),
-        journal: () => ctx.journal,
-        broker: () => ctx.broker,
-      })
-    : undefined;
+  // the token client has nothing to start (it fetches on the uplink's first getToken) and closes after the uplink
+  const tokenClient: Component | undefined = cloudTokens ? { name: 'cloud-token', start: async () => {}, close: () => cloudTokens.close() } : undefined;
 
   // start order: state first, then device-facing and cloud-facing parts, health and admin last
-  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), broker, api, ...(uplink ? [uplink] : []), health, portsOf, admin];
+  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), broker, api, ...(tokenClient && uplink ? [tokenClient, uplink] : []), health, portsOf, admin];
   return { ctx, components };
 }
