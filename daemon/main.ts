@@ -13,10 +13,11 @@ import { runInit } from './init.js';
 import { buildDaemon, initSteps } from './app.js';
 import { Lifecycle } from './lifecycle.js';
 import { ConfigError, EXIT } from '../core/errors.js';
+import type { AdminRegistry, Component } from '../core/component.js';
+import type { Logger } from '../core/logger.js';
 import { explain, exitCodeFor } from './explain.js';
 
 export { explain, exitCodeFor };
-import { testHooksComponent, testHooksEnabled, registerTestHooks } from './testhooks.js';
 import { SystemdNotifier } from './notify.js';
 import { daemonStatus, statusLine, summarize } from './status.js';
 import { registerRotation } from './rotation.js';
@@ -43,7 +44,25 @@ export function mergeRestartKeys(running: Config, next: Config): { merged: Confi
   return { merged: walk(configSchema as unknown as Record<string, unknown>, running, next, '') as Config, needsRestart };
 }
 
-export async function runDaemon(configFile: string): Promise<number> {
+/** What an extra component may use: the admin socket, the root logger, the systemd notifier. */
+export interface DaemonSeamContext {
+  admin: AdminRegistry;
+  logger: Logger;
+  /** Sends STATUS= (and the other notify messages) to $NOTIFY_SOCKET; a no-op without it. */
+  notifier: Pick<SystemdNotifier, 'status'>;
+}
+
+/**
+ * Ways to extend a daemon without changing it: `connector start` passes none.
+ * The test suite's process entry point (test/helpers/daemon-hooks.mjs) adds
+ * fault-injection components here, so that no test code ships in the product.
+ */
+export interface DaemonSeam {
+  /** Components started after every built-in one (so closed before them), before the daemon-level metrics. */
+  extraComponents?: (ctx: DaemonSeamContext) => Component[];
+}
+
+export async function runDaemon(configFile: string, seam: DaemonSeam = {}): Promise<number> {
   let config: Config;
   try {
     config = loadConfig(configFile).config;
@@ -73,7 +92,10 @@ export async function runDaemon(configFile: string): Promise<number> {
   }
 
   const daemon = buildDaemon(config, configFile, logger);
-  const components = testHooksEnabled() ? [...daemon.components, testHooksComponent(daemon.ctx.admin)] : daemon.components;
+  // systemd notify + watchdog (a no-op without $NOTIFY_SOCKET): READY after start, RELOADING around reload, STOPPING on shutdown
+  const notifier: SystemdNotifier = new SystemdNotifier({ logger, statusText: (): string => statusLine(summarize(lifecycle.status(), Object.fromEntries(daemon.ctx.ports)), daemon.ctx.health.readiness().ready) });
+  const extra = seam.extraComponents?.({ admin: daemon.ctx.admin, logger, notifier }) ?? [];
+  const components = [...daemon.components, ...extra];
   // daemon-level metrics (daemon/metrics.ts) start last, after every component registered its own
   const daemonMetrics: DaemonMetrics = new DaemonMetrics({
     registry: daemon.ctx.metrics,
@@ -84,11 +106,8 @@ export async function runDaemon(configFile: string): Promise<number> {
     journal: () => daemon.ctx.journal,
   });
   const lifecycle = new Lifecycle([...components, daemonMetrics], logger, config.daemon.shutdown_timeout_ms);
-  // systemd notify + watchdog (a no-op without $NOTIFY_SOCKET): READY after start, RELOADING around reload, STOPPING on shutdown
   const startedAt = Date.now();
   const statusOf = () => daemonStatus(daemon.ctx, lifecycle, { startedAt, watchdog: notifier.active ? notifier.watchdog() : undefined });
-  const notifier = new SystemdNotifier({ logger, statusText: () => statusLine(summarize(lifecycle.status(), Object.fromEntries(daemon.ctx.ports)), daemon.ctx.health.readiness().ready) });
-  registerTestHooks(daemon.ctx.admin, logger, notifier);
 
   let stopping: Promise<number> | undefined;
   const stop = (signal: string): Promise<number> => {

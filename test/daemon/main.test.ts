@@ -134,7 +134,7 @@ t.test('`connector reload` over the admin socket does the same as SIGHUP', async
 });
 
 t.test('a stuck shutdown is forced after shutdown_timeout_ms: exit 1', async (t) => {
-  const d = await startDaemon(t, { config: { daemon: { shutdown_timeout_ms: 300 } }, env: { EDGE_CONNECTOR_TEST_HOOKS: '1', EDGE_CONNECTOR_TEST_HANG_CLOSE: '1' } });
+  const d = await startDaemon(t, { config: { daemon: { shutdown_timeout_ms: 300 } }, hooks: { hangClose: true } });
   const exit = await d.stop('SIGTERM');
   t.equal(exit.code, 1);
   const forced = d.logs.find((l) => l.msg === 'shutdown was forced');
@@ -142,7 +142,7 @@ t.test('a stuck shutdown is forced after shutdown_timeout_ms: exit 1', async (t)
 });
 
 t.test('a second signal forces the exit at once', async (t) => {
-  const d = await startDaemon(t, { config: { daemon: { shutdown_timeout_ms: 600000 } }, env: { EDGE_CONNECTOR_TEST_HOOKS: '1', EDGE_CONNECTOR_TEST_HANG_CLOSE: '1' } });
+  const d = await startDaemon(t, { config: { daemon: { shutdown_timeout_ms: 600000 } }, hooks: { hangClose: true } });
   d.proc.kill('SIGTERM');
   await d.waitForLog((l) => l.msg === 'shutting down');
   d.proc.kill('SIGTERM');
@@ -152,7 +152,7 @@ t.test('a second signal forces the exit at once', async (t) => {
 });
 
 t.test('an uncaught exception is logged and exits 70 (systemd restarts us)', async (t) => {
-  const d = await startDaemon(t, { env: { EDGE_CONNECTOR_TEST_HOOKS: '1' } });
+  const d = await startDaemon(t, { hooks: true });
   await adminRequest(adminSocketPath(d.stateDir), 'test.crash');
   const exit = await d.exited;
   t.equal(exit.code, 70);

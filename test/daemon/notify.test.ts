@@ -87,9 +87,9 @@ function connectable(port: number): Promise<boolean> {
   });
 }
 
-function startWithNotify(t: TestLike, env: NodeJS.ProcessEnv, config: Record<string, unknown> = {}): { d: DaemonHandle; ns: ReturnType<typeof notifySocket> } {
+function startWithNotify(t: TestLike, env: NodeJS.ProcessEnv, config: Record<string, unknown> = {}, hooks = false): { d: DaemonHandle; ns: ReturnType<typeof notifySocket> } {
   const ns = notifySocket(t);
-  const d = spawnDaemon(t, { env: { NOTIFY_SOCKET: ns.file, ...env }, config });
+  const d = spawnDaemon(t, { env: { NOTIFY_SOCKET: ns.file, ...env }, config, hooks });
   return { d, ns };
 }
 
@@ -268,7 +268,7 @@ t.test('an invalid config on SIGHUP still ends the reload with READY=1 (the old 
 });
 
 t.test('a blocked event loop sends no WATCHDOG=1 (systemd would restart us)', async (t) => {
-  const { d, ns } = startWithNotify(t, { WATCHDOG_USEC: '2000000', EDGE_CONNECTOR_TEST_HOOKS: '1' });
+  const { d, ns } = startWithNotify(t, { WATCHDOG_USEC: '2000000' }, {}, true);
   await ns.waitFor((m) => m.text.startsWith('READY=1'), 'READY=1');
   await ns.waitFor((m) => m.text === 'WATCHDOG=1', 'a first WATCHDOG=1');
   const sock = adminSocketPath(d.stateDir);
@@ -301,10 +301,13 @@ t.test('a blocked event loop sends no WATCHDOG=1 (systemd would restart us)', as
   t.same(await d.stop(), { code: 0, signal: null });
 });
 
-t.test('test hooks are absent unless EDGE_CONNECTOR_TEST_HOOKS=1', async (t) => {
-  const { d, ns } = startWithNotify(t, {});
+t.test('`connector start` has no test hooks, whatever its environment says', async (t) => {
+  const { d, ns } = startWithNotify(t, { EDGE_CONNECTOR_TEST_HOOKS: '1', EDGE_CONNECTOR_TEST_HANG_CLOSE: '1' });
   await ns.waitFor((m) => m.text.startsWith('READY=1'), 'READY=1');
-  await t.rejects(adminRequest(adminSocketPath(d.stateDir), 'test.block_loop', { ms: 1 }), { code: 'ECONN_BAD_REQUEST' });
+  for (const method of ['test.block_loop', 'test.starve_loop', 'test.crash']) {
+    await t.rejects(adminRequest(adminSocketPath(d.stateDir), method, { ms: 1 }), { code: 'ECONN_BAD_REQUEST' }, `${method} is unknown`);
+  }
+  t.same(await d.stop(), { code: 0, signal: null }, 'no component hangs its close');
 });
 
 t.test('WATCHDOG_PID of another process: no pings', async (t) => {

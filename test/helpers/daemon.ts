@@ -13,6 +13,8 @@ import { stringify } from 'yaml';
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const CLI = path.join(REPO, 'dist/daemon/cli.js');
+/** The daemon plus fault-injection hooks (test.block_loop, test.starve_loop, test.crash, a close that hangs): test code, never in dist/. */
+export const HOOKED_DAEMON = path.join(REPO, 'test/helpers/daemon-hooks.mjs');
 
 /** The minimal interface of a tap Test these helpers need. */
 export interface TestLike {
@@ -114,13 +116,21 @@ export interface StartOptions {
   noWait?: boolean;
   uid?: number;
   gid?: number;
+  /**
+   * Run test/helpers/daemon-hooks.mjs (the daemon with test-only admin methods)
+   * instead of `connector start`; `hangClose` adds a component whose close() never finishes.
+   */
+  hooks?: boolean | { hangClose?: boolean };
 }
 
 export function spawnDaemon(t: TestLike, opts: StartOptions = {}): DaemonHandle {
   const dir = opts.dir ?? tempDir(t);
   const stateDir = path.join(dir, 'state');
   const configFile = opts.configFile ?? writeConfig(dir, testConfig(stateDir, opts.config ?? {}));
-  const [cmd, argv] = nodeCommand([CLI, ...(opts.args ?? ['start', '-c', configFile])]);
+  const hooks = opts.hooks === true ? {} : opts.hooks || undefined;
+  const [cmd, argv] = nodeCommand(
+    hooks ? [HOOKED_DAEMON, configFile, ...(hooks.hangClose ? ['--hang-close'] : [])] : [CLI, ...(opts.args ?? ['start', '-c', configFile])],
+  );
   const proc = spawn(cmd, argv, {
     cwd: dir,
     env: childEnv(opts.env),
