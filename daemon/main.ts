@@ -6,7 +6,7 @@
  * and in the README.
  */
 import type { Config } from '../core/config/schema.js';
-import { configSchema } from '../core/config/schema.js';
+import { deepFreeze, valueAt, walkConfig } from '../core/config/walk.js';
 import { loadConfig } from '../core/config/load.js';
 import { createLogger } from '../core/logger.js';
 import { runInit } from './init.js';
@@ -23,25 +23,18 @@ import { daemonStatus, statusLine, summarize } from './status.js';
 import { registerRotation } from './rotation.js';
 import { DaemonMetrics } from './metrics.js';
 
-/** Keys marked x-restart keep their running value on reload; returns the merged config and what was kept. */
+/** Keys marked x-restart keep their running value on reload; returns the merged (frozen) config and what was kept. */
 export function mergeRestartKeys(running: Config, next: Config): { merged: Config; needsRestart: string[] } {
   const needsRestart: string[] = [];
-  const walk = (schema: Record<string, unknown>, a: unknown, b: unknown, p: string): unknown => {
-    if (schema['x-restart']) {
-      if (JSON.stringify(a) !== JSON.stringify(b)) needsRestart.push(`${p} (${JSON.stringify(a)} → ${JSON.stringify(b)})`);
-      return a;
-    }
-    const props = schema.properties as Record<string, Record<string, unknown>> | undefined;
-    if (props && a && b && typeof a === 'object' && typeof b === 'object') {
-      const out: Record<string, unknown> = { ...(b as Record<string, unknown>) };
-      for (const [k, sub] of Object.entries(props)) {
-        out[k] = walk(sub, (a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], p ? `${p}.${k}` : k);
-      }
-      return Object.freeze(out);
-    }
-    return b;
-  };
-  return { merged: walk(configSchema as unknown as Record<string, unknown>, running, next, '') as Config, needsRestart };
+  const merged = structuredClone(next) as unknown as Record<string, unknown>;
+  walkConfig(merged, ({ node, path: keys, dotted }, holder, key) => {
+    if (!node['x-restart']) return;
+    const a = valueAt(running, keys);
+    if (JSON.stringify(a) === JSON.stringify(holder[key])) return;
+    needsRestart.push(`${dotted} (${JSON.stringify(a)} → ${JSON.stringify(holder[key])})`);
+    holder[key] = structuredClone(a);
+  });
+  return { merged: deepFreeze(merged) as unknown as Config, needsRestart };
 }
 
 /** What an extra component may use: the admin socket, the root logger, the systemd notifier. */

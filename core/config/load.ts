@@ -13,6 +13,7 @@ import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import { configSchema, type Config } from './schema.js';
 import { ConfigError } from '../errors.js';
 import { resolveSecret } from '../secrets.js';
+import { deepFreeze, matchSchemaPath, walkConfig, type SchemaNode } from './walk.js';
 
 export const DEFAULT_SYSTEM_CONFIG = '/etc/edge-connector/connector.yaml';
 
@@ -34,20 +35,6 @@ export interface LoadedConfig {
   config: Config;
   file: string;
 }
-
-type SchemaNode = {
-  type?: string;
-  properties?: Record<string, SchemaNode>;
-  patternProperties?: Record<string, SchemaNode>;
-  items?: SchemaNode;
-  enum?: unknown[];
-  minimum?: number;
-  maximum?: number;
-  description?: string;
-  pattern?: string;
-  'x-secret'?: boolean;
-  'x-path'?: boolean;
-};
 
 let compiled: ValidateFunction | undefined;
 /** Compiled on first use: commands that never read the config (--help, --version) stay fast. */
@@ -148,9 +135,9 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
     // a section has the wrong shape: the schema errors above already say so
   }
   if (problems.length === 0) {
-    resolvePaths(cfg as unknown as Record<string, unknown>, configSchema as unknown as SchemaNode, path.dirname(file));
+    resolvePaths(cfg as unknown as Record<string, unknown>, path.dirname(file));
     if (opts.checkSecrets !== false) {
-      checkSecrets(cfg as unknown as Record<string, unknown>, configSchema as unknown as SchemaNode, '', env, problems, (p) => where(p), cfg.daemon.state_dir);
+      checkSecrets(cfg as unknown as Record<string, unknown>, env, problems, (p) => where(p), cfg.daemon.state_dir);
     }
   }
   if (problems.length > 0) throw new ConfigError('ECONN_CONFIG_INVALID', problems);
@@ -247,7 +234,7 @@ function applyEnvOverrides(data: Record<string, unknown>, env: NodeJS.ProcessEnv
   for (const [name, raw] of Object.entries(env)) {
     if (!name.startsWith('CONNECTOR_') || name === 'CONNECTOR_CONFIG' || raw === undefined) continue;
     const tokens = name.slice('CONNECTOR_'.length).toLowerCase().split('_');
-    const keys = matchSchemaPath(configSchema as unknown as SchemaNode, tokens);
+    const keys = matchSchemaPath(tokens);
     if (!keys) {
       problems.push(`env ${name}: no such configuration key (CONNECTOR_<SECTION>_<KEY>, e.g. CONNECTOR_LOG_LEVEL)`);
       continue;
@@ -266,20 +253,6 @@ function applyEnvOverrides(data: Record<string, unknown>, env: NodeJS.ProcessEnv
     node[keys[keys.length - 1]!] = value;
     fromEnv.set('/' + keys.join('/'), name);
   }
-}
-
-function matchSchemaPath(schema: SchemaNode, tokens: string[]): string[] | undefined {
-  if (tokens.length === 0) return [];
-  const props = schema.properties;
-  if (!props) return undefined;
-  for (let n = tokens.length; n >= 1; n--) {
-    const key = tokens.slice(0, n).join('_');
-    const sub = props[key];
-    if (!sub) continue;
-    const rest = matchSchemaPath(sub, tokens.slice(n));
-    if (rest) return [key, ...rest];
-  }
-  return undefined;
 }
 
 const LOOPBACK = (h: string): boolean => h === 'localhost' || h === '::1' || (isIP(h) === 4 && h.startsWith('127.'));
@@ -330,18 +303,16 @@ function semanticChecks(cfg: Config, problems: string[], where: (ptr: string) =>
   }
 }
 
-function resolvePaths(data: Record<string, unknown>, schema: SchemaNode, baseDir: string): void {
-  for (const [key, sub] of Object.entries(schema.properties ?? {})) {
-    const v = data[key];
-    if (sub['x-path']) {
-      if (typeof v === 'string' && v !== '') data[key] = path.resolve(baseDir, v);
-      else if (Array.isArray(v)) data[key] = v.map((s) => (typeof s === 'string' ? path.resolve(baseDir, s) : s));
-    } else if (sub['x-secret'] && typeof v === 'string' && v.startsWith('file:')) {
-      data[key] = 'file:' + path.resolve(baseDir, v.slice(5));
-    } else if (sub.type === 'object' && v && typeof v === 'object' && !Array.isArray(v)) {
-      resolvePaths(v as Record<string, unknown>, sub, baseDir);
+function resolvePaths(data: Record<string, unknown>, baseDir: string): void {
+  walkConfig(data, ({ node }, holder, key) => {
+    const v = holder[key];
+    if (node['x-path']) {
+      if (typeof v === 'string' && v !== '') holder[key] = path.resolve(baseDir, v);
+      else if (Array.isArray(v)) holder[key] = v.map((s) => (typeof s === 'string' ? path.resolve(baseDir, s) : s));
+    } else if (node['x-secret'] && typeof v === 'string' && v.startsWith('file:')) {
+      holder[key] = 'file:' + path.resolve(baseDir, v.slice(5));
     }
-  }
+  });
 }
 
 /**
@@ -349,29 +320,17 @@ function resolvePaths(data: Record<string, unknown>, schema: SchemaNode, baseDir
  * directory that does not exist yet: `connector init` (run by `connector start`)
  * generates those, so a fresh install works on its bundled defaults.
  */
-function checkSecrets(
-  data: Record<string, unknown>,
-  schema: SchemaNode,
-  prefix: string,
-  env: NodeJS.ProcessEnv,
-  problems: string[],
-  where: (ptr: string) => string,
-  stateDir: string,
-): void {
-  for (const [key, sub] of Object.entries(schema.properties ?? {})) {
-    const v = data[key];
-    const ptr = `${prefix}/${key}`;
-    if (sub['x-secret'] && typeof v === 'string') {
-      if (isGeneratedSecret(v, stateDir) && !existsSync(v.slice(5))) continue;
-      try {
-        resolveSecret(v, env);
-      } catch (err) {
-        problems.push(`${where(ptr)} ${ptr.slice(1).replace(/\//g, '.')}: ${(err as Error).message}`);
-      }
-    } else if (sub.type === 'object' && v && typeof v === 'object' && !Array.isArray(v)) {
-      checkSecrets(v as Record<string, unknown>, sub, ptr, env, problems, where, stateDir);
+function checkSecrets(data: Record<string, unknown>, env: NodeJS.ProcessEnv, problems: string[], where: (ptr: string) => string, stateDir: string): void {
+  walkConfig(data, ({ node, path: keys, dotted }, holder, key) => {
+    const v = holder[key];
+    if (!node['x-secret'] || typeof v !== 'string') return;
+    if (isGeneratedSecret(v, stateDir) && !existsSync(v.slice(5))) return;
+    try {
+      resolveSecret(v, env);
+    } catch (err) {
+      problems.push(`${where('/' + keys.join('/'))} ${dotted}: ${(err as Error).message}`);
     }
-  }
+  });
 }
 
 /** A `file:` secret inside the state directory: generated by `connector init` when missing. */
@@ -379,12 +338,4 @@ export function isGeneratedSecret(ref: string | undefined, stateDir: string): re
   if (!ref || !ref.startsWith('file:')) return false;
   const rel = path.relative(stateDir, ref.slice(5));
   return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel);
-}
-
-function deepFreeze<T>(o: T): T {
-  if (o && typeof o === 'object' && !Object.isFrozen(o)) {
-    Object.freeze(o);
-    for (const v of Object.values(o as Record<string, unknown>)) deepFreeze(v);
-  }
-  return o;
 }
