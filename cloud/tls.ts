@@ -8,7 +8,7 @@
 import { existsSync, mkdirSync, readFileSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import { isIP } from 'node:net';
-import { x509, generateKeyPair, privateKeyToPem, signingAlgorithm, randomSerial, importPrivateKeyPem } from '../core/x509.js';
+import { x509, createSelfSignedCa, generateKeyPair, privateKeyToPem, signingAlgorithm, randomSerial, importPrivateKeyPem } from '../core/x509.js';
 import { StartupError } from '../core/errors.js';
 import { writeAtomicSync } from '../core/fs.js';
 
@@ -41,22 +41,13 @@ export async function loadOrCreateTls(opts: { storeDir: string; certFile: string
   const srvKey = path.join(dir, 'server.key');
   const created: string[] = [];
   if (!existsSync(caCrt) || !existsSync(caKey)) {
-    const keys = await generateKeyPair('ec');
-    const ca = await x509.X509CertificateGenerator.createSelfSigned({
-      serialNumber: randomSerial(),
+    const ca = await createSelfSignedCa({
       name: `CN=edge-connector reference cloud CA ${randomSerial().slice(0, 8)}`,
       notBefore: new Date(Date.now() - DAY),
       notAfter: new Date(Date.now() + 3650 * DAY),
-      keys,
-      signingAlgorithm: signingAlgorithm(keys.privateKey),
-      extensions: [
-        new x509.BasicConstraintsExtension(true, 0, true),
-        new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
-        await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
-      ],
     });
-    writeAtomicSync(caKey, await privateKeyToPem(keys.privateKey), 0o600);
-    writeAtomicSync(caCrt, `${ca.toString('pem').trim()}\n`, 0o644);
+    writeAtomicSync(caKey, ca.keyPem, 0o600);
+    writeAtomicSync(caCrt, `${ca.certificate.toString('pem').trim()}\n`, 0o644);
     created.push(caCrt, caKey);
     // a new CA invalidates an old server certificate
     if (existsSync(srvCrt)) renameSync(srvCrt, `${srvCrt}.old`);

@@ -49,3 +49,43 @@ export function randomSerial(): string {
   b[0] = (b[0]! & 0x7f) | 0x01;
   return Buffer.from(b).toString('hex');
 }
+
+export interface SelfSignedCaOptions {
+  /** Subject (= issuer) distinguished name, e.g. `CN=edge-connector device CA gw1, O=edge-connector`. */
+  name: string;
+  notBefore: Date;
+  notAfter: Date;
+  /** Default 'ec' (P-256). */
+  keyType?: KeyType;
+}
+
+export interface SelfSignedCa {
+  certificate: x509.X509Certificate;
+  keys: CryptoKeyPair;
+  /** The private key as PKCS#8 PEM. */
+  keyPem: string;
+}
+
+/**
+ * The one CA builder (device PKI, the reference cloud's TLS, the test
+ * certificates): a fresh key pair and a self-signed CA certificate with a
+ * random positive serial, basicConstraints CA:TRUE pathlen:0 (critical),
+ * keyUsage keyCertSign + cRLSign (critical) and a subject key identifier.
+ */
+export async function createSelfSignedCa(opts: SelfSignedCaOptions): Promise<SelfSignedCa> {
+  const keys = await generateKeyPair(opts.keyType ?? 'ec');
+  const certificate = await x509.X509CertificateGenerator.createSelfSigned({
+    serialNumber: randomSerial(),
+    name: opts.name,
+    notBefore: opts.notBefore,
+    notAfter: opts.notAfter,
+    keys,
+    signingAlgorithm: signingAlgorithm(keys.privateKey),
+    extensions: [
+      new x509.BasicConstraintsExtension(true, 0, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
+      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+    ],
+  });
+  return { certificate, keys, keyPem: await privateKeyToPem(keys.privateKey) };
+}

@@ -132,22 +132,9 @@ function expandIpv6(ip: string): string {
 
 async function createCa(cn: string, validityDays: number): Promise<{ cert: string; key: string }> {
   const L = await lib();
-  const keys = await L.generateKeyPair('ec');
   const now = Date.now();
-  const certificate = await L.x509.X509CertificateGenerator.createSelfSigned({
-    serialNumber: L.randomSerial(),
-    name: `CN=${cn}, O=edge-connector`,
-    notBefore: new Date(now - BACKDATE_MS),
-    notAfter: new Date(now + validityDays * DAY),
-    keys,
-    signingAlgorithm: L.signingAlgorithm(keys.privateKey),
-    extensions: [
-      new L.x509.BasicConstraintsExtension(true, 0, true),
-      new L.x509.KeyUsagesExtension(L.x509.KeyUsageFlags.keyCertSign | L.x509.KeyUsageFlags.cRLSign, true),
-      await L.x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
-    ],
-  });
-  return { cert: certificate.toString('pem'), key: await L.privateKeyToPem(keys.privateKey) };
+  const ca = await L.createSelfSignedCa({ name: `CN=${cn}, O=edge-connector`, notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + validityDays * DAY) });
+  return { cert: ca.certificate.toString('pem'), key: ca.keyPem };
 }
 
 interface CaMaterial {

@@ -3,7 +3,7 @@
  * CSRs generated at test time (EC P-256 by default, RSA on request), including
  * the expired / not-yet-valid / wrong-CA variants the auth tests need.
  */
-import { x509, generateKeyPair, privateKeyToPem, signingAlgorithm, randomSerial, type KeyType } from '../../core/x509.js';
+import { x509, createSelfSignedCa, generateKeyPair, privateKeyToPem, signingAlgorithm, randomSerial, type KeyType } from '../../core/x509.js';
 
 const DAY = 86400_000;
 
@@ -33,21 +33,13 @@ export class TestCA {
 
   static async create(opts: { cn?: string; keyType?: KeyType; notBefore?: Date; notAfter?: Date } = {}): Promise<TestCA> {
     const cn = opts.cn ?? `Test CA ${randomSerial().slice(0, 8)}`;
-    const keys = await generateKeyPair(opts.keyType ?? 'ec');
-    const certificate = await x509.X509CertificateGenerator.createSelfSigned({
-      serialNumber: randomSerial(),
+    const { certificate, keys, keyPem } = await createSelfSignedCa({
       name: `CN=${cn}`,
       notBefore: opts.notBefore ?? new Date(Date.now() - DAY),
       notAfter: opts.notAfter ?? new Date(Date.now() + 365 * DAY),
-      keys,
-      signingAlgorithm: signingAlgorithm(keys.privateKey),
-      extensions: [
-        new x509.BasicConstraintsExtension(true, 0, true),
-        new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
-        await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
-      ],
+      keyType: opts.keyType ?? 'ec',
     });
-    return new TestCA(cn, certificate.toString('pem'), await privateKeyToPem(keys.privateKey), certificate, keys);
+    return new TestCA(cn, certificate.toString('pem'), keyPem, certificate, keys);
   }
 
   private async issue(subject: string, keyType: KeyType, notBefore: Date, notAfter: Date, extensions: x509.Extension[]): Promise<Issued> {
