@@ -38,7 +38,7 @@ export async function syncDir(dir: string): Promise<void> {
 }
 
 /** Synchronous syncDir, for start-up paths that are synchronous. */
-export function syncDirSync(dir: string): void {
+function syncDirSync(dir: string): void {
   const fd = openSync(dir, 'r');
   try {
     fsyncSync(fd);

@@ -10,11 +10,11 @@ import * as x509 from '@peculiar/x509';
 
 x509.cryptoProvider.set(webcrypto as unknown as Crypto);
 
-export { x509, webcrypto };
+export { x509 };
 
 export type KeyType = 'ec' | 'rsa';
 
-export function keyAlgorithm(type: KeyType): RsaHashedKeyGenParams | EcKeyGenParams {
+function keyAlgorithm(type: KeyType): RsaHashedKeyGenParams | EcKeyGenParams {
   return type === 'rsa'
     ? { name: 'RSASSA-PKCS1-v1_5', hash: 'SHA-256', publicExponent: new Uint8Array([1, 0, 1]), modulusLength: 2048 }
     : ({ name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' } as EcKeyGenParams);

@@ -14,7 +14,7 @@ import { ConnectorError, errorCode, StartupError } from '../core/errors.js';
 
 export type { AdminHandler };
 
-export const ADMIN_SOCKET_NAME = 'admin.sock';
+const ADMIN_SOCKET_NAME = 'admin.sock';
 const MAX_REQUEST_BYTES = 1024 * 1024;
 
 export function adminSocketPath(stateDir: string): string {

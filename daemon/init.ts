@@ -15,7 +15,7 @@ import type { InitStep } from '../core/component.js';
 export type { InitStep };
 
 
-export function ensureStateDir(dir: string): boolean {
+function ensureStateDir(dir: string): boolean {
   let created = false;
   try {
     const st = statSync(dir);

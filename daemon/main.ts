@@ -17,7 +17,6 @@ import type { AdminRegistry, Component } from '../core/component.js';
 import type { Logger } from '../core/logger.js';
 import { explain, exitCodeFor } from './explain.js';
 
-export { explain, exitCodeFor };
 import { SystemdNotifier } from './notify.js';
 import { daemonStatus, statusLine, summarize } from './status.js';
 import { registerRotation } from './rotation.js';

@@ -58,7 +58,7 @@ export interface NotifyTransport {
 }
 
 /** Load unix-dgram (optional dependency). Returns the module or the load error. */
-export function loadUnixDgram(): UnixDgramModule | Error {
+function loadUnixDgram(): UnixDgramModule | Error {
   try {
     const require = createRequire(import.meta.url);
     return require('unix-dgram') as UnixDgramModule;
@@ -68,7 +68,7 @@ export function loadUnixDgram(): UnixDgramModule | Error {
 }
 
 /** A transport to a filesystem-path NOTIFY_SOCKET through unix-dgram. */
-export function unixDgramTransport(mod: UnixDgramModule, socketPath: string): NotifyTransport {
+function unixDgramTransport(mod: UnixDgramModule, socketPath: string): NotifyTransport {
   const sock = mod.createSocket('unix_dgram');
   // errors are reported through the send callback; keep a listener so an emitted one cannot crash us
   sock.on('error', () => {});

@@ -9,10 +9,10 @@ import { createHmac, timingSafeEqual } from 'node:crypto';
 
 export const SIGNATURE_HEADER = 'x-signature';
 /** How far a signature's timestamp may be from the verifier's clock, in seconds. */
-export const SIGNATURE_MAX_SKEW_S = 300;
+const SIGNATURE_MAX_SKEW_S = 300;
 
 /** The exact bytes that are signed. */
-export function stringToSign(method: string, target: string, unixSeconds: number): string {
+function stringToSign(method: string, target: string, unixSeconds: number): string {
   return `${unixSeconds}\n${method}\n${target}`;
 }
 

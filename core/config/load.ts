@@ -15,7 +15,7 @@ import { ConfigError } from '../errors.js';
 import { resolveSecret } from '../secrets.js';
 import { deepFreeze, matchSchemaPath, walkConfig, type SchemaNode } from './walk.js';
 
-export const DEFAULT_SYSTEM_CONFIG = '/etc/edge-connector/connector.yaml';
+const DEFAULT_SYSTEM_CONFIG = '/etc/edge-connector/connector.yaml';
 
 /** Default config path: ./connector.yaml, else $CONNECTOR_CONFIG, else /etc/edge-connector/connector.yaml. */
 export function defaultConfigPath(env: NodeJS.ProcessEnv = process.env, cwd = process.cwd()): string {

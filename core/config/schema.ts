@@ -43,9 +43,9 @@ const port = (def: number, what: string) =>
   int(def, 0, 65535, `TCP port of ${what} (1-65535; 0 picks a free port, for tests)`, { 'x-restart': true });
 const host = (def: string, what: string) => str(def, `address ${what} binds to`, { minLength: 1, 'x-restart': true });
 
-export const AUTH_MODES = ['cert', 'jwt', 'cert+jwt', 'cert|jwt'] as const;
+const AUTH_MODES = ['cert', 'jwt', 'cert+jwt', 'cert|jwt'] as const;
 
-export const aclRule = Type.Object(
+const aclRule = Type.Object(
   {
     allow: Type.Union([Type.Literal('publish'), Type.Literal('subscribe'), Type.Literal('both')], { description: 'what the rule allows' }),
     topic: Type.String({ minLength: 1, description: 'MQTT topic filter (+ and # allowed)' }),
@@ -191,5 +191,4 @@ export const configSchema = obj('edge-connector configuration', {
 
 /** The validated, defaulted, frozen configuration every component receives (or a slice of it). */
 export type Config = Static<typeof configSchema>;
-export type AuthMode = (typeof AUTH_MODES)[number];
 export type { TSchema };

@@ -41,7 +41,7 @@ export interface SchemaEntry {
 }
 
 /** True for a mapping with named keys: the walk descends into it. */
-export function isSection(node: SchemaNode): boolean {
+function isSection(node: SchemaNode): boolean {
   return node.type === 'object' && node.properties !== undefined;
 }
 
