@@ -290,6 +290,30 @@ async function setup(t: TestLike, cloudOpts: { tokenTtlS?: number } = {}, over: 
   return { dir, cloud, d, secretFile };
 }
 
+/** The first log line after index `mark` that matches (bounded): an event that happened after something we did. */
+function logAfter(d: DaemonHandle, mark: number, pred: (l: Json) => boolean, what: string, timeoutMs = 20_000): Promise<Json> {
+  return d.waitForLog((l) => d.logs.indexOf(l) >= mark && pred(l), timeoutMs, what);
+}
+
+const MARKER = 'marker-after-everything';
+
+/**
+ * "Nothing more arrives" bounded by an event, not a sleep: publish a marker
+ * through the same connector after everything else and read until it is
+ * delivered. The uplink sends the journal in order, so anything still on its
+ * way (a resend, a duplicate) would have reached the cloud before the marker.
+ */
+async function throughMarker(t: TestLike, d: DaemonHandle, cloud: Cloud, dev: DeviceFiles, what: string): Promise<Delivered[]> {
+  const c = await mqttConnect(d, dev);
+  try {
+    await c.publishAsync(`devices/${dev.id}/marker`, Buffer.from(MARKER), { qos: 1 });
+  } finally {
+    c.end(true);
+  }
+  const got = await tail(t, cloud, (m) => m.some((x) => decode(x) === MARKER), `${what}, then the marker`, 45_000);
+  return got.filter((x) => decode(x) !== MARKER);
+}
+
 // ─── tests ───────────────────────────────────────────────────────────────────
 
 t.test('device → broker → journal → uplink → cloud → subscriber: mqtt.js, mosquitto_pub, 0 B … 1 MiB, and a 64 MiB upload', async (t) => {
@@ -357,19 +381,20 @@ t.test('cloud killed mid-stream and restarted: every acknowledged message arrive
         await clients[k]!.publishAsync(`devices/${dev.id}/seq`, seqMsg(dev.id, i), { qos: 1 });
         acked.get(dev.id)!.push(i);
         if (k === 0 && i === 100) {
+          const mark = d.logs.length;
           await cloud.proc.stop('SIGKILL');
-          restarted = (async () => {
-            await new Promise((r) => setTimeout(r, 300));
-            return startCloud(t, dir, { port: cloud.port });
-          })();
+          // restart once the connector has seen the cloud go (not after a guessed delay)
+          restarted = logAfter(d, mark, (l) => l.msg === 'uplink disconnected', 'the uplink noticing the cloud is gone').then(() => startCloud(t, dir, { port: cloud.port }));
         }
       }
     }),
   );
   const cloud2 = await restarted!;
-  const got = await tail(t, cloud2, (m) => m.length >= 2 * N, `${2 * N} messages`, 45_000);
-  await new Promise((r) => setTimeout(r, 300));
+  await tail(t, cloud2, (m) => m.length >= 2 * N, `${2 * N} messages`, 45_000);
+  // duplicates would arrive later: read again until a marker sent after everything has arrived
+  const got = await throughMarker(t, d, cloud2, devs[1]!, `${2 * N} messages`);
   checkOnceInOrder(asserts(t), got, acked);
+  t.equal(got.length, 2 * N, 'nothing more than what was sent');
 });
 
 t.test('connector killed with SIGKILL mid-stream and restarted: every PUBACKed message arrives exactly once, in order', async (t) => {
@@ -379,30 +404,33 @@ t.test('connector killed with SIGKILL mid-stream and restarted: every PUBACKed m
   const acked: number[] = [];
   let i = 0;
   let killed = false;
+  let reached200: () => void = () => {};
+  const twoHundred = new Promise<void>((r) => (reached200 = r));
   const pub = (async () => {
     try {
       for (; i < 100_000 && !killed; i++) {
         await c.publishAsync(`devices/${dev.id}/seq`, seqMsg(dev.id, i), { qos: 1 });
         acked.push(i);
+        if (acked.length === 200) reached200();
       }
     } catch {
       /* the connector died */
     }
   })();
-  const deadline = Date.now() + 20_000;
-  while (acked.length < 200 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  // the 200th PUBACK (or the publisher ending early, which the assertion below reports)
+  await Promise.race([twoHundred, pub]);
   await d.stop('SIGKILL');
   killed = true;
   c.end(true); // fails the publish in flight (mqtt.js would otherwise wait for a reconnect)
-  await Promise.race([pub, new Promise((r) => setTimeout(r, 3000))]);
+  await pub;
   const sent = i; // messages handed to the broker (the last may or may not have been journaled)
   t.ok(acked.length >= 200, `${acked.length} PUBACKed before the kill`);
   const d2 = await startDaemon(t, { dir, configFile: d.configFile });
-  const got = await tail(t, cloud, (m) => acked.every((n) => m.some((x) => decode(x) === seqMsg(dev.id, n).toString())), 'every PUBACKed message', 45_000);
-  await new Promise((r) => setTimeout(r, 500));
+  await tail(t, cloud, (m) => acked.every((n) => m.some((x) => decode(x) === seqMsg(dev.id, n).toString())), 'every PUBACKed message', 45_000);
+  // duplicates would arrive later: read again until a marker sent through the restarted connector has arrived
+  const got = await throughMarker(t, d2, cloud, dev, 'every PUBACKed message');
   checkOnceInOrder(asserts(t), got, new Map([[dev.id, acked]]));
   t.ok(got.length <= sent + 1, 'nothing the device did not send');
-  void d2;
 });
 
 t.test('token lifetime of 4 s over a long transfer: renewed in band, no loss, no duplicate, no reconnect storm', async (t) => {
@@ -413,11 +441,13 @@ t.test('token lifetime of 4 s over a long transfer: renewed in band, no loss, no
   const acked: number[] = [];
   const big = bigFile(dir, 32 * 1024 * 1024);
   const bigUp = upload(d, dev, big.file, `devices/${dev.id}/blob`);
-  const end = Date.now() + 9000;
-  for (let i = 0; Date.now() < end; i++) {
+  // publish (each publish waits for its PUBACK) until the token has been renewed in band twice while messages
+  // flow: the transfer outlives two token lifetimes by the connector's own account, not by a guessed duration
+  const inBand = (): number => d.logs.filter((l) => l.msg === 'uplink: renewed token accepted in band').length;
+  const deadline = Date.now() + 60_000; // safety bound only: the assertion below fails if it is reached
+  for (let i = 0; inBand() < 2 && Date.now() < deadline; i++) {
     await c.publishAsync(`devices/${dev.id}/seq`, seqMsg(dev.id, i), { qos: 1 });
     acked.push(i);
-    if (i % 20 === 0) await new Promise((r) => setTimeout(r, 10));
   }
   t.equal((await bigUp).status, 202);
   const got = await tail(t, cloud, (m) => m.length >= acked.length + 1, `${acked.length + 1} messages`, 45_000);
@@ -445,12 +475,17 @@ t.test('token endpoint refusing (bad secret): clear error, backoff, recovery onc
   t.match(String(err.msg), /answered 401 invalid_client.*check bridge\.token\.client_id and the client secret/);
   t.notOk(d.output().stdout.includes('not-the-secret'), 'the wrong secret is never logged');
   t.notOk(d.output().stdout.includes(CLIENT_SECRET), 'nor the right one');
-  const before = d.logs.filter((l) => l.code === 'ECONN_CLOUD_TOKEN' && l.retryInMs !== undefined).length;
-  await new Promise((r) => setTimeout(r, 2500));
-  const attempts = d.logs.filter((l) => l.code === 'ECONN_CLOUD_TOKEN' && l.retryInMs !== undefined);
-  const inWindow = attempts.length - before;
-  // reconnect_min_ms is 50 and reconnect_max_ms 1000 here: a fixed 50 ms retry would make ~50 attempts in 2.5 s
-  t.ok(inWindow >= 1 && inWindow <= 12, `${inWindow} token attempts in 2.5 s: backing off, not hammering`);
+  // wait for the next six refused attempts (events), then check how they were spaced, by the daemon's own clock
+  const isAttempt = (l: Json): boolean => l.code === 'ECONN_CLOUD_TOKEN' && l.retryInMs !== undefined;
+  const before = d.logs.filter(isAttempt).length;
+  await d.waitForLog(() => d.logs.filter(isAttempt).length >= before + 6, 30_000, 'six more refused token attempts');
+  const attempts = d.logs.filter(isAttempt);
+  // reconnect_min_ms is 50 and reconnect_max_ms 1000 here: each retry waits at least the delay it announced
+  for (let k = 1; k < attempts.length; k++) {
+    const gap = Date.parse(String(attempts[k]!.time)) - Date.parse(String(attempts[k - 1]!.time));
+    const announced = Number(attempts[k - 1]!.retryInMs);
+    t.ok(gap >= announced - 5, `attempt ${k + 1} came ${gap} ms after the previous one, which announced ${announced} ms: backing off, not hammering`);
+  }
   const delays = attempts.map((l) => Number(l.retryInMs));
   t.ok(Math.max(...delays) >= 300, `the delay grew (${delays.join(', ')} ms)`);
   writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
@@ -467,7 +502,8 @@ t.test('hostile cloud: malformed frames → ECONN_PROTOCOL logged, link dropped 
   const mini = await MiniCloud.start(t, {
     onWelcome: (c) => {
       const g = garbage[c.n - 1];
-      if (g) setTimeout(() => g(c), 50);
+      // right after WELCOME: the connector reads it first, then the garbage (frames arrive in order)
+      if (g) g(c);
     },
   });
   const dir = tempDir(t, 'ec-e2e-');

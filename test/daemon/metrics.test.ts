@@ -59,6 +59,7 @@ t.test('metrics cover the operations list; values follow events; /readyz judges 
   const sock = adminSocketPath(d.stateDir);
   const dev = (await adminRequest(sock, 'device.add', { id: 'meter-1' })) as Bundle;
   t.equal(await upload(d.ports.api!, dev, 'hello'), 202, 'upload accepted into the journal');
+  const acceptedAt = Date.now(); // the message was journaled before the 202
 
   // one device session, one refused connection (client id is not the device id)
   const { default: mqtt } = await import('mqtt');
@@ -127,11 +128,10 @@ t.test('metrics cover the operations list; values follow events; /readyz judges 
   t.notOk(has(m2, 'connector_device_certificate_expiry_seconds{device_id="meter-1"}'), 'no expiry for a revoked device');
 
   // the backlog is never acknowledged (no cloud): after uplink_stale_after_s the daemon is not ready
-  let ready = await fetch(`http://127.0.0.1:${d.ports.metrics}/readyz`);
-  for (let i = 0; i < 100 && ready.status === 200; i++) {
-    await new Promise((r) => setTimeout(r, 100));
-    ready = await fetch(`http://127.0.0.1:${d.ports.metrics}/readyz`);
-  }
+  // the event that proves the backlog is stale: a daemon log line stamped more than uplink_stale_after_s after the
+  // message was accepted (the token client keeps logging its refused attempts, the system clock is shared)
+  await d.waitForLog((l) => Date.parse(String(l.time)) > acceptedAt + 1100, 30_000, 'a log line stamped after the backlog went stale');
+  const ready = await fetch(`http://127.0.0.1:${d.ports.metrics}/readyz`);
   t.equal(ready.status, 503, 'not ready with a stale backlog');
   const body = (await ready.json()) as { reasons: string[] };
   t.ok(body.reasons.some((r) => /uplink/.test(r)), `the reason names the uplink: ${JSON.stringify(body.reasons)}`);

@@ -112,12 +112,12 @@ t.test('no config: loopback defaults in the current directory (skipped when 127.
     s.once('error', () => resolve(false));
     s.listen({ host: '127.0.0.1', port: 9443, exclusive: true }, () => s.close(() => resolve(true)));
   });
-  if (!free) return void t.pass('skipped: port 9443 in use');
+  if (!free) return void t.skip('127.0.0.1:9443 is in use: the defaults cannot be tested here', () => {});
   const dir = tempDir(t);
   const cloud = spawnDaemon(t, { dir, args: ['cloud'] });
   const ready = await Promise.race([cloud.waitForLog((l) => l.msg === 'ready', 30000, 'ready'), cloud.exited.then((e) => ({ exited: e }))]);
   if ('exited' in ready) {
-    if (cloud.output().stderr.includes('ECONN_LISTEN')) return void t.pass('skipped: port 9443 taken meanwhile');
+    if (cloud.output().stderr.includes('ECONN_LISTEN')) return void t.skip('127.0.0.1:9443 was taken meanwhile: the defaults cannot be tested here', () => {});
     t.fail(`cloud exited: ${cloud.output().stderr}`);
     return;
   }
