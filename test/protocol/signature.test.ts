@@ -35,19 +35,17 @@ t.test('the worked example of docs/PROTOCOL.md §1 verifies with our code and by
   const byHand = createHmac('sha256', Buffer.from(v.secret, 'utf8')).update(`${v.method}\n${v.path}\n${v.ts}`).digest('hex');
   t.equal(byHand, v.hex, 'HMAC-SHA256 by hand equals the documented HEX');
   t.equal(signRequest(v.secret, v.method, v.path, v.ts), `t=${v.ts},v1=${v.hex}`, 'signRequest gives the documented header value');
-  t.match(section1, `X-Signature: t=${v.ts},v1=${v.hex}`, 'the documented header line matches');
+  t.ok(section1.includes(`X-Signature: t=${v.ts},v1=${v.hex}`), 'the documented header line matches');
   t.ok(verifySignature(`t=${v.ts},v1=${v.hex}`, v.secret, v.method, v.path, v.ts), 'the cloud side accepts it');
   // the old order (TIMESTAMP\nMETHOD\nPATH) is not accepted any more
   const old = createHmac('sha256', v.secret).update(`${v.ts}\n${v.method}\n${v.path}`).digest('hex');
   t.notOk(verifySignature(`t=${v.ts},v1=${old}`, v.secret, v.method, v.path, v.ts), 'a signature in the old order is refused');
 });
 
-t.test('openssl dgst -sha256 -hmac reproduces the documented vector', async (t) => {
-  const probe = spawnSync('openssl', ['version'], { encoding: 'utf8' });
-  if (probe.error || probe.status !== 0) {
-    t.skip('openssl is not installed');
-    return;
-  }
+const probe = spawnSync('openssl', ['version'], { encoding: 'utf8' });
+const noOpenssl = probe.error !== undefined || probe.status !== 0 ? 'openssl is not installed' : false;
+
+t.test('openssl dgst -sha256 -hmac reproduces the documented vector', { skip: noOpenssl }, async (t) => {
   const v = docVector();
   const r = spawnSync('openssl', ['dgst', '-sha256', '-hmac', v.secret], { input: `${v.method}\n${v.path}\n${v.ts}`, encoding: 'utf8' });
   t.equal(r.status, 0, r.stderr);
