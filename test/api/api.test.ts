@@ -458,9 +458,30 @@ t.test('in the daemon, driven by curl and openssl as the docs show', async (t) =
   const head = await sh('curl', ['-sS', '-i', '--cacert', ca, `${url}/nope`]);
   t.match(head.stdout, /^HTTP\/1\.1 404/);
   t.match(head.stdout, /strict-transport-security: max-age=31536000; includeSubDomains/i);
+  t.match(head.stdout, /x-xss-protection: 1; mode=block/i);
+
+  // deregistration, then only the operator brings the id back (connector device add ID --reinstate)
+  const dereg = await sh('curl', ['-sS', '--cacert', ca, '--cert', 'curl-dev.crt', '--key', 'curl-dev.key', '-X', 'POST', `${url}/api/deregister/curl-dev`]);
+  t.same(JSON.parse(dereg.stdout), { status: 'success', message: 'Device deregistered', device_id: 'curl-dev' }, dereg.stderr);
+  const enroll2 = await runCli(['enroll', 'create', '-c', d.configFile]);
+  const enr2 = enroll2.stdout.split('\n')[0]!;
+  const rereg = await sh('curl', ['-sS', '--cacert', ca, '-H', `Authorization: Bearer ${enr2}`, '-H', 'Content-Type: application/json', '--data-binary', '@register.json', '-w', '\n%{http_code}', `${url}/api/register`]);
+  t.match(rereg.stdout, /"code":"ECONN_DEVICE_EXISTS".*\n409$/s, 'a deregistered id cannot register again with an enrollment token');
+  const plainAdd = await runCli(['device', 'add', 'curl-dev', '--out', path.join(dir, 'op'), '-c', d.configFile]);
+  t.not(plainAdd.code, 0, 'device add without --reinstate is refused');
+  t.match(plainAdd.stderr, /--reinstate/);
+  const reinstate = await runCli(['device', 'add', 'curl-dev', '--reinstate', '--out', path.join(dir, 'op2'), '-c', d.configFile]);
+  t.equal(reinstate.code, 0, reinstate.stderr);
+  const newTok = readFileSync(path.join(dir, 'op2', 'curl-dev.token'), 'utf8').trim();
+  const st2 = await sh('curl', ['-sS', '--cacert', ca, '-H', `Authorization: Bearer ${newTok}`, `${url}/api/devices/curl-dev/status`]);
+  t.equal((JSON.parse(st2.stdout) as Record<string, unknown>).status, 'active', 'reinstated with new credentials');
+  const oldCert = await sh('curl', ['-sS', '--cacert', ca, '--cert', 'curl-dev.crt', '--key', 'curl-dev.key', `${url}/api/devices/curl-dev/status`]);
+  t.equal((JSON.parse(oldCert.stdout) as Record<string, unknown>).code, 'ECONN_AUTH_CERT', 'the old certificate stays revoked');
   const logs = JSON.stringify(d.logs);
   t.notOk(logs.includes(enr), 'enrollment token not in the daemon log');
+  t.notOk(logs.includes(enr2), 'second enrollment token not in the daemon log');
   t.notOk(logs.includes(String(json.token)), 'device token not in the daemon log');
+  t.notOk(logs.includes(newTok), 'reinstated device token not in the daemon log');
 });
 
 t.test('a device certificate revoked by a CRL (broker.tls.crl_files) is refused; reload picks the CRL up', async (t) => {
