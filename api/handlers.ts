@@ -269,14 +269,15 @@ export class ApiHandlers {
       throw new ConnectorError('ECONN_BAD_REQUEST', 'send either csr or certificate, not both');
     }
     const { registry, enrollment, pki, tokens } = this.d.identity;
-    // everything that can be checked without side effects first; a refused registration spends no enrollment use
+    // the credential first: who cannot register learns nothing about which ids exist
+    if (auth.via === 'enrollment' && !(await enrollment.check(auth.token))) {
+      throw new ConnectorError('ECONN_ENROLL_TOKEN', 'enrollment token is unknown, used up or expired; create a new one with "connector enroll create"');
+    }
+    // then everything that can be checked without side effects; a refused registration spends no enrollment use
     let held: X509Certificate | undefined;
     if (body.csr !== undefined) await this.checkCsr(body.csr, id);
     if (body.certificate !== undefined) held = this.checkDeviceCertificate(body.certificate, id);
     registry.assertCreatable(id); // active → 409; revoked → 409 (only an operator reinstates)
-    if (auth.via === 'enrollment' && !(await enrollment.check(auth.token))) {
-      throw new ConnectorError('ECONN_ENROLL_TOKEN', 'enrollment token is unknown, used up or expired; create a new one with "connector enroll create"');
-    }
     const use = auth.via === 'enrollment' ? await enrollment.consume(auth.token) : undefined;
     let created = false;
     let certificate: string | undefined;

@@ -208,6 +208,9 @@ t.test('duplicate device: 409, and a refused registration does not use up the en
   const ok = await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'dup-2' } });
   t.equal(ok.status, 201, `the token survived the 409: ${ok.text}`);
   checkError(t, await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'dup-3' } }), 401, 'ECONN_ENROLL_TOKEN');
+  // without a valid enrollment token, an existing id is not revealed: 401, not 409
+  checkError(t, await env.request({ path: '/api/register', bearer: 'enr_not-a-real-token', json: { device_id: 'dup-1' } }), 401, 'ECONN_ENROLL_TOKEN');
+  checkError(t, await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'dup-1' } }), 401, 'ECONN_ENROLL_TOKEN');
 });
 
 t.test('a revoked (deregistered) id cannot be registered again with an enrollment token; the operator reinstates it', async (t) => {
