@@ -195,8 +195,8 @@ export class ApiServer implements Component {
     if (prev.max_upload_bytes !== next.api.max_upload_bytes) changes.push(`api.max_upload_bytes ${prev.max_upload_bytes} -> ${next.api.max_upload_bytes}`);
     const tlsOpts = await this.tlsOptions(next); // throws (keeping the old config) when a CA file is unreadable
     this.config = next;
-    if (this.server) this.watchCrls();
     if (this.server) {
+      this.watchCrls(); // crl_files may have changed
       this.server.setSecureContext(tlsOpts);
       changes.push('api TLS context reloaded (server certificate, device and bootstrap CAs)');
     }
