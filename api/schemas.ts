@@ -32,6 +32,22 @@ export const registerBodySchema = Type.Object(
 );
 export type RegisterBody = Static<typeof registerBodySchema>;
 
+/**
+ * `POST /api/publish/{device_id}` with `Content-Type: application/json` (docs/devices.md):
+ * `data_type` becomes the last topic level (`devices/ID/DATA_TYPE`), so it is one valid
+ * topic level: no "/", "+", "#", no NUL or control characters, not empty.
+ */
+export const DATA_TYPE_RE = /^[^/+#\p{Cc}]{1,128}$/u;
+export const publishBodySchema = Type.Object(
+  {
+    data_type: Type.String({ minLength: 1, maxLength: 128, pattern: DATA_TYPE_RE.source, description: 'kind of data; the last topic level' }),
+    payload: Type.Object({}, { additionalProperties: true, description: 'the data, a JSON object' }),
+    timestamp: Type.String({ minLength: 1, maxLength: 64, description: 'when the device took the reading (RFC 3339 recommended); forwarded as is' }),
+  },
+  { additionalProperties: false },
+);
+export type PublishBody = Static<typeof publishBodySchema>;
+
 /** Bodies that carry nothing (token renewal, deregistration): empty or `{}`. */
 export const emptyBodySchema = Type.Object({}, { additionalProperties: false });
 export type EmptyBody = Static<typeof emptyBodySchema>;
@@ -66,9 +82,9 @@ export function describeError(e: ErrorObject, schemaName: string): string {
     case 'type':
       return `${field} must be of type ${(e.params as { type: string }).type}`;
     case 'pattern':
-      return field === 'device_id'
-        ? 'device_id must be 1-128 characters of A-Z a-z 0-9 . _ - starting with a letter or digit (no /, +, #, $)'
-        : `${field} has characters that are not allowed`;
+      if (field === 'device_id') return 'device_id must be 1-128 characters of A-Z a-z 0-9 . _ - starting with a letter or digit (no /, +, #, $)';
+      if (field === 'data_type') return 'data_type must be one topic level: no "/", "+", "#" or control characters';
+      return `${field} has characters that are not allowed`;
     case 'minLength':
       return `${field} must not be empty`;
     case 'maxLength':
@@ -91,4 +107,5 @@ function compile<S extends TSchema>(schema: S, name: string): Validator<Static<S
 }
 
 export const validateRegisterBody = compile(registerBodySchema, 'the register request');
+export const validatePublishBody = compile(publishBodySchema, 'the publish request');
 export const validateEmptyBody = compile(emptyBodySchema, 'this request');

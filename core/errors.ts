@@ -3,8 +3,14 @@
  *
  * Callers branch on `err.code`, never on the message. Every code is listed in
  * ERROR_CODES with a one-line meaning, and docs/errors.md documents each one with
- * what the operator should do; test/daemon/errors.test.ts fails when the two
+ * what the operator should do; test/core/errors.test.ts fails when the two
  * disagree or when source code uses a code that is not registered here.
+ *
+ * ERROR_HTTP carries, for the codes an HTTP client can see, the HTTP status and
+ * whether the error's message is written for that client ("client-safe"). The
+ * HTTPS API (api/) and any other HTTP surface answer from this table and map
+ * nothing by hand; a code not in it answers 500 with a generic message and the
+ * public code ECONN_INTERNAL. docs/errors.md holds the same table (tested).
  *
  * Messages must never contain secrets (tokens, passwords, keys).
  */
@@ -38,6 +44,8 @@ export const ERROR_CODES = {
   ECONN_METHOD_NOT_ALLOWED: 'the HTTP method is not allowed on this path',
   ECONN_UNSUPPORTED_MEDIA_TYPE: 'the request body has a content type the endpoint does not accept',
   ECONN_REQUEST_TIMEOUT: 'a client took too long to send its request headers or body',
+  ECONN_HEADERS_TOO_LARGE: 'the HTTP request headers are larger than the server accepts',
+  ECONN_IDEMPOTENCY_CONFLICT: 'an Idempotency-Key is still in use by a request in progress, or was used for another target',
   ECONN_UNAVAILABLE: 'a service the request needs is not available (bridge disabled, journal closed)',
   ECONN_MQTT_PROTOCOL: 'an MQTT client violated the MQTT 3.1.1 specification',
   ECONN_BROKER_LIMIT: 'an MQTT connection exceeded a broker limit (connections, keepalive, packet size)',
@@ -54,6 +62,51 @@ export const ERROR_CODES = {
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
+
+/** How an error code is answered over HTTP. */
+export interface HttpErrorMapping {
+  /** HTTP status code. */
+  readonly status: number;
+  /** The error's message is written for the client (no internals, no secrets) and is sent as is (redacted, capped). */
+  readonly clientSafe: boolean;
+}
+
+/**
+ * HTTP status and client-safe flag per code. Codes absent here are internal:
+ * answered 500, code ECONN_INTERNAL, generic message.
+ */
+export const ERROR_HTTP: Readonly<Partial<Record<ErrorCode, HttpErrorMapping>>> = Object.freeze({
+  ECONN_BAD_REQUEST: { status: 400, clientSafe: true },
+  ECONN_PKI: { status: 400, clientSafe: true },
+  ECONN_DIGEST_MISMATCH: { status: 400, clientSafe: true },
+  ECONN_AUTH_FAILED: { status: 401, clientSafe: true },
+  ECONN_AUTH_TOKEN: { status: 401, clientSafe: true },
+  ECONN_AUTH_CERT: { status: 401, clientSafe: true },
+  ECONN_DEVICE_UNKNOWN: { status: 401, clientSafe: true },
+  ECONN_DEVICE_REVOKED: { status: 401, clientSafe: true },
+  ECONN_ENROLL_TOKEN: { status: 401, clientSafe: true },
+  ECONN_NOT_AUTHORIZED: { status: 403, clientSafe: true },
+  ECONN_NOT_FOUND: { status: 404, clientSafe: true },
+  ECONN_METHOD_NOT_ALLOWED: { status: 405, clientSafe: true },
+  ECONN_REQUEST_TIMEOUT: { status: 408, clientSafe: true },
+  ECONN_DEVICE_EXISTS: { status: 409, clientSafe: true },
+  ECONN_IDEMPOTENCY_CONFLICT: { status: 409, clientSafe: true },
+  ECONN_PAYLOAD_TOO_LARGE: { status: 413, clientSafe: true },
+  ECONN_UNSUPPORTED_MEDIA_TYPE: { status: 415, clientSafe: true },
+  ECONN_HEADERS_TOO_LARGE: { status: 431, clientSafe: true },
+  ECONN_JOURNAL_FULL: { status: 503, clientSafe: true },
+  ECONN_UNAVAILABLE: { status: 503, clientSafe: true },
+  ECONN_CLOSED: { status: 503, clientSafe: false },
+  ECONN_JOURNAL_IO: { status: 503, clientSafe: false },
+});
+
+const INTERNAL_HTTP: HttpErrorMapping = Object.freeze({ status: 500, clientSafe: false });
+
+/** The HTTP mapping of a code (500 / not client-safe for a code that is unknown or internal). */
+export function httpErrorOf(code: string | undefined): HttpErrorMapping {
+  if (code === undefined || !Object.hasOwn(ERROR_HTTP, code)) return INTERNAL_HTTP;
+  return ERROR_HTTP[code as ErrorCode] ?? INTERNAL_HTTP;
+}
 
 export class ConnectorError extends Error {
   readonly code: ErrorCode;

@@ -1,7 +1,10 @@
 /**
  * Secret references in the configuration: `env:NAME`, `file:/path` (must not be
- * readable by group or others), `credential:NAME` (systemd LoadCredential=, read
- * from $CREDENTIALS_DIRECTORY). Plain-text secrets are refused by the schema.
+ * readable by group or others), `credential:NAME` (a systemd credential, read
+ * from $CREDENTIALS_DIRECTORY/NAME: `LoadCredential=` for a root-only file, or
+ * `LoadCredentialEncrypted=` / `SetCredentialEncrypted=` for one sealed with
+ * `systemd-creds encrypt` — host key and TPM2 — which systemd decrypts into the
+ * same place at start). Plain-text secrets are refused by the schema.
  *
  * Secrets are resolved when they are used, so a rotated file or credential is
  * picked up on the next use (and on SIGHUP). Errors name the reference, never the value.
@@ -30,12 +33,20 @@ function readSecretFile(ref: string, file: string): string {
     const mode = (st.mode & 0o777).toString(8).padStart(4, '0');
     fail(ref, `file ${file} is readable by group or others (mode ${mode}); run: chmod 600 ${file}`);
   }
-  let text: string;
+  let raw: Buffer;
   try {
-    text = readFileSync(file, 'utf8');
+    raw = readFileSync(file);
   } catch (err) {
     fail(ref, `cannot read ${file} (${(err as NodeJS.ErrnoException).code})`);
   }
+  if (raw.includes(0)) {
+    // e.g. a `systemd-creds encrypt` output referenced as file: — only systemd can decrypt it
+    fail(
+      ref,
+      `${file} holds binary data, not a text secret; if it is an encrypted systemd credential, load it with LoadCredentialEncrypted=NAME:${file} in the unit and reference it as credential:NAME`,
+    );
+  }
+  const text = raw.toString('utf8');
   const value = text.replace(/\r?\n$/, '');
   if (value.length === 0) fail(ref, `file ${file} is empty`);
   return value;
@@ -56,9 +67,17 @@ export function resolveSecret(ref: SecretRef, env: NodeJS.ProcessEnv = process.e
       return readSecretFile(ref, name);
     case 'credential': {
       const dir = env.CREDENTIALS_DIRECTORY;
-      if (!dir) fail(ref, `$CREDENTIALS_DIRECTORY is not set (use LoadCredential=${name}:/path in the systemd unit)`);
+      if (!dir) {
+        fail(ref, `$CREDENTIALS_DIRECTORY is not set (use LoadCredential=${name}:/path or LoadCredentialEncrypted=${name}:/path.cred in the systemd unit)`);
+      }
       if (name.includes('/') || name === '..' || name === '.') fail(ref, 'a credential name must not contain "/"');
-      return readSecretFile(ref, path.join(dir, name));
+      const file = path.join(dir, name);
+      try {
+        statSync(file);
+      } catch {
+        fail(ref, `no credential "${name}" in $CREDENTIALS_DIRECTORY (${dir}); the unit needs LoadCredential=${name}:… or LoadCredentialEncrypted=${name}:…`);
+      }
+      return readSecretFile(ref, file);
     }
     default:
       // not a reference: it may be the secret itself, so it is not repeated

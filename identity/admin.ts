@@ -2,7 +2,8 @@
  * Admin socket methods for device identity (the `connector device …` and
  * `connector enroll …` CLI talks to these):
  *
- *   device.add    {id, metadata?, key_type?}  -> {id, key, cert, ca, token, expires_at, serial}
+ *   device.add    {id, metadata?, key_type?, reinstate?}  -> {id, key, cert, ca, token, expires_at, serial}
+ *                 (reinstate: true brings a revoked id back; without it a revoked id is refused)
  *   device.list   {}                          -> DeviceRecord[]
  *   device.show   {id}                        -> DeviceRecord
  *   device.revoke {id}                        -> DeviceRecord
@@ -50,21 +51,23 @@ function optionalInt(params: Record<string, unknown>, name: string): number | un
 }
 
 /** Create a device with a generated key + certificate bundle and a token (operator path). */
-export async function addDevice(identity: Identity, id: string, metadata: unknown, keyType: unknown): Promise<DeviceBundle> {
+export async function addDevice(identity: Identity, id: string, metadata: unknown, keyType: unknown, reinstate: unknown = false): Promise<DeviceBundle> {
   assertDeviceId(id);
   const meta = validateMetadata(metadata);
   const kt = keyType === undefined || keyType === null ? 'ec' : keyType;
   if (kt !== 'ec' && kt !== 'rsa') throw new ConnectorError('ECONN_BAD_REQUEST', 'key_type must be "ec" or "rsa"');
+  if (reinstate !== undefined && reinstate !== null && typeof reinstate !== 'boolean') throw new ConnectorError('ECONN_BAD_REQUEST', 'reinstate must be true or false');
   const { registry, pki, tokens } = identity;
-  await registry.create(id, meta);
+  const wasRevoked = registry.get(id)?.status === 'revoked';
+  await registry.create(id, meta, { reinstate: reinstate === true });
   try {
     const bundle = await pki.issueDeviceBundle(id, kt);
     await registry.addCertificate(id, { serial: bundle.serial, fingerprint256: bundle.fingerprint256, not_after: bundle.notAfter.toISOString() });
     const tok = await tokens.issue(id);
     return { id, key: bundle.key, cert: bundle.cert, ca: pki.deviceCaBundlePem(), token: tok.token, expires_at: tok.expiresAt.toISOString(), serial: bundle.serial };
   } catch (err) {
-    // do not leave a half-provisioned device behind
-    await registry.revoke(id).catch(() => {});
+    // do not leave a half-provisioned device behind: a new id is freed again, a reinstated one goes back to revoked
+    await (wasRevoked ? registry.revoke(id) : registry.discard(id)).catch(() => {});
     throw err;
   }
 }
@@ -85,8 +88,8 @@ export function registerIdentityAdmin(
   };
 
   admin.register('device.add', async (params) => {
-    const bundle = await addDevice(identity, idParam(params), params.metadata, params.key_type);
-    log.info({ deviceId: bundle.id, serial: bundle.serial }, 'device added by the operator');
+    const bundle = await addDevice(identity, idParam(params), params.metadata, params.key_type, params.reinstate);
+    log.info({ deviceId: bundle.id, serial: bundle.serial, reinstated: params.reinstate === true }, 'device added by the operator');
     return bundle;
   });
 

@@ -5,7 +5,9 @@
  * or in a JSON file of its own ({ file } mode) — so reading the state directory
  * does not reveal a usable token. consume() checks and decrements in one
  * synchronous step before persisting, so two concurrent requests with a
- * one-time token cannot both succeed.
+ * one-time token cannot both succeed. A use is given back (refund) when the
+ * registration it paid for is refused afterwards: only a registration that
+ * succeeds spends a use.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import type { Logger } from '../core/logger.js';
@@ -108,12 +110,31 @@ export class EnrollmentStore {
     });
   }
 
-  async consume(token: string): Promise<void> {
+  /** Give back one use of a token consumed by a registration that then failed (the entry comes back if it was pruned, unless expired). */
+  private async refund(hash: string, entry: StoredEnrollment): Promise<void> {
+    const now = this.now();
+    if (Date.parse(entry.expires_at) <= now) return;
+    await this.storage.mutate((list) => {
+      const i = list.findIndex((e) => e.hash === hash);
+      const next = list.slice();
+      if (i >= 0) next[i] = { ...list[i]!, uses_left: Math.min(list[i]!.uses_left + 1, list[i]!.uses) };
+      else next.push({ ...entry, uses_left: 1 });
+      return { list: next, result: undefined };
+    });
+    this.log.info({ id: hash.slice(0, 12) }, 'enrollment token use given back (the registration was refused)');
+  }
+
+  /**
+   * Use one use of a token. Returns a handle whose refund() gives the use back when
+   * the registration it paid for fails afterwards (call it at most once).
+   */
+  async consume(token: string): Promise<{ refund(): Promise<void> }> {
     if (typeof token !== 'string' || token.length === 0 || token.length > 512) {
       throw new ConnectorError('ECONN_ENROLL_TOKEN', 'enrollment token missing or malformed');
     }
     const hash = hashEnrollmentToken(token);
     const now = this.now();
+    let used: StoredEnrollment | undefined;
     const outcome = await this.storage.mutate((list) => {
       const i = list.findIndex((e) => e.hash === hash);
       const e = i >= 0 ? list[i] : undefined;
@@ -122,13 +143,23 @@ export class EnrollmentStore {
       if (e.uses_left <= 0) return { list: this.prune(list), result: 'used' as const };
       const next = list.slice();
       next[i] = { ...e, uses_left: e.uses_left - 1 };
+      used = next[i];
       return { list: this.prune(next), result: 'ok' as const };
     });
-    if (outcome !== 'ok') {
+    if (outcome !== 'ok' || !used) {
       this.log.info({ reason: outcome, id: hash.slice(0, 12) }, 'enrollment token refused');
       // expired and used-up tokens are pruned, so later attempts say "unknown": one message for all three
       throw new ConnectorError('ECONN_ENROLL_TOKEN', 'enrollment token is unknown, used up or expired; create a new one with "connector enroll create"');
     }
     this.log.info({ id: hash.slice(0, 12) }, 'enrollment token used');
+    const entry = used;
+    let refunded = false;
+    return {
+      refund: async () => {
+        if (refunded) return;
+        refunded = true;
+        await this.refund(hash, entry);
+      },
+    };
   }
 }

@@ -9,9 +9,12 @@
  *   the operator restores a backup or moves it away.
  * - Revoked certificate serials and token ids are indexed in memory so the
  *   broker's per-connection checks are O(1).
- * - A revoked device id can be registered again; its revoked certificates and
- *   tokens stay in the record (and stay revoked), so a new registration never
- *   revives an old credential.
+ * - A revoked device id comes back only by an operator's explicit action
+ *   (`create(id, meta, { reinstate: true })`, the CLI's `connector device add ID
+ *   --reinstate`); a registration through the API or a plain `device add` is
+ *   refused with ECONN_DEVICE_EXISTS. On reinstatement its revoked certificates
+ *   and tokens stay in the record (and stay revoked), so it never revives an old
+ *   credential.
  */
 import { EventEmitter } from 'node:events';
 import { readFile } from 'node:fs/promises';
@@ -58,6 +61,8 @@ export interface DeviceRecord {
   created_at: string;
   last_seen_at: string | null;
   revoked_at?: string;
+  /** Set when an operator brought a revoked id back (create with reinstate). */
+  reinstated_at?: string;
 }
 
 /** Stored enrollment token (only its SHA-256 is kept). Used by identity/enrollment.ts. */
@@ -321,14 +326,17 @@ export class DeviceRegistry extends EventEmitter implements Component {
     return Object.hasOwn(devices, id) && devices[id]!.status === 'active';
   }
 
-  async create(id: string, metadata: DeviceMetadata): Promise<DeviceRecord> {
+  /**
+   * Register a device. An active id is refused (ECONN_DEVICE_EXISTS); so is a revoked id
+   * unless `reinstate` is set (an operator's explicit action: revocation is never undone
+   * by a device or an enrollment token).
+   */
+  async create(id: string, metadata: DeviceMetadata, opts: { reinstate?: boolean } = {}): Promise<DeviceRecord> {
     assertDeviceId(id);
     const meta = validateMetadata(metadata);
     const devices = this.data().devices;
     const existing = Object.hasOwn(devices, id) ? devices[id] : undefined;
-    if (existing && existing.status === 'active') {
-      throw new ConnectorError('ECONN_DEVICE_EXISTS', `device "${id}" is already registered; revoke it first to register it again`);
-    }
+    this.assertCreatable(id, opts);
     const nowIso = new Date(this.now()).toISOString();
     const rec: DeviceRecord = {
       id,
@@ -339,13 +347,48 @@ export class DeviceRegistry extends EventEmitter implements Component {
       tokens: existing ? existing.tokens.map((tk) => ({ ...tk, revoked: true })) : [],
       created_at: nowIso,
       last_seen_at: null,
+      ...(existing ? { reinstated_at: nowIso } : {}),
     };
     devices[id] = rec;
     this.indexRecord(rec);
     await this.persist();
-    this.log.info({ deviceId: id, reregistered: Boolean(existing) }, 'device registered');
+    this.log.info({ deviceId: id, reinstated: Boolean(existing) }, existing ? 'revoked device reinstated by the operator' : 'device registered');
     this.emit('created', id);
     return clone(rec);
+  }
+
+  /** Throws ECONN_DEVICE_EXISTS when create(id, …, opts) would be refused (check before spending anything). */
+  assertCreatable(id: string, opts: { reinstate?: boolean } = {}): void {
+    const devices = this.data().devices;
+    const existing = Object.hasOwn(devices, id) ? devices[id] : undefined;
+    if (existing?.status === 'active') {
+      throw new ConnectorError('ECONN_DEVICE_EXISTS', `device "${id}" is already registered; revoke it first to register it again`);
+    }
+    if (existing && !opts.reinstate) {
+      throw new ConnectorError(
+        'ECONN_DEVICE_EXISTS',
+        `device "${id}" was revoked; only an operator can bring it back ("connector device add ${id} --reinstate")`,
+      );
+    }
+  }
+
+  /**
+   * Remove a record that a failed registration created a moment ago, before any
+   * credential of it was handed out (so the id stays free instead of revoked).
+   * Refuses a record that existed before (has a revoked_at or revoked credentials).
+   */
+  async discard(id: string): Promise<void> {
+    const devices = this.data().devices;
+    const r = Object.hasOwn(devices, id) ? devices[id] : undefined;
+    if (!r) return;
+    if (r.revoked_at !== undefined || r.reinstated_at !== undefined || r.certificates.some((c) => c.revoked) || r.tokens.some((tk) => tk.revoked)) {
+      throw new ConnectorError('ECONN_INTERNAL', `device "${id}" has a history and cannot be discarded`);
+    }
+    delete devices[id];
+    for (const c of r.certificates) this.serialOwner.delete(normalizeSerial(c.serial));
+    for (const tk of r.tokens) this.jtiOwner.delete(tk.jti);
+    await this.persist();
+    this.log.info({ deviceId: id }, 'half-registered device discarded');
   }
 
   async updateMetadata(id: string, metadata: DeviceMetadata): Promise<DeviceRecord> {
@@ -436,6 +479,22 @@ export class DeviceRegistry extends EventEmitter implements Component {
   /** Every revoked serial (normalised), e.g. to write a CRL. */
   revokedSerialList(): string[] {
     return [...this.revokedSerials].sort();
+  }
+
+  /**
+   * Retire a token that was replaced by a renewal: refused from now on like a revoked
+   * one, but without the 'token-revoked' event, so an MQTT session already
+   * authenticated with it is not cut (it ends at the token's own expiry).
+   * Synchronous in memory before the write, so a concurrent second renewal of the
+   * same token is refused.
+   */
+  async retireToken(jti: string): Promise<void> {
+    this.revokedJtis.add(jti);
+    const owner = this.jtiOwner.get(jti);
+    if (owner === undefined) return; // not recorded (older than the retention): refused in memory, nothing to write
+    const r = this.record(owner);
+    for (const tk of r.tokens) if (tk.jti === jti) tk.revoked = true;
+    await this.persist();
   }
 
   isTokenRevoked(jti: string): boolean {

@@ -325,8 +325,18 @@ export class TokenService implements Component {
     const at = new Date(Math.min(nowMs, exp * 1000 - 1));
     const payload = await this.verifySignedClaims(token, key, at);
     const claims = this.checkClaims(payload);
-    const fresh = await this.issue(claims.deviceId);
-    this.log.info({ deviceId: claims.deviceId, old_jti: claims.jti, jti: fresh.jti }, 'device token renewed');
+    // the renewed token retires the old one (refused from now on; a concurrent second
+    // renewal of it fails checkClaims: retireToken marks it before its first await)
+    const retired = this.registry.retireToken(claims.jti);
+    let fresh: Awaited<ReturnType<TokenService['issue']>>;
+    try {
+      await retired;
+      fresh = await this.issue(claims.deviceId);
+    } catch (err) {
+      this.log.error({ deviceId: claims.deviceId, old_jti: claims.jti, err }, 'token renewal failed after the old token was retired');
+      throw err;
+    }
+    this.log.info({ deviceId: claims.deviceId, old_jti: claims.jti, jti: fresh.jti }, 'device token renewed; the old token is retired');
     return { ...fresh, deviceId: claims.deviceId };
   }
 

@@ -3,17 +3,22 @@
  * HMAC-SHA256 over the string to sign, hex. The one implementation both ends use
  * (the gateway's uplink signs its WSS upgrade, the reference cloud verifies it).
  *
+ * The string to sign is the documented `METHOD + "\n" + PATH + "\n" + TIMESTAMP`
+ * (no trailing newline), so a third party can check a signature with
+ * `printf 'GET\n/ingest\n1700000000' | openssl dgst -sha256 -hmac SECRET`
+ * (test/protocol/signature.test.ts runs exactly that on the vector of docs/PROTOCOL.md §1).
+ *
  * PURE: no I/O; the clock is a parameter.
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
 
 export const SIGNATURE_HEADER = 'x-signature';
 /** How far a signature's timestamp may be from the verifier's clock, in seconds. */
-const SIGNATURE_MAX_SKEW_S = 300;
+export const SIGNATURE_MAX_SKEW_S = 300;
 
-/** The exact bytes that are signed. */
-function stringToSign(method: string, target: string, unixSeconds: number): string {
-  return `${unixSeconds}\n${method}\n${target}`;
+/** The exact bytes that are signed: METHOD \n PATH \n TIMESTAMP (docs/PROTOCOL.md §1). */
+export function stringToSign(method: string, target: string, unixSeconds: number): string {
+  return `${method}\n${target}\n${unixSeconds}`;
 }
 
 function mac(secret: string, method: string, target: string, unixSeconds: number): Buffer {

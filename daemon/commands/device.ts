@@ -52,12 +52,14 @@ export const deviceCommands: Command[] = [
     path: ['device', 'add'],
     summary: 'register a device and write its key, certificate, CA and token (mode 0600)',
     usage: [
-      'connector device add ID [--out DIR] [--key-type ec|rsa] [--group NAME] [--description TEXT] [-c FILE]',
+      'connector device add ID [--out DIR] [--key-type ec|rsa] [--group NAME] [--description TEXT] [--reinstate] [-c FILE]',
       '',
       'Registers device ID with the running daemon, which generates a key pair and a certificate',
       'signed by the device CA, and a device token. Writes ID.key, ID.crt, ca.crt and ID.token into',
       'DIR (default: the current directory), each with mode 0600, and refuses to overwrite ID.key,',
       'ID.crt or ID.token. Prefer a CSR (POST /api/register) when the device can make its own key.',
+      'A revoked ID is refused unless --reinstate is given: revocation is undone only by this',
+      'explicit operator action (its old certificates and tokens stay revoked).',
     ].join('\n'),
     options: {
       ...CONFIG_OPTION,
@@ -65,6 +67,7 @@ export const deviceCommands: Command[] = [
       'key-type': { type: 'string' },
       group: { type: 'string' },
       description: { type: 'string' },
+      reinstate: { type: 'boolean' },
     },
     positionals: { min: 1, max: 1 },
     run: async ({ values, positionals }) => {
@@ -95,7 +98,7 @@ export const deviceCommands: Command[] = [
       const description = str(values, 'description');
       if (group !== undefined) metadata.group = group;
       if (description !== undefined) metadata.description = description;
-      const b = (await adminCall(values, 'device.add', { id, metadata, key_type: keyType })) as DeviceBundle;
+      const b = (await adminCall(values, 'device.add', { id, metadata, key_type: keyType, ...(values.reinstate === true ? { reinstate: true } : {}) })) as DeviceBundle;
       writeSecretFile(files.key, b.key);
       writeSecretFile(files.cert, b.cert);
       writeSecretFile(files.ca, b.ca);

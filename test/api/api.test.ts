@@ -16,7 +16,8 @@ import { validateRegisterBody } from '../../api/schemas.js';
 import { TestCA, createCsr } from '../helpers/certs.js';
 import { apiEnv, buildConfig, type Response } from './api-fixtures.js';
 import { x509, importPrivateKeyPem, signingAlgorithm } from '../../core/x509.js';
-import { startDaemon, runCli, tempDir } from '../helpers/daemon.js';
+import { startDaemon, runCli, tempDir, REPO } from '../helpers/daemon.js';
+import { decodeJwt } from 'jose';
 
 function checkSecurityHeaders(t: Test, r: Response): void {
   for (const [k, v] of Object.entries(SECURITY_HEADERS)) t.equal(r.headers[k], v, `${k} header`);
@@ -70,14 +71,16 @@ t.test('register with an enrollment token (no CSR): token works, enrollment toke
   const r = await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'sensor-1', metadata: { description: 'boiler room', capabilities: ['temp'] } } });
   t.equal(r.status, 201, r.text);
   checkSecurityHeaders(t, r);
-  t.equal(r.json.status, 'registered');
+  // issue 13: the documented answer, field by field
+  t.equal(r.json.status, 'success');
   t.equal(r.json.device_id, 'sensor-1');
   t.type(r.json.token, 'string');
   t.ok(!Number.isNaN(Date.parse(String(r.json.expires_at))), 'expires_at is a date');
   t.match(String(r.json.expires_at), /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/, 'ISO 8601');
   t.equal(r.json.certificate, undefined, 'no certificate without a CSR');
   t.equal(r.json.ca_certificate, env.pki.caCertificatePem());
-  t.same(r.json.endpoints, { mqtts: 'mqtts://127.0.0.1:18883', wss: 'wss://127.0.0.1:18884/mqtt', api: `https://127.0.0.1:${env.port}` });
+  t.same(r.json.cloud_endpoints, { pub_sub: 'wss://127.0.0.1:18884/mqtt', api: `https://127.0.0.1:${env.port}`, mqtts: 'mqtts://127.0.0.1:18883' });
+  t.same(Object.keys(r.json).sort(), ['ca_certificate', 'cloud_endpoints', 'device_id', 'expires_at', 'status', 'token'], 'no old fields (endpoints, "registered")');
   const claims = await env.tokens.verify(String(r.json.token));
   t.equal(claims.deviceId, 'sensor-1');
   t.same(env.registry.get('sensor-1')?.metadata, { description: 'boiler room', capabilities: ['temp'] });
@@ -166,11 +169,25 @@ t.test('bootstrap CA client certificate registers without an enrollment token; o
   const bootFile = path.join(dir, 'bootstrap.crt');
   writeFileSync(bootFile, boot.cert);
   const env = await apiEnv(t, { config: { api: { bootstrap_ca_files: [bootFile] } } });
-  const factory = await boot.client({ cn: 'factory-serial-42' });
+  const factory = await boot.client({ cn: 'boot-1' });
   const { csr } = await createCsr('boot-1');
   const r = await env.request({ path: '/api/register', cert: factory.cert, key: factory.key, json: { device_id: 'boot-1', csr } });
   t.equal(r.status, 201, r.text);
   t.ok(new X509Certificate(String(r.json.certificate)).verify(new X509Certificate(env.ca).publicKey));
+
+  // issue 9 #4: a factory certificate registers only the identity it names (CN here, as the broker reads it)
+  const other = await env.request({ path: '/api/register', cert: factory.cert, key: factory.key, json: { device_id: 'boot-other' } });
+  checkError(t, other, 403, 'ECONN_NOT_AUTHORIZED');
+  t.match(String(other.json.message), /only the device it names/);
+  t.equal(env.registry.get('boot-other'), undefined, 'one factory certificate cannot mint other ids');
+  // ...and cannot bring its device back after a revocation
+  await env.registry.revoke('boot-1');
+  const back = await env.request({ path: '/api/register', cert: factory.cert, key: factory.key, json: { device_id: 'boot-1' } });
+  checkError(t, back, 409, 'ECONN_DEVICE_EXISTS');
+  t.match(String(back.json.message), /--reinstate/);
+  t.equal(env.registry.get('boot-1')?.status, 'revoked', 'revocation not undone through the API');
+  const nameless = await boot.client({ cn: 'not a valid id!' });
+  checkError(t, await env.request({ path: '/api/register', cert: nameless.cert, key: nameless.key, json: { device_id: 'boot-5' } }), 403, 'ECONN_NOT_AUTHORIZED');
 
   const stranger = await (await TestCA.create()).client({ cn: 'stranger' });
   checkError(t, await env.request({ path: '/api/register', cert: stranger.cert, key: stranger.key, json: { device_id: 'boot-2' } }), 401, 'ECONN_ENROLL_TOKEN');
@@ -181,14 +198,56 @@ t.test('bootstrap CA client certificate registers without an enrollment token; o
   checkError(t, await env.request({ path: '/api/register', cert: expired.cert, key: expired.key, json: { device_id: 'boot-4' } }), 401, 'ECONN_ENROLL_TOKEN');
 });
 
-t.test('duplicate device: 409, and the enrollment token is consumed by the attempt', async (t) => {
+t.test('duplicate device: 409, and a refused registration does not use up the enrollment token', async (t) => {
   const env = await apiEnv(t);
   await env.register('dup-1');
-  const r = await env.request({ path: '/api/register', bearer: await env.enroll(), json: { device_id: 'dup-1' } });
+  const enr = await env.enroll();
+  const r = await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'dup-1' } });
   checkError(t, r, 409, 'ECONN_DEVICE_EXISTS');
+  // issue 9: the one-time token is still good for a registration that succeeds
+  const ok = await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'dup-2' } });
+  t.equal(ok.status, 201, `the token survived the 409: ${ok.text}`);
+  checkError(t, await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'dup-3' } }), 401, 'ECONN_ENROLL_TOKEN');
+  // without a valid enrollment token, an existing id is not revealed: 401, not 409
+  checkError(t, await env.request({ path: '/api/register', bearer: 'enr_not-a-real-token', json: { device_id: 'dup-1' } }), 401, 'ECONN_ENROLL_TOKEN');
+  checkError(t, await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'dup-1' } }), 401, 'ECONN_ENROLL_TOKEN');
 });
 
-t.test('token renewal within the grace period, refused after it; old token valid until its own expiry', async (t) => {
+t.test('a revoked (deregistered) id cannot be registered again with an enrollment token; the operator reinstates it', async (t) => {
+  const env = await apiEnv(t);
+  const reg = await env.register('comeback');
+  const d = await env.request({ path: '/api/deregister/comeback', bearer: String(reg.token) });
+  t.equal(d.status, 200, d.text);
+  const enr = await env.enroll();
+  const again = await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'comeback' } });
+  checkError(t, again, 409, 'ECONN_DEVICE_EXISTS');
+  t.match(String(again.json.message), /connector device add comeback --reinstate/);
+  t.equal(env.registry.get('comeback')?.status, 'revoked');
+  t.ok(await env.enrollment.check(enr), 'the enrollment token was not used up by the refusal');
+  // the explicit operator action (what `connector device add ID --reinstate` does through the admin socket)
+  await env.registry.create('comeback', {}, { reinstate: true });
+  t.equal(env.registry.get('comeback')?.status, 'active');
+  checkError(t, await env.request({ method: 'GET', path: '/api/devices/comeback/status', bearer: String(reg.token) }), 401, 'ECONN_AUTH_TOKEN');
+});
+
+t.test('a registration that fails after the enrollment check gives the use back and leaves no device behind', async (t) => {
+  const env = await apiEnv(t);
+  const enr = await env.enroll();
+  // a CSR that passes the API's checks but that the PKI refuses to sign: simulate with a PKI failure
+  const { csr } = await createCsr('fail-1');
+  const orig = env.pki.signCsr.bind(env.pki);
+  env.pki.signCsr = async () => {
+    throw new Error('disk full while signing');
+  };
+  const r = await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'fail-1', csr } });
+  checkError(t, r, 500, 'ECONN_INTERNAL');
+  t.equal(env.registry.get('fail-1'), undefined, 'no half-registered (or revoked) device left');
+  env.pki.signCsr = orig;
+  const ok = await env.request({ path: '/api/register', bearer: enr, json: { device_id: 'fail-1', csr } });
+  t.equal(ok.status, 201, `same token, same id, now succeeds: ${ok.text}`);
+});
+
+t.test('token renewal within the grace period, refused after it; the old token is retired by the renewal', async (t) => {
   const env = await apiEnv(t, { config: { identity: { jwt: { ttl_s: 600, renew_grace_s: 300, clock_skew_s: 5 } } } });
   const reg = await env.register('renew-1');
   const old = String(reg.token);
@@ -198,15 +257,21 @@ t.test('token renewal within the grace period, refused after it; old token valid
   t.equal(r1.json.device_id, 'renew-1');
   t.not(r1.json.token, old);
   t.match(String(r1.json.expires_at), /Z$/);
-  t.equal((await env.tokens.verify(old)).deviceId, 'renew-1', 'old token still valid before its expiry');
+  // issue 9: a renewed token retires the old one
+  checkError(t, await env.request({ method: 'GET', path: '/api/devices/renew-1/status', bearer: old }), 401, 'ECONN_AUTH_TOKEN');
+  checkError(t, await env.request({ path: '/api/token/renew', bearer: old }), 401, 'ECONN_AUTH_TOKEN');
+  const cur = String(r1.json.token);
+  t.equal((await env.request({ method: 'GET', path: '/api/devices/renew-1/status', bearer: cur })).status, 200, 'the new token works');
 
-  env.clock.t += 700_000; // old token expired 100 s ago: inside the 300 s grace
-  await t.rejects(env.tokens.verify(old), { code: 'ECONN_AUTH_TOKEN' }, 'old token no longer valid');
-  const r2 = await env.request({ path: '/api/token/renew', bearer: old, json: {} });
+  env.clock.t += 700_000; // current token expired 100 s ago: inside the 300 s grace
+  await t.rejects(env.tokens.verify(cur), { code: 'ECONN_AUTH_TOKEN' }, 'expired token no longer valid');
+  const r2 = await env.request({ path: '/api/token/renew', bearer: cur, json: {} });
   t.equal(r2.status, 200, `renewed inside the grace: ${r2.text}`);
 
   env.clock.t += 400_000; // 500 s after expiry
-  const r3 = await env.request({ path: '/api/token/renew', bearer: old });
+  const late = await env.tokens.issue('renew-1');
+  env.clock.t += 1_100_000; // this one expired 500 s ago: past grace
+  const r3 = await env.request({ path: '/api/token/renew', bearer: late.token });
   checkError(t, r3, 401, 'ECONN_AUTH_TOKEN');
   t.match(String(r3.headers['www-authenticate']), /invalid_token/);
   checkError(t, await env.request({ path: '/api/token/renew' }), 401, 'ECONN_AUTH_FAILED');
@@ -224,7 +289,8 @@ t.test('deregister: only the device itself; afterwards its token is refused', as
   env.registry.on('revoked', (id: string) => revokedEvents.push(id));
   const r = await env.request({ path: '/api/deregister/dereg-a', bearer: String(a.token) });
   t.equal(r.status, 200, r.text);
-  t.same(r.json, { status: 'revoked', device_id: 'dereg-a' });
+  t.same(r.json, { status: 'success', message: 'Device deregistered', device_id: 'dereg-a' }, 'the documented answer');
+  checkSecurityHeaders(t, r);
   t.same(revokedEvents, ['dereg-a'], "registry emitted 'revoked' (the broker drops live sessions on it)");
   t.equal(env.registry.get('dereg-a')?.status, 'revoked');
   checkError(t, await env.request({ method: 'GET', path: '/api/devices/dereg-a/status', bearer: String(a.token) }), 401, 'ECONN_DEVICE_REVOKED');
@@ -349,7 +415,7 @@ t.test('TLS: the minimum version is enforced, the Host header shapes endpoints',
   const enr = await env.enroll();
   const r = await env.request({ path: '/api/register', bearer: enr, headers: { host: 'gw.example:8443' }, json: { device_id: 'hosty' } });
   t.equal(r.status, 201);
-  t.same(r.json.endpoints, { mqtts: 'mqtts://gw.example:18883', wss: 'wss://gw.example:18884/mqtt', api: `https://gw.example:${env.port}` });
+  t.same(r.json.cloud_endpoints, { pub_sub: 'wss://gw.example:18884/mqtt', api: `https://gw.example:${env.port}`, mqtts: 'mqtts://gw.example:18883' });
 });
 
 t.test('in the daemon, driven by curl and openssl as the docs show', async (t) => {
@@ -379,11 +445,12 @@ t.test('in the daemon, driven by curl and openssl as the docs show', async (t) =
   t.equal(code, '201', `register answered ${code} ${reg.stderr}`);
   const json = JSON.parse(body) as Record<string, unknown>;
   t.equal(json.device_id, 'curl-dev');
-  const endpoints = json.endpoints as Record<string, string>;
+  t.equal(json.status, 'success');
+  const endpoints = json.cloud_endpoints as Record<string, string>;
   t.equal(endpoints.api, url);
   // the broker's bound ports, when it is wired in (read from ctx.ports at request time)
   if (d.ports.mqtt_tls) t.equal(endpoints.mqtts, `mqtts://127.0.0.1:${d.ports.mqtt_tls}`);
-  if (d.ports.mqtt_wss) t.equal(endpoints.wss, `wss://127.0.0.1:${d.ports.mqtt_wss}/mqtt`);
+  if (d.ports.mqtt_wss) t.equal(endpoints.pub_sub, `wss://127.0.0.1:${d.ports.mqtt_wss}/mqtt`);
   writeFileSync(path.join(dir, 'curl-dev.crt'), String(json.certificate));
   writeFileSync(path.join(dir, 'curl-dev.token'), String(json.token));
 
@@ -394,9 +461,30 @@ t.test('in the daemon, driven by curl and openssl as the docs show', async (t) =
   const head = await sh('curl', ['-sS', '-i', '--cacert', ca, `${url}/nope`]);
   t.match(head.stdout, /^HTTP\/1\.1 404/);
   t.match(head.stdout, /strict-transport-security: max-age=31536000; includeSubDomains/i);
+  t.match(head.stdout, /x-xss-protection: 1; mode=block/i);
+
+  // deregistration, then only the operator brings the id back (connector device add ID --reinstate)
+  const dereg = await sh('curl', ['-sS', '--cacert', ca, '--cert', 'curl-dev.crt', '--key', 'curl-dev.key', '-X', 'POST', `${url}/api/deregister/curl-dev`]);
+  t.same(JSON.parse(dereg.stdout), { status: 'success', message: 'Device deregistered', device_id: 'curl-dev' }, dereg.stderr);
+  const enroll2 = await runCli(['enroll', 'create', '-c', d.configFile]);
+  const enr2 = enroll2.stdout.split('\n')[0]!;
+  const rereg = await sh('curl', ['-sS', '--cacert', ca, '-H', `Authorization: Bearer ${enr2}`, '-H', 'Content-Type: application/json', '--data-binary', '@register.json', '-w', '\n%{http_code}', `${url}/api/register`]);
+  t.match(rereg.stdout, /"code":"ECONN_DEVICE_EXISTS".*\n409$/s, 'a deregistered id cannot register again with an enrollment token');
+  const plainAdd = await runCli(['device', 'add', 'curl-dev', '--out', path.join(dir, 'op'), '-c', d.configFile]);
+  t.not(plainAdd.code, 0, 'device add without --reinstate is refused');
+  t.match(plainAdd.stderr, /--reinstate/);
+  const reinstate = await runCli(['device', 'add', 'curl-dev', '--reinstate', '--out', path.join(dir, 'op2'), '-c', d.configFile]);
+  t.equal(reinstate.code, 0, reinstate.stderr);
+  const newTok = readFileSync(path.join(dir, 'op2', 'curl-dev.token'), 'utf8').trim();
+  const st2 = await sh('curl', ['-sS', '--cacert', ca, '-H', `Authorization: Bearer ${newTok}`, `${url}/api/devices/curl-dev/status`]);
+  t.equal((JSON.parse(st2.stdout) as Record<string, unknown>).status, 'active', 'reinstated with new credentials');
+  const oldCert = await sh('curl', ['-sS', '--cacert', ca, '--cert', 'curl-dev.crt', '--key', 'curl-dev.key', `${url}/api/devices/curl-dev/status`]);
+  t.equal((JSON.parse(oldCert.stdout) as Record<string, unknown>).code, 'ECONN_AUTH_CERT', 'the old certificate stays revoked');
   const logs = JSON.stringify(d.logs);
   t.notOk(logs.includes(enr), 'enrollment token not in the daemon log');
+  t.notOk(logs.includes(enr2), 'second enrollment token not in the daemon log');
   t.notOk(logs.includes(String(json.token)), 'device token not in the daemon log');
+  t.notOk(logs.includes(newTok), 'reinstated device token not in the daemon log');
 });
 
 t.test('a device certificate revoked by a CRL (broker.tls.crl_files) is refused; reload picks the CRL up', async (t) => {
@@ -463,4 +551,105 @@ t.test('operator-provided server certificate (broker.tls.cert_file/key_file) is 
     s.on('error', reject);
   });
   t.equal(peer.fingerprint256, new X509Certificate(server.cert).fingerprint256, 'the operator certificate is presented');
+});
+
+t.test('a CRL file that changes is picked up by the API without SIGHUP or reload (as the broker does)', async (t) => {
+  const dir = t.testdir();
+  const crlFile = path.join(dir, 'devices.crl');
+  // start with a CRL (of another CA) that revokes nothing relevant
+  writeFileSync(crlFile, await (await TestCA.create()).crl(['01']));
+  const env = await apiEnv(t, { config: { broker: { tls: { crl_files: [crlFile] } } }, api: { crlPollMs: 20 } });
+  const { csr, key } = await createCsr('crl-watch');
+  const reg = await env.register('crl-watch', { csr });
+  const cert = String(reg.certificate);
+  t.equal((await env.request({ method: 'GET', path: '/api/devices/crl-watch/status', cert, key })).status, 200);
+  const caKey = await importPrivateKeyPem(readFileSync(path.join(env.stateDir, 'pki', 'ca.key'), 'utf8'));
+  const crl = await x509.X509CrlGenerator.create({
+    issuer: new x509.X509Certificate(env.ca).subject,
+    thisUpdate: new Date(Date.now() - 60_000),
+    nextUpdate: new Date(Date.now() + 86400_000),
+    entries: [{ serialNumber: new X509Certificate(cert).serialNumber, revocationDate: new Date(Date.now() - 60_000) }],
+    signingKey: caKey,
+    signingAlgorithm: signingAlgorithm(caKey),
+  });
+  const reloads = Number(env.api.status().crlReloads);
+  writeFileSync(crlFile, crl.toString('pem'));
+  // barrier: the API's poller saw the change (bounded wait on its counter, no fixed sleep)
+  for (let i = 0; i < 1500 && Number(env.api.status().crlReloads) === reloads; i++) await new Promise((r) => setTimeout(r, 10));
+  t.ok(Number(env.api.status().crlReloads) > reloads, 'the API reloaded its CRLs on the file change');
+  checkError(t, await env.request({ method: 'GET', path: '/api/devices/crl-watch/status', cert, key }), 401, 'ECONN_AUTH_CERT');
+  // a broken CRL file keeps the previous set in force
+  const n = Number(env.api.status().crlReloads);
+  writeFileSync(crlFile, 'not a CRL, and longer than the previous one would be? no: different size anyway');
+  await env.api.reloadCrls();
+  t.equal(Number(env.api.status().crlReloads), n, 'the broken file was not taken');
+  checkError(t, await env.request({ method: 'GET', path: '/api/devices/crl-watch/status', cert, key }), 401, 'ECONN_AUTH_CERT');
+});
+
+t.test('the documented security headers, to the letter, on success, error and malformed-request answers', async (t) => {
+  const documented: Record<string, string> = {
+    'x-content-type-options': 'nosniff',
+    'x-frame-options': 'DENY',
+    'x-xss-protection': '1; mode=block',
+    'strict-transport-security': 'max-age=31536000; includeSubDomains',
+  };
+  const doc = readFileSync(path.join(REPO, 'docs/devices.md'), 'utf8');
+  for (const [k, v] of Object.entries(SECURITY_HEADERS)) {
+    const name = k.replace(/(^|-)([a-z])/g, (_m, d: string, c: string) => d + c.toUpperCase()).replace('Xss', 'XSS');
+    t.ok(doc.includes(`| \`${name}\` | \`${v}\` |`), `docs/devices.md lists ${name}: ${v}`);
+  }
+  const env = await apiEnv(t);
+  const reg = await env.register('hdr-1');
+  const answers = [
+    await env.request({ method: 'GET', path: '/api/devices/hdr-1/status', bearer: String(reg.token) }),
+    await env.request({ method: 'GET', path: '/nope' }),
+    await env.request({ method: 'GET', path: '/api/register' }),
+    await env.request({ path: '/api/register', json: { device_id: 'x' } }),
+  ];
+  for (const r of answers) for (const [k, v] of Object.entries(documented)) t.equal(r.headers[k], v, `${r.status}: ${k}`);
+  // malformed HTTP is answered by the parser hook, with the same headers
+  const raw = await new Promise<string>((resolve, reject) => {
+    const s = tls.connect({ host: '127.0.0.1', port: env.port, ca: env.ca, servername: 'localhost' }, () => s.write('GARBAGE / HTTP/1.1\r\n\r\n'));
+    let out = '';
+    s.setEncoding('utf8').on('data', (d: string) => (out += d));
+    s.on('end', () => resolve(out));
+    s.on('error', reject);
+  });
+  t.match(raw, /^HTTP\/1\.1 400/);
+  t.match(raw, /\r\nx-xss-protection: 1; mode=block\r\n/);
+});
+
+t.test('the device token payload holds the documented claims (device_id, iat, exp, metadata.url/description)', async (t) => {
+  const env = await apiEnv(t);
+  const reg = await env.register('claims-1', { metadata: { url: 'http://10.0.0.9/', description: 'pump', capabilities: ['flow'] } });
+  const p = decodeJwt(String(reg.token));
+  t.equal(p.device_id, 'claims-1');
+  t.type(p.iat, 'number');
+  t.type(p.exp, 'number');
+  t.equal(p.exp! - p.iat!, env.config.identity.jwt.ttl_s, 'exp = iat + identity.jwt.ttl_s');
+  t.equal(new Date(p.exp! * 1000).toISOString(), reg.expires_at, 'expires_at of the answer is the token exp');
+  t.same(p.metadata, { url: 'http://10.0.0.9/', description: 'pump', capabilities: ['flow'] });
+  t.equal(p.sub, 'claims-1');
+  const doc = readFileSync(path.join(REPO, 'docs/devices.md'), 'utf8');
+  const section = doc.slice(doc.indexOf('### Device token payload'), doc.indexOf('### Errors'));
+  for (const claim of ['device_id', 'iat', 'exp', 'metadata', 'sub', 'jti']) t.match(section, new RegExp(`\\| \`${claim}\` \\|`), `docs list ${claim}`);
+  const example = JSON.parse(/```json\n([\s\S]+?)\n```/.exec(section)![1]!) as Record<string, unknown>;
+  t.same(Object.keys(example).sort(), Object.keys(p).sort(), 'the documented example has exactly the claims a token has');
+});
+
+t.test('the documented answers: register, deregister and status shapes as docs/devices.md shows them', async (t) => {
+  const doc = readFileSync(path.join(REPO, 'docs/devices.md'), 'utf8');
+  const env = await apiEnv(t);
+  const reg = await env.register('doc-1', { metadata: { description: 'x' } });
+  const regDoc = doc.slice(doc.indexOf('### `POST /api/register`'), doc.indexOf('### `POST /api/token/renew`'));
+  const example = JSON.parse(/```json\n([\s\S]+?)\n```/.exec(regDoc)![1]!) as Record<string, unknown>;
+  t.same(Object.keys(reg).sort(), Object.keys(example).filter((k) => k !== 'certificate').sort(), 'register: the documented fields (certificate only with a CSR)');
+  t.same(Object.keys(reg.cloud_endpoints as object).sort(), Object.keys(example.cloud_endpoints as object).sort());
+  t.equal(example.status, 'success');
+  const s = await env.request({ method: 'GET', path: '/api/devices/doc-1/status', bearer: String(reg.token) });
+  const stDoc = doc.slice(doc.indexOf('### `GET /api/devices/{device_id}/status`'), doc.indexOf('### `POST /api/publish/{device_id}`'));
+  const stFields = [...stDoc.matchAll(/^\| `([a-z_]+)` \|/gm)].map((m) => m[1]);
+  t.same(Object.keys(s.json).sort(), [...stFields].sort(), 'status: exactly the documented fields');
+  const d = await env.request({ path: '/api/deregister/doc-1', bearer: String(reg.token) });
+  t.ok(doc.includes(`# ${JSON.stringify(d.json)}`.replace('doc-1', 'sensor-17')), 'deregister: the documented answer');
 });

@@ -118,7 +118,7 @@ t.test('X-Signature on the upgrade when a signing secret is configured', async (
   await s.append('d', Buffer.from('x'));
   await s.cloud.until(() => s.cloud.order.length === 1, 'stored (the cloud verified the signature)');
   t.match(String(s.cloud.upgradeHeaders[0]!['x-signature']), /^t=\d+,v1=[0-9a-f]{64}$/);
-  const expected = createHmac('sha256', 'k').update('1700000000\nGET\n/ingest').digest('hex');
+  const expected = createHmac('sha256', 'k').update('GET\n/ingest\n1700000000').digest('hex');
   t.equal(signRequest('k', 'GET', '/ingest', 1700000000), `t=1700000000,v1=${expected}`);
 });
 

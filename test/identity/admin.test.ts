@@ -104,3 +104,18 @@ t.test('enroll.create: defaults from config, explicit ttl and uses, bad input', 
   await t.rejects(call('enroll.create', { ttl_s: 'soon' }), { code: 'ECONN_BAD_REQUEST' });
   await t.rejects(call('enroll.create', { uses: 0 }), { code: 'ECONN_BAD_REQUEST' });
 });
+
+t.test('device.add: a revoked id comes back only with reinstate (the operator action); its old credentials stay revoked', async (t) => {
+  const { call, identity } = await fixture(t);
+  const first = (await call('device.add', { id: 'back-1' })) as DeviceBundle;
+  await call('device.revoke', { id: 'back-1' });
+  await t.rejects(call('device.add', { id: 'back-1' }), { code: 'ECONN_DEVICE_EXISTS', message: /--reinstate/ });
+  await t.rejects(call('device.add', { id: 'back-1', reinstate: 'yes' }), { code: 'ECONN_BAD_REQUEST' });
+  const again = (await call('device.add', { id: 'back-1', reinstate: true })) as DeviceBundle;
+  t.equal(identity.registry.get('back-1')?.status, 'active');
+  t.type(identity.registry.get('back-1')?.reinstated_at, 'string', 'the reinstatement is recorded');
+  t.ok(identity.registry.isSerialRevoked(first.serial), 'the old certificate stays revoked');
+  await t.rejects(identity.tokens.verify(first.token), { code: 'ECONN_AUTH_TOKEN' }, 'the old token stays revoked');
+  t.equal((await identity.tokens.verify(again.token)).deviceId, 'back-1');
+  await t.rejects(call('device.add', { id: 'back-1', reinstate: true }), { code: 'ECONN_DEVICE_EXISTS' }, 'reinstate does not override an active device');
+});

@@ -109,3 +109,27 @@ t.test('standalone file storage', async (t) => {
   await t.rejects(broken.consume('enr_x'), { code: 'ECONN_REGISTRY_CORRUPT' });
   t.equal(readFileSync(bad, 'utf8'), '{nope', 'corrupt file left untouched');
 });
+
+t.test('refund gives a use back (also of a one-time token already pruned), once, never past expiry or above its uses', async (t) => {
+  const { store, clock } = await fixture(t);
+  const e = await store.create({ ttlS: 60, uses: 1 });
+  const use = await store.consume(e.token);
+  t.notOk(await store.check(e.token), 'used up');
+  await use.refund();
+  t.ok(await store.check(e.token), 'usable again after the refund');
+  await use.refund(); // a second refund of the same use is a no-op
+  const again = await store.consume(e.token);
+  await t.rejects(store.consume(e.token), { code: 'ECONN_ENROLL_TOKEN' }, 'one use only, not two');
+  clock.now += 61_000;
+  await again.refund();
+  clock.now -= 61_000;
+  // the refund after expiry did not bring it back
+  t.notOk(await store.check(e.token), 'no refund after expiry');
+
+  const multi = await store.create({ ttlS: 60, uses: 2 });
+  const u1 = await store.consume(multi.token);
+  await u1.refund();
+  await store.consume(multi.token);
+  await store.consume(multi.token);
+  await t.rejects(store.consume(multi.token), { code: 'ECONN_ENROLL_TOKEN' }, 'never more uses than created');
+});

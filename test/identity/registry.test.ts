@@ -114,18 +114,53 @@ t.test('revoke: status, certificates and tokens revoked, event emitted', async (
   t.ok(again.isTokenRevoked('j1'));
 });
 
-t.test('a revoked id can register again; its old credentials stay revoked', async (t) => {
+t.test('a revoked id comes back only when reinstated (operator action); its old credentials stay revoked', async (t) => {
   const r = await open(t);
   await r.create('d', {});
   await r.addCertificate('d', { serial: '11', fingerprint256: 'x', not_after: '' });
   await r.addToken('d', { jti: 'old', exp: Math.floor(Date.now() / 1000) + 60 });
   await r.revoke('d');
-  const rec = await r.create('d', { description: 'again' });
+  // issue 9 #4: a plain create (what the API and an enrollment token do) must not undo a revocation
+  await t.rejects(r.create('d', { description: 'again' }), { code: 'ECONN_DEVICE_EXISTS', message: /--reinstate/ });
+  t.throws(() => r.assertCreatable('d'), { code: 'ECONN_DEVICE_EXISTS' });
+  t.equal(r.get('d')?.status, 'revoked', 'still revoked');
+  t.doesNotThrow(() => r.assertCreatable('d', { reinstate: true }));
+  const rec = await r.create('d', { description: 'again' }, { reinstate: true });
   t.equal(rec.status, 'active');
   t.ok(r.isSerialRevoked('11'));
   t.ok(r.isTokenRevoked('old'));
   await r.addCertificate('d', { serial: '22', fingerprint256: 'y', not_after: '' });
   t.notOk(r.isSerialRevoked('22'));
+});
+
+t.test('discard removes a record a failed registration just created; refuses one with a history', async (t) => {
+  const r = await open(t);
+  await r.create('fresh', {});
+  await r.addCertificate('fresh', { serial: '33', fingerprint256: 'z', not_after: '' });
+  await r.discard('fresh');
+  t.equal(r.get('fresh'), undefined, 'gone');
+  t.equal(r.deviceForSerial('33'), undefined, 'its serial is free again');
+  await r.create('fresh', {}); // the id is free: no reinstatement needed
+  await r.create('old', {});
+  await r.revoke('old');
+  await r.create('old', {}, { reinstate: true });
+  await t.rejects(r.discard('old'), { code: 'ECONN_INTERNAL' }, 'a reinstated record is not discarded');
+  await r.discard('never-there');
+});
+
+t.test('retireToken: refused from then on, persisted, without the token-revoked event', async (t) => {
+  const r = await open(t);
+  await r.create('d', {});
+  await r.addToken('d', { jti: 'a', exp: Math.floor(Date.now() / 1000) + 60 });
+  const seen: string[] = [];
+  r.on('token-revoked', (_id: string, jti: string) => seen.push(jti));
+  const p = r.retireToken('a');
+  t.ok(r.isTokenRevoked('a'), 'refused at once, before the write finishes');
+  await p;
+  t.same(seen, [], 'no token-revoked event: a live session is not cut');
+  t.equal(r.get('d')?.tokens[0]?.revoked, true, 'recorded');
+  await r.retireToken('unknown-jti');
+  t.ok(r.isTokenRevoked('unknown-jti'));
 });
 
 t.test('revokeToken revokes one token and emits token-revoked', async (t) => {

@@ -197,7 +197,7 @@ t.test('refused: unknown device, revoked device, revoked jti', async (t) => {
   await t.rejects(f.tokens.renew(a.token), { code: 'ECONN_DEVICE_REVOKED' });
 });
 
-t.test('renew: valid and expired-within-grace tokens renew; the old stays valid only until its own expiry; refused after grace', async (t) => {
+t.test('renew: valid and expired-within-grace tokens renew; a renewed token retires the old one; refused after grace', async (t) => {
   const f = await fixture(t, 'identity: { jwt: { ttl_s: 600, clock_skew_s: 10, renew_grace_s: 300 } }');
   const first = await f.tokens.issue('dev-a');
   f.clock.now = T0 + 100_000;
@@ -205,25 +205,35 @@ t.test('renew: valid and expired-within-grace tokens renew; the old stays valid 
   t.equal(second.deviceId, 'dev-a');
   t.not(second.jti, first.jti);
   t.equal(second.expiresAt.getTime(), T0 + 100_000 + 600_000);
-  t.ok(await f.tokens.verify(first.token), 'old token still valid before its expiry');
+  // issue 9: the renewed token retires the old one (refused afterwards, also for another renewal)
+  await t.rejects(f.tokens.verify(first.token), { code: 'ECONN_AUTH_TOKEN', message: /revoked/ }, 'old token refused after its renewal');
+  await t.rejects(f.tokens.renew(first.token), { code: 'ECONN_AUTH_TOKEN', message: /revoked/ }, 'old token cannot be renewed twice');
   t.ok(await f.tokens.verify(second.token));
   f.clock.now = T0 + 600_000 + 11_000;
-  await t.rejects(f.tokens.verify(first.token), { code: 'ECONN_AUTH_TOKEN', message: /expired/ }, 'old token not extended');
+  await t.rejects(f.tokens.verify(first.token), { code: 'ECONN_AUTH_TOKEN' }, 'old token not extended');
 
-  // expired 200 s ago: inside the 300 s grace
-  f.clock.now = T0 + 600_000 + 200_000;
-  const third = await f.tokens.renew(first.token);
+  // second expired 200 s ago: inside the 300 s grace
+  f.clock.now = T0 + 100_000 + 600_000 + 200_000;
+  const third = await f.tokens.renew(second.token);
   t.ok(await f.tokens.verify(third.token));
-  // expired 320 s ago: grace (300) + skew (10) passed
+  // two concurrent renewals of one token: exactly one succeeds
+  const race = await Promise.allSettled([f.tokens.renew(third.token), f.tokens.renew(third.token)]);
+  t.equal(race.filter((r) => r.status === 'fulfilled').length, 1, 'one concurrent renewal wins');
+  // first expired 320 s + ago: grace (300) + skew (10) passed
   f.clock.now = T0 + 600_000 + 320_000;
-  await t.rejects(f.tokens.renew(first.token), { code: 'ECONN_AUTH_TOKEN', message: /grace/ });
+  await t.rejects(f.tokens.renew(first.token), { code: 'ECONN_AUTH_TOKEN' });
+  // a live, never-renewed token that expired 320 s ago: grace (300) + skew (10) passed
+  const late = await f.tokens.issue('dev-a');
+  f.clock.now += 600_000 + 320_000;
+  await t.rejects(f.tokens.renew(late.token), { code: 'ECONN_AUTH_TOKEN', message: /grace/ });
 
   // renewal checks everything else: tampered, revoked jti, alg none
-  const [h, , s] = second.token.split('.');
-  const p = decodeJwt(second.token);
+  const live = await f.tokens.issue('dev-a');
+  const [h, , s] = live.token.split('.');
+  const p = decodeJwt(live.token);
   await t.rejects(f.tokens.renew(`${h}.${base64url.encode(JSON.stringify({ ...p, sub: 'dev-b', device_id: 'dev-b' }))}.${s}`), { code: 'ECONN_AUTH_TOKEN' });
-  await f.tokens.revoke(second.jti);
-  await t.rejects(f.tokens.renew(second.token), { code: 'ECONN_AUTH_TOKEN', message: /revoked/ });
+  await f.tokens.revoke(live.jti);
+  await t.rejects(f.tokens.renew(live.token), { code: 'ECONN_AUTH_TOKEN', message: /revoked/ });
   await t.rejects(f.tokens.renew(unsigned({ alg: 'none', kid: f.signingKey().kid }, p, 'x')), { code: 'ECONN_AUTH_TOKEN' });
   await t.rejects(f.tokens.renew('garbage'), { code: 'ECONN_AUTH_TOKEN' });
 });

@@ -5,7 +5,7 @@
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { REPO, tempDir, runCli } from '../helpers/daemon.js';
 
@@ -203,4 +203,44 @@ t.test('install.sh: bad input gets a clear error', async (t) => {
   const help = sh(['--help']);
   t.equal(help.code, 0);
   t.match(help.out, /--uninstall/);
+});
+
+const DROPIN = path.join(REPO, 'systemd/encrypted-credentials.conf.example');
+
+t.test('encrypted credentials: the unit shows how, the drop-in example is consistent with the config reference', async (t) => {
+  const unit = readFileSync(UNIT, 'utf8');
+  t.match(unit, /^# .*LoadCredentialEncrypted=cloud-client-secret:\/etc\/edge-connector\/cloud-client-secret\.cred$/m, 'the unit shows LoadCredentialEncrypted= (commented)');
+  t.match(unit, /systemd-creds encrypt --name=cloud-client-secret --with-key=auto/, 'and how to seal it (host key + TPM2 when present)');
+  const dropin = readFileSync(DROPIN, 'utf8');
+  t.match(dropin, /^\[Service\]$/m);
+  t.match(dropin, /^LoadCredential=$/m, 'the drop-in resets the plain-text LoadCredential= of the unit');
+  const enc = /^LoadCredentialEncrypted=([a-z0-9-]+):(\S+)$/m.exec(dropin);
+  t.ok(enc, 'the drop-in loads an encrypted credential');
+  t.match(readFileSync(TEMPLATE, 'utf8'), new RegExp(`credential:${enc![1]}\\b`), 'under the name the production config references');
+  t.match(dropin, new RegExp(`systemd-creds encrypt --name=${enc![1]} `), 'sealed under the same name (systemd checks it)');
+  const ops = readFileSync(path.join(REPO, 'docs/operations.md'), 'utf8');
+  t.match(ops, /## Credential storage/, 'docs/operations.md has the guide');
+  t.match(ops, /LoadCredentialEncrypted=/);
+  t.match(ops, /systemd-creds encrypt/);
+});
+
+t.test('systemd-analyze verify accepts the unit with the encrypted-credentials drop-in applied', { skip: noAnalyze }, async (t) => {
+  const dir = tempDir(t);
+  const copy = path.join(dir, 'edge-connector.service');
+  writeFileSync(copy, readFileSync(UNIT, 'utf8').replace(/^ExecStart=\S+/m, `ExecStart=${process.execPath}`));
+  mkdirSync(path.join(dir, 'edge-connector.service.d'));
+  writeFileSync(path.join(dir, 'edge-connector.service.d', 'encrypted-credentials.conf'), readFileSync(DROPIN, 'utf8'));
+  // the drop-in is really read: a deliberate typo in a second one is reported
+  writeFileSync(path.join(dir, 'edge-connector.service.d', 'zz-probe.conf'), '[Service]\nLoadCredentialEncryptedTypo=x:/y\n');
+  const probe = spawnSync('systemd-analyze', ['verify', copy], { encoding: 'utf8' });
+  t.match(`${probe.stdout}${probe.stderr}`, /zz-probe\.conf.*LoadCredentialEncryptedTypo/, 'verify reads the drop-in directory');
+  rmSync(path.join(dir, 'edge-connector.service.d', 'zz-probe.conf'));
+  const r = spawnSync('systemd-analyze', ['verify', copy], { encoding: 'utf8' });
+  const out = `${r.stdout}${r.stderr}`.trim();
+  t.equal(out, '', `no warnings: ${out}`);
+  t.equal(r.status, 0);
+  // and the security score does not get worse with it
+  const sec = spawnSync('systemd-analyze', ['security', '--offline=yes', '--no-pager', copy], { encoding: 'utf8' });
+  const m = /Overall exposure level for \S+: (\d+(?:\.\d+)?)/.exec(`${sec.stdout}${sec.stderr}`);
+  t.ok(m && Number(m[1]) <= 2.0, `exposure with the drop-in ${m?.[1]} <= 2.0`);
 });
