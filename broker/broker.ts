@@ -39,6 +39,7 @@ import {
   authorizeDelivery,
   authorizePublish,
   authorizeSubscribe,
+  DEVICES_PREFIX,
   deviceRules,
   expandRules,
   isBridgedTopic,
@@ -60,6 +61,7 @@ import {
 import type { DeviceRecord } from '../identity/registry.js';
 import { SessionTracker, conformanceHooks, wrapConnection, type ConformantConnection } from './conformance.js';
 import { RedeliveryTable, payloadDigest } from './redelivery.js';
+import { RetainedLedger, type RetainedLimits } from './retained.js';
 import { loadServerCredentials } from '../identity/server-cert.js';
 
 export type ListenerName = 'tls' | 'wss' | 'local';
@@ -124,15 +126,52 @@ interface PendingCommand {
   resolve: (r: { delivered: boolean; reason?: string }) => void;
 }
 
+/** One PUBLISH waiting for its journal append (or for an earlier one) before its PUBACK. */
+interface PendingPublish {
+  reply: (err?: Error | null) => void;
+  /** packet id of a journaled QoS 1 publish (redelivery bookkeeping) */
+  pid: number | undefined;
+  topic: string;
+  payload: Buffer;
+  meta: UplinkMessageMeta | undefined;
+  bestEffort: BestEffortForward | undefined;
+  retain: boolean;
+  /** the append (or the original's append for a redelivery); undefined when nothing is journaled */
+  done: Promise<unknown> | undefined;
+  settled: boolean;
+  err: unknown;
+  /** moved into the redelivery table (its PUBACK can no longer reach the device) */
+  remembered?: boolean;
+}
+
+/** The ACL decision for a topic and whether it goes upstream (cached per session). */
+interface Route {
+  refusal: string | undefined;
+  bridged: boolean;
+}
+/** topics cached per session, and the longest topic cached */
+const ROUTE_CACHE = 16;
+const ROUTE_CACHE_TOPIC_BYTES = 256;
+
+/** Complete an aedes callback; a throw inside it must not escape into the hook. */
+function safeReply(cb: (err?: Error | null) => void, err: Error | null, log: Logger): void {
+  try {
+    cb(err);
+  } catch (e) {
+    log.error({ err: e }, 'error completing a publish');
+  }
+}
+
 interface Session {
   client: Client;
   info: ConnInfo;
   identity: AuthenticatedIdentity | undefined;
   principal: Principal;
   log: Logger;
-  /** completion chain of publishes awaiting the journal (PUBACKs in receive order) */
-  tail: Promise<void>;
-  pending: number;
+  /** publishes awaiting the journal or an earlier one, in receive order (PUBACKs go out in this order, MQTT-4.6.0-2) */
+  queue: PendingPublish[];
+  /** topic → ACL decision and bridging, bounded (ROUTE_CACHE) */
+  routes: Map<string, Route>;
   /** a journal append failed: nothing more is acknowledged on this connection */
   failed: boolean;
   /** dropped by us (revocation, expiry): its will is not published */
@@ -153,6 +192,19 @@ interface ClientInternals {
 }
 const internals = (c: Client): ClientInternals => c as unknown as ClientInternals;
 
+/** The aedes persistence calls the broker uses to forget a revoked device (aedes-persistence 11 API). */
+interface PersistenceInternals {
+  subscriptionsByClient(client: { id: string }): Promise<unknown[] | null>;
+  cleanSubscriptions(client: { id: string }): Promise<void>;
+  cleanIncoming?(client: { id: string }): Promise<void>;
+  outgoingStream(client: { id: string }): AsyncIterable<{ messageId?: number }>;
+  outgoingClearMessageId(client: { id: string }, packet: { messageId?: number }): Promise<unknown>;
+  delWill(client: { id: string; brokerId: string }): Promise<unknown>;
+  createRetainedStream(pattern: string): AsyncIterable<{ topic: string }>;
+  storeRetained(packet: { cmd: 'publish'; topic: string; payload: Buffer; qos: 0; retain: true; dup: false }): Promise<void>;
+}
+const persistenceOf = (a: Aedes): PersistenceInternals => (a as unknown as { persistence: PersistenceInternals }).persistence;
+
 /** brokerId marking packets sent by publishCommand (recognised again in authorizeForward). */
 const CMD_BROKER_ID = 'edge-connector:command';
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -163,6 +215,10 @@ function connError(code: ErrorCode, message: string, returnCode?: number): Error
   const e = new ConnectorError(code, message) as ConnectorError & { returnCode?: number };
   if (returnCode !== undefined) e.returnCode = returnCode;
   return e;
+}
+
+function retainedLimits(l: Config['broker']['limits']): RetainedLimits {
+  return { maxCount: l.max_retained_per_device, maxBytes: l.max_retained_bytes_per_device };
 }
 
 function remoteOf(s: net.Socket | undefined): string {
@@ -207,6 +263,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   private conformanceSessions = new SessionTracker();
   /** recent journaled QoS 1 publishes per device: a DUP 1 redelivery is acknowledged, not journaled twice */
   private readonly redelivery: RedeliveryTable;
+  /** retained messages per device, bounded by broker.limits.max_retained_* */
+  private readonly retained: RetainedLedger;
   private readonly mConnects: Counter<'listener' | 'via'> | undefined;
   private readonly mRefusals: Counter<'listener' | 'code'> | undefined;
   private started: Promise<void> | undefined;
@@ -224,6 +282,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     this.crlPollMs = opts.crlPollMs ?? 2000;
     this.closeTimeoutMs = opts.closeTimeoutMs ?? 3000;
     this.redelivery = new RedeliveryTable({ ...opts.redelivery, now: this.now });
+    this.retained = new RetainedLedger(retainedLimits(opts.config.broker.limits));
     if (opts.metrics) {
       const registers = [opts.metrics];
       this.mConnects = new Counter({ name: 'connector_broker_connects_total', help: 'accepted MQTT connections, by listener and credential (cert, jwt, cert+jwt, anonymous)', labelNames: ['listener', 'via'], registers });
@@ -438,7 +497,10 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       a.queueLimit = b.limits.queue_limit;
       a.connectTimeout = b.limits.connect_timeout_ms;
     }
+    this.retained.setLimits(retainedLimits(b.limits));
     if (JSON.stringify(prev.broker.limits) !== JSON.stringify(b.limits)) changes.push('broker: limits updated (apply to new packets and connections)');
+    // topic decisions cached per session follow the new ACL, limits and bridge topics
+    for (const s of this.sessions.values()) s.routes.clear();
     // ACL: recompute every live session's principal; existing subscriptions are re-checked at delivery
     if (JSON.stringify(prev.broker.acl) !== JSON.stringify(b.acl) || JSON.stringify(prev.broker.listeners.local.acl) !== JSON.stringify(b.listeners.local.acl)) {
       for (const s of this.sessions.values()) s.principal = this.principalFor(s.identity, s.info);
@@ -653,6 +715,11 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
             this.refuseLog(info, res.code, res.reason, { return_code: res.returnCode, ...(res.deviceId ? { device_id: res.deviceId } : {}) });
             return fail(res.code, res.reason, res.returnCode);
           }
+          if (info.conn?.destroyed === true || internals(client).closed) {
+            // the socket closed while the token was being verified: aedes already forgot this client, so must we
+            this.log.debug({ listener: info.listener, remote: info.remote, client_id: info.clientId }, 'connection closed during authentication: no session');
+            return fail('ECONN_CLOSED', 'connection closed during authentication', 3);
+          }
           const identity = res.identity.kind === 'device' ? res.identity : undefined;
           const session: Session = {
             client,
@@ -660,8 +727,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
             identity,
             principal: this.principalFor(identity, info),
             log: identity ? this.log.child({ deviceId: identity.deviceId }) : this.log.child({ local_client: client.id }),
-            tail: Promise.resolve(),
-            pending: 0,
+            queue: [],
+            routes: new Map(),
             failed: false,
             dropped: false,
             ended: false,
@@ -749,12 +816,15 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   }
 
   /** Close a session on our initiative (revocation, expiry); its will is not published. */
-  private dropSession(s: Session, code: ErrorCode, reason: string): void {
-    if (s.ended || s.dropped) return;
+  private dropSession(s: Session, code: ErrorCode, reason: string, closed?: () => void): void {
+    if (s.ended || s.dropped) {
+      closed?.();
+      return;
+    }
     s.dropped = true;
     s.log.warn({ code, reason, listener: s.info.listener }, 'device session dropped');
     this.emit('session-dropped', { deviceId: s.identity?.deviceId, code, reason });
-    s.client.close();
+    s.client.close(closed);
   }
 
   private endSession(client: Client): void {
@@ -765,9 +835,22 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     this.clearSessionTimers(s);
     for (const p of s.commands.values()) this.finishCommand(p, false, 'the device disconnected before acknowledging');
     const id = s.identity?.deviceId;
+    if (id !== undefined) {
+      // the journal's records from before the start are honoured for the first connection only
+      this.redelivery.forgetSeeded(id);
+      // journaled publishes whose PUBACK was not written yet will not reach the device: their redelivery is expected
+      for (const item of s.queue) this.rememberUnacked(s, item);
+    }
     if (id !== undefined && this.byDevice.get(id) === s) {
       this.byDevice.delete(id);
       s.log.info({ listener: s.info.listener }, 'device disconnected');
+    }
+  }
+
+  private logRetained(s: Session, topic: string, reason: string): void {
+    s.aclLogged++;
+    if (s.aclLogged <= 5 || s.aclLogged % 100 === 0) {
+      s.log.warn({ code: 'ECONN_BROKER_LIMIT', topic: topic.slice(0, 256), reason, ...this.retained.usage(s.identity?.deviceId ?? '') }, 'retained publish refused: over the per-device retained limit; connection closed');
     }
   }
 
@@ -779,92 +862,155 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   }
 
   private hookPublish(client: Client | null, packet: PublishPacket, cb: (err?: Error | null) => void): void {
-    const reply = (err?: Error | null): void => {
-      try {
-        cb(err ?? null);
-      } catch (e) {
-        this.log.error({ err: e }, 'error completing a publish');
-      }
-    };
     try {
       const s = client ? this.sessionOf.get(client) : undefined;
+      const qos = packet.qos;
+      const pid = qos > 0 ? packet.messageId : undefined;
       // consumed for every QoS>0 PUBLISH, also refused ones, so the guard's record stays in step
-      const dup = packet.qos > 0 && packet.messageId !== undefined && s?.info.conn?.takeIncomingDup(packet.messageId) === true;
-      if (!s) return reply(new AuthorizationError('ECONN_NOT_AUTHORIZED', 'publish without an authenticated session'));
-      if (s.dropped || this.closing) return reply(new AuthorizationError('ECONN_NOT_AUTHORIZED', 'session closing: publish (or will) refused'));
+      const dup = pid !== undefined && s?.info.conn?.takeIncomingDup(pid) === true;
+      if (!s) return safeReply(cb, new AuthorizationError('ECONN_NOT_AUTHORIZED', 'publish without an authenticated session'), this.log);
+      if (s.dropped || this.closing) return safeReply(cb, new AuthorizationError('ECONN_NOT_AUTHORIZED', 'session closing: publish (or will) refused'), this.log);
       const topic = packet.topic;
-      const d = authorizePublish(s.principal, topic, this.limits);
-      if (!d.ok) {
-        this.logAcl(s, 'publish', topic, d.reason);
-        return reply(new AuthorizationError('ECONN_NOT_AUTHORIZED', d.reason));
+      const route = this.routeOf(s, topic);
+      if (route.refusal !== undefined) {
+        this.logAcl(s, 'publish', topic, route.refusal);
+        return safeReply(cb, new AuthorizationError('ECONN_NOT_AUTHORIZED', route.refusal), this.log);
       }
       const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload ?? '');
       const max = this.config.broker.limits.max_payload_bytes;
       if (payload.length > max) {
         s.log.warn({ code: 'ECONN_BROKER_LIMIT', topic, bytes: payload.length, limit: max }, 'publish larger than broker.limits.max_payload_bytes; connection closed');
-        return reply(new ProtocolError('ECONN_BROKER_LIMIT', 'payload too large'));
+        return safeReply(cb, new ProtocolError('ECONN_BROKER_LIMIT', 'payload too large'), this.log);
       }
       const deviceId = s.identity?.deviceId;
-      const bridged = deviceId !== undefined && isBridgedTopic(topic, this.config.bridge.topics);
-      const journal = bridged && this.sink !== undefined && (packet.qos > 0 || this.config.bridge.qos0 === 'journal');
-      const pid = packet.qos > 0 ? packet.messageId : undefined;
+      if (packet.retain && deviceId !== undefined) {
+        const over = this.retained.admit(deviceId, topic, payload.length);
+        if (over !== undefined) {
+          this.logRetained(s, topic, over);
+          return safeReply(cb, new ProtocolError('ECONN_BROKER_LIMIT', over), this.log);
+        }
+      }
+      const bridge = this.config.bridge;
+      const bridged = route.bridged && deviceId !== undefined;
+      const journal = bridged && this.sink !== undefined && (qos > 0 || bridge.qos0 === 'journal');
+      const bestEffort = bridged && !journal && qos === 0 && bridge.qos0 === 'best_effort' ? this.bestEffort : undefined;
       const meta: UplinkMessageMeta | undefined = bridged
-        ? { deviceId, topic, qos: packet.qos > 0 ? 1 : 0, receivedAt: this.now(), ...(pid !== undefined ? { packetId: pid } : {}) }
+        ? pid !== undefined
+          ? { deviceId, topic, qos: 1, receivedAt: this.now(), packetId: pid }
+          : { deviceId, topic, qos: qos > 0 ? 1 : 0, receivedAt: this.now() }
         : undefined;
-      const bestEffort = bridged && !journal && packet.qos === 0 && this.config.bridge.qos0 === 'best_effort' ? this.bestEffort : undefined;
 
-      if (!journal && s.pending === 0) {
+      if (!journal && s.queue.length === 0) {
         // nothing in flight before it: complete at once (order is trivially kept)
         if (bestEffort && meta) this.safeBestEffort(s, bestEffort, meta, payload);
-        return reply(null);
+        if (packet.retain) this.retained.commit(deviceId, topic, payload.length);
+        return safeReply(cb, null, this.log);
       }
-      if (s.failed) return reply(new ConnectorError('ECONN_JOURNAL_IO', 'an earlier message on this connection could not be journaled'));
+      if (s.failed) return safeReply(cb, new ConnectorError('ECONN_JOURNAL_IO', 'an earlier message on this connection could not be journaled'), this.log);
+      const item: PendingPublish = {
+        reply: cb,
+        pid: journal && deviceId !== undefined ? pid : undefined,
+        topic,
+        payload,
+        meta,
+        bestEffort,
+        retain: packet.retain,
+        done: undefined,
+        settled: !journal,
+        err: undefined,
+      };
+      s.queue.push(item);
+      if (!journal) return;
       let work: Promise<unknown> | undefined;
-      if (journal && meta) {
-        if (deviceId !== undefined && pid !== undefined) {
-          const sha256 = payloadDigest(payload);
-          const prev = dup ? this.redelivery.match(deviceId, pid, topic, payload.length, sha256) : undefined;
-          if (prev) {
-            s.log.info({ topic, packet_id: pid }, 'QoS 1 redelivery (DUP 1) of a message already journaled: acknowledged, not journaled again');
-            // the original append may still be pending (its connection dropped): wait for it; if it failed, append now
-            work = prev.done.then(
-              () => undefined,
-              () => this.redelivery.match(deviceId, pid, topic, payload.length, sha256)?.done ?? this.appendRemembered(deviceId, pid, meta, payload, sha256),
-            );
-          } else {
-            work = this.appendRemembered(deviceId, pid, meta, payload, sha256);
-          }
-        } else {
-          work = this.sink!.append(meta, payload);
+      if (item.pid !== undefined && deviceId !== undefined) {
+        const prev = dup ? this.unacknowledged(s, deviceId, item.pid, topic, payload) : undefined;
+        if (prev) {
+          s.log.info({ topic, packet_id: item.pid }, 'QoS 1 redelivery (DUP 1) of a message already journaled: acknowledged, not journaled again');
+          // the original append may still be pending (its connection dropped): wait for it; if it failed, append now
+          work = prev.then(undefined, () => this.sink!.append(meta!, payload));
+        } else if (this.redelivery.has(deviceId)) {
+          this.redelivery.forget(deviceId, item.pid); // not a redelivery of it: the device moved on
         }
-        work.catch(() => {}); // handled in the chain below
       }
-      s.pending++;
-      s.tail = s.tail
-        .then(() => work)
-        .then(
-          () => {
-            s.pending--;
-            if (bestEffort && meta) this.safeBestEffort(s, bestEffort, meta, payload);
-            reply(null);
-          },
-          (err: unknown) => {
-            s.pending--;
-            s.failed = true;
-            const code = errorCode(err) ?? 'ECONN_JOURNAL_IO';
-            s.log.warn(
-              { code, topic, qos: packet.qos },
-              code === 'ECONN_JOURNAL_FULL'
-                ? 'journal full: message not acknowledged; closing the connection so the device retries later'
-                : 'message could not be journaled: not acknowledged; closing the connection so the device retries later',
-            );
-            reply(err instanceof Error ? err : new ConnectorError('ECONN_JOURNAL_IO', 'journal append failed'));
-          },
-        );
+      work ??= this.sink!.append(meta!, payload);
+      item.done = work;
+      work.then(
+        () => this.settle(s, item, undefined),
+        (err: unknown) => this.settle(s, item, err ?? new ConnectorError('ECONN_JOURNAL_IO', 'journal append failed')),
+      );
     } catch (err) {
       this.log.error({ err }, 'error in authorizePublish');
-      reply(err as Error);
+      safeReply(cb, err as Error, this.log);
     }
+  }
+
+  /**
+   * Where a publish may go: the ACL decision and whether it is bridged, cached per session by
+   * topic (devices publish to few topics; the cache is bounded and rebuilt when rules change).
+   */
+  private routeOf(s: Session, topic: string): Route {
+    let r = s.routes.get(topic);
+    if (r === undefined) {
+      const d = authorizePublish(s.principal, topic, this.limits);
+      r = d.ok ? { refusal: undefined, bridged: isBridgedTopic(topic, this.config.bridge.topics) } : { refusal: d.reason, bridged: false };
+      if (topic.length <= ROUTE_CACHE_TOPIC_BYTES) {
+        if (s.routes.size >= ROUTE_CACHE) s.routes.clear();
+        s.routes.set(topic, r);
+      }
+    }
+    return r;
+  }
+
+  /**
+   * The append of an unacknowledged QoS 1 publish this DUP 1 publish re-sends: one still pending
+   * on this connection, or one whose PUBACK an earlier connection of the device never wrote.
+   */
+  private unacknowledged(s: Session, deviceId: string, pid: number, topic: string, payload: Buffer): Promise<unknown> | undefined {
+    for (const q of s.queue) {
+      if (q.pid === pid && q.done !== undefined && q.topic === topic && q.payload.equals(payload)) return q.done;
+    }
+    const e = this.redelivery.match(deviceId, pid, topic, payload);
+    if (!e) return undefined;
+    this.redelivery.forget(deviceId, pid, e); // its redelivery is what is pending now
+    return e.done;
+  }
+
+  /** An append settled: acknowledge (or refuse) the publishes at the head of the queue, in order. */
+  private settle(s: Session, item: PendingPublish, err: unknown): void {
+    item.settled = true;
+    item.err = err;
+    const q = s.queue;
+    while (q.length > 0 && q[0]!.settled) {
+      const head = q.shift()!;
+      if (head.err === undefined) {
+        if (head.bestEffort && head.meta) this.safeBestEffort(s, head.bestEffort, head.meta, head.payload);
+        if (head.retain) this.retained.commit(s.identity?.deviceId, head.topic, head.payload.length);
+        if (s.ended) this.rememberUnacked(s, head); // the PUBACK cannot reach the device any more
+        safeReply(head.reply, null, this.log);
+      } else {
+        s.failed = true;
+        const code = errorCode(head.err) ?? 'ECONN_JOURNAL_IO';
+        s.log.warn(
+          { code, topic: head.topic, qos: head.pid !== undefined ? 1 : 0 },
+          code === 'ECONN_JOURNAL_FULL'
+            ? 'journal full: message not acknowledged; closing the connection so the device retries later'
+            : 'message could not be journaled: not acknowledged; closing the connection so the device retries later',
+        );
+        safeReply(head.reply, head.err instanceof Error ? head.err : new ConnectorError('ECONN_JOURNAL_IO', 'journal append failed'), this.log);
+      }
+    }
+  }
+
+  /** A journaled QoS 1 publish whose PUBACK was never written (the connection ended first): remember it for its redelivery. */
+  private rememberUnacked(s: Session, item: PendingPublish): void {
+    const deviceId = s.identity?.deviceId;
+    const pid = item.pid;
+    const done = item.done;
+    if (deviceId === undefined || pid === undefined || done === undefined || item.remembered) return;
+    item.remembered = true;
+    const entry = this.redelivery.remember(deviceId, pid, { topic: item.topic, length: item.payload.length, sha256: payloadDigest(item.payload), done });
+    // a failed append leaves nothing to redeliver against: the redelivery must be appended
+    done.then(undefined, () => this.redelivery.forget(deviceId, pid, entry));
   }
 
   /**
@@ -883,21 +1029,13 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       for (const r of recs) {
         const m = r.meta;
         if (m.qos === 1 && typeof m.packetId === 'number') {
-          this.redelivery.remember(m.deviceId, m.packetId, { topic: m.topic, length: r.size, sha256: r.sha256, done: Promise.resolve(r.id) });
+          this.redelivery.remember(m.deviceId, m.packetId, { topic: m.topic, length: r.size, sha256: r.sha256, done: Promise.resolve(r.id), seeded: true });
           seeded++;
         }
       }
       after = recs[recs.length - 1]!.seq;
     }
     if (seeded > 0) this.log.info({ entries: seeded }, 'redelivery table seeded from the journal');
-  }
-
-  /** Append a QoS 1 publish and remember it for redelivery detection until its append fails. */
-  private appendRemembered(deviceId: string, packetId: number, meta: UplinkMessageMeta, payload: Buffer, sha256: string): Promise<string | undefined> {
-    const done = this.sink!.append(meta, payload).then((r) => r?.id);
-    const entry = this.redelivery.remember(deviceId, packetId, { topic: meta.topic, length: payload.length, sha256, done });
-    done.catch(() => this.redelivery.forget(deviceId, packetId, entry));
-    return done;
   }
 
   private safeBestEffort(s: Session, fn: BestEffortForward, meta: UplinkMessageMeta, payload: Buffer): void {
@@ -956,11 +1094,55 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
 
   private readonly onDeviceRevoked = (deviceId: string): void => {
     this.guard('revoked', () => {
+      const closing: Promise<void>[] = [];
+      const drop = (s: Session): void => {
+        closing.push(new Promise<void>((resolve) => this.dropSession(s, 'ECONN_DEVICE_REVOKED', 'device revoked', resolve)));
+      };
       const s = this.byDevice.get(deviceId);
-      if (s) this.dropSession(s, 'ECONN_DEVICE_REVOKED', 'device revoked');
-      for (const other of this.sessions.values()) if (other.identity?.deviceId === deviceId) this.dropSession(other, 'ECONN_DEVICE_REVOKED', 'device revoked');
+      if (s) drop(s);
+      for (const other of this.sessions.values()) if (other !== s && other.identity?.deviceId === deviceId) drop(other);
+      // then what the broker still holds for it: retained messages, persistent session, queued messages
+      void Promise.all(closing).then(() => this.purgeDevice(deviceId));
     });
   };
+
+  /**
+   * A revoked (or deregistered) device leaves nothing behind in the broker: its retained messages
+   * (those it set anywhere, and any under devices/ID/…), its persistent session (subscriptions,
+   * messages queued while it was offline, QoS 2 state, will) and its redelivery entries. What it
+   * had published and got acknowledged is in the journal and keeps flowing upstream.
+   */
+  private async purgeDevice(deviceId: string): Promise<void> {
+    const aedes = this.aedes;
+    if (!aedes || this.closing) return;
+    try {
+      const p = persistenceOf(aedes);
+      const client = { id: deviceId, brokerId: aedes.id };
+      const subscriptions = (await p.subscriptionsByClient(client))?.length ?? 0;
+      await p.cleanSubscriptions(client);
+      await p.cleanIncoming?.(client);
+      let queued = 0;
+      for await (const packet of p.outgoingStream(client)) {
+        if (++queued > 1_000_000) break;
+        await p.outgoingClearMessageId(client, packet);
+      }
+      await p.delWill(client);
+      this.conformanceSessions.discard(deviceId);
+      const topics = new Set(this.retained.topicsOf(deviceId));
+      for await (const packet of p.createRetainedStream(`${DEVICES_PREFIX}/${deviceId}/#`)) {
+        topics.add(packet.topic);
+        if (topics.size > 1_000_000) break;
+      }
+      for (const topic of topics) await p.storeRetained({ cmd: 'publish', topic, payload: Buffer.alloc(0), qos: 0, retain: true, dup: false });
+      this.retained.forgetOwner(deviceId);
+      this.redelivery.forgetDevice(deviceId);
+      this.log.info({ deviceId, retained: topics.size, subscriptions, queued }, 'revoked device: its retained messages and persistent session were removed from the broker');
+      this.emit('device-purged', { deviceId, retained: topics.size, subscriptions, queued });
+    } catch (err) {
+      this.log.error({ err, deviceId }, 'could not remove the broker state of a revoked device');
+      this.emit('device-purged', { deviceId, error: err });
+    }
+  }
 
   private readonly onTokenRevoked = (deviceId: string, jti: string): void => {
     this.guard('token-revoked', () => {
