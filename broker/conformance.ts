@@ -139,6 +139,8 @@ const PINGREQ = 12;
 const DISCONNECT = 14;
 
 const MAX_REMAINING_LENGTH = 268_435_455;
+/** outbound pieces up to this many bytes in all are joined into one socket write */
+const SMALL_WRITE = 1024;
 const SLASH = 0x2f;
 const PLUS = 0x2b;
 const HASH = 0x23;
@@ -811,18 +813,25 @@ export class ConformantConnection extends Duplex {
   private flushOut(cb: (error?: Error | null) => void): void {
     const out = this.oOut;
     if (out.length === 0 || this.phase === Phase.Closing || this.socket.destroyed) {
-      this.oOut = [];
+      out.length = 0;
       cb();
       return;
     }
-    this.oOut = [];
     let ok = true;
     if (out.length === 1) ok = this.socket.write(out[0]);
     else {
-      this.socket.cork();
-      for (const b of out) ok = this.socket.write(b);
-      this.socket.uncork();
+      let total = 0;
+      for (const b of out) total += b.length;
+      if (total <= SMALL_WRITE) {
+        // mqtt-packet writes a small packet in several pieces: one socket write (one TLS record) instead of a corked batch
+        ok = this.socket.write(Buffer.concat(out, total));
+      } else {
+        this.socket.cork();
+        for (const b of out) ok = this.socket.write(b);
+        this.socket.uncork();
+      }
     }
+    out.length = 0;
     if (ok) cb();
     else {
       const onDrain = (): void => {
