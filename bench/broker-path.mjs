@@ -110,7 +110,7 @@ async function server() {
     console.error('dist/broker/broker.js is missing: run `npm run build` first');
     process.exit(1);
   }
-  const { Broker } = await import(path.join(dist, 'broker/broker.js'));
+  const { Broker, brokerSettings } = await import(path.join(dist, 'broker/broker.js'));
   const { DeviceRegistry } = await import(path.join(dist, 'identity/registry.js'));
   const { LocalPki, initPki } = await import(path.join(dist, 'identity/pki.js'));
   const { TokenService, initTokenKeys } = await import(path.join(dist, 'identity/tokens.js'));
@@ -175,7 +175,7 @@ async function server() {
       };
     },
     async connector() {
-      const broker = new Broker({ config, logger, registry, pki, tokens, sink, metrics: new Registry() });
+      const broker = new Broker({ config: config.broker, bridge: brokerSettings(config).bridge, logger, registry, pki, tokens, sink, metrics: new Registry() });
       await broker.start();
       return { port: broker.boundPorts().get('tls'), close: () => broker.close() };
     },

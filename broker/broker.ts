@@ -86,8 +86,31 @@ export interface BrokerPki {
 /** Called for bridged QoS 0 publishes when bridge.qos0 is best_effort (they skip the journal). */
 export type BestEffortForward = (meta: UplinkMessageMeta, payload: Buffer) => void;
 
+/** The broker's own configuration section (`broker:` in connector.yaml). */
+export type BrokerConfig = Config['broker'];
+
+/** What the broker needs from the bridge section: which device topics go upstream, and how QoS 0 does. */
+export interface BridgeRouting {
+  topics: readonly string[];
+  qos0: Config['bridge']['qos0'];
+}
+
+/** What the broker reads from the configuration, at start and on reload. */
+export interface BrokerSettings {
+  broker: BrokerConfig;
+  bridge: BridgeRouting;
+}
+
+/** The broker's sections of a whole configuration (the composition root passes nothing else). */
+export function brokerSettings(c: Pick<Config, 'broker' | 'bridge'>): BrokerSettings {
+  return { broker: c.broker, bridge: { topics: c.bridge.topics, qos0: c.bridge.qos0 } };
+}
+
 export interface BrokerOptions {
-  config: Config;
+  /** the `broker:` section */
+  config: BrokerConfig;
+  /** which device topics are handed to the sink (bridge.topics, bridge.qos0) */
+  bridge: BridgeRouting;
   logger: Logger;
   registry: BrokerRegistry;
   pki: BrokerPki;
@@ -217,7 +240,7 @@ function connError(code: ErrorCode, message: string, returnCode?: number): Error
   return e;
 }
 
-function retainedLimits(l: Config['broker']['limits']): RetainedLimits {
+function retainedLimits(l: BrokerConfig['limits']): RetainedLimits {
   return { maxCount: l.max_retained_per_device, maxBytes: l.max_retained_bytes_per_device };
 }
 
@@ -228,7 +251,8 @@ function remoteOf(s: net.Socket | undefined): string {
 
 export class Broker extends EventEmitter implements Component, CommandTarget {
   readonly name = 'broker';
-  private config: Config;
+  private config: BrokerConfig;
+  private bridge: BridgeRouting;
   private readonly log: Logger;
   private readonly registry: BrokerRegistry;
   private readonly pki: BrokerPki;
@@ -273,6 +297,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   constructor(opts: BrokerOptions) {
     super();
     this.config = opts.config;
+    this.bridge = opts.bridge;
     this.log = opts.logger.child({ component: 'broker' });
     this.registry = opts.registry;
     this.pki = opts.pki;
@@ -282,7 +307,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     this.crlPollMs = opts.crlPollMs ?? 2000;
     this.closeTimeoutMs = opts.closeTimeoutMs ?? 3000;
     this.redelivery = new RedeliveryTable({ ...opts.redelivery, now: this.now });
-    this.retained = new RetainedLedger(retainedLimits(opts.config.broker.limits));
+    this.retained = new RetainedLedger(retainedLimits(opts.config.limits));
     if (opts.metrics) {
       const registers = [opts.metrics];
       this.mConnects = new Counter({ name: 'connector_broker_connects_total', help: 'accepted MQTT connections, by listener and credential (cert, jwt, cert+jwt, anonymous)', labelNames: ['listener', 'via'], registers });
@@ -292,7 +317,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       registry: opts.registry,
       tokens: opts.tokens,
       crls: this.crls,
-      tls: opts.config.broker.tls,
+      tls: opts.config.tls,
       now: this.now,
     });
   }
@@ -320,17 +345,17 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   }
 
   private get limits(): TopicLimits {
-    const l = this.config.broker.limits;
+    const l = this.config.limits;
     return { maxDepth: l.max_topic_depth, maxBytes: l.max_topic_bytes };
   }
 
   private get packetLimit(): number {
-    const l = this.config.broker.limits;
+    const l = this.config.limits;
     return l.max_payload_bytes + l.max_topic_bytes + PACKET_SLACK_BYTES;
   }
 
   private async doStart(): Promise<void> {
-    const b = this.config.broker;
+    const b = this.config;
     const r = await this.crls.load(b.tls.crl_files);
     if (b.tls.crl_files.length) this.log.info({ crls: r.crls, entries: r.entries }, 'CRLs loaded');
     for (const f of r.stale) this.log.warn({ file: f }, 'CRL is past its nextUpdate; publish a fresh one');
@@ -382,7 +407,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
         { ...tlsOpts, requestCert: true, rejectUnauthorized: false, handshakeTimeout: b.limits.connect_timeout_ms, requestTimeout: b.limits.connect_timeout_ms },
         (_req, res) => {
           res.writeHead(426, { 'content-type': 'text/plain', connection: 'close', upgrade: 'websocket' });
-          res.end(`MQTT over WebSocket only (path ${this.config.broker.listeners.wss.path})\n`);
+          res.end(`MQTT over WebSocket only (path ${this.config.listeners.wss.path})\n`);
         },
       );
       this.httpsServer = server;
@@ -464,16 +489,18 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       listeners,
       devices_connected: this.byDevice.size,
       sessions: this.sessions.size,
-      max_connections: this.config.broker.limits.max_connections,
+      max_connections: this.config.limits.max_connections,
       crl_entries: this.crls.size,
       refused_over_limit: this.limitRefusals,
-      bridge: this.sink ? { topics: this.config.bridge.topics, qos0: this.config.bridge.qos0 } : 'not attached',
+      bridge: this.sink ? { topics: this.bridge.topics, qos0: this.bridge.qos0 } : 'not attached',
     };
   }
 
-  async reload(next: Config): Promise<string[]> {
-    const prev = this.config;
-    this.config = next;
+  /** Apply a new configuration (the broker's sections of it) without dropping healthy sessions. */
+  async reload(next: BrokerSettings): Promise<string[]> {
+    const prev = { broker: this.config, bridge: this.bridge };
+    this.config = next.broker;
+    this.bridge = next.bridge;
     const changes: string[] = [];
     const b = next.broker;
     // TLS: new certificate/key/CAs/min version for new handshakes; live sessions keep theirs
@@ -515,7 +542,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   // ───────────────────────────── TLS ─────────────────────────────
 
   private async secureContextOptions(): Promise<tls.SecureContextOptions> {
-    const t = this.config.broker.tls;
+    const t = this.config.tls;
     const { cert, key } = await loadServerCredentials(t, this.pki);
     const ca = [...this.pki.trustedDeviceCaPems()];
     for (const f of t.trusted_ca_files) {
@@ -576,7 +603,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     const run = this.crlReload.then(async () => {
       if (this.closing) return undefined;
       try {
-        const r = await this.crls.load(this.config.broker.tls.crl_files);
+        const r = await this.crls.load(this.config.tls.crl_files);
         for (const f of r.stale) this.log.warn({ file: f }, 'CRL is past its nextUpdate; publish a fresh one');
         this.log.info({ why, crls: r.crls, entries: r.entries }, 'CRLs reloaded');
         let dropped = 0;
@@ -590,7 +617,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
           }
         }
         this.emit('crl-reloaded', { entries: r.entries, dropped });
-        return this.config.broker.tls.crl_files.length ? `broker: CRLs reloaded (${r.entries} revoked serials)` : undefined;
+        return this.config.tls.crl_files.length ? `broker: CRLs reloaded (${r.entries} revoked serials)` : undefined;
       } catch (err) {
         this.log.error({ err, code: errorCode(err), why }, 'CRL reload failed; the previous CRLs stay in force');
         this.emit('crl-reloaded', { error: err });
@@ -607,7 +634,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   // ───────────────────────────── connections ─────────────────────────────
 
   private listenerAuth(l: ListenerName): ListenerAuth {
-    return this.config.broker.listeners[l].auth;
+    return this.config.listeners[l].auth;
   }
 
   private totalSockets(): number {
@@ -616,7 +643,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
 
   private onRawConnection(listener: ListenerName, s: net.Socket): void {
     try {
-      if (this.closing || this.totalSockets() >= this.config.broker.limits.max_connections) {
+      if (this.closing || this.totalSockets() >= this.config.limits.max_connections) {
         s.destroy();
         if (this.closing) return;
         this.limitRefusals++;
@@ -625,7 +652,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
         if (t - this.lastLimitLog > 10_000) {
           this.lastLimitLog = t;
           this.log.warn(
-            { code: 'ECONN_BROKER_LIMIT', listener, remote: remoteOf(s), max_connections: this.config.broker.limits.max_connections, refused_total: this.limitRefusals },
+            { code: 'ECONN_BROKER_LIMIT', listener, remote: remoteOf(s), max_connections: this.config.limits.max_connections, refused_total: this.limitRefusals },
             'connection refused: broker.limits.max_connections reached (logged at most every 10 s)',
           );
         }
@@ -647,7 +674,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       stream.destroy();
       return;
     }
-    const l = this.config.broker.limits;
+    const l = this.config.limits;
     // the MQTT 3.1.1 conformance guard frames every packet before aedes sees it: it refuses packets larger than
     // the limit from their header alone (memory stays bounded) and keepalives outside the bounds (no CONNACK)
     const conn = wrapConnection(stream, {
@@ -757,9 +784,9 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   private principalFor(identity: AuthenticatedIdentity | undefined, info: ConnInfo): Principal {
     if (identity) {
       const record: DeviceRecord = this.registry.get(identity.deviceId) ?? identity.record;
-      return { kind: 'device', deviceId: identity.deviceId, rules: deviceRules(this.config.broker.acl.groups, record.metadata.group, identity.deviceId) };
+      return { kind: 'device', deviceId: identity.deviceId, rules: deviceRules(this.config.acl.groups, record.metadata.group, identity.deviceId) };
     }
-    const rules = info.listener === 'local' ? this.config.broker.listeners.local.acl : [];
+    const rules = info.listener === 'local' ? this.config.listeners.local.acl : [];
     return { kind: 'local', rules: rules.length ? expandRules(rules, undefined) : null };
   }
 
@@ -877,7 +904,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
         return safeReply(cb, new AuthorizationError('ECONN_NOT_AUTHORIZED', route.refusal), this.log);
       }
       const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload ?? '');
-      const max = this.config.broker.limits.max_payload_bytes;
+      const max = this.config.limits.max_payload_bytes;
       if (payload.length > max) {
         s.log.warn({ code: 'ECONN_BROKER_LIMIT', topic, bytes: payload.length, limit: max }, 'publish larger than broker.limits.max_payload_bytes; connection closed');
         return safeReply(cb, new ProtocolError('ECONN_BROKER_LIMIT', 'payload too large'), this.log);
@@ -890,7 +917,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
           return safeReply(cb, new ProtocolError('ECONN_BROKER_LIMIT', over), this.log);
         }
       }
-      const bridge = this.config.bridge;
+      const bridge = this.bridge;
       const bridged = route.bridged && deviceId !== undefined;
       const journal = bridged && this.sink !== undefined && (qos > 0 || bridge.qos0 === 'journal');
       const bestEffort = bridged && !journal && qos === 0 && bridge.qos0 === 'best_effort' ? this.bestEffort : undefined;
@@ -952,7 +979,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     let r = s.routes.get(topic);
     if (r === undefined) {
       const d = authorizePublish(s.principal, topic, this.limits);
-      r = d.ok ? { refusal: undefined, bridged: isBridgedTopic(topic, this.config.bridge.topics) } : { refusal: d.reason, bridged: false };
+      r = d.ok ? { refusal: undefined, bridged: isBridgedTopic(topic, this.bridge.topics) } : { refusal: d.reason, bridged: false };
       if (topic.length <= ROUTE_CACHE_TOPIC_BYTES) {
         if (s.routes.size >= ROUTE_CACHE) s.routes.clear();
         s.routes.set(topic, r);

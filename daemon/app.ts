@@ -19,7 +19,7 @@ import { registerIdentityAdmin, type Identity } from '../identity/admin.js';
 import { ApiServer } from '../api/api.js';
 import { CloudLink } from '../bridge/cloud-link.js';
 import { Journal } from '../bridge/journal.js';
-import { Broker, PORT_KEYS } from '../broker/broker.js';
+import { Broker, PORT_KEYS, brokerSettings } from '../broker/broker.js';
 
 /** Ports actually bound (differs from the config when it says 0), reported in the `ready` log line. */
 export type BoundPorts = Map<string, number>;
@@ -70,7 +70,9 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     : undefined;
   if (journal) ctx.journal = journal;
   // the MQTT broker: after identity and the journal (it appends before PUBACK), before the API and the uplink
-  const broker = new Broker({ config, logger, metrics, registry, pki, tokens, ...(journal ? { sink: journal } : {}) });
+  const broker = new Broker({ config: config.broker, bridge: brokerSettings(config).bridge, logger, metrics, registry, pki, tokens, ...(journal ? { sink: journal } : {}) });
+  // the lifecycle reloads with the whole config; the broker gets its own sections only
+  const brokerComponent: Component = { name: broker.name, start: () => broker.start(), close: () => broker.close(), status: () => broker.status(), reload: (next) => broker.reload(brokerSettings(next)) };
   ctx.broker = broker;
   registerIdentityAdmin(admin, ctx.identity, logger, { enrollmentDefaultTtlS: () => ctx.config.identity.enrollment_default_ttl_s });
 
@@ -107,6 +109,6 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     : undefined;
 
   // start order: state first, then device-facing and cloud-facing parts, health and admin last
-  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), broker, api, ...(uplink ? [uplink] : []), health, portsOf, admin];
+  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), brokerComponent, api, ...(uplink ? [uplink] : []), health, portsOf, admin];
   return { ctx, components };
 }

@@ -11,6 +11,7 @@ import { normalizeSerial } from '../../identity/registry.js';
 import { ConnectorError } from '../../core/errors.js';
 import type { PendingRecords, UplinkSink } from '../../core/ports.js';
 import { payloadDigest } from '../../broker/redelivery.js';
+import { brokerSettings } from '../../broker/broker.js';
 
 t.test('device connects with its certificate and with its token (TLS and WSS)', async (t) => {
   const fx = await brokerFixture(t);
@@ -311,7 +312,7 @@ t.test('reload: ACL rules, TLS certificate and limits change without dropping se
       limits: { max_payload_bytes: 1000 },
     },
   });
-  const changes = await fx.broker.reload(next);
+  const changes = await fx.broker.reload(brokerSettings(next));
   t.match(changes.join('\n'), /ACL rules updated/);
   t.match(changes.join('\n'), /TLS context reloaded/);
   t.match(changes.join('\n'), /limits updated/);
@@ -325,7 +326,7 @@ t.test('reload: ACL rules, TLS certificate and limits change without dropping se
   s.destroy();
   // a broken TLS file on reload keeps the old context and says so
   writeFileSync(keyFile, 'not a key');
-  const bad = await fx.broker.reload(buildConfig(fx.dir, { broker: { tls: { cert_file: certFile, key_file: keyFile } } }));
+  const bad = await fx.broker.reload(brokerSettings(buildConfig(fx.dir, { broker: { tls: { cert_file: certFile, key_file: keyFile } } })));
   t.match(bad.join('\n'), /TLS reload failed/);
   t.notOk(dropped);
 });
@@ -361,9 +362,9 @@ t.test('close is idempotent and bounded; refuses new work afterwards', async (t)
 t.test('a port in use gives a clear ECONN_LISTEN error and start cleans up', async (t) => {
   const fx = await brokerFixture(t);
   const port = fx.port('tls');
-  const { Broker } = await import('../../broker/broker.js');
+  const { Broker, brokerSettings } = await import('../../broker/broker.js');
   const cfg = buildConfig(fx.dir, { broker: { listeners: { tls: { port } } } });
-  const b2 = new Broker({ config: cfg, logger: fx.logs.logger, registry: fx.registry, pki: fx.pki, tokens: fx.tokens });
+  const b2 = new Broker({ config: cfg.broker, bridge: brokerSettings(cfg).bridge, logger: fx.logs.logger, registry: fx.registry, pki: fx.pki, tokens: fx.tokens });
   t.teardown(() => b2.close());
   await t.rejects(b2.start(), { code: 'ECONN_LISTEN', message: /broker\.listeners\.tls\.port/ });
 });
