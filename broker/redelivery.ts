@@ -1,35 +1,43 @@
 /**
- * Redelivery table: stops a device's QoS 1 redelivery from being journaled twice.
+ * Redelivery table: stops a device's QoS 1 redelivery from being journaled twice, without ever
+ * dropping a genuinely new message.
  *
  * The broker journals a bridged QoS 1 PUBLISH and sends the PUBACK only after the append
- * resolved. When the PUBACK is lost (the connection drops after the append), the device
- * re-sends the same PUBLISH on its next connection with DUP 1 and the same packet id
- * (MQTT-4.4.0-1). Without this table it would be journaled again under a new message id and
- * the cloud would store it twice.
+ * resolved. When the connection ends before that PUBACK was written (the append was still
+ * pending, or it resolved after the socket closed), the device never got it and re-sends the
+ * same PUBLISH on its next connection with DUP 1 and the same packet id (MQTT-4.4.0-1).
+ * Without this table it would be journaled again under a new message id and the cloud would
+ * store it twice.
  *
- * Per device we remember the recent journaled QoS 1 PUBLISHes by packet id: topic, payload
- * SHA-256 and length, the journal's message id, and the append itself (a redelivery that
- * arrives while the original append is still pending waits for it instead of appending again).
+ * Only UNACKNOWLEDGED publishes are remembered: the broker moves a session's publishes whose
+ * PUBACK was never written into this table when the session ends (Broker.endSession). A publish
+ * that was acknowledged is never here, so a device that reuses the packet id afterwards (which
+ * MQTT-2.3.1-3 allows) for the same topic and payload, even with DUP 1, is journaled as the new
+ * message it is. Per entry: topic, payload length and SHA-256 (computed once, when the entry is
+ * made, never per message on the hot path), and the original append (a redelivery that arrives
+ * while it is still pending waits for it instead of appending again).
  *
  * A PUBLISH is treated as a redelivery (PUBACK without a new append) only when ALL hold:
  *  - it carries DUP 1 (MQTT-3.3.1-1: a client sets DUP on every re-delivery), and
- *  - an entry for the same device and packet id exists, younger than `maxAgeMs`, and
+ *  - an entry for the same device (client id = device id) and packet id exists, younger than
+ *    `maxAgeMs`, and
  *  - topic, payload length and payload SHA-256 are identical.
- * Anything else is appended: a genuinely new message is never dropped. A DUP 0 PUBLISH that
- * reuses a packet id (the device got the PUBACK, MQTT-2.3.1-3) replaces the entry.
+ * A matched entry is taken out of the table (its redelivery is now what is pending; if that one
+ * loses its PUBACK too, the broker puts it back). Anything else is appended. A DUP 0 PUBLISH
+ * with the packet id of an entry removes the entry (the device moved on).
  *
  * Bounds (documented in docs/devices.md): `perDevice` entries per device (default 64, the oldest
  * is evicted), `maxAgeMs` (default 10 min; older entries neither match nor survive a sweep),
  * `maxDevices` devices (default 10 000; the least recently used device's table is evicted).
- * Entries outlive a connection on purpose: the redelivery arrives on the NEXT connection.
  *
  * Across a restart: each journaled QoS 1 record keeps its packet id in its meta, and the broker
- * seeds this table at start from the journal's unacknowledged records (Broker.rememberJournaled),
- * so a PUBACK lost to a crash or kill -9 is covered as long as the cloud had not yet acknowledged
- * the message. Not covered (journaled and delivered a second time): a message the cloud had
- * already acknowledged before the restart (it left the journal), a redelivery from a client that
- * does not set DUP 1, or one later than `maxAgeMs` or after more than `perDevice` newer QoS 1
- * messages of the same device.
+ * seeds this table at start from the journal's unacknowledged records (Broker.rememberJournaled).
+ * Whether the previous process wrote their PUBACKs is unknown, so seeded entries are honoured
+ * only during the device's FIRST connection after the start (when a client re-sends what it
+ * has in flight, MQTT-4.4.0-1) and are dropped when that connection ends. Not covered
+ * (journaled and delivered a second time, never lost): a PUBACK written but lost on the wire, a
+ * redelivery from a client that does not set DUP 1, or one later than `maxAgeMs` or after more
+ * than `perDevice` newer unacknowledged messages of the same device.
  */
 import { createHash } from 'node:crypto';
 
@@ -48,8 +56,10 @@ export interface RedeliveryEntry {
   length: number;
   sha256: string;
   at: number;
-  /** the append of the original; resolves with the journal's message id */
-  done: Promise<string | undefined>;
+  /** the append of the original; settles when it is durable (or failed) */
+  done: Promise<unknown>;
+  /** from the journal at start: honoured only during the device's first connection */
+  seeded?: boolean;
 }
 
 export const REDELIVERY_DEFAULTS = { perDevice: 64, maxAgeMs: 10 * 60_000, maxDevices: 10_000 } as const;
@@ -74,8 +84,11 @@ export class RedeliveryTable {
     this.now = opts.now ?? Date.now;
   }
 
-  /** The entry a DUP 1 PUBLISH is a redelivery of, or undefined (then it must be appended). */
-  match(deviceId: string, packetId: number, topic: string, length: number, sha256: string): RedeliveryEntry | undefined {
+  /**
+   * The unacknowledged entry a DUP 1 PUBLISH is a redelivery of, or undefined (then it must be
+   * appended). The payload is hashed only when an entry with the same topic and length exists.
+   */
+  match(deviceId: string, packetId: number, topic: string, payload: Buffer): RedeliveryEntry | undefined {
     const t = this.devices.get(deviceId);
     const e = t?.get(packetId);
     if (!t || !e) return undefined;
@@ -84,8 +97,13 @@ export class RedeliveryTable {
       if (t.size === 0) this.devices.delete(deviceId);
       return undefined;
     }
-    if (e.topic !== topic || e.length !== length || e.sha256 !== sha256) return undefined;
+    if (e.topic !== topic || e.length !== payload.length || e.sha256 !== payloadDigest(payload)) return undefined;
     return e;
+  }
+
+  /** Is anything remembered for this device? (one Map lookup: the hot path asks before doing more) */
+  has(deviceId: string): boolean {
+    return this.devices.has(deviceId);
   }
 
   /** Remember a journaled (or being journaled) QoS 1 PUBLISH; replaces an older entry for the packet id. */
@@ -109,11 +127,19 @@ export class RedeliveryTable {
     return e;
   }
 
-  /** Forget an entry (its append failed: the redelivery must be appended). Only if it is still `entry`. */
-  forget(deviceId: string, packetId: number, entry: RedeliveryEntry): void {
+  /** Forget the entry of a packet id (taken by its redelivery, or the device moved on); only `entry` when given. */
+  forget(deviceId: string, packetId: number, entry?: RedeliveryEntry): void {
     const t = this.devices.get(deviceId);
-    if (t?.get(packetId) !== entry) return;
+    if (!t || (entry !== undefined && t.get(packetId) !== entry)) return;
     t.delete(packetId);
+    if (t.size === 0) this.devices.delete(deviceId);
+  }
+
+  /** Drop a device's entries seeded from the journal (its first connection after the start ended). */
+  forgetSeeded(deviceId: string): void {
+    const t = this.devices.get(deviceId);
+    if (!t) return;
+    for (const [pid, e] of t) if (e.seeded) t.delete(pid);
     if (t.size === 0) this.devices.delete(deviceId);
   }
 

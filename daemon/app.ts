@@ -20,7 +20,7 @@ import { ApiServer } from '../api/api.js';
 import { CloudTokenClient } from '../bridge/cloud-token.js';
 import { Uplink } from '../bridge/uplink.js';
 import { Journal } from '../bridge/journal.js';
-import { Broker, PORT_KEYS } from '../broker/broker.js';
+import { Broker, PORT_KEYS, brokerSettings } from '../broker/broker.js';
 
 /** Ports actually bound (differs from the config when it says 0), reported in the `ready` log line. */
 export type BoundPorts = Map<string, number>;
@@ -89,7 +89,8 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   // the MQTT broker: after identity and the journal (it appends before PUBACK), before the API and the uplink;
   // the journal is its sink for uplink topics, the uplink its best-effort path for QoS 0
   const broker = new Broker({
-    config,
+    config: config.broker,
+    bridge: brokerSettings(config).bridge,
     logger,
     metrics,
     registry,
@@ -97,6 +98,8 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
     tokens,
     ...(journal ? { sink: journal, bestEffort: (meta, payload) => void uplink?.sendBestEffort(meta, payload) } : {}),
   });
+  // the lifecycle reloads with the whole config; the broker gets its own sections only
+  const brokerComponent: Component = { name: broker.name, start: () => broker.start(), close: () => broker.close(), status: () => broker.status(), reload: (next) => broker.reload(brokerSettings(next)) };
   ctx.broker = broker;
   if (journal && cloudTokens) {
     uplink = new Uplink({ config, journal, tokens: cloudTokens, commands: broker, logger, metrics });
@@ -131,6 +134,6 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   const tokenClient: Component | undefined = cloudTokens ? { name: 'cloud-token', start: async () => {}, close: () => cloudTokens.close() } : undefined;
 
   // start order: state first, then device-facing and cloud-facing parts, health and admin last
-  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), broker, api, ...(tokenClient && uplink ? [tokenClient, uplink] : []), health, portsOf, admin];
+  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), brokerComponent, api, ...(tokenClient && uplink ? [tokenClient, uplink] : []), health, portsOf, admin];
   return { ctx, components };
 }

@@ -108,6 +108,8 @@ export const configSchema = obj('edge-connector configuration', {
       keepalive_min_s: int(0, 0, 65535, 'smallest keepalive accepted (0 = any)'),
       keepalive_max_s: int(1200, 0, 65535, 'largest keepalive accepted (0 disables the check)'),
       connect_timeout_ms: int(10000, 100, 600000, 'time a new connection has to send CONNECT'),
+      max_retained_per_device: int(100, 0, 1000000, 'retained messages one device may hold; a retained PUBLISH over it is refused (connection closed, logged); 0 = devices may not retain'),
+      max_retained_bytes_per_device: int(1048576, 0, 268435455, 'bytes (payload + topic) of the retained messages one device may hold; a retained PUBLISH over it is refused (connection closed, logged)'),
     }),
     acl: obj('topic authorization beyond the built-in devices/{id}/... namespace', {
       groups: Type.Record(Type.String({ pattern: '^[A-Za-z0-9_.-]+$' }), aclRules, {

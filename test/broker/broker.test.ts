@@ -11,6 +11,7 @@ import { normalizeSerial } from '../../identity/registry.js';
 import { ConnectorError } from '../../core/errors.js';
 import type { PendingRecords, UplinkSink } from '../../core/ports.js';
 import { payloadDigest } from '../../broker/redelivery.js';
+import { brokerSettings } from '../../broker/broker.js';
 
 t.test('device connects with its certificate and with its token (TLS and WSS)', async (t) => {
   const fx = await brokerFixture(t);
@@ -311,7 +312,7 @@ t.test('reload: ACL rules, TLS certificate and limits change without dropping se
       limits: { max_payload_bytes: 1000 },
     },
   });
-  const changes = await fx.broker.reload(next);
+  const changes = await fx.broker.reload(brokerSettings(next));
   t.match(changes.join('\n'), /ACL rules updated/);
   t.match(changes.join('\n'), /TLS context reloaded/);
   t.match(changes.join('\n'), /limits updated/);
@@ -325,7 +326,7 @@ t.test('reload: ACL rules, TLS certificate and limits change without dropping se
   s.destroy();
   // a broken TLS file on reload keeps the old context and says so
   writeFileSync(keyFile, 'not a key');
-  const bad = await fx.broker.reload(buildConfig(fx.dir, { broker: { tls: { cert_file: certFile, key_file: keyFile } } }));
+  const bad = await fx.broker.reload(brokerSettings(buildConfig(fx.dir, { broker: { tls: { cert_file: certFile, key_file: keyFile } } })));
   t.match(bad.join('\n'), /TLS reload failed/);
   t.notOk(dropped);
 });
@@ -361,9 +362,9 @@ t.test('close is idempotent and bounded; refuses new work afterwards', async (t)
 t.test('a port in use gives a clear ECONN_LISTEN error and start cleans up', async (t) => {
   const fx = await brokerFixture(t);
   const port = fx.port('tls');
-  const { Broker } = await import('../../broker/broker.js');
+  const { Broker, brokerSettings } = await import('../../broker/broker.js');
   const cfg = buildConfig(fx.dir, { broker: { listeners: { tls: { port } } } });
-  const b2 = new Broker({ config: cfg, logger: fx.logs.logger, registry: fx.registry, pki: fx.pki, tokens: fx.tokens });
+  const b2 = new Broker({ config: cfg.broker, bridge: brokerSettings(cfg).bridge, logger: fx.logs.logger, registry: fx.registry, pki: fx.pki, tokens: fx.tokens });
   t.teardown(() => b2.close());
   await t.rejects(b2.start(), { code: 'ECONN_LISTEN', message: /broker\.listeners\.tls\.port/ });
 });
@@ -505,4 +506,182 @@ t.test('after a restart, the journal seeds the redelivery table: a DUP 1 resend 
   pub(Buffer.from('something else'));
   await waitFor(() => acked(9) === 2, 5000, 'PUBACK');
   t.same(appended.map(String), ['something else'], 'a different payload under the same packet id is journaled');
+});
+
+t.test('a connection that closes while its token is being verified leaves no session behind', async (t) => {
+  // the token verifier holds every verification until the test lets it go (the real one is async too)
+  let release: () => void = () => {};
+  const gate = new Promise<void>((r) => (release = r));
+  let verifying: Promise<unknown> | undefined;
+  let started: () => void = () => {};
+  const verifyStarted = new Promise<void>((r) => (started = r));
+  const fx = await brokerFixture(t, {
+    broker: {
+      tokens: {
+        verify: (token: string) => {
+          started();
+          verifying = gate.then(() => fx.tokens.verify(token));
+          return verifying as ReturnType<typeof fx.tokens.verify>;
+        },
+      },
+    },
+  });
+  const d = await fx.addDevice('dev-j');
+  const sock = tls.connect({ host: '127.0.0.1', port: fx.port('tls'), ca: fx.ca, servername: 'localhost' });
+  t.teardown(() => sock.destroy());
+  await once(sock, 'secureConnect');
+  sock.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: 'dev-j', keepalive: 60, username: 'dev-j', password: Buffer.from(d.token) }));
+  await verifyStarted;
+  sock.destroy();
+  await waitFor(() => (fx.broker.status() as { listeners: { tls: { connections: number } } }).listeners.tls.connections === 0, 5000, 'socket closed on the server');
+  release();
+  await verifying;
+  await new Promise((r) => setImmediate(r)); // the authenticate continuation runs right after the verification settled
+  t.equal((fx.broker.status() as { sessions: number }).sessions, 0, 'no session registered for the closed connection');
+  t.notOk(fx.broker.isConnected('dev-j'), 'the device is not reported connected');
+  // and the device can connect normally afterwards
+  const c = await fx.connect({ clientId: 'dev-j', username: 'dev-j', password: d.token });
+  t.ok(fx.broker.isConnected('dev-j'));
+  await c.endAsync();
+  await waitFor(() => (fx.broker.status() as { sessions: number }).sessions === 0, 5000, 'session removed on disconnect');
+  t.pass('sessions back to 0');
+});
+
+t.test('a DUP 1 publish that reuses an ACKNOWLEDGED packet id with the same topic and payload is a new message: journaled', async (t) => {
+  const sink = new FakeSink();
+  const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
+  const d = await fx.addDevice('dev-u');
+  const topic = 'devices/dev-u/telemetry/door';
+  const pub = (c: RawDevice, dup: boolean): void => c.send({ cmd: 'publish', topic, payload: Buffer.from('open'), qos: 1, dup, retain: false, messageId: 5 });
+  // first message, acknowledged
+  const c1 = await rawDevice(t, fx, d, 'dev-u');
+  await waitFor(() => fx.broker.isConnected('dev-u'), 5000, 'registered');
+  pub(c1, false);
+  await waitFor(() => c1.acked(5) === 1, 5000, 'PUBACK');
+  // the device reuses id 5 (allowed after the PUBACK, MQTT-2.3.1-3) for a new, identical reading; that send is lost
+  // with the connection, so it re-sends it with DUP 1 on the next one (MQTT-3.3.1-1)
+  c1.sock.destroy();
+  await waitFor(() => !fx.broker.isConnected('dev-u'), 5000, 'old connection gone');
+  const c2 = await rawDevice(t, fx, d, 'dev-u');
+  await waitFor(() => fx.broker.isConnected('dev-u'), 5000, 'registered');
+  pub(c2, true);
+  await waitFor(() => c2.acked(5) === 1, 5000, 'PUBACK');
+  t.equal(sink.appended.length, 2, 'the new message was journaled, not acknowledged and dropped');
+  // and on the same connection: after its PUBACK, the id is free again
+  pub(c2, true);
+  await waitFor(() => c2.acked(5) === 2, 5000, 'PUBACK');
+  t.equal(sink.appended.length, 3, 'a DUP 1 re-use on the same connection after the PUBACK is journaled too');
+  t.equal(fx.logs.find({ msg: 'QoS 1 redelivery (DUP 1) of a message already journaled: acknowledged, not journaled again' }).length, 0, 'never taken for a redelivery');
+});
+
+t.test('journal-seeded redelivery entries are honoured on the first connection after a start only', async (t) => {
+  const topic = 'devices/dev-s/telemetry/t';
+  const before = Buffer.from('journaled-before-the-crash');
+  const appended: Buffer[] = [];
+  const sink: UplinkSink & PendingRecords = {
+    append: async (meta, payload) => {
+      appended.push(payload);
+      return { id: `new-${appended.length}`, size: payload.length, sha256: '' };
+    },
+    appendStream: async () => {
+      throw new Error('not used');
+    },
+    pending: (afterSeq = -1) =>
+      afterSeq >= 0 ? [] : [{ id: 'old-1', seq: 0, size: before.length, sha256: payloadDigest(before), meta: { deviceId: 'dev-s', topic, qos: 1, receivedAt: Date.now(), packetId: 3 } }],
+  };
+  const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
+  const d = await fx.addDevice('dev-s');
+  const c1 = await rawDevice(t, fx, d, 'dev-s');
+  await waitFor(() => fx.broker.isConnected('dev-s'), 5000, 'registered');
+  c1.sock.destroy(); // the first connection re-sent nothing
+  await waitFor(() => !fx.broker.isConnected('dev-s'), 5000, 'first connection gone');
+  const c2 = await rawDevice(t, fx, d, 'dev-s');
+  c2.send({ cmd: 'publish', topic, payload: before, qos: 1, dup: true, retain: false, messageId: 3 });
+  await waitFor(() => c2.acked(3) === 1, 5000, 'PUBACK');
+  t.same(appended.map(String), [before.toString()], 'on a later connection the same id, topic and payload is journaled (it may be a new message)');
+});
+
+t.test('retained messages are bounded per device (count and bytes); over the cap: refused and logged', async (t) => {
+  const fx = await brokerFixture(t, {
+    overrides: { broker: { limits: { max_retained_per_device: 2, max_retained_bytes_per_device: 200 }, listeners: { local: { enabled: true } } } },
+  });
+  const d = await fx.addDevice('dev-m');
+  const e = await fx.addDevice('dev-n');
+  const c = await fx.connect({ clientId: 'dev-m', cert: d.cert, key: d.key });
+  await c.publishAsync('devices/dev-m/a', 'x', { qos: 1, retain: true });
+  await c.publishAsync('devices/dev-m/b', 'x', { qos: 1, retain: true });
+  await c.publishAsync('devices/dev-m/a', 'replaced', { qos: 1, retain: true });
+  t.pass('two retained messages, and replacing one of them, are accepted');
+  const closed = waitEvent(c, 'close');
+  let acked = false;
+  c.publish('devices/dev-m/c', 'x', { qos: 1, retain: true }, (err) => (acked = !err));
+  await closed;
+  t.notOk(acked, 'a third retained message is refused (not acknowledged, connection closed)');
+  t.equal(fx.logs.find({ code: 'ECONN_BROKER_LIMIT', msg: 'retained publish refused: over the per-device retained limit; connection closed' }).length, 1, 'one log line');
+  // what is retained is exactly what was accepted
+  const watcher = await fx.connect({ listener: 'local', clientId: 'watcher' });
+  const got: string[] = [];
+  watcher.on('message', (topic, payload) => got.push(`${topic}=${payload.toString()}`));
+  await watcher.subscribeAsync('devices/dev-m/#', { qos: 1 });
+  await waitFor(() => got.length === 2, 5000, 'retained messages');
+  t.same(got.sort(), ['devices/dev-m/a=replaced', 'devices/dev-m/b=x']);
+  // deleting one frees its slot; a non-retained publish is never limited
+  const c2 = await fx.connect({ clientId: 'dev-m', cert: d.cert, key: d.key });
+  await c2.publishAsync('devices/dev-m/b', '', { qos: 1, retain: true });
+  await c2.publishAsync('devices/dev-m/c', 'x', { qos: 1, retain: true });
+  await c2.publishAsync('devices/dev-m/d', 'x', { qos: 1, retain: false });
+  t.ok(c2.connected, 'after a delete, a new retained message fits');
+  // bytes: payload + topic over 200 bytes
+  const c3 = await fx.connect({ clientId: 'dev-n', cert: e.cert, key: e.key });
+  const closed3 = waitEvent(c3, 'close');
+  c3.publish('devices/dev-n/big', Buffer.alloc(300), { qos: 1, retain: true });
+  await closed3;
+  t.equal(fx.logs.find({ code: 'ECONN_BROKER_LIMIT', msg: 'retained publish refused: over the per-device retained limit; connection closed' }).length, 2, 'byte cap refused and logged');
+  t.ok(c2.connected, 'the other device is unaffected');
+});
+
+t.test('revoking a device removes its retained messages and its persistent session; other devices keep theirs', async (t) => {
+  const sink = new FakeSink();
+  const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true }, broker: { listeners: { local: { enabled: true } } } } });
+  const d = await fx.addDevice('dev-v');
+  const o = await fx.addDevice('dev-w');
+  // a persistent session with a subscription, a retained message, and another device's retained message
+  const c = await fx.connect({ clientId: 'dev-v', cert: d.cert, key: d.key, clean: false });
+  await c.subscribeAsync('devices/dev-v/commands/#', { qos: 1 });
+  await c.publishAsync('devices/dev-v/state', 'on', { qos: 1, retain: true });
+  const other = await fx.connect({ clientId: 'dev-w', cert: o.cert, key: o.key });
+  await other.publishAsync('devices/dev-w/state', 'on', { qos: 1, retain: true });
+  await c.endAsync();
+  // while it is offline, a command is queued for it
+  const app = await fx.connect({ listener: 'local', clientId: 'app' });
+  await app.publishAsync('devices/dev-v/commands/reboot', 'now', { qos: 1 });
+  t.equal(sink.appended.filter((x) => x.meta.deviceId === 'dev-v').length, 1, 'its acknowledged message is in the journal (it keeps flowing upstream)');
+
+  const purged = waitEvent<{ deviceId: string; retained: number; subscriptions: number; queued: number }>(fx.broker, 'device-purged');
+  await fx.registry.revoke('dev-v');
+  const r = await purged;
+  t.match(r, { deviceId: 'dev-v', retained: 1, subscriptions: 1, queued: 1 }, 'retained message, subscription and queued message removed');
+  t.ok(fx.logs.find({ msg: 'revoked device: its retained messages and persistent session were removed from the broker', deviceId: 'dev-v' }).length === 1, 'logged');
+
+  // a new subscriber sees the other device's retained message only
+  const watcher = await fx.connect({ listener: 'local', clientId: 'watcher' });
+  const got: string[] = [];
+  watcher.on('message', (topic) => got.push(topic));
+  await watcher.subscribeAsync('devices/+/state', { qos: 1 });
+  await app.publishAsync('devices/dev-w/marker', 'm', { qos: 1 });
+  await watcher.subscribeAsync('devices/dev-w/marker', { qos: 1 });
+  await app.publishAsync('devices/dev-w/marker', 'm', { qos: 1 });
+  await waitFor(() => got.includes('devices/dev-w/marker'), 5000, 'marker');
+  t.same(got.filter((x) => x.endsWith('/state')), ['devices/dev-w/state'], "only the other device's retained message is left");
+
+  // registered again (an operator's explicit action), the id starts from nothing: no session, no queued command
+  await fx.registry.create('dev-v', {});
+  const b = await fx.pki.issueDeviceBundle('dev-v', 'ec');
+  await fx.registry.addCertificate('dev-v', { serial: b.serial, fingerprint256: b.fingerprint256, not_after: b.notAfter.toISOString() });
+  const raw = await rawDevice(t, fx, b, 'dev-v', false);
+  t.match(raw.received[0], { cmd: 'connack', returnCode: 0, sessionPresent: false }, 'no session present');
+  await waitFor(() => fx.broker.isConnected('dev-v'), 5000, 'registered');
+  raw.send({ cmd: 'pingreq' });
+  await waitFor(() => raw.received.some((p) => p.cmd === 'pingresp'), 5000, 'PINGRESP');
+  t.same(raw.received.filter((p) => p.cmd === 'publish'), [], 'the command queued for the revoked device is not delivered');
 });

@@ -17,7 +17,7 @@ import { createLogger, type Logger } from '../../core/logger.js';
 import { DeviceRegistry } from '../../identity/registry.js';
 import { LocalPki, initPki } from '../../identity/pki.js';
 import { TokenService, initTokenKeys } from '../../identity/tokens.js';
-import { Broker, type BrokerOptions } from '../../broker/broker.js';
+import { Broker, brokerSettings, type BrokerOptions } from '../../broker/broker.js';
 import type { UplinkSink } from '../../core/ports.js';
 import { tempDir, testConfig, type Json, type TestLike } from './daemon.js';
 
@@ -111,7 +111,7 @@ export async function brokerFixture(
   const tokens = new TokenService({ stateDir: dir, config: config.identity.jwt, registry, logger, ...(opts.tokenNow ? { now: opts.tokenNow } : {}) });
   await tokens.start();
   t.teardown(() => tokens.close());
-  const broker = new Broker({ config, logger, registry, pki, tokens, crlPollMs: 50, ...(opts.sink ? { sink: opts.sink } : {}), ...opts.broker });
+  const broker = new Broker({ config: config.broker, bridge: brokerSettings(config).bridge, logger, registry, pki, tokens, crlPollMs: 50, ...(opts.sink ? { sink: opts.sink } : {}), ...opts.broker });
   t.teardown(() => broker.close());
   await broker.start();
   const ca = pki.caCertificatePem();
