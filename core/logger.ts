@@ -1,5 +1,13 @@
 /**
- * The one root logger (pino, JSON to stdout for journald) and its redaction.
+ * The one root logger and its redaction. Two renderings of the same lines:
+ *  - JSON, one object per line (journald, log shippers): when stdout is not a
+ *    terminal, or with `log.format: json`;
+ *  - pretty, one readable line per event (time, level, [component] device,
+ *    message, then the fields) through pino-pretty: when stdout is a terminal,
+ *    or with `log.format: pretty` (`npm start` sets it).
+ * Redaction runs before either rendering (formatters + hooks below), so both
+ * show exactly the same redacted content. An optional LogRing keeps the last
+ * warnings and errors (as written, so redacted) for the local status page.
  *
  * Secrets are removed wherever they appear, not only at known paths:
  *  - any property whose name looks like a credential (authorization, password,
@@ -10,6 +18,7 @@
  * per-device children `{ deviceId }`.
  */
 import { pino, type Logger, type DestinationStream, type LevelWithSilent } from 'pino';
+import pinoPretty from 'pino-pretty';
 
 export type { Logger } from 'pino';
 
@@ -54,14 +63,127 @@ export function redactValue(value: unknown, depth = 0, seen = new WeakSet<object
   return out;
 }
 
+export const LOG_FORMATS = ['auto', 'pretty', 'json'] as const;
+export type LogFormat = (typeof LOG_FORMATS)[number];
+
+/** One warning or error as the status page shows it (taken from the written, redacted line). */
+export interface LogEntry {
+  time: string;
+  level: string;
+  component?: string;
+  deviceId?: string;
+  code?: string;
+  msg: string;
+}
+
+const MAX_ENTRY_MSG = 500;
+
+/**
+ * The last N warnings and errors, fed by the root logger as one more pino
+ * destination (warn and above only): it sees each line after redaction, costs
+ * nothing for info/debug lines, and holds at most `size` entries.
+ */
+export class LogRing {
+  private readonly buf: (LogEntry | undefined)[];
+  private next = 0;
+  private count = 0;
+
+  constructor(readonly size = 20) {
+    this.buf = new Array<LogEntry | undefined>(size);
+  }
+
+  /** The pino destination (used by createLogger with level 'warn'). */
+  readonly stream: DestinationStream = {
+    write: (line: string): void => {
+      let o: Record<string, unknown>;
+      try {
+        o = JSON.parse(line) as Record<string, unknown>;
+      } catch {
+        return;
+      }
+      this.add(o);
+    },
+  };
+
+  private add(o: Record<string, unknown>): void {
+    const s = (v: unknown): string | undefined => (typeof v === 'string' && v !== '' ? v : undefined);
+    const err = typeof o.err === 'object' && o.err !== null ? (o.err as Record<string, unknown>) : undefined;
+    let msg = s(o.msg) ?? s(err?.message) ?? '';
+    if (msg.length > MAX_ENTRY_MSG) msg = `${msg.slice(0, MAX_ENTRY_MSG)}…`;
+    const e: LogEntry = { time: s(o.time) ?? new Date().toISOString(), level: s(o.level) ?? 'warn', msg: redactString(msg) };
+    const component = s(o.component);
+    const deviceId = s(o.deviceId) ?? s(o.device_id);
+    const code = s(o.code) ?? s(err?.code);
+    if (component) e.component = component;
+    if (deviceId) e.deviceId = deviceId;
+    if (code) e.code = code;
+    this.buf[this.next] = e;
+    this.next = (this.next + 1) % this.size;
+    this.count = Math.min(this.count + 1, this.size);
+  }
+
+  /** Newest first. */
+  entries(): LogEntry[] {
+    const out: LogEntry[] = [];
+    for (let i = 1; i <= this.count; i++) {
+      const e = this.buf[(this.next - i + this.size) % this.size];
+      if (e) out.push({ ...e });
+    }
+    return out;
+  }
+}
+
 export interface LoggerOptions {
   level?: LevelWithSilent;
-  /** Where JSON lines go; stdout when absent. Tests pass a stream to inspect output. */
+  /** Where lines go; stdout when absent. Tests pass a stream to inspect output. */
   destination?: DestinationStream;
   base?: Record<string, unknown>;
+  /**
+   * `json`: one JSON object per line. `pretty`: one readable line per event (pino-pretty).
+   * `auto` (default): pretty when writing to stdout and stdout is a terminal, else JSON.
+   */
+  format?: LogFormat;
+  /** Whether stdout is a terminal (for `auto`); process.stdout.isTTY when absent. */
+  isTTY?: boolean;
+  /** Also keep the last warnings and errors here (for the status page). */
+  ring?: LogRing;
+}
+
+/** Whether `format` renders pretty lines: `auto` means a terminal on stdout (never for an explicit destination). */
+export function usesPretty(opts: Pick<LoggerOptions, 'format' | 'destination' | 'isTTY'>): boolean {
+  const format = opts.format ?? 'auto';
+  if (format !== 'auto') return format === 'pretty';
+  return !opts.destination && (opts.isTTY ?? process.stdout.isTTY === true);
+}
+
+function prettyStream(destination: DestinationStream | undefined, colorize: boolean): DestinationStream {
+  // Handed to pino as a plain { write }: pino would otherwise tell pino-pretty its errorKey,
+  // which turns `err` back into a multi-line block. Labels and message key are pino's defaults.
+  const pretty = pinoPretty({
+    destination: destination ?? 1,
+    sync: destination !== undefined,
+    colorize,
+    singleLine: true,
+    // an error stays on its line too: code and message inline, the stack only in JSON
+    errorLikeObjectKeys: [],
+    translateTime: 'SYS:yyyy-mm-dd HH:MM:ss.l',
+    ignore: 'pid,hostname,component,deviceId,err.stack',
+    messageFormat: '{if component}[{component}] {end}{if deviceId}{deviceId}: {end}{msg}',
+  });
+  return { write: (line: string) => void pretty.write(line) };
 }
 
 export function createLogger(opts: LoggerOptions = {}): Logger {
+  const pretty = usesPretty(opts);
+  const main: DestinationStream = pretty
+    ? prettyStream(opts.destination, !opts.destination && (opts.isTTY ?? process.stdout.isTTY === true))
+    : (opts.destination ?? pino.destination({ dest: 1, sync: false }));
+  const stream = opts.ring
+    ? pino.multistream([
+        { level: 'trace', stream: main },
+        { level: 'warn', stream: opts.ring.stream },
+      ])
+    : main;
   return pino(
     {
       level: opts.level ?? 'info',
@@ -83,7 +205,7 @@ export function createLogger(opts: LoggerOptions = {}): Logger {
         err: (e: unknown) => redactValue(e),
       },
     },
-    opts.destination ?? pino.destination({ dest: 1, sync: false }),
+    stream,
   );
 }
 

@@ -4,12 +4,25 @@
  *  GET /healthz  200 while the process is alive and its event loop turns
  *  GET /readyz   200 once every component started (listeners bound, journal
  *                replayed) and every readiness check passes; 503 with reasons otherwise
+ *  GET /         the status page (daemon/status-page.ts), once the daemon set one
+ *  GET /status.json  its data
+ * Only GET and HEAD (405 with Allow otherwise). Every response carries the API's
+ * security headers; the page's Content-Security-Policy allows only its own
+ * inline style and script (by hash) and requests to this listener.
  */
 import http from 'node:http';
 import { collectDefaultMetrics, Registry } from 'prom-client';
 import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
 import { listen, closeServer } from '../core/net.js';
+import { SECURITY_HEADERS } from '../api/api.js';
+
+/** What the status page routes serve: the page (fixed) and its data (built per request). */
+export interface StatusPageSource {
+  html: string;
+  csp: string;
+  json(): unknown;
+}
 
 export type ReadinessCheck = () => { ok: boolean; reason?: string };
 
@@ -25,6 +38,7 @@ export class HealthServer implements Component {
   private ready = false;
   private readonly checks = new Map<string, ReadinessCheck>();
   private readonly log: Logger;
+  private page: StatusPageSource | undefined;
   boundPort = 0;
 
   constructor(
@@ -37,6 +51,11 @@ export class HealthServer implements Component {
 
   addReadinessCheck(name: string, check: ReadinessCheck): void {
     this.checks.set(name, check);
+  }
+
+  /** Serve the status page at / and its data at /status.json. */
+  setStatusPage(page: StatusPageSource): void {
+    this.page = page;
   }
 
   setReady(ready: boolean): void {
@@ -68,12 +87,14 @@ export class HealthServer implements Component {
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const url = (req.url ?? '/').split('?')[0];
-    const json = (status: number, body: unknown): void => {
-      res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store' });
+    const json = (status: number, body: unknown, extra: Record<string, string> = {}): void => {
+      res.writeHead(status, { ...SECURITY_HEADERS, 'content-type': 'application/json', 'cache-control': 'no-store', ...extra });
       res.end(JSON.stringify(body));
     };
     try {
-      if (req.method !== 'GET' && req.method !== 'HEAD') return json(405, { error: 'method not allowed', code: 'ECONN_BAD_REQUEST' });
+      if (req.method !== 'GET' && req.method !== 'HEAD') {
+        return json(405, { error: 'method not allowed', code: 'ECONN_BAD_REQUEST', message: 'this listener is read-only: GET or HEAD' }, { allow: 'GET, HEAD' });
+      }
       if (url === '/healthz') return json(200, { status: 'alive' });
       if (url === '/readyz') {
         const r = this.readiness();
@@ -81,11 +102,17 @@ export class HealthServer implements Component {
       }
       if (url === '/metrics') {
         const body = await this.registry.metrics();
-        res.writeHead(200, { 'content-type': this.registry.contentType });
+        res.writeHead(200, { ...SECURITY_HEADERS, 'content-type': this.registry.contentType });
         res.end(body);
         return;
       }
-      json(404, { error: 'not found', code: 'ECONN_NOT_FOUND', message: 'try /metrics, /healthz or /readyz' });
+      if (this.page && (url === '/' || url === '/index.html')) {
+        res.writeHead(200, { ...SECURITY_HEADERS, 'content-type': 'text/html; charset=utf-8', 'content-security-policy': this.page.csp });
+        res.end(this.page.html);
+        return;
+      }
+      if (this.page && url === '/status.json') return json(200, this.page.json());
+      json(404, { error: 'not found', code: 'ECONN_NOT_FOUND', message: `try ${this.page ? '/ (status page), /status.json, ' : ''}/metrics, /healthz or /readyz` });
     } catch (err) {
       this.log.error({ err }, 'metrics request failed');
       if (!res.headersSent) json(500, { error: 'internal error', code: 'ECONN_INTERNAL' });

@@ -8,7 +8,7 @@
 import type { Config } from '../core/config/schema.js';
 import { deepFreeze, valueAt, walkConfig } from '../core/config/walk.js';
 import { loadConfig } from '../core/config/load.js';
-import { createLogger } from '../core/logger.js';
+import { createLogger, LogRing } from '../core/logger.js';
 import { runInit } from './init.js';
 import { buildDaemon, initSteps } from './app.js';
 import { Lifecycle } from './lifecycle.js';
@@ -18,9 +18,10 @@ import type { Logger } from '../core/logger.js';
 import { explain, exitCodeFor } from './explain.js';
 
 import { SystemdNotifier } from './notify.js';
-import { daemonStatus, statusLine, summarize } from './status.js';
+import { daemonStatus, statusLine, summarize, type DaemonStatus } from './status.js';
 import { registerRotation } from './rotation.js';
 import { DaemonMetrics } from './metrics.js';
+import { StatusPage, statusPageHtml } from './status-page.js';
 
 /** Keys marked x-restart keep their running value on reload; returns the merged (frozen) config and what was kept. */
 export function mergeRestartKeys(running: Config, next: Config): { merged: Config; needsRestart: string[] } {
@@ -56,14 +57,18 @@ export interface DaemonSeam {
 
 export async function runDaemon(configFile: string, seam: DaemonSeam = {}): Promise<number> {
   let config: Config;
+  let warnings: string[];
   try {
-    config = loadConfig(configFile).config;
+    ({ config, warnings } = loadConfig(configFile));
   } catch (err) {
     explain(err);
     return exitCodeFor(err);
   }
-  const logger = createLogger({ level: config.log.level });
+  // the last warnings and errors, as written (redacted), for the status page
+  const logRing = new LogRing(20);
+  const logger = createLogger({ level: config.log.level, format: config.log.format, ring: logRing });
   const log = logger.child({ component: 'daemon' });
+  for (const w of warnings) log.warn(`configuration: ${w}`);
 
   const fatal = (err: unknown, what: string): void => {
     log.fatal({ err }, `${what}; exiting so that systemd restarts the daemon`);
@@ -97,7 +102,10 @@ export async function runDaemon(configFile: string, seam: DaemonSeam = {}): Prom
     devices: () => daemon.ctx.identity?.registry,
     journal: () => daemon.ctx.journal,
   });
-  const lifecycle = new Lifecycle([...components, daemonMetrics], logger, config.daemon.shutdown_timeout_ms);
+  // the status page (GET / and /status.json on the metrics listener) samples counters, so it starts after them
+  const statusPage: StatusPage = new StatusPage({ registry: daemon.ctx.metrics, status: (): DaemonStatus => statusOf(), logs: logRing });
+  daemon.ctx.health.setStatusPage({ ...statusPageHtml(), json: () => statusPage.json() });
+  const lifecycle = new Lifecycle([...components, daemonMetrics, statusPage], logger, config.daemon.shutdown_timeout_ms);
   const startedAt = Date.now();
   const statusOf = () => daemonStatus(daemon.ctx, lifecycle, { startedAt, watchdog: notifier.active ? notifier.watchdog() : undefined });
 

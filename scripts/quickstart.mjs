@@ -1,6 +1,9 @@
 #!/usr/bin/env node
 // `npm start`: the reference cloud on loopback (`connector cloud`, state in ./cloud-data)
 // and the daemon on the bundled connector.yaml, side by side. Ctrl-C stops both.
+// The daemon writes readable log lines here (log.format: pretty, unless
+// CONNECTOR_LOG_FORMAT says otherwise); its status page is at
+// http://127.0.0.1:9464/ (the metrics listener).
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -10,8 +13,10 @@ const cli = path.join(root, 'dist/daemon/cli.js');
 const children = [];
 let stopping = false;
 
+const env = { ...process.env, CONNECTOR_LOG_FORMAT: process.env.CONNECTOR_LOG_FORMAT ?? 'pretty' };
+
 function run(name, args) {
-  const p = spawn(process.execPath, [cli, ...args], { cwd: root, stdio: ['ignore', 'inherit', 'inherit'] });
+  const p = spawn(process.execPath, [cli, ...args], { cwd: root, env, stdio: ['ignore', 'inherit', 'inherit'] });
   p.on('exit', (code, signal) => {
     process.stderr.write(`[quickstart] ${name} exited (${code ?? signal})\n`);
     if (!stopping) stop(code ?? 1);
@@ -35,3 +40,4 @@ process.on('SIGTERM', () => stop(0));
 
 run('cloud', ['cloud']);
 run('connector', ['start', '-c', path.join(root, 'connector.yaml')]);
+process.stderr.write('[quickstart] status page: http://127.0.0.1:9464/  (metrics: /metrics, readiness: /readyz)\n');

@@ -34,6 +34,8 @@ export interface LoadOptions {
 export interface LoadedConfig {
   config: Config;
   file: string;
+  /** Valid but worth a look (`FILE:LINE:COL key.path: message`); check-config prints them, the daemon logs them. */
+  warnings: string[];
 }
 
 let compiled: ValidateFunction | undefined;
@@ -141,7 +143,7 @@ export function parseConfigText(text: string, file: string, opts: LoadOptions = 
     }
   }
   if (problems.length > 0) throw new ConfigError('ECONN_CONFIG_INVALID', problems);
-  return { config: deepFreeze(data as Config), file };
+  return { config: deepFreeze(data as Config), file, warnings: configWarnings(cfg, (p) => where(p)) };
 }
 
 function pointerToPath(p: string): string[] {
@@ -256,6 +258,17 @@ function applyEnvOverrides(data: Record<string, unknown>, env: NodeJS.ProcessEnv
 }
 
 const LOOPBACK = (h: string): boolean => h === 'localhost' || h === '::1' || (isIP(h) === 4 && h.startsWith('127.'));
+
+/** Valid settings an operator should know the consequence of. */
+function configWarnings(cfg: Config, where: (ptr: string) => string): string[] {
+  const warnings: string[] = [];
+  if (cfg.metrics.enabled && !LOOPBACK(cfg.metrics.host)) {
+    warnings.push(
+      `${where('/metrics/host')} metrics.host: "${cfg.metrics.host}" is not a loopback address: /metrics, /readyz and the status page (no authentication) are reachable from the network; keep 127.0.0.1 and reach them through an SSH tunnel or a local agent (docs/operations.md)`,
+    );
+  }
+  return warnings;
+}
 
 function semanticChecks(cfg: Config, problems: string[], where: (ptr: string) => string): void {
   const local = cfg.broker.listeners.local;

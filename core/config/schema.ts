@@ -66,6 +66,7 @@ export const configSchema = obj('edge-connector configuration', {
   }),
   log: obj('logging', {
     level: oneOf('info', ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], 'minimum level written to stdout'),
+    format: oneOf('auto', ['auto', 'pretty', 'json'], 'how lines are written: json = one JSON object per line (journald, log shippers), pretty = one readable line per event (time, level, component, device, message, fields), auto = pretty when stdout is a terminal, else json; redaction applies to both', { 'x-restart': true }),
   }),
   broker: obj('the embedded MQTT 3.1.1 broker (aedes) devices connect to', {
     listeners: obj('device-facing listeners', {
@@ -184,8 +185,8 @@ export const configSchema = obj('edge-connector configuration', {
     }),
   }),
   metrics: obj('Prometheus metrics and health endpoints', {
-    enabled: bool(true, 'serve /metrics, /healthz and /readyz', { 'x-restart': true }),
-    host: host('127.0.0.1', 'the metrics endpoint'),
+    enabled: bool(true, 'serve /metrics, /healthz, /readyz and the status page (/ and /status.json)', { 'x-restart': true }),
+    host: str('127.0.0.1', 'address the metrics endpoint and the status page bind to; keep it on loopback (they have no authentication; check-config warns about any other address)', { minLength: 1, 'x-restart': true }),
     port: port(9464, 'the metrics endpoint'),
     uplink_stale_after_s: int(120, 1, 86400, 'not ready when the oldest unacknowledged message is older than this'),
   }),

@@ -20,15 +20,17 @@ export const baseCommands: Command[] = [
   {
     path: ['check-config'],
     summary: 'validate the configuration and print ok or every error',
-    usage: 'connector check-config [-c FILE]\n\nPrints "ok" and exits 0, or prints every problem as FILE:LINE:COL key.path: message and exits 78.',
+    usage: 'connector check-config [-c FILE]\n\nPrints "ok" and exits 0, or prints every problem as FILE:LINE:COL key.path: message and exits 78.\nWarnings (valid settings worth a look, e.g. the metrics listener off loopback) go to stderr and do not change the exit code.',
     options: CONFIG_OPTION,
     run: async ({ values }) => {
+      let warnings: string[];
       try {
-        loadConfig(configPathOf(values));
+        ({ warnings } = loadConfig(configPathOf(values)));
       } catch (err) {
         explain(err);
         return exitCodeFor(err);
       }
+      for (const w of warnings) process.stderr.write(`warning: ${w}\n`);
       process.stdout.write('ok\n');
       return EXIT.OK;
     },
