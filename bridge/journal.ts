@@ -33,6 +33,8 @@
  *   journal.on('append', (rec: JournalRecord) => …)   a record became durable and pending
  *   journal.on('removed', (ev: {id, seq, reason}) => …) a pending record left without an ack:
  *                                                      reason 'overflow' | 'ttl' | 'corrupt' | 'quarantine'
+ *   journal.on('unwritable', (err) => …) / on('writable', () => …)   a write failed (appends are
+ *        refused with ECONN_JOURNAL_IO) / a probe write succeeded (appends accepted again)
  *   journal.pending(afterSeq = -1, limit = 1024): JournalRecord[]
  *        unacknowledged records with seq > afterSeq, in order (expired ones are dropped, records
  *        whose bytes fail their CRC are dropped as corrupt — never returned, never retried).
@@ -233,6 +235,13 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
 
   private sweepTimer: NodeJS.Timeout | undefined;
   private readonly m: JournalMetrics;
+  /** Work started without a caller waiting for it (quarantine copies); close() waits for it. */
+  private readonly bg = new Set<Promise<void>>();
+
+  private background(p: Promise<void>): void {
+    this.bg.add(p);
+    void p.finally(() => this.bg.delete(p));
+  }
 
   constructor(opts: JournalOptions) {
     super();
@@ -304,6 +313,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       clearTimeout(timer);
     }
     this.writer.rejectAll(new StorageError('ECONN_CLOSED', 'journal closed before the message was written'));
+    await Promise.race([Promise.allSettled([...this.bg]), bounded]);
     await this.ackLog.close();
     for (const seg of this.segs) seg.closeFds();
   }
@@ -854,6 +864,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     this.rollNext = true;
     if (first) {
       this.log.error({ err: e, code: 'ECONN_JOURNAL_IO', stage, refused: refused.length }, 'journal write failed: new messages are refused (not acknowledged) until the disk accepts writes again; nothing acknowledged is lost');
+      this.emit('unwritable', e);
     }
     this.startProbe();
   }
@@ -893,6 +904,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     }
     this.log.warn({ code: 'ECONN_JOURNAL_IO', since: new Date(this.broken.since).toISOString() }, 'journal writable again: accepting messages');
     this.broken = undefined;
+    this.emit('writable');
     if (this.probeTimer) clearInterval(this.probeTimer);
     this.probeTimer = undefined;
     if (this.doneSince.length || this.ackDirty) this.scheduleAckFlush();
@@ -1115,8 +1127,10 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     this.drop(seg, slot, 'corrupt');
     this.scheduleAckFlush();
     const base = `corrupt-${id}`;
-    void this.writeQuarantine(base, raw, JSON.stringify({ id, segment: seg.name, offset: seg.offsets[slot], reason, at: new Date(this.wall()).toISOString() }) + '\n').catch((err: unknown) =>
-      this.log.warn({ err, id }, 'could not keep the bytes of a corrupt journal record'),
+    this.background(
+      this.writeQuarantine(base, Buffer.from(raw), JSON.stringify({ id, segment: seg.name, offset: seg.offsets[slot], reason, at: new Date(this.wall()).toISOString() }) + '\n').catch((err: unknown) =>
+        this.log.warn({ err, id }, 'could not keep the bytes of a corrupt journal record'),
+      ),
     );
   }
 
@@ -1387,7 +1401,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
   private async flushAcks(): Promise<void> {
     // bounded: at most one flush runs; a waiting one follows it
     while (this.ackFlushing) await this.ackFlushing.catch(() => {});
-    if (this.broken || !this.ackOpen) return;
+    if (!this.ackOpen) return;
     const d = this.ackDeferred;
     this.ackDeferred = deferred();
     this.ackDirty = false;
