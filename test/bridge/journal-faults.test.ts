@@ -72,6 +72,16 @@ async function rejectsCode(t: Test, p: Promise<unknown>, code: string, msg: stri
   }
 }
 
+/** An event, or an error after `ms` (a timer keeps the process alive while waiting). */
+async function eventWithin(emitter: NodeJS.EventEmitter, name: string, ms: number): Promise<void> {
+  let guard: NodeJS.Timeout | undefined;
+  try {
+    await Promise.race([once(emitter, name), new Promise((_, reject) => (guard = setTimeout(() => reject(new Error(`no '${name}' event within ${ms} ms`)), ms)))]);
+  } finally {
+    clearTimeout(guard);
+  }
+}
+
 function segments(dir: string): string[] {
   return readdirSync(dir).filter((n) => /^seg-\d+\.log$/.test(n)).sort();
 }
@@ -219,7 +229,7 @@ t.test('issue 9 #3: a full disk (size-limited tmpfs) stops acknowledging, loses 
   writeFileSync(path.join(mnt, 'filler'), Buffer.alloc(Math.max(0, free - 600 * 1024)));
   const acked: string[] = [];
   let failure: unknown;
-  const unwritable = once(a.j, 'unwritable');
+  const unwritable = eventWithin(a.j, 'unwritable', 20_000);
   for (let i = 0; i < 400 && !failure; i++) {
     try {
       acked.push((await a.j.append(meta(), Buffer.alloc(8000, i & 0xff))).id);
@@ -227,7 +237,7 @@ t.test('issue 9 #3: a full disk (size-limited tmpfs) stops acknowledging, loses 
       failure = err;
     }
   }
-  await unwritable;
+  await unwritable.catch((err: unknown) => t.fail(String(err)));
   t.equal(errorCode(failure), 'ECONN_JOURNAL_IO', 'the append that hit the full disk is refused (no PUBACK)');
   t.ok(acked.length > 20, `${acked.length} messages acknowledged before the disk filled`);
   t.equal(a.j.stats().writable, false);
@@ -242,9 +252,7 @@ t.test('issue 9 #3: a full disk (size-limited tmpfs) stops acknowledging, loses 
   await a.j.ack(acked[acked.length - 4]!);
   t.ok(statfsSync(mnt).bavail > before, 'acknowledged data was freed on a full disk');
   // the probe runs every second (an unref'd timer): wait for its event, bounded
-  let guard: NodeJS.Timeout | undefined;
-  await Promise.race([once(a.j, 'writable'), new Promise((_, reject) => (guard = setTimeout(() => reject(new Error('no recovery within 20 s')), 20_000)))]);
-  clearTimeout(guard);
+  await eventWithin(a.j, 'writable', 20_000);
   const after = await a.j.append(meta(), Buffer.from('after recovery'));
   t.same(a.j.pending().map((r) => r.id), [...keep, after.id], 'nothing acknowledged lost, refused ones absent');
   await a.j.close();
