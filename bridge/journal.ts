@@ -1,74 +1,90 @@
 /**
- * The durable journal (outbox) between the device side and the uplink. Implements
- * UplinkSink (core/ports.ts) for the broker and the HTTPS upload, and the consumer
- * API below for the uplink.
+ * The durable journal (outbox) between the device side and the uplink — the facade. It
+ * implements UplinkSink (core/ports.ts) for the broker and the HTTPS upload, PendingRecords
+ * for the broker's redelivery seeding, and the consumer API below for the uplink
+ * (UplinkJournal in bridge/uplink.ts). The parts live in bridge/journal/:
+ *
+ *   format.ts     record, segment header, segment index and ack-log codecs (format 2)
+ *   format-v1.ts  the legacy format, still read on replay
+ *   writer.ts     group commit: one write + one fdatasync per batch
+ *   segment.ts    a segment and its compact typed-array index (29 B per record)
+ *   replay.ts     start-up: index files or a scan with resynchronisation
+ *   ack-log.ts    the acknowledged position: a preallocated append-only log
+ *   cache.ts      recent records served from memory
+ *   clock.ts      the monotonic journal clock (createdAt, TTL)
+ *   metrics.ts    connector_journal_*
  *
  * ## On disk (<state_dir>/journal, mode 0700)
- *   journal.json      {version, instanceId, createdAt, boots}: random instance id, boot counter (atomic write)
- *   ack.json          AckState {floor, done ranges, next} (bridge/journal-format.ts; atomic write:
- *                     tmp + fsync + rename + dir fsync)
- *   seg-<seq>.log     append-only segments of records (format in bridge/journal-format.ts)
- *   blobs/<id>.bin    payloads larger than INLINE_MAX; the record in the segment names the blob
- *   tmp/              staging files of streams in progress (emptied on start)
- *   quarantine/       dead letters: <id>.json (meta + reason) and <id>.bin (payload); corrupt tails
+ *   journal.json      {version, instanceId, createdAt, boots, nonce}: written (atomically,
+ *                     fsynced) at every start, before the first append
+ *   seg-<seq>.log     segments (format in bridge/journal/format.ts); seg-<seq>.idx their index
+ *   ack.log           acknowledged position (bridge/journal/ack-log.ts)
+ *   blobs/<name>.bin  payloads larger than INLINE_MAX; the record names the blob
+ *   tmp/              staging files of uploads in progress (emptied on start)
+ *   quarantine/       dead letters: <id>.json (meta + reason) and <id>.bin; cut corrupt bytes
  *
- * ## Ids and order
- * id = `<instanceId>-<boot>-<seq>`; seq increases in append (commit) order and `boot` is
- * bumped on every start, so an id is never reused even when a torn tail is cut away.
+ * ## Ids (issue 9 #1)
+ * id = `<instanceId>-<bootNonce>-<seq>`. The nonce is 8 random bytes drawn at every start and
+ * written durably to journal.json before the first append, so ids never repeat — not after
+ * a torn tail is cut, not after the state directory is restored from a backup, not on two
+ * gateways cloned from one image (their seqs and instance ids agree, their nonces do not).
  *
  * ## Consumer API (the uplink)
  *   journal.on('append', (rec: JournalRecord) => …)   a record became durable and pending
  *   journal.on('removed', (ev: {id, seq, reason}) => …) a pending record left without an ack:
  *                                                      reason 'overflow' | 'ttl' | 'corrupt' | 'quarantine'
+ *   journal.on('unwritable', (err) => …) / on('writable', () => …)   a write failed (appends are
+ *        refused with ECONN_JOURNAL_IO) / a probe write succeeded (appends accepted again)
  *   journal.pending(afterSeq = -1, limit = 1024): JournalRecord[]
- *        unacknowledged records with seq > afterSeq, in order (expired ones are dropped, not returned).
- *        A sender keeps the seq of the last record it took and asks again with it.
- *   journal.first(): JournalRecord | undefined          oldest unacknowledged record
- *   journal.get(id): JournalRecord | undefined          a pending record by id
+ *        unacknowledged records with seq > afterSeq, in order (expired ones are dropped, records
+ *        whose bytes fail their CRC are dropped as corrupt — never returned, never retried).
+ *   journal.first(), journal.get(id)
  *   journal.readPayload(rec, start = 0, end = rec.size): Promise<Buffer>
- *        bytes [start, end) of the payload, read from disk (at most 64 MiB per call).
- *        Rejects ECONN_NOT_FOUND once the record was acknowledged/dropped/quarantined.
- *   journal.createPayloadStream(rec, start = 0): Readable   the payload from `start` to the end, from disk
- *   journal.ack(id): Promise<void>        selective acks allowed; unknown or already-acked id = no-op. The record leaves
- *        the queue at once; the promise resolves when the ack state is persisted (coalesced, ~10 ms).
- *        After a crash, acks not yet persisted come back (the cloud drops them as duplicates).
- *   journal.quarantine(id, reason): Promise<void>   permanent rejection: payload + reason copied to
- *        journal/quarantine/, counted, logged, removed from the queue. Unknown id = no-op.
+ *        from memory for recent records, else from disk (CRC checked; a corrupt record is
+ *        dropped and ECONN_JOURNAL_CORRUPT thrown). ECONN_NOT_FOUND once it left the queue.
+ *   journal.createPayloadStream(rec, start = 0): Readable
+ *   journal.ack(id): Promise<void>   cheap: marks done in memory; acks of ACK_FLUSH_MS are
+ *        made durable together (one ack-log write + one fdatasync); resolves then.
+ *   journal.quarantine(id, reason): Promise<void>   payload + reason fsynced to quarantine/,
+ *        counted, logged, removed from the queue. Unknown id = no-op.
  *   journal.stats(): JournalStats
- *
- * JournalRecord = {id, seq, meta: UplinkMessageMeta, size, sha256 (hex), createdAt (ms, journal clock)}.
  */
 import { EventEmitter } from 'node:events';
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import fsSync, { createReadStream, createWriteStream } from 'node:fs';
-import { promisify } from 'node:util';
-import fs, { type FileHandle } from 'node:fs/promises';
+import fs from 'node:fs';
+import fsp, { type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
+import { performance } from 'node:perf_hooks';
 import { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
-import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+import type { Registry } from 'prom-client';
 import type { Config } from '../core/config/schema.js';
 import type { Component } from '../core/component.js';
 import type { Logger } from '../core/logger.js';
 import { syncDir, writeAtomic } from '../core/fs.js';
 import { RequestError, StorageError, errorCode } from '../core/errors.js';
-import type { AppendResult, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
+import type { AppendResult, PendingRecords, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
+import { LIMITS, parseMeta as parseWireMeta } from '../protocol/codec.js';
 import {
-  FLAG_BLOB,
-  HEADER_BYTES,
-  crc32,
-  decodeAckState,
-  decodeHeader,
-  encodeAckState,
-  encodeRecord,
-  headerCrc,
-  isDone,
-  parseMeta,
-  parseSegmentName,
-  segmentName,
-  type AckState,
-  type RecordMeta,
-} from './journal-format.js';
+  ACK_FLOOR,
+  ACK_RANGE,
+  DoneSet,
+  RECORD_HEADER_BYTES,
+  decodeHeaderV2,
+  decodeMeta,
+  encodeMeta,
+  encodeSegmentHeader,
+  recordBytes,
+  recordCrcOk,
+  shaOfRecord,
+} from './journal/format.js';
+import { HEADER_BYTES as V1_HEADER_BYTES, crc32 as v1crc, decodeAckState, decodeHeader as decodeHeaderV1, headerCrc as v1HeaderCrc, parseMeta as parseMetaV1, parseSegmentName, segmentName } from './journal/format-v1.js';
+import { AckLog } from './journal/ack-log.js';
+import { RecentCache } from './journal/cache.js';
+import { JournalClock, type Clocks } from './journal/clock.js';
+import { createJournalMetrics, type JournalMetrics } from './journal/metrics.js';
+import { loadSegment, removeSegmentFiles, writeIndex, type ReplayContext } from './journal/replay.js';
+import { Segment, preadExact, pwriteAllSync, syncDirSync } from './journal/segment.js';
+import { GroupWriter, type QueuedRecord, type WriterHost } from './journal/writer.js';
 
 export type JournalConfig = Config['bridge']['journal'];
 
@@ -76,10 +92,19 @@ export type JournalConfig = Config['bridge']['journal'];
 export const INLINE_MAX = 1024 * 1024;
 /** appendStream keeps up to this much in memory; a longer body spills to a staging file. */
 export const STREAM_INLINE_MAX = 64 * 1024;
-const MAX_BATCH_BYTES = 8 * 1024 * 1024;
 const MAX_READ_BYTES = 64 * 1024 * 1024;
-const ACK_PERSIST_DELAY_MS = 10;
-const SCAN_BLOCK = 1024 * 1024;
+/**
+ * Acks are gathered this long before one ack-log write + fdatasync: 20 flushes/s cost
+ * ≈ 80 KiB/s of page rewrites (≈ 16 B per message at 5 000 msg/s) and a crash re-sends at
+ * most this window of acknowledged messages (the cloud drops them as duplicates).
+ */
+const ACK_FLUSH_MS = 50;
+/** Records read back from disk for pending() in spans of up to this many bytes (one pread). */
+const READ_SPAN = 1024 * 1024;
+/** While the journal is broken by a write error, probe the disk this often. */
+const PROBE_INTERVAL_MS = 1000;
+/** The quarantine may hold at most this share of max_bytes; the oldest entries go first beyond it. */
+const QUARANTINE_SHARE = 1 / 8;
 
 export interface JournalRecord {
   readonly id: string;
@@ -100,6 +125,10 @@ export interface JournalStats {
   dropped: number;
   droppedByReason: Record<'overflow' | 'ttl' | 'corrupt', number>;
   quarantined: number;
+  /** Bytes of recent records held in memory for the uplink. */
+  cacheBytes: number;
+  /** False after a write or fsync error until a probe write succeeds. */
+  writable: boolean;
 }
 
 export interface JournalOptions {
@@ -109,71 +138,12 @@ export interface JournalOptions {
   logger: Logger;
   /** prom-client registry for connector_journal_* metrics (none = metrics kept but not exported). */
   metrics?: Registry;
-  /** Clock (ms since the epoch) for createdAt and TTL; tests inject one. */
+  /** Wall clock (ms since the epoch). When given without `monotonic` it is the only clock (tests). */
   now?: () => number;
+  /** Monotonic clock (ms) TTL and ages follow (default performance.now). */
+  monotonic?: () => number;
   /** How long close() waits for writes in flight (default 5000 ms). */
   closeTimeoutMs?: number;
-}
-
-interface Segment {
-  readonly firstSeq: number;
-  readonly name: string;
-  readonly path: string;
-  /** Bytes in the file (written, maybe not yet fsynced). */
-  size: number;
-  /** Bytes of indexed records (live or done). */
-  indexedBytes: number;
-  live: number;
-  /** Id prefix (`<instance>-<boot>-`) of the records in this segment (one boot writes a segment). */
-  idPrefix: string;
-  wfh?: FileHandle;
-  /** Read descriptor (metadata read synchronously, payloads asynchronously); closed when unused after deletion. */
-  fd?: number;
-  readers: number;
-  deleted: boolean;
-  queuedForDelete: boolean;
-}
-
-/**
- * One slot of the in-memory index: positions and sizes only (≈100 bytes of heap). The message
- * metadata stays on disk and is read when a record is handed out (a bounded cache keeps the
- * recently appended ones).
- */
-interface Entry {
-  readonly seq: number;
-  readonly seg: Segment;
-  /** Offset of the record in its segment. */
-  readonly offset: number;
-  readonly recordBytes: number;
-  readonly metaLen: number;
-  /** Payload size (inline or blob). */
-  readonly size: number;
-  readonly createdAt: number;
-  readonly blob: string | undefined;
-  /** Only when the id is not seg.idPrefix + seq. */
-  readonly id: string | undefined;
-  live: boolean;
-}
-
-const REC_CACHE = 4096;
-const readFd = promisify(fsSync.read);
-
-function idOfEntry(e: Entry): string {
-  return e.id ?? e.seg.idPrefix + e.seq;
-}
-
-function payloadOffset(e: Entry): number {
-  return e.offset + HEADER_BYTES + e.metaLen;
-}
-
-interface PendingWrite {
-  seq: number;
-  rm: RecordMeta;
-  buf: Buffer;
-  /** Bytes of the blob this record names (reserved by the stream that wrote it). */
-  blobBytes: number;
-  resolve: (r: AppendResult) => void;
-  reject: (err: Error) => void;
 }
 
 interface Deferred {
@@ -193,46 +163,10 @@ function deferred(): Deferred {
   return { promise, resolve, reject };
 }
 
-
-async function writeFully(fh: FileHandle, buf: Buffer, position?: number): Promise<void> {
-  let off = 0;
-  while (off < buf.length) {
-    const { bytesWritten } = await fh.write(buf, off, buf.length - off, position === undefined ? null : position + off);
-    if (bytesWritten <= 0) throw new Error('write returned 0 bytes');
-    off += bytesWritten;
-  }
+function ioError(what: string, err: unknown): StorageError {
+  return new StorageError('ECONN_JOURNAL_IO', `journal ${what} failed (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); check free disk space and the disk's health`, { cause: err });
 }
 
-async function readFully(fh: FileHandle, len: number, position: number): Promise<Buffer> {
-  const buf = Buffer.allocUnsafe(len);
-  let off = 0;
-  while (off < len) {
-    const { bytesRead } = await fh.read(buf, off, len - off, position + off);
-    if (bytesRead === 0) break;
-    off += bytesRead;
-  }
-  return off === len ? buf : buf.subarray(0, off);
-}
-
-/** Sequential reader over a file with a 1 MiB window (replay scans). */
-class BlockReader {
-  private win: Buffer = Buffer.alloc(0);
-  private winStart = 0;
-  constructor(
-    private readonly fh: FileHandle,
-    readonly size: number,
-  ) {}
-  async read(pos: number, len: number): Promise<Buffer> {
-    if (pos >= this.winStart && pos + len <= this.winStart + this.win.length) return this.win.subarray(pos - this.winStart, pos - this.winStart + len);
-    if (len > SCAN_BLOCK) return readFully(this.fh, len, pos);
-    this.win = await readFully(this.fh, Math.min(SCAN_BLOCK, this.size - pos), pos);
-    this.winStart = pos;
-    return this.win.subarray(0, Math.min(len, this.win.length));
-  }
-}
-
-
-/** Run a journal file operation; its failure becomes ECONN_JOURNAL_IO. */
 async function io<T>(what: string, p: Promise<T>): Promise<T> {
   try {
     return await p;
@@ -241,103 +175,106 @@ async function io<T>(what: string, p: Promise<T>): Promise<T> {
   }
 }
 
-function ioError(what: string, err: unknown): StorageError {
-  return new StorageError('ECONN_JOURNAL_IO', `journal ${what} failed (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); check free disk space and the disk's health`, { cause: err });
+/** A record decoded from disk bytes. */
+interface DiskRecord {
+  rec: JournalRecord;
+  payload: Buffer | undefined;
 }
 
-export class Journal extends EventEmitter implements UplinkSink, Component {
+export class Journal extends EventEmitter implements UplinkSink, PendingRecords, Component {
   readonly name = 'journal';
   readonly dir: string;
   private cfg: JournalConfig;
   private readonly log: Logger;
-  private readonly now: () => number;
+  private readonly wall: () => number;
+  private readonly clock: JournalClock;
   private readonly closeTimeoutMs: number;
 
   private started = false;
   private startPromise: Promise<void> | undefined;
   private closed = false;
   private closePromise: Promise<void> | undefined;
-  private broken: Error | undefined;
+  private broken: { err: Error; since: number; stage: string } | undefined;
+  private probeTimer: NodeJS.Timeout | undefined;
+  private rollNext = false;
 
   private instanceId = '';
   private boot = 0;
+  private idPrefix = '';
   private nextSeq = 0;
-  /** Seq below which every seq is indexed or will never exist (floor when nothing is pending). */
-  private indexedNext = 0;
 
-  private readonly segments = new Map<string, Segment>();
+  private segs: Segment[] = [];
   private active: Segment | undefined;
-  private order: Entry[] = [];
-  private head = 0;
-  private readonly recCache = new Map<number, JournalRecord>();
+  private readonly cache: RecentCache<JournalRecord>;
+  private readonly writer: GroupWriter;
 
   // accounting (bytes)
-  private segCharged = 0; // indexedBytes of segments holding a live record
+  private segCharged = 0;
   private liveBlobBytes = 0;
-  private reservedBytes = 0; // queued records, blobs being committed, streams in progress
+  private reservedBytes = 0;
   private pendingCount = 0;
   private pendingBytes = 0;
   private blobDiskBytes = 0;
   private stagingBytes = 0;
   private quarantineBytes = 0;
+  private quarantineFiles: Array<{ base: string; bytes: number }> = [];
   private readonly droppedBy = { overflow: 0, ttl: 0, corrupt: 0 };
   private quarantinedCount = 0;
+  private readonly uploads = new Map<string, number>();
 
-  // writer
-  private queue: PendingWrite[] = [];
-  private flushing: Promise<void> | undefined;
-  private flushTimer: NodeJS.Timeout | NodeJS.Immediate | undefined;
-
-  // ack persistence
-  private persistDeferred: Deferred = deferred();
-  private persistTimer: NodeJS.Timeout | undefined;
-  private persisting: Promise<void> | undefined;
-  private persistDirty = false;
+  // acks
+  private readonly ackLog: AckLog;
+  private ackOpen = false;
+  private doneSince: number[] = [];
+  private floorWritten = 0;
+  private ackDeferred: Deferred = deferred();
+  private ackTimer: NodeJS.Timeout | undefined;
+  private ackFlushing: Promise<void> | undefined;
+  private ackDirty = false;
   private blobsToDelete: Array<{ name: string; size: number }> = [];
-  private segsToDelete: Segment[] = [];
 
   private sweepTimer: NodeJS.Timeout | undefined;
+  private readonly m: JournalMetrics;
+  /** Work started without a caller waiting for it (quarantine copies); close() waits for it. */
+  private readonly bg = new Set<Promise<void>>();
 
-  private readonly m: {
-    depth: Gauge;
-    bytes: Gauge;
-    age: Gauge;
-    disk: Gauge;
-    drops: Counter<'reason'>;
-    quarantined: Counter;
-    fsyncs: Counter<'kind'>;
-    corrupt: Counter;
-    appendSeconds: Histogram;
-  };
+  private background(p: Promise<void>): void {
+    this.bg.add(p);
+    void p.finally(() => this.bg.delete(p));
+  }
 
   constructor(opts: JournalOptions) {
     super();
     this.dir = opts.dir;
     this.cfg = opts.config;
     this.log = opts.logger.child({ component: 'journal' });
-    this.now = opts.now ?? Date.now;
+    this.wall = opts.now ?? Date.now;
+    const clocks: Clocks = { wall: this.wall, monotonic: opts.monotonic ?? (opts.now ? opts.now : () => performance.now()) };
+    this.clock = new JournalClock(clocks);
     this.closeTimeoutMs = opts.closeTimeoutMs ?? 5000;
-    const registers = opts.metrics ? [opts.metrics] : [];
-    // eslint-disable-next-line @typescript-eslint/no-this-alias
-    const self = this;
-    this.m = {
-      depth: new Gauge({ name: 'connector_journal_depth_messages', help: 'unacknowledged messages in the journal', registers, collect() { this.set(self.pendingCount); } }),
-      bytes: new Gauge({ name: 'connector_journal_depth_bytes', help: 'bytes of unacknowledged messages in the journal', registers, collect() { this.set(self.pendingBytes); } }),
-      age: new Gauge({ name: 'connector_journal_oldest_age_seconds', help: 'age of the oldest unacknowledged message (0 when empty)', registers, collect() { this.set(self.oldestAgeMs() / 1000); } }),
-      disk: new Gauge({ name: 'connector_journal_disk_bytes', help: 'bytes the journal uses on disk (segments, blobs, staging, quarantine)', registers, collect() { this.set(self.diskBytes()); } }),
-      drops: new Counter({ name: 'connector_journal_dropped_total', help: 'messages dropped without a cloud acknowledgement, by reason (overflow, ttl, corrupt)', labelNames: ['reason'], registers }),
-      quarantined: new Counter({ name: 'connector_journal_quarantined_total', help: 'messages moved to the quarantine (dead-letter) area', registers }),
-      fsyncs: new Counter({ name: 'connector_journal_fsyncs_total', help: 'fsyncs issued by the journal, by kind (segment, blob, dir, ack)', labelNames: ['kind'], registers }),
-      corrupt: new Counter({ name: 'connector_journal_corrupt_truncations_total', help: 'corrupt or torn segment tails truncated on replay', registers }),
-      appendSeconds: new Histogram({
-        name: 'connector_journal_append_seconds',
-        help: 'time from append() to durable (under the fsync policy)',
-        buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5],
-        registers,
-      }),
+    this.cache = new RecentCache<JournalRecord>(this.cfg.memory_cache_bytes);
+    this.ackLog = new AckLog(this.dir);
+    this.m = createJournalMetrics(opts.metrics, {
+      pendingMessages: () => this.pendingCount,
+      pendingBytes: () => this.pendingBytes,
+      oldestAgeMs: () => this.oldestAgeMs(),
+      diskBytes: () => this.diskBytes(),
+      writable: () => !this.broken,
+      cacheBytes: () => this.cache.usedBytes,
+    });
+    const host: WriterHost = {
+      policy: () => this.cfg.fsync,
+      delayMs: () => this.cfg.fsync_max_delay_ms,
+      segmentBytes: () => this.segmentBytes(),
+      segmentFor: (firstSeq, bytes) => this.segmentFor(firstSeq, bytes),
+      committed: (seg, base, batch) => this.committed(seg, base, batch),
+      failed: (batch, err, stage) => this.writeFailed(batch, err, stage),
+      fsynced: (bytes) => {
+        this.m.fsyncs.inc({ kind: 'segment' });
+        this.m.writes.inc({ kind: 'segment' }, bytes);
+      },
     };
-    for (const r of ['overflow', 'ttl', 'corrupt']) this.m.drops.inc({ reason: r }, 0);
-    for (const k of ['segment', 'blob', 'dir', 'ack']) this.m.fsyncs.inc({ kind: k }, 0);
+    this.writer = new GroupWriter(host);
   }
 
   // ───────────────────────────── lifecycle ─────────────────────────────
@@ -360,11 +297,13 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     this.closed = true;
     if (this.sweepTimer) clearInterval(this.sweepTimer);
     this.sweepTimer = undefined;
+    if (this.probeTimer) clearInterval(this.probeTimer);
+    this.probeTimer = undefined;
     if (this.startPromise) await this.startPromise.catch(() => {});
     let timer: NodeJS.Timeout | undefined;
     const bounded = new Promise<void>((resolve) => {
       timer = setTimeout(() => {
-        this.log.warn({ code: 'ECONN_SHUTDOWN_TIMEOUT', queued: this.queue.length }, 'journal close timed out waiting for writes in flight');
+        this.log.warn({ code: 'ECONN_SHUTDOWN_TIMEOUT', queued: this.writer.length }, 'journal close timed out waiting for writes in flight');
         resolve();
       }, this.closeTimeoutMs);
     });
@@ -373,29 +312,30 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     } finally {
       clearTimeout(timer);
     }
-    for (const p of this.queue.splice(0)) p.reject(new StorageError('ECONN_CLOSED', 'journal closed before the message was written'));
-    for (const seg of this.segments.values()) {
-      await seg.wfh?.close().catch(() => {});
-      seg.wfh = undefined;
-      this.closeReader(seg);
-    }
+    this.writer.rejectAll(new StorageError('ECONN_CLOSED', 'journal closed before the message was written'));
+    await Promise.race([Promise.allSettled([...this.bg]), bounded]);
+    await this.ackLog.close();
+    for (const seg of this.segs) seg.closeFds();
   }
 
   private async drainAndFinish(): Promise<void> {
-    if (this.flushTimer) {
-      this.clearFlushTimer();
-      this.runFlush();
+    await this.writer.drain();
+    const seg = this.active;
+    if (seg?.wfd !== undefined && !this.broken) {
+      try {
+        if (this.cfg.fsync === 'never') fs.fdatasyncSync(seg.wfd); // make what was written durable now
+      } catch (err) {
+        this.log.error({ err, code: 'ECONN_JOURNAL_IO' }, 'final journal fsync failed');
+      }
+      this.seal(seg); // its index makes the next start fast
+      this.active = undefined;
     }
-    while (this.flushing) await this.flushing;
-    if (this.active?.wfh && !this.broken) {
-      // with fsync=never, make what was written durable now
-      await this.active.wfh.datasync().catch((err: unknown) => this.log.error({ err, code: 'ECONN_JOURNAL_IO' }, 'final journal fsync failed'));
+    if (this.started && this.ackOpen) {
+      if (this.ackTimer) clearTimeout(this.ackTimer);
+      this.ackTimer = undefined;
+      await this.flushAcks().catch(() => {});
     }
-    if (this.started) {
-      if (this.persistTimer) clearTimeout(this.persistTimer);
-      this.persistTimer = undefined;
-      await this.persistNow().catch(() => {});
-    }
+    this.ackOpen = false;
   }
 
   async reload(next: Config): Promise<string[]> {
@@ -406,76 +346,136 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     }
     const ttlChanged = n.ttl_s !== this.cfg.ttl_s;
     this.cfg = n;
+    this.cache.setBudget(n.memory_cache_bytes);
     if (ttlChanged && this.started && !this.closed) this.restartSweep();
     return changes;
   }
 
   status(): Record<string, unknown> {
-    return { ...this.stats(), fsync: this.cfg.fsync, overflow: this.cfg.overflow, maxBytes: this.cfg.max_bytes };
+    return { ...this.stats(), fsync: this.cfg.fsync, overflow: this.cfg.overflow, maxBytes: this.cfg.max_bytes, ...(this.broken ? { brokenSince: new Date(this.broken.since).toISOString(), brokenReason: this.broken.err.message } : {}) };
   }
 
   // ───────────────────────────── replay ─────────────────────────────
 
   private async replay(): Promise<void> {
-    const t0 = this.now();
+    const t0 = performance.now();
     try {
-      for (const d of [this.dir, this.blobDir, this.quarantineDir, this.tmpDir]) await fs.mkdir(d, { recursive: true, mode: 0o700 });
-      for (const f of await fs.readdir(this.tmpDir)) await fs.rm(path.join(this.tmpDir, f), { force: true, recursive: true });
+      for (const d of [this.dir, this.blobDir, this.quarantineDir, this.tmpDir]) await fsp.mkdir(d, { recursive: true, mode: 0o700 });
+      for (const f of await fsp.readdir(this.tmpDir)) await fsp.rm(path.join(this.tmpDir, f), { force: true, recursive: true });
+      for (const f of await fsp.readdir(this.dir)) if (f.endsWith('.tmp')) await fsp.rm(path.join(this.dir, f), { force: true });
     } catch (err) {
       throw ioError(`directory set-up in ${this.dir}`, err);
     }
     await this.loadIdentity();
-    const ack = await this.loadAckState();
+    const done = await this.loadAckState();
 
-    const names = (await fs.readdir(this.dir)).filter((n) => parseSegmentName(n) !== null).sort();
+    const ctx: ReplayContext = {
+      dir: this.dir,
+      quarantineDir: this.quarantineDir,
+      log: this.log,
+      onCut: (segment, offset, bytes, reason, tail) => {
+        this.m.corrupt.inc();
+        this.m.corruptBytes.inc(bytes);
+        this.log.error(
+          { code: 'ECONN_JOURNAL_CORRUPT', segment, offset, droppedBytes: bytes, reason, tail },
+          tail
+            ? 'journal segment has a corrupt or torn tail; truncated at the last good record (the cut bytes are kept in journal/quarantine)'
+            : 'journal segment has a corrupt record; skipped up to the next valid record (the cut bytes are kept in journal/quarantine)',
+        );
+      },
+      onQuarantineBytes: () => {},
+      onIndexWritten: (bytes) => this.m.writes.inc({ kind: 'index' }, bytes),
+    };
+    const names = (await fsp.readdir(this.dir))
+      .filter((n) => parseSegmentName(n) !== null)
+      .sort();
     let lastSeq = -1;
-    const brokenBlobs: Entry[] = [];
-    for (const name of names) {
-      const seg: Segment = { firstSeq: parseSegmentName(name)!, name, path: path.join(this.dir, name), idPrefix: '', size: 0, indexedBytes: 0, live: 0, readers: 0, deleted: false, queuedForDelete: false };
-      this.segments.set(name, seg);
-      lastSeq = await this.scanSegment(seg, ack, lastSeq, brokenBlobs);
+    let newest = 0;
+    let scanned = 0;
+    const brokenBlobs: Array<[Segment, number]> = [];
+    try {
+      for (const name of names) {
+        const r = loadSegment(ctx, name, parseSegmentName(name)!, lastSeq);
+        if (r.scanned) scanned++;
+        newest = Math.max(newest, r.newestCreatedAt);
+        if (!r.seg) continue;
+        lastSeq = r.lastSeq;
+        const seg = r.seg;
+        this.segs.push(seg);
+        for (let i = 0; i < seg.count; i++) {
+          if (done.has(seg.seqs[i]!)) continue;
+          this.setLive(seg, i);
+          const b = seg.blobOf(i);
+          if (b) {
+            let st: fs.Stats | undefined;
+            try {
+              st = fs.statSync(path.join(this.blobDir, b.name));
+            } catch {
+              st = undefined;
+            }
+            if (!st || st.size !== b.size) brokenBlobs.push([seg, i]);
+          }
+        }
+        seg.advanceHead();
+        this.recharge(seg);
+      }
+    } catch (err) {
+      if (errorCode(err)) throw err;
+      throw ioError('replay', err);
     }
-    this.nextSeq = Math.max(ack.next, lastSeq + 1);
-    this.indexedNext = this.nextSeq;
-
-    // blobs of live records must exist with their size; a missing one is corruption (outside tampering)
-    for (const e of brokenBlobs) this.drop(e, 'corrupt');
-    this.advanceHead();
-
-    // ack state first (covers anything marked done above), then delete what it makes garbage
-    await this.persistNow();
-    for (const seg of [...this.segments.values()]) {
-      if (seg.live === 0 && !seg.deleted) await this.deleteSegment(seg);
+    this.nextSeq = Math.max(lastSeq + 1, done.maxSeen + 1, done.floor);
+    this.clock.anchor(newest);
+    for (const [seg, i] of brokenBlobs) {
+      this.log.error({ code: 'ECONN_JOURNAL_CORRUPT', id: seg.idOf(i), blob: seg.blobOf(i)!.name }, 'the blob of a pending journal record is missing or has the wrong size; the record is dropped');
+      this.drop(seg, i, 'corrupt');
     }
+    for (const seg of this.segs) seg.advanceHead();
+
+    try {
+      await this.ackLog.open(this.ackLoad!, () => this.checkpoint(), this.cfg.fsync !== 'never');
+      this.ackOpen = true;
+      this.floorWritten = done.floor;
+      await fsp.rm(path.join(this.dir, 'ack.json'), { force: true });
+      if (this.doneSince.length) await this.flushAcks();
+    } catch (err) {
+      throw ioError('set-up of ack.log', err);
+    }
+    this.ackLoad = undefined;
+    // segments with nothing pending go (their acks are durable now)
+    for (const seg of [...this.segs]) if (seg.liveCount === 0) this.deleteSegment(seg);
     const referenced = new Set<string>();
-    for (let i = this.head; i < this.order.length; i++) {
-      const e = this.order[i]!;
-      if (e.live && e.blob) referenced.add(e.blob);
+    for (const seg of this.segs) {
+      if (!seg.blobs) continue;
+      for (const [seq, b] of seg.blobs) {
+        const slot = seg.slotOf(seq);
+        if (slot >= 0 && seg.live[slot]) {
+          referenced.add(b.name);
+          this.blobDiskBytes += b.size;
+        }
+      }
     }
     let orphans = 0;
-    for (const f of await fs.readdir(this.blobDir)) {
+    for (const f of await fsp.readdir(this.blobDir)) {
       if (referenced.has(f)) continue;
-      await fs.rm(path.join(this.blobDir, f), { force: true });
+      await fsp.rm(path.join(this.blobDir, f), { force: true });
       orphans++;
     }
-    for (let i = this.head; i < this.order.length; i++) {
-      const e = this.order[i]!;
-      if (e.live && e.blob) this.blobDiskBytes += e.size;
-    }
-    this.quarantineBytes = await dirBytes(this.quarantineDir);
+    await this.loadQuarantine();
     this.log.info(
-      { pending: this.pendingCount, pendingBytes: this.pendingBytes, segments: this.segments.size, orphanBlobs: orphans, boot: this.boot, ms: this.now() - t0 },
+      { pending: this.pendingCount, pendingBytes: this.pendingBytes, segments: this.segs.length, scanned, orphanBlobs: orphans, boot: this.boot, ms: Math.round(performance.now() - t0) },
       'journal replayed',
     );
   }
 
+  private ackLoad: Awaited<ReturnType<AckLog['load']>> | undefined;
+
   private async loadIdentity(): Promise<void> {
     const file = path.join(this.dir, 'journal.json');
-    let ident: { version: 1; instanceId: string; createdAt: number; boots: number } | undefined;
+    let ident: { version: 2; instanceId: string; createdAt: number; boots: number; nonce: string } | undefined;
     try {
-      const v = JSON.parse(await fs.readFile(file, 'utf8')) as Partial<{ version: number; instanceId: string; createdAt: number; boots: number }>;
-      if (v.version === 1 && typeof v.instanceId === 'string' && /^[0-9a-f]{12,32}$/.test(v.instanceId) && Number.isSafeInteger(v.boots) && typeof v.createdAt === 'number') {
-        ident = { version: 1, instanceId: v.instanceId, createdAt: v.createdAt, boots: v.boots! };
+      const v = JSON.parse(await fsp.readFile(file, 'utf8')) as Partial<{ version: number; instanceId: string; createdAt: number; boots: number }>;
+      if ((v.version === 1 || v.version === 2) && typeof v.instanceId === 'string' && /^[0-9a-f]{12,32}$/.test(v.instanceId) && Number.isSafeInteger(v.boots) && typeof v.createdAt === 'number') {
+        ident = { version: 2, instanceId: v.instanceId, createdAt: v.createdAt, boots: v.boots!, nonce: '' };
       } else {
         this.log.error({ code: 'ECONN_JOURNAL_CORRUPT', file }, 'journal.json is malformed; a new instance id is used (existing records keep their ids)');
       }
@@ -485,8 +485,10 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
         else throw ioError('read of journal.json', err);
       }
     }
-    ident ??= { version: 1, instanceId: randomBytes(6).toString('hex'), createdAt: this.now(), boots: 0 };
+    ident ??= { version: 2, instanceId: randomBytes(6).toString('hex'), createdAt: this.wall(), boots: 0, nonce: '' };
     ident.boots += 1;
+    // a fresh nonce every start, durable before the first append (issue 9 #1)
+    ident.nonce = randomBytes(8).toString('hex');
     try {
       await writeAtomic(file, JSON.stringify(ident) + '\n');
     } catch (err) {
@@ -494,158 +496,112 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     }
     this.instanceId = ident.instanceId;
     this.boot = ident.boots;
+    this.idPrefix = `${ident.instanceId}-${ident.nonce}-`;
   }
 
-  private async loadAckState(): Promise<AckState> {
-    const file = path.join(this.dir, 'ack.json');
+  private async loadAckState(): Promise<DoneSet> {
+    let loaded;
+    try {
+      loaded = await this.ackLog.load();
+    } catch (err) {
+      throw ioError('read of ack.log', err);
+    }
+    this.ackLoad = loaded;
+    if (loaded.state) return new DoneSet(loaded.state.floor, loaded.state.ranges);
+    if (loaded.corrupt) {
+      this.log.error({ code: 'ECONN_JOURNAL_CORRUPT', file: this.ackLog.file }, 'ack.log is unreadable; every record on disk is treated as unacknowledged (the cloud drops the duplicates)');
+      return new DoneSet(0, []);
+    }
+    // an older version's ack.json (migrated into ack.log, then removed)
+    const legacy = path.join(this.dir, 'ack.json');
     let text: string;
     try {
-      text = await fs.readFile(file, 'utf8');
+      text = await fsp.readFile(legacy, 'utf8');
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { version: 1, floor: 0, done: [], next: 0 };
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return new DoneSet(0, []);
       throw ioError('read of ack.json', err);
     }
     const s = decodeAckState(text);
-    if (s) return s;
-    this.log.error({ code: 'ECONN_JOURNAL_CORRUPT', file }, 'ack.json is malformed; every record on disk is treated as unacknowledged (the cloud drops the duplicates)');
-    return { version: 1, floor: 0, done: [], next: 0 };
+    if (s) return new DoneSet(Math.min(s.floor, s.next), s.done);
+    this.log.error({ code: 'ECONN_JOURNAL_CORRUPT', file: legacy }, 'ack.json is malformed; every record on disk is treated as unacknowledged (the cloud drops the duplicates)');
+    return new DoneSet(0, []);
   }
 
-  /** Index every valid record of a segment; truncate at the first invalid one. Returns the last seq. */
-  private async scanSegment(seg: Segment, ack: AckState, lastSeqIn: number, brokenBlobs: Entry[]): Promise<number> {
-    let lastSeq = lastSeqIn;
-    let fh: FileHandle;
-    try {
-      fh = await fs.open(seg.path, 'r+');
-    } catch (err) {
-      throw ioError(`open of ${seg.name}`, err);
+  private async loadQuarantine(): Promise<void> {
+    const files = new Map<string, { bytes: number; mtime: number }>();
+    for (const f of await fsp.readdir(this.quarantineDir).catch(() => [] as string[])) {
+      const st = await fsp.stat(path.join(this.quarantineDir, f)).catch(() => undefined);
+      if (!st?.isFile()) continue;
+      const base = f.replace(/\.(json|bin)$/, '');
+      const e = files.get(base) ?? { bytes: 0, mtime: 0 };
+      e.bytes += st.size;
+      e.mtime = Math.max(e.mtime, st.mtimeMs);
+      files.set(base, e);
     }
-    let off = 0;
-    let problem: string | undefined;
-    let size: number;
-    try {
-      size = (await fh.stat()).size;
-      const r = new BlockReader(fh, size);
-      while (off < size) {
-        if (size - off < HEADER_BYTES) {
-          problem = 'partial record header (torn write)';
-          break;
-        }
-        const hb = await r.read(off, HEADER_BYTES);
-        const h = decodeHeader(hb);
-        if (!h.ok) {
-          problem = h.reason;
-          break;
-        }
-        let crc = headerCrc(hb);
-        const { metaLen, payloadLen, seq } = h.header;
-        const recLen = HEADER_BYTES + metaLen + payloadLen;
-        if (off + recLen > size) {
-          problem = 'record runs past the end of the segment (torn write)';
-          break;
-        }
-        const isBlob = (h.header.flags & FLAG_BLOB) !== 0;
-        const first = seg.indexedBytes === 0;
-        const metaBuf = await r.read(off + HEADER_BYTES, metaLen);
-        crc = crc32(metaBuf, crc);
-        // the JSON is parsed only where the index needs it: the first record (id prefix) and blob records (file name)
-        const meta = first || isBlob ? parseMeta(Buffer.from(metaBuf), h.header) : undefined;
-        for (let p = 0; p < payloadLen; p += SCAN_BLOCK) {
-          crc = crc32(await r.read(off + HEADER_BYTES + metaLen + p, Math.min(SCAN_BLOCK, payloadLen - p)), crc);
-        }
-        if (crc >>> 0 !== h.header.crc) {
-          problem = 'checksum mismatch';
-          break;
-        }
-        if (meta === null) {
-          problem = 'malformed record meta';
-          break;
-        }
-        if (seq <= lastSeq) {
-          problem = `sequence ${seq} not after ${lastSeq}`;
-          break;
-        }
-        let id: string | undefined;
-        if (meta) {
-          const suffix = `-${seq}`;
-          if (first && meta.id.endsWith(suffix)) seg.idPrefix = meta.id.slice(0, -String(seq).length);
-          if (meta.id !== seg.idPrefix + seq) id = meta.id;
-        }
-        const live = !isDone(ack, seq);
-        const e: Entry = { seq, seg, offset: off, recordBytes: recLen, metaLen, size: h.header.size, createdAt: h.header.createdAt, blob: meta?.blob, id, live: false };
-        this.index(e, live);
-        if (live && e.blob) {
-          const st = await fs.stat(path.join(this.blobDir, e.blob)).catch(() => undefined);
-          if (!st || st.size !== e.size) brokenBlobs.push(e);
-        }
-        lastSeq = seq;
-        off += recLen;
-      }
-      seg.size = off;
-      if (problem) {
-        this.m.corrupt.inc();
-        this.log.error(
-          { code: 'ECONN_JOURNAL_CORRUPT', segment: seg.name, offset: off, droppedBytes: size - off, reason: problem },
-          'journal segment has a corrupt or torn record; truncated at the last good record (the cut bytes are kept in journal/quarantine)',
-        );
-        await this.saveCorruptTail(seg, off, size);
-        await fh.truncate(off);
-        await fh.sync();
-      }
-    } catch (err) {
-      if (errorCode(err)) throw err;
-      throw ioError(`replay of ${seg.name}`, err);
-    } finally {
-      await fh.close();
-    }
-    return lastSeq;
-  }
-
-  private async saveCorruptTail(seg: Segment, from: number, to: number): Promise<void> {
-    try {
-      await pipeline(createReadStream(seg.path, { start: from, end: to - 1 }), createWriteStream(path.join(this.quarantineDir, `corrupt-${seg.name}-${from}.bin`), { mode: 0o600 }));
-    } catch (err) {
-      this.log.warn({ err, segment: seg.name }, 'could not keep a copy of the corrupt journal tail');
-    }
+    this.quarantineFiles = [...files].sort((a, b) => a[1].mtime - b[1].mtime).map(([base, e]) => ({ base, bytes: e.bytes }));
+    this.quarantineBytes = this.quarantineFiles.reduce((a, q) => a + q.bytes, 0);
   }
 
   // ───────────────────────────── producer API (UplinkSink) ─────────────────────────────
 
   append(meta: UplinkMessageMeta, payload: Buffer): Promise<AppendResult> {
-    const t0 = process.hrtime.bigint();
+    const t0 = performance.now();
     try {
       this.checkWritable();
       if (payload.length > this.cfg.max_message_bytes) throw this.tooLarge(payload.length, this.cfg.max_message_bytes, 'bridge.journal.max_message_bytes');
+      this.validate(meta);
+      if (payload.length > INLINE_MAX) return this.appendStream(meta, Readable.from([payload], { objectMode: true }), { maxBytes: this.cfg.max_message_bytes });
+      const sha = createHash('sha256').update(payload).digest();
+      return this.enqueue(meta, payload, sha, undefined, 0, t0);
     } catch (err) {
       return Promise.reject(err as Error);
     }
-    if (payload.length > INLINE_MAX) return this.appendStream(meta, Readable.from([payload], { objectMode: true }), { maxBytes: this.cfg.max_message_bytes });
-    const sha = createHash('sha256').update(payload).digest('hex');
-    return this.appendInline(meta, payload, sha, t0);
   }
 
   async appendStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array>, opts: { maxBytes: number; expectedSha256?: Buffer }): Promise<AppendResult> {
-    const t0 = process.hrtime.bigint();
+    const t0 = performance.now();
     this.checkWritable();
-    const limit = Math.min(opts.maxBytes, this.cfg.max_message_bytes);
-    const limitKey = opts.maxBytes < this.cfg.max_message_bytes ? 'the upload limit' : 'bridge.journal.max_message_bytes';
+    this.validate(meta);
+    const dev = meta.deviceId;
+    const running = this.uploads.get(dev) ?? 0;
+    const maxUploads = this.cfg.max_uploads_per_device;
+    if (running >= maxUploads) {
+      throw new RequestError(429, 'ECONN_TOO_MANY_UPLOADS', `device ${dev} already has ${running} uploads in progress (bridge.journal.max_uploads_per_device = ${maxUploads}); retry when one has finished`);
+    }
+    this.uploads.set(dev, running + 1);
+    try {
+      return await this.receiveStream(meta, body, opts, t0);
+    } finally {
+      const n = (this.uploads.get(dev) ?? 1) - 1;
+      if (n > 0) this.uploads.set(dev, n);
+      else this.uploads.delete(dev);
+    }
+  }
+
+  /**
+   * Receive a body: in memory up to STREAM_INLINE_MAX, else in a staging file. Nothing of the
+   * byte cap is reserved while the body arrives (issue 9 #5): a failing upload cannot make
+   * drop-oldest drop acknowledged messages, and a slow one does not hold the cap under
+   * reject. Room is made, by policy, only when the complete, verified body is committed.
+   */
+  private async receiveStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array>, opts: { maxBytes: number; expectedSha256?: Buffer }, t0: number): Promise<AppendResult> {
+    const limit = Math.min(opts.maxBytes, this.cfg.max_message_bytes, this.cfg.max_bytes);
+    const limitKey = opts.maxBytes < Math.min(this.cfg.max_message_bytes, this.cfg.max_bytes) ? 'the upload limit' : this.cfg.max_bytes < this.cfg.max_message_bytes ? 'bridge.journal.max_bytes' : 'bridge.journal.max_message_bytes';
+    if (this.cfg.overflow === 'reject' && this.used() >= this.cfg.max_bytes) throw this.fullError();
     const hash = createHash('sha256');
     let mem: Buffer[] = [];
     let memLen = 0;
     let total = 0;
-    let reserved = 0; // bytes of the cap this stream holds (released on failure, handed to the record on commit)
-    let staged = 0; // bytes in the staging file
+    let staged = 0;
     let staging: { fh: FileHandle; path: string } | undefined;
     let blobPath: string | undefined;
+    let reserved = 0;
     try {
       for await (const c of body) {
         const b = Buffer.isBuffer(c) ? c : Buffer.from(c.buffer, c.byteOffset, c.byteLength);
         if (b.length === 0) continue;
         if (total + b.length > limit) throw this.tooLarge(total + b.length, limit, limitKey);
         this.checkWritable();
-        this.makeRoom(b.length);
-        this.reservedBytes += b.length;
-        reserved += b.length;
         total += b.length;
         hash.update(b);
         if (!staging && memLen + b.length <= STREAM_INLINE_MAX) {
@@ -655,14 +611,14 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
         }
         if (!staging) {
           const p = path.join(this.tmpDir, `${randomBytes(8).toString('hex')}.part`);
-          staging = { fh: await io('create of a staging file', fs.open(p, 'wx', 0o600)), path: p };
-          if (memLen) await io('write of a staging file', writeFully(staging.fh, Buffer.concat(mem, memLen)));
+          staging = { fh: await io('create of a staging file', fsp.open(p, 'wx', 0o600)), path: p };
+          if (memLen) await io('write of a staging file', writeAt(staging.fh, Buffer.concat(mem, memLen), 0));
           staged += memLen;
           this.stagingBytes += memLen;
           mem = [];
           memLen = 0;
         }
-        await io('write of a staging file', writeFully(staging.fh, b));
+        await io('write of a staging file', writeAt(staging.fh, b, staged));
         staged += b.length;
         this.stagingBytes += b.length;
       }
@@ -670,53 +626,70 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
       if (opts.expectedSha256 && (opts.expectedSha256.length !== digest.length || !timingSafeEqual(opts.expectedSha256, digest))) {
         throw new RequestError(400, 'ECONN_DIGEST_MISMATCH', `payload SHA-256 ${digest.toString('hex')} does not match the expected digest ${opts.expectedSha256.toString('hex')}; nothing was kept`);
       }
-      if (!staging) {
-        this.reservedBytes -= reserved;
-        reserved = 0;
-        return await this.appendInline(meta, Buffer.concat(mem, memLen), digest.toString('hex'), t0);
-      }
+      if (!staging) return await this.enqueue(meta, Buffer.concat(mem, memLen), digest, undefined, 0, t0);
       this.checkWritable();
       if (this.cfg.fsync !== 'never') {
         await io('fsync of a staged payload', staging.fh.datasync());
         this.m.fsyncs.inc({ kind: 'blob' });
       }
+      this.m.writes.inc({ kind: 'blob' }, total);
       await io('close of a staged payload', staging.fh.close());
+      // commit: room for the whole blob now, by policy (synchronous with the reservation)
+      this.makeRoom(total);
+      this.reservedBytes += total;
+      reserved = total;
       const blob = `${randomBytes(12).toString('hex')}.bin`;
-      await io('rename of a staged payload', fs.rename(staging.path, path.join(this.blobDir, blob)));
+      await io('rename of a staged payload', fsp.rename(staging.path, path.join(this.blobDir, blob)));
       blobPath = path.join(this.blobDir, blob);
       staging = undefined;
       this.stagingBytes -= staged;
+      staged = 0;
       this.blobDiskBytes += total;
       if (this.cfg.fsync !== 'never') {
         await io('fsync of the blob directory', syncDir(this.blobDir));
         this.m.fsyncs.inc({ kind: 'dir' });
       }
-      // synchronous: the seq is assigned and the reservation handed over in one step
-      const pending = this.enqueue(meta, total, digest.toString('hex'), Buffer.alloc(0), blob, total);
-      reserved = 0;
+      const pending = this.enqueue(meta, Buffer.alloc(0), digest, { name: blob, size: total }, total, t0);
+      reserved = 0; // owned by the queued record now
       const result = await pending;
       blobPath = undefined;
-      this.m.appendSeconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
       return result;
     } catch (err) {
       this.reservedBytes -= reserved;
       if (staging) {
         await staging.fh.close().catch(() => {});
-        await fs.rm(staging.path, { force: true }).catch(() => {});
+        await fsp.rm(staging.path, { force: true }).catch(() => {});
         this.stagingBytes -= staged;
       }
       if (blobPath) {
-        await fs.rm(blobPath, { force: true }).catch(() => {});
+        await fsp.rm(blobPath, { force: true }).catch(() => {});
         this.blobDiskBytes -= total;
       }
-      throw err; // our own I/O failures are already ECONN_JOURNAL_IO; a failing body passes through as is
+      throw err;
     }
   }
 
-  private async appendInline(meta: UplinkMessageMeta, payload: Buffer, sha256: string, t0: bigint): Promise<AppendResult> {
-    const result = await this.enqueue(meta, payload.length, sha256, payload, undefined, 0);
-    this.m.appendSeconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
-    return result;
+  /**
+   * Refuse at append time what the uplink could never encode (issue 9 #2): the record's
+   * metadata as the wire carries it must pass the protocol's own validation and limits
+   * (protocol/codec.ts LIMITS: device id ≤ 256 B, topic ≤ 4096 B, content type ≤ 255 B,
+   * metadata JSON ≤ 8192 B).
+   */
+  private validate(meta: UplinkMessageMeta): void {
+    const wire: Record<string, unknown> = { device_id: meta.deviceId, topic: meta.topic, qos: meta.qos, received_at: Math.floor(meta.receivedAt) };
+    if (meta.contentType !== undefined) wire.content_type = meta.contentType;
+    try {
+      parseWireMeta(wire);
+      const raw = Buffer.byteLength(meta.topic) + Buffer.byteLength(meta.deviceId) + (meta.contentType ? Buffer.byteLength(meta.contentType) : 0);
+      // JSON escaping can grow a string up to 6×: only then is the exact length worth computing
+      if (raw * 6 + 128 > LIMITS.maxMetadataBytes) {
+        const n = Buffer.byteLength(JSON.stringify(wire));
+        if (n > LIMITS.maxMetadataBytes) throw new Error(`metadata of ${n} bytes exceeds the protocol limit of ${LIMITS.maxMetadataBytes}`);
+      }
+      if (meta.packetId !== undefined && (!Number.isInteger(meta.packetId) || meta.packetId < 0 || meta.packetId > 0xffff)) throw new Error('packet id out of range');
+    } catch (err) {
+      throw new RequestError(400, 'ECONN_BAD_REQUEST', `message refused: ${(err as Error).message} (the uplink protocol allows a device id of ${LIMITS.maxDeviceIdBytes} bytes, a topic of ${LIMITS.maxTopicBytes}, a content type of ${LIMITS.maxContentTypeBytes}); nothing was kept`);
+    }
   }
 
   private checkWritable(): void {
@@ -729,8 +702,8 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     return new RequestError(413, 'ECONN_PAYLOAD_TOO_LARGE', `message of ${size} bytes or more exceeds ${key} (${limit} bytes); send less or raise the limit; nothing was kept`);
   }
 
-  private idOf(seq: number): string {
-    return `${this.instanceId}-${this.boot}-${seq}`;
+  private fullError(): RequestError {
+    return new RequestError(503, 'ECONN_JOURNAL_FULL', `journal is full (${this.used()} of ${this.cfg.max_bytes} bytes, bridge.journal.max_bytes) and the overflow policy is reject; the message was not accepted`);
   }
 
   /**
@@ -741,23 +714,23 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
     const cap = this.cfg.max_bytes;
     if (bytes > cap) throw this.tooLarge(bytes, cap, 'bridge.journal.max_bytes');
     if (this.used() + bytes <= cap) return;
-    if (this.cfg.overflow === 'reject') {
-      throw new RequestError(503, 'ECONN_JOURNAL_FULL', `journal is full (${this.used()} of ${cap} bytes, bridge.journal.max_bytes) and the overflow policy is reject; the message was not accepted`);
-    }
+    if (this.cfg.overflow === 'reject') throw this.fullError();
     let n = 0;
     let first: string | undefined;
     let last: string | undefined;
+    // bounded: each pass drops one pending record
     while (this.used() + bytes > cap) {
-      const oldest = this.head < this.order.length ? this.order[this.head] : undefined;
-      if (!oldest || !oldest.live) break;
-      first ??= idOfEntry(oldest);
-      last = idOfEntry(oldest);
-      this.drop(oldest, 'overflow');
+      const o = this.oldest();
+      if (!o) break;
+      const id = o.seg.idOf(o.slot);
+      first ??= id;
+      last = id;
+      this.drop(o.seg, o.slot, 'overflow');
       n++;
     }
     if (n) {
       this.log.warn({ dropped: n, firstId: first, lastId: last, reason: 'overflow', maxBytes: cap }, 'journal full: dropped the oldest unacknowledged messages (overflow policy drop-oldest)');
-      this.schedulePersist();
+      this.scheduleAckFlush();
     }
     if (this.used() + bytes > cap) {
       throw new RequestError(503, 'ECONN_JOURNAL_FULL', `journal is full (${this.used()} of ${cap} bytes) with messages still being written; the message was not accepted`);
@@ -765,299 +738,400 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   }
 
   private used(): number {
-    return this.segCharged + this.liveBlobBytes + this.reservedBytes;
+    return this.segCharged + this.liveBlobBytes + this.reservedBytes + this.quarantineBytes;
   }
 
-  // ───────────────────────────── writer (group commit) ─────────────────────────────
-
-  /**
-   * Assign the next seq and queue the record for the writer. Synchronous up to the returned
-   * promise: it throws (full, closed) before anything is queued, so seq order = queue order =
-   * file order. `blobBytes` were reserved by the caller and are owned by the queue from here.
-   */
-  private enqueue(meta: UplinkMessageMeta, size: number, sha256: string, payload: Buffer, blob: string | undefined, blobBytes: number): Promise<AppendResult> {
-    this.checkWritable();
-    const seq = this.nextSeq;
-    const rm: RecordMeta = { id: this.idOf(seq), m: meta, size, sha256, t: this.now(), ...(blob ? { blob } : {}) };
-    const buf = encodeRecord(seq, rm, payload);
-    this.makeRoom(buf.length);
-    this.nextSeq++;
-    this.reservedBytes += buf.length;
-    return new Promise<AppendResult>((resolve, reject) => {
-      this.queue.push({ seq, rm, buf, blobBytes, resolve, reject });
-      this.kick();
-    });
-  }
-
-  private kick(): void {
-    if (this.flushing || this.flushTimer) return;
-    const delay = this.cfg.fsync === 'batch' ? this.cfg.fsync_max_delay_ms : 0;
-    if (delay <= 0) {
-      this.flushTimer = setImmediate(() => this.runFlush());
-      return;
-    }
-    // Hold the batch open only while writers keep arriving (each event-loop turn that added a
-    // record extends it), never longer than fsync_max_delay_ms: a lone or closed-loop writer is
-    // not delayed, a stream of arrivals shares one fsync.
-    const until = performance.now() + delay;
-    let seen = this.queue.length;
-    const check = (): void => {
-      if (this.queue.length > seen && performance.now() < until) {
-        seen = this.queue.length;
-        this.flushTimer = setImmediate(check);
-        return;
-      }
-      this.runFlush();
-    };
-    this.flushTimer = setImmediate(check);
-  }
-
-  private clearFlushTimer(): void {
-    if (!this.flushTimer) return;
-    clearTimeout(this.flushTimer as NodeJS.Timeout);
-    clearImmediate(this.flushTimer as NodeJS.Immediate);
-    this.flushTimer = undefined;
-  }
-
-  private runFlush(): void {
-    this.flushTimer = undefined;
-    if (this.flushing) return;
-    this.flushing = (async () => {
-      while (this.queue.length) await this.flushOnce();
-    })().finally(() => {
-      this.flushing = undefined;
-      if (this.queue.length) this.kick();
-    });
-  }
-
-  /** Write one batch (all into the active segment), fsync it once per policy, then index and resolve it. */
-  private async flushOnce(): Promise<void> {
-    const segBytes = this.segmentBytes();
-    const firstLen = this.queue[0]!.buf.length;
+  /** Assign the next seq and queue the record. Synchronous up to the returned promise (seq order = queue order = file order). */
+  private enqueue(meta: UplinkMessageMeta, payload: Buffer, sha: Buffer, blob: { name: string; size: number } | undefined, blobBytes: number, t0: number): Promise<AppendResult> {
     try {
-      if (this.broken) throw this.brokenError();
-      if (!this.active || (this.active.size > 0 && this.active.size + firstLen > segBytes)) await this.roll(this.queue[0]!.seq);
+      this.checkWritable();
+      const metaBuf = encodeMeta(meta, blob?.name);
+      const bytes = recordBytes(metaBuf.length, blob ? 0 : payload.length);
+      this.makeRoom(bytes);
+      const seq = this.nextSeq++;
+      this.reservedBytes += bytes;
+      return new Promise<AppendResult>((resolve, reject) => {
+        this.writer.push({
+          seq,
+          createdAt: Math.floor(this.clock.now()),
+          size: blob ? blob.size : payload.length,
+          sha,
+          shaHex: sha.toString('hex'),
+          m: meta,
+          metaBuf,
+          payload,
+          blob,
+          bytes,
+          blobBytes,
+          t0,
+          resolve,
+          reject,
+        });
+      });
     } catch (err) {
-      this.fail(this.queue.splice(0), err);
-      return;
-    }
-    const seg = this.active!;
-    const batch: PendingWrite[] = [];
-    let bytes = 0;
-    const max = this.cfg.fsync === 'always' ? 1 : Infinity;
-    while (this.queue.length && batch.length < max) {
-      const len = this.queue[0]!.buf.length;
-      if (batch.length && (bytes + len > MAX_BATCH_BYTES || seg.size + bytes + len > segBytes)) break;
-      batch.push(this.queue.shift()!);
-      bytes += len;
-    }
-    const base = seg.size;
-    try {
-      try {
-        await writeFully(seg.wfh!, batch.length === 1 ? batch[0]!.buf : Buffer.concat(batch.map((p) => p.buf), bytes));
-      } catch (err) {
-        await seg.wfh!.truncate(base).catch(() => {});
-        throw ioError(`write to ${seg.name}`, err);
-      }
-      seg.size += bytes;
-      if (this.cfg.fsync !== 'never') {
-        try {
-          await seg.wfh!.datasync();
-          this.m.fsyncs.inc({ kind: 'segment' });
-        } catch (err) {
-          // after a failed fsync the page cache state is unknown: stop accepting (a restart replays)
-          this.broken = err as Error;
-          this.log.error({ err, code: 'ECONN_JOURNAL_IO', segment: seg.name }, 'journal fsync failed; the journal stops accepting messages until restart');
-          throw ioError(`fsync of ${seg.name}`, err);
-        }
-      }
-    } catch (err) {
-      this.fail(batch, err);
-      return;
-    }
-    let offset = base;
-    const entries: Entry[] = [];
-    const recs: JournalRecord[] = [];
-    for (const p of batch) {
-      const entry: Entry = {
-        seq: p.seq,
-        seg,
-        offset,
-        recordBytes: p.buf.length,
-        metaLen: p.buf.readUInt32BE(16),
-        size: p.rm.size,
-        createdAt: p.rm.t,
-        blob: p.rm.blob,
-        id: p.rm.id === seg.idPrefix + p.seq ? undefined : p.rm.id,
-        live: false,
-      };
-      offset += p.buf.length;
-      this.reservedBytes -= p.buf.length + p.blobBytes;
-      this.index(entry, true);
-      const rec: JournalRecord = { id: p.rm.id, seq: p.seq, meta: p.rm.m, size: p.rm.size, sha256: p.rm.sha256, createdAt: p.rm.t };
-      this.cacheRecord(rec);
-      recs.push(rec);
-      this.indexedNext = p.seq + 1;
-      entries.push(entry);
-    }
-    // resolve after indexing all: a listener that acks from 'append' sees a consistent index
-    for (let i = 0; i < batch.length; i++) {
-      const { rm } = batch[i]!;
-      batch[i]!.resolve({ id: rm.id, size: rm.size, sha256: rm.sha256 });
-      if (entries[i]!.live) this.emit('append', recs[i]!);
+      return Promise.reject(err as Error);
     }
   }
 
-  private fail(batch: PendingWrite[], err: unknown): void {
-    const e = errorCode(err) ? (err as Error) : ioError('write', err);
-    for (const p of batch) {
-      this.reservedBytes -= p.buf.length + p.blobBytes;
-      p.reject(e);
-    }
-    // unwritten records leave a gap in seq; move past them so the floor can advance
-    if (batch.length) this.indexedNext = Math.max(this.indexedNext, batch[batch.length - 1]!.seq + 1);
-  }
-
-  private brokenError(): StorageError {
-    return new StorageError('ECONN_JOURNAL_IO', `journal is unusable after an fsync failure (${this.broken?.message ?? 'unknown'}); restart the daemon after checking the disk`);
-  }
-
-  private async roll(firstSeq: number): Promise<void> {
-    const old = this.active;
-    if (old) {
-      await old.wfh?.close().catch(() => {});
-      old.wfh = undefined;
-      this.active = undefined;
-      if (old.live === 0) this.queueSegmentDelete(old);
-    }
-    const name = segmentName(firstSeq);
-    const seg: Segment = { firstSeq, name, path: path.join(this.dir, name), idPrefix: `${this.instanceId}-${this.boot}-`, size: 0, indexedBytes: 0, live: 0, readers: 0, deleted: false, queuedForDelete: false };
-    try {
-      seg.wfh = await fs.open(seg.path, 'wx', 0o600);
-      if (this.cfg.fsync !== 'never') {
-        await syncDir(this.dir);
-        this.m.fsyncs.inc({ kind: 'dir' });
-      }
-    } catch (err) {
-      await seg.wfh?.close().catch(() => {});
-      throw ioError(`creation of segment ${name}`, err);
-    }
-    this.segments.set(name, seg);
-    this.active = seg;
-  }
+  // ───────────────────────────── writer host ─────────────────────────────
 
   /** Effective segment size: at most a quarter of the byte cap, so the unaccounted acked part stays small. */
   private segmentBytes(): number {
     return Math.max(64 * 1024, Math.min(this.cfg.segment_bytes, Math.floor(this.cfg.max_bytes / 4)));
   }
 
+  private segmentFor(firstSeq: number, bytes: number): Segment {
+    const cur = this.active;
+    if (cur && !this.rollNext && (cur.count === 0 || cur.size + bytes <= this.segmentBytes())) return cur;
+    if (cur) {
+      this.seal(cur);
+      this.active = undefined;
+    }
+    this.rollNext = false;
+    const name = segmentName(firstSeq);
+    const file = path.join(this.dir, name);
+    let fd: number | undefined;
+    try {
+      fd = fs.openSync(file, 'wx', 0o600);
+      pwriteAllSync(fd, encodeSegmentHeader(firstSeq, this.idPrefix), 0);
+      if (this.cfg.fsync !== 'never') {
+        fs.fdatasyncSync(fd);
+        syncDirSync(this.dir);
+        this.m.fsyncs.inc({ kind: 'dir' });
+      }
+    } catch (err) {
+      if (fd !== undefined) fs.closeSync(fd);
+      fs.rmSync(file, { force: true });
+      throw ioError(`creation of segment ${name}`, err);
+    }
+    const seg = new Segment({ firstSeq, name, path: file, version: 2, idPrefix: this.idPrefix, capacity: 1024 });
+    seg.size = encodeSegmentHeader(firstSeq, this.idPrefix).length;
+    seg.wfd = fd;
+    this.segs.push(seg);
+    this.active = seg;
+    return seg;
+  }
+
+  /** The segment will not be written again: close its write descriptor, trim its index, write its .idx. */
+  private seal(seg: Segment): void {
+    if (seg.sealed) return;
+    seg.sealed = true;
+    if (seg.wfd !== undefined) fs.close(seg.wfd, () => {});
+    seg.wfd = undefined;
+    seg.trim();
+    if (seg.count) writeIndex({ dir: this.dir, log: this.log, onIndexWritten: (b) => this.m.writes.inc({ kind: 'index' }, b) }, seg);
+    if (seg.liveCount === 0) this.scheduleAckFlush();
+  }
+
+  private committed(seg: Segment, base: number, batch: QueuedRecord[]): void {
+    let off = base;
+    const recs: JournalRecord[] = [];
+    const now = performance.now();
+    for (const r of batch) {
+      const slot = seg.push(r.seq, off, r.bytes, r.metaBuf.length, r.createdAt);
+      off += r.bytes;
+      if (r.blob) (seg.blobs ??= new Map()).set(r.seq, r.blob);
+      this.reservedBytes -= r.bytes + r.blobBytes;
+      this.setLive(seg, slot);
+      const rec: JournalRecord = { id: this.idPrefix + r.seq, seq: r.seq, meta: r.m, size: r.size, sha256: r.shaHex, createdAt: r.createdAt };
+      this.cache.put(r.seq, rec, r.blob ? undefined : r.payload);
+      recs.push(rec);
+      this.m.appendSeconds.observe((now - r.t0) / 1000);
+    }
+    seg.size = off;
+    // resolve after indexing all: a listener that acks from 'append' sees a consistent index
+    for (let i = 0; i < batch.length; i++) {
+      const rec = recs[i]!;
+      batch[i]!.resolve({ id: rec.id, size: rec.size, sha256: rec.sha256 });
+      this.emit('append', rec);
+    }
+  }
+
+  /**
+   * A write or fsync failed (disk full, I/O error — issue 9 #3): nothing of the batch is
+   * acknowledged, everything queued is refused, and the journal refuses appends until a probe
+   * shows the disk writable again. The next write goes to a fresh segment, after the failed
+   * bytes are cut off the old one (they were never acknowledged).
+   */
+  private writeFailed(batch: QueuedRecord[], err: unknown, stage: 'write' | 'fsync'): void {
+    const e = errorCode(err) && !(err as NodeJS.ErrnoException).syscall ? (err as Error) : ioError(stage === 'fsync' ? 'fsync' : 'write', err);
+    this.m.writeErrors.inc();
+    const first = !this.broken;
+    this.broken ??= { err: e, since: this.wall(), stage };
+    const refused = [...batch, ...this.writer.rejectAll(this.brokenError())];
+    for (const r of batch) r.reject(e);
+    for (const r of refused) this.reservedBytes -= r.bytes + r.blobBytes;
+    this.rollNext = true;
+    if (first) {
+      this.log.error({ err: e, code: 'ECONN_JOURNAL_IO', stage, refused: refused.length }, 'journal write failed: new messages are refused (not acknowledged) until the disk accepts writes again; nothing acknowledged is lost');
+      this.emit('unwritable', e);
+    }
+    this.startProbe();
+  }
+
+  private brokenError(): StorageError {
+    const b = this.broken;
+    return new StorageError('ECONN_JOURNAL_IO', `journal is not accepting messages since a ${b?.stage ?? 'write'} failed (${(b?.err.cause as NodeJS.ErrnoException | undefined)?.code ?? b?.err.message ?? 'unknown'}); it retries every ${PROBE_INTERVAL_MS / 1000} s and recovers by itself once the disk accepts writes (free some space)`);
+  }
+
+  private startProbe(): void {
+    if (this.probeTimer || this.closed) return;
+    this.probeTimer = setInterval(() => this.probe(), PROBE_INTERVAL_MS);
+    this.probeTimer.unref();
+  }
+
+  /** Cut unacknowledged bytes off the active segment, then write + fsync + remove a 4 KiB probe file. */
+  probe(): boolean {
+    if (!this.broken) return true;
+    const probeFile = path.join(this.dir, 'probe.tmp');
+    try {
+      const seg = this.active;
+      if (seg?.wfd !== undefined) {
+        fs.ftruncateSync(seg.wfd, seg.size);
+        fs.fdatasyncSync(seg.wfd);
+      }
+      const fd = fs.openSync(probeFile, 'w', 0o600);
+      try {
+        pwriteAllSync(fd, Buffer.alloc(4096), 0);
+        fs.fdatasyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+        fs.rmSync(probeFile, { force: true });
+      }
+    } catch (err) {
+      this.log.debug({ err }, 'journal probe write failed; still refusing messages');
+      return false;
+    }
+    this.log.warn({ code: 'ECONN_JOURNAL_IO', since: new Date(this.broken.since).toISOString() }, 'journal writable again: accepting messages');
+    this.broken = undefined;
+    this.emit('writable');
+    if (this.probeTimer) clearInterval(this.probeTimer);
+    this.probeTimer = undefined;
+    if (this.doneSince.length || this.ackDirty) this.scheduleAckFlush();
+    return true;
+  }
+
   // ───────────────────────────── index ─────────────────────────────
 
-  private index(e: Entry, live: boolean): void {
-    const seg = e.seg;
-    const before = seg.live > 0 ? seg.indexedBytes : 0;
-    seg.indexedBytes += e.recordBytes;
-    if (live) {
-      e.live = true;
-      seg.live++;
-      this.pendingCount++;
-      this.pendingBytes += e.recordBytes + (e.blob ? e.size : 0);
-      if (e.blob) this.liveBlobBytes += e.size;
-    }
-    this.segCharged += (seg.live > 0 ? seg.indexedBytes : 0) - before;
-    this.order.push(e);
+  private setLive(seg: Segment, slot: number): void {
+    if (seg.live[slot]) return;
+    seg.live[slot] = 1;
+    seg.liveCount++;
+    this.pendingCount++;
+    const b = seg.blobOf(slot);
+    this.pendingBytes += seg.lens[slot]! + (b ? b.size : 0);
+    if (b) this.liveBlobBytes += b.size;
+    this.recharge(seg);
+    if (slot < seg.head) seg.head = slot;
   }
 
-  /** Take a live record out of the queue (ack, drop, quarantine). Deletion happens after the ack state is persisted. */
-  private markDone(e: Entry): void {
-    if (!e.live) return;
-    e.live = false;
-    this.recCache.delete(e.seq);
+  /** A segment counts against the cap in full while it holds a live record. */
+  private recharge(seg: Segment): void {
+    const want = seg.liveCount > 0 ? seg.indexedBytes : 0;
+    this.segCharged += want - seg.charged;
+    seg.charged = want;
+  }
+
+  /** Take a live record out of the queue (ack, drop, quarantine). Files go after the ack log says so. */
+  private markDone(seg: Segment, slot: number): void {
+    if (!seg.live[slot]) return;
+    seg.live[slot] = 0;
+    const seq = seg.seqs[slot]!;
+    this.cache.delete(seq);
     this.pendingCount--;
-    this.pendingBytes -= e.recordBytes + (e.blob ? e.size : 0);
-    const seg = e.seg;
-    const before = seg.live > 0 ? seg.indexedBytes : 0;
-    seg.live--;
-    this.segCharged += (seg.live > 0 ? seg.indexedBytes : 0) - before;
-    if (e.blob) {
-      this.liveBlobBytes -= e.size;
-      this.blobsToDelete.push({ name: e.blob, size: e.size });
+    const b = seg.blobOf(slot);
+    this.pendingBytes -= seg.lens[slot]! + (b ? b.size : 0);
+    seg.liveCount--;
+    this.recharge(seg);
+    if (b) {
+      this.liveBlobBytes -= b.size;
+      this.blobsToDelete.push(b);
     }
-    if (seg.live === 0 && seg !== this.active) this.queueSegmentDelete(seg);
-    this.advanceHead();
+    this.doneSince.push(seq);
+    seg.advanceHead();
   }
 
-  private drop(e: Entry, reason: 'overflow' | 'ttl' | 'corrupt'): void {
-    if (!e.live) return;
-    this.markDone(e);
+  private drop(seg: Segment, slot: number, reason: 'overflow' | 'ttl' | 'corrupt'): void {
+    if (!seg.live[slot]) return;
+    const id = seg.idOf(slot);
+    const seq = seg.seqs[slot]!;
+    this.markDone(seg, slot);
     this.droppedBy[reason]++;
     this.m.drops.inc({ reason });
-    this.emit('removed', { id: idOfEntry(e), seq: e.seq, reason });
+    this.emit('removed', { id, seq, reason });
   }
 
-  private queueSegmentDelete(seg: Segment): void {
-    if (seg.queuedForDelete || seg.deleted) return;
-    seg.queuedForDelete = true;
-    this.segsToDelete.push(seg);
-  }
-
-  private advanceHead(): void {
-    while (this.head < this.order.length && !this.order[this.head]!.live) this.head++;
-  }
-
-  /** Forget index slots before the head (never while iterating the index). */
-  private compact(): void {
-    if (this.head > 4096 && this.head * 2 > this.order.length) {
-      this.order = this.order.slice(this.head);
-      this.head = 0;
+  /** The oldest live record. */
+  private oldest(): { seg: Segment; slot: number } | undefined {
+    for (const seg of this.segs) {
+      seg.advanceHead();
+      if (seg.head < seg.count) return { seg, slot: seg.head };
     }
+    return undefined;
   }
 
-  private ackState(): AckState {
-    const floor = this.head < this.order.length ? this.order[this.head]!.seq : this.indexedNext;
-    const done: Array<[number, number]> = [];
-    let run: [number, number] | undefined;
-    for (let i = this.head; i < this.order.length; i++) {
-      const e = this.order[i]!;
-      if (e.live) {
-        run = undefined;
-        continue;
-      }
-      if (run) run[1] = e.seq;
-      else done.push((run = [e.seq, e.seq]));
+  /** The live slot of an id (`<prefix><seq>`): segment by seq, slot by seq, then the whole id must match. */
+  private find(id: string): { seg: Segment; slot: number } | undefined {
+    if (typeof id !== 'string') return undefined;
+    const dash = id.lastIndexOf('-');
+    const seq = dash >= 0 ? Number(id.slice(dash + 1)) : NaN;
+    if (!Number.isSafeInteger(seq)) return undefined;
+    const seg = this.segmentOf(seq);
+    if (!seg) return undefined;
+    const slot = seg.slotOf(seq);
+    if (slot < 0 || !seg.live[slot] || seg.idOf(slot) !== id) return undefined;
+    return { seg, slot };
+  }
+
+  /** The segment that would hold `seq` (the last one whose first seq is ≤ seq). */
+  private segmentOf(seq: number): Segment | undefined {
+    let lo = 0;
+    let hi = this.segs.length - 1;
+    let best: Segment | undefined;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const s = this.segs[mid]!;
+      if (s.count && s.seqs[0]! <= seq) {
+        best = s;
+        lo = mid + 1;
+      } else if (!s.count && s.firstSeq <= seq) {
+        lo = mid + 1;
+      } else hi = mid - 1;
     }
-    return { version: 1, floor, done, next: this.nextSeq };
+    return best;
   }
 
   // ───────────────────────────── consumer API ─────────────────────────────
 
-  /** Unacknowledged records with seq > afterSeq, in append order (expired ones are dropped instead). */
+  /** Unacknowledged records with seq > afterSeq, in append order (expired and corrupt ones are dropped instead). */
   pending(afterSeq = -1, limit = 1024): JournalRecord[] {
-    this.compact();
-    const out: JournalRecord[] = [];
-    let lo = this.head;
-    let hi = this.order.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >>> 1;
-      if (this.order[mid]!.seq <= afterSeq) lo = mid + 1;
-      else hi = mid;
-    }
+    const out: Array<JournalRecord | undefined> = [];
+    const misses: Array<{ seg: Segment; slot: number; at: number }> = [];
     let expired = 0;
-    for (let i = lo; i < this.order.length && out.length < limit; i++) {
-      const e = this.order[i]!;
-      if (!e.live) continue;
-      if (this.isExpired(e)) {
-        this.drop(e, 'ttl');
-        expired++;
-        continue;
+    const ttlMs = this.cfg.ttl_s > 0 ? this.cfg.ttl_s * 1000 : 0;
+    const now = this.clock.now();
+    let si = 0;
+    const first = this.segmentOf(afterSeq);
+    if (first) si = this.segs.indexOf(first);
+    for (; si < this.segs.length && out.length < limit; si++) {
+      const seg = this.segs[si]!;
+      seg.advanceHead();
+      for (let i = Math.max(seg.head, seg.slotAfter(afterSeq)); i < seg.count && out.length < limit; i++) {
+        if (!seg.live[i]) continue;
+        if (ttlMs && now - seg.created[i]! > ttlMs) {
+          this.drop(seg, i, 'ttl');
+          expired++;
+          continue;
+        }
+        const c = this.cache.get(seg.seqs[i]!);
+        if (c) out.push(c.rec);
+        else {
+          misses.push({ seg, slot: i, at: out.length });
+          out.push(undefined);
+        }
       }
-      out.push(this.recordOf(e));
     }
+    if (misses.length) this.loadMisses(misses, out);
     if (expired) {
       this.log.warn({ dropped: expired, reason: 'ttl', ttlS: this.cfg.ttl_s }, 'dropped unacknowledged messages older than bridge.journal.ttl_s');
-      this.schedulePersist();
+      this.scheduleAckFlush();
     }
-    return out;
+    return out.filter((r): r is JournalRecord => r !== undefined);
+  }
+
+  /** Read records not in memory in large contiguous spans (one pread each), check them, cache them. */
+  private loadMisses(misses: Array<{ seg: Segment; slot: number; at: number }>, out: Array<JournalRecord | undefined>): void {
+    let i = 0;
+    while (i < misses.length) {
+      const { seg } = misses[i]!;
+      let j = i + 1;
+      const start = seg.offsets[misses[i]!.slot]!;
+      let end = start + seg.lens[misses[i]!.slot]!;
+      while (j < misses.length && misses[j]!.seg === seg) {
+        const s = misses[j]!.slot;
+        const e = seg.offsets[s]! + seg.lens[s]!;
+        if (e - start > READ_SPAN) break;
+        end = e;
+        j++;
+      }
+      let buf: Buffer | undefined;
+      try {
+        buf = preadExact(seg.readFd(), end - start, start);
+      } catch (err) {
+        this.log.error({ err, code: 'ECONN_JOURNAL_IO', segment: seg.name }, 'journal read failed; the records are offered again on the next read');
+      }
+      for (let k = i; k < j; k++) {
+        const { slot, at } = misses[k]!;
+        if (!buf) continue;
+        const off = seg.offsets[slot]! - start;
+        const d = this.decodeAt(seg, slot, buf, off);
+        if (!d) continue;
+        out[at] = d.rec;
+      }
+      this.m.diskReads.inc(j - i);
+      i = j;
+    }
+  }
+
+  /** Decode and check the record of `slot` found at `off` of `buf`; a bad one is dropped as corrupt (null). */
+  private decodeAt(seg: Segment, slot: number, buf: Buffer, off: number): DiskRecord | null {
+    const len = seg.lens[slot]!;
+    const seq = seg.seqs[slot]!;
+    let problem: string | undefined;
+    let result: DiskRecord | undefined;
+    if (buf.length - off < len) problem = 'segment shorter than its index says';
+    else if (seg.version === 2) {
+      const h = decodeHeaderV2(buf, off);
+      if (!h.ok) problem = h.reason;
+      else if (h.header.seq !== seq || RECORD_HEADER_BYTES + h.header.metaLen + h.header.payloadLen !== len) problem = 'record does not match the index';
+      else if (!recordCrcOk(buf, off, len)) problem = 'checksum mismatch';
+      else {
+        const mb = decodeMeta(buf.subarray(off + RECORD_HEADER_BYTES, off + RECORD_HEADER_BYTES + h.header.metaLen));
+        if (!mb) problem = 'malformed record meta';
+        else {
+          const payload = mb.blob ? undefined : Buffer.from(buf.subarray(off + RECORD_HEADER_BYTES + h.header.metaLen, off + len));
+          const rec: JournalRecord = { id: seg.idOf(slot), seq, meta: mb.m, size: h.header.size, sha256: shaOfRecord(buf, off).toString('hex'), createdAt: seg.created[slot]! };
+          result = { rec, payload };
+        }
+      }
+    } else {
+      const hb = buf.subarray(off, off + V1_HEADER_BYTES);
+      const h = decodeHeaderV1(hb);
+      if (!h.ok) problem = h.reason;
+      else {
+        const body = buf.subarray(off + V1_HEADER_BYTES, off + len);
+        if ((v1crc(body, v1HeaderCrc(hb)) >>> 0) !== h.header.crc) problem = 'checksum mismatch';
+        else {
+          const mm = parseMetaV1(body.subarray(0, h.header.metaLen), h.header);
+          if (!mm) problem = 'malformed record meta';
+          else {
+            const rec: JournalRecord = { id: seg.idOf(slot), seq, meta: mm.m, size: mm.size, sha256: mm.sha256, createdAt: seg.created[slot]! };
+            result = { rec, payload: mm.blob ? undefined : Buffer.from(body.subarray(h.header.metaLen)) };
+          }
+        }
+      }
+    }
+    if (problem || !result) {
+      this.dropCorrupt(seg, slot, buf.subarray(off, Math.min(buf.length, off + len)), problem ?? 'unreadable');
+      return null;
+    }
+    this.cache.put(seq, result.rec, result.payload);
+    return result;
+  }
+
+  /** A record the reader refuses: dropped (counted, logged), its bytes kept in the quarantine — never retried. */
+  private dropCorrupt(seg: Segment, slot: number, raw: Buffer, reason: string): void {
+    const id = seg.idOf(slot);
+    this.log.error({ code: 'ECONN_JOURNAL_CORRUPT', id, segment: seg.name, offset: seg.offsets[slot], reason }, 'a journal record cannot be read back; it is dropped (its bytes are kept in journal/quarantine)');
+    this.m.corruptBytes.inc(seg.lens[slot]!);
+    this.drop(seg, slot, 'corrupt');
+    this.scheduleAckFlush();
+    const base = `corrupt-${id}`;
+    this.background(
+      this.writeQuarantine(base, Buffer.from(raw), JSON.stringify({ id, segment: seg.name, offset: seg.offsets[slot], reason, at: new Date(this.wall()).toISOString() }) + '\n').catch((err: unknown) =>
+        this.log.warn({ err, id }, 'could not keep the bytes of a corrupt journal record'),
+      ),
+    );
   }
 
   first(): JournalRecord | undefined {
@@ -1065,172 +1139,167 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   }
 
   get(id: string): JournalRecord | undefined {
-    const e = this.find(id);
-    return e ? this.recordOf(e) : undefined;
+    const f = this.find(id);
+    if (!f) return undefined;
+    return this.recordOf(f.seg, f.slot);
+  }
+
+  private recordOf(seg: Segment, slot: number): JournalRecord | undefined {
+    const c = this.cache.get(seg.seqs[slot]!);
+    if (c) return c.rec;
+    const out: Array<JournalRecord | undefined> = [undefined];
+    this.loadMisses([{ seg, slot, at: 0 }], out);
+    return out[0];
   }
 
   async readPayload(rec: JournalRecord, start = 0, end = rec.size): Promise<Buffer> {
-    const e = this.liveEntry(rec);
-    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end > e.size || start > end) {
-      throw new RangeError(`bad payload range [${start}, ${end}) of a ${e.size}-byte message`);
+    const f = this.find(rec.id);
+    if (!f) throw this.gone(rec);
+    const { seg, slot } = f;
+    const size = seg.sizeOf(slot, seg.version === 2 ? RECORD_HEADER_BYTES : V1_HEADER_BYTES);
+    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end > size || start > end) {
+      throw new RangeError(`bad payload range [${start}, ${end}) of a ${size}-byte message`);
     }
     if (end - start > MAX_READ_BYTES) throw new RangeError(`read payloads in chunks of at most ${MAX_READ_BYTES} bytes`);
     if (start === end) return Buffer.alloc(0);
-    try {
-      if (e.blob) {
-        const fh = await fs.open(path.join(this.blobDir, e.blob), 'r');
+    const blob = seg.blobOf(slot);
+    if (blob) {
+      try {
+        const fh = await fsp.open(path.join(this.blobDir, blob.name), 'r');
         try {
-          return await this.checkedRead(fh, end - start, start);
+          const b = Buffer.allocUnsafe(end - start);
+          let got = 0;
+          while (got < b.length) {
+            const { bytesRead } = await fh.read(b, got, b.length - got, start + got);
+            if (bytesRead === 0) break;
+            got += bytesRead;
+          }
+          if (got !== b.length) throw new StorageError('ECONN_JOURNAL_CORRUPT', `blob of ${rec.id} is shorter than its record says (${got} of ${b.length} bytes)`);
+          return b;
         } finally {
           await fh.close();
         }
+      } catch (err) {
+        if (errorCode(err) && !(err as NodeJS.ErrnoException).syscall) throw err;
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw this.gone(rec);
+        throw ioError(`read of message ${rec.id}`, err);
       }
-      const seg = e.seg;
-      const fd = this.readerFd(seg);
-      seg.readers++;
-      try {
-        const buf = Buffer.allocUnsafe(end - start);
-        let got = 0;
-        while (got < buf.length) {
-          const { bytesRead } = await readFd(fd, buf, got, buf.length - got, payloadOffset(e) + start + got);
-          if (bytesRead === 0) break;
-          got += bytesRead;
-        }
-        if (got !== buf.length) throw new StorageError('ECONN_JOURNAL_CORRUPT', `journal segment ${seg.name} is shorter than its index says (${got} of ${buf.length} bytes)`);
-        return buf;
-      } finally {
-        seg.readers--;
-        if (seg.deleted && seg.readers === 0) this.closeReader(seg);
-      }
+    }
+    const c = this.cache.get(seg.seqs[slot]!);
+    if (c?.payload) return c.payload.subarray(start, end);
+    // from disk: the whole record (≤ INLINE_MAX + meta), checked, then served (and cached when small)
+    let buf: Buffer;
+    try {
+      buf = preadExact(seg.readFd(), seg.lens[slot]!, seg.offsets[slot]!);
     } catch (err) {
-      if (errorCode(err) && !(err as NodeJS.ErrnoException).syscall) throw err;
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw this.gone(rec);
       throw ioError(`read of message ${rec.id}`, err);
     }
+    this.m.diskReads.inc();
+    const d = this.decodeAt(seg, slot, buf, 0);
+    if (!d?.payload) throw new StorageError('ECONN_JOURNAL_CORRUPT', `message ${rec.id} failed its checksum when read back from ${seg.name}; it was dropped and its bytes kept in journal/quarantine`);
+    return d.payload.subarray(start, end);
   }
 
-  private readerFd(seg: Segment): number {
-    seg.fd ??= fsSync.openSync(seg.path, 'r');
-    return seg.fd;
-  }
-
-  /** The public record of an index slot: from the cache, else its metadata read from disk. */
-  private recordOf(e: Entry): JournalRecord {
-    const hit = this.recCache.get(e.seq);
-    if (hit) return hit;
-    const buf = Buffer.allocUnsafe(e.metaLen);
-    try {
-      const n = fsSync.readSync(this.readerFd(e.seg), buf, 0, e.metaLen, e.offset + HEADER_BYTES);
-      if (n !== e.metaLen) throw new Error(`short read (${n} of ${e.metaLen} bytes)`);
-    } catch (err) {
-      throw ioError(`read of the metadata of record ${e.seq} in ${e.seg.name}`, err);
-    }
-    let m: RecordMeta;
-    try {
-      m = JSON.parse(buf.toString('utf8')) as RecordMeta;
-    } catch (err) {
-      throw new StorageError('ECONN_JOURNAL_CORRUPT', `record ${e.seq} in ${e.seg.name} has unreadable metadata after passing its checksum`, { cause: err });
-    }
-    const rec: JournalRecord = { id: idOfEntry(e), seq: e.seq, meta: m.m, size: e.size, sha256: m.sha256, createdAt: e.createdAt };
-    this.cacheRecord(rec);
-    return rec;
-  }
-
-  private cacheRecord(rec: JournalRecord): void {
-    if (this.recCache.size >= REC_CACHE) {
-      const oldest = this.recCache.keys().next();
-      if (!oldest.done) this.recCache.delete(oldest.value);
-    }
-    this.recCache.set(rec.seq, rec);
-  }
-
-  /** The live index slot of an id (`<prefix>-<seq>`): binary search by seq, then the whole id must match. */
-  private find(id: string): Entry | undefined {
-    if (typeof id !== 'string') return undefined;
-    const dash = id.lastIndexOf('-');
-    const seq = dash >= 0 ? Number(id.slice(dash + 1)) : NaN;
-    if (!Number.isSafeInteger(seq)) return undefined;
-    let lo = this.head;
-    let hi = this.order.length - 1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >>> 1;
-      const e = this.order[mid]!;
-      if (e.seq < seq) lo = mid + 1;
-      else if (e.seq > seq) hi = mid - 1;
-      else return e.live && idOfEntry(e) === id ? e : undefined;
-    }
-    return undefined;
-  }
-
-  private async checkedRead(fh: FileHandle, len: number, pos: number): Promise<Buffer> {
-    const b = await readFully(fh, len, pos);
-    if (b.length !== len) throw new StorageError('ECONN_JOURNAL_CORRUPT', `journal file is shorter than the record says (${b.length} of ${len} bytes)`);
-    return b;
-  }
-
-  /** The payload from `start` to its end as a stream of chunks read from disk. */
+  /** The payload from `start` to its end as a stream of chunks. */
   createPayloadStream(rec: JournalRecord, start = 0): Readable {
-    const e = this.liveEntry(rec);
-    if (!Number.isSafeInteger(start) || start < 0 || start > e.size) throw new RangeError(`bad payload offset ${start} of a ${e.size}-byte message`);
-    if (start === e.size) return Readable.from([]);
-    if (e.blob) return createReadStream(path.join(this.blobDir, e.blob), { start, end: e.size - 1, highWaterMark: 256 * 1024 });
-    return createReadStream(e.seg.path, { start: payloadOffset(e) + start, end: payloadOffset(e) + e.size - 1, highWaterMark: 256 * 1024 });
-  }
-
-  private liveEntry(rec: JournalRecord): Entry {
-    const e = this.find(rec.id);
-    if (!e) throw this.gone(rec);
-    return e;
+    const f = this.find(rec.id);
+    if (!f) throw this.gone(rec);
+    const { seg, slot } = f;
+    const hdr = seg.version === 2 ? RECORD_HEADER_BYTES : V1_HEADER_BYTES;
+    const size = seg.sizeOf(slot, hdr);
+    if (!Number.isSafeInteger(start) || start < 0 || start > size) throw new RangeError(`bad payload offset ${start} of a ${size}-byte message`);
+    if (start === size) return Readable.from([]);
+    const blob = seg.blobOf(slot);
+    if (blob) return fs.createReadStream(path.join(this.blobDir, blob.name), { start, end: size - 1, highWaterMark: 256 * 1024 });
+    const c = this.cache.get(seg.seqs[slot]!);
+    if (c?.payload) return Readable.from([c.payload.subarray(start)]);
+    const po = seg.offsets[slot]! + hdr + seg.metaLens[slot]!;
+    return fs.createReadStream(seg.path, { start: po + start, end: po + size - 1, highWaterMark: 256 * 1024 });
   }
 
   private gone(rec: JournalRecord): StorageError {
     return new StorageError('ECONN_NOT_FOUND', `message ${rec.id} is no longer in the journal (acknowledged, dropped or quarantined)`);
   }
 
-  /** The cloud acknowledged `id`. Unknown ids are ignored. Resolves once the ack state is on disk. */
+  /** The cloud acknowledged `id`. Unknown ids are ignored. Resolves once the ack is in the ack log. */
   ack(id: string): Promise<void> {
-    const e = this.find(id);
-    if (!e || this.closed) return this.acksSettled();
-    this.markDone(e);
-    return this.schedulePersist();
+    const f = this.find(id);
+    if (!f || this.closed) return this.acksSettled();
+    this.markDone(f.seg, f.slot);
+    return this.scheduleAckFlush();
   }
 
-  /** Resolves when every ack made so far is on disk (an ack of an already-acked id waits for it too). */
   private acksSettled(): Promise<void> {
-    if (this.persistDirty) return this.persistDeferred.promise;
-    if (this.persisting) return this.persisting.catch(() => {});
+    if (this.ackDirty || this.doneSince.length) return this.ackDeferred.promise;
+    if (this.ackFlushing) return this.ackFlushing.catch(() => {});
     return Promise.resolve();
   }
 
-  /** The cloud rejected `id` as permanently invalid: keep it in journal/quarantine/ with the reason, take it out of the queue. */
+  /** The cloud (or the uplink's encoder) rejected `id` as permanently invalid: kept in journal/quarantine/ with the reason (fsynced), taken out of the queue. */
   async quarantine(id: string, reason: string): Promise<void> {
-    const e = this.find(id);
-    if (!e) return;
-    const rec = this.recordOf(e);
+    const f = this.find(id);
+    if (!f) return;
+    const { seg, slot } = f;
     const why = String(reason).slice(0, 2000);
-    const base = path.join(this.quarantineDir, id);
-    try {
-      if (e.blob) {
-        await fs.link(path.join(this.blobDir, e.blob), `${base}.bin`).catch(async (err: NodeJS.ErrnoException) => {
-          if (err.code === 'EEXIST') return;
-          await fs.copyFile(path.join(this.blobDir, e.blob!), `${base}.bin`);
-        });
-      } else {
-        await fs.writeFile(`${base}.bin`, await this.readPayload(rec), { mode: 0o600 });
-      }
-      const info = JSON.stringify({ ...rec, reason: why, quarantinedAt: this.now() }, null, 2) + '\n';
-      await fs.writeFile(`${base}.json`, info, { mode: 0o600 });
-      this.quarantineBytes += rec.size + info.length;
-    } catch (err) {
-      this.log.error({ err, id }, 'could not copy a quarantined message to journal/quarantine; it is removed from the queue anyway');
-    }
-    if (!e.live) return; // acked or dropped meanwhile
-    this.markDone(e);
+    const rec = this.recordOf(seg, slot);
+    if (!rec) return; // unreadable: already dropped as corrupt (and kept)
+    const blob = seg.blobOf(slot);
+    let payload: Buffer | undefined;
+    if (!blob) payload = await this.readPayload(rec).catch(() => undefined);
+    const info = JSON.stringify({ ...rec, reason: why, quarantinedAt: this.wall() }, null, 2) + '\n';
+    if (!seg.live[slot]) return; // acked or dropped meanwhile
+    // out of the queue first: a quarantine that cannot be written must not block the queue either
+    this.markDone(seg, slot);
     this.quarantinedCount++;
     this.m.quarantined.inc();
-    this.log.warn({ id, seq: e.seq, deviceId: rec.meta.deviceId, topic: rec.meta.topic, size: rec.size, reason: why }, 'message quarantined (rejected by the cloud as permanently invalid)');
-    this.emit('removed', { id, seq: e.seq, reason: 'quarantine' });
-    await this.schedulePersist();
+    this.log.warn({ id, seq: rec.seq, deviceId: rec.meta.deviceId, topic: rec.meta.topic, size: rec.size, reason: why }, 'message quarantined (rejected as permanently invalid)');
+    this.emit('removed', { id, seq: rec.seq, reason: 'quarantine' });
+    try {
+      if (blob) {
+        // the blob file moves into the quarantine (it is not deleted with the record)
+        const i = this.blobsToDelete.findIndex((b) => b.name === blob.name);
+        if (i >= 0) this.blobsToDelete.splice(i, 1);
+        await fsp.rename(path.join(this.blobDir, blob.name), path.join(this.quarantineDir, `${id}.bin`));
+        this.blobDiskBytes -= blob.size;
+        await this.writeQuarantine(id, undefined, info, blob.size);
+      } else {
+        await this.writeQuarantine(id, payload ?? Buffer.alloc(0), info);
+      }
+    } catch (err) {
+      this.log.error({ err, id }, 'could not write a quarantined message to journal/quarantine; it is removed from the queue anyway');
+    }
+    await this.scheduleAckFlush();
+  }
+
+  /** Write `<base>.bin` (unless already there) and `<base>.json`, fsynced, counted inside the byte cap; evict the oldest beyond its share. */
+  private async writeQuarantine(base: string, bin: Buffer | undefined, info: string, existingBinBytes = 0): Promise<void> {
+    const files: Array<[string, Buffer]> = [[`${base}.json`, Buffer.from(info)]];
+    if (bin) files.unshift([`${base}.bin`, bin]);
+    for (const [name, data] of files) {
+      const fh = await fsp.open(path.join(this.quarantineDir, name), 'w', 0o600);
+      try {
+        await writeAt(fh, data, 0);
+        if (this.cfg.fsync !== 'never') await fh.datasync();
+      } finally {
+        await fh.close();
+      }
+    }
+    if (this.cfg.fsync !== 'never') {
+      await syncDir(this.quarantineDir);
+      this.m.fsyncs.inc({ kind: 'quarantine' }, files.length + 1);
+    }
+    const bytes = existingBinBytes + files.reduce((a, [, d]) => a + d.length, 0);
+    this.quarantineFiles.push({ base, bytes });
+    this.quarantineBytes += bytes;
+    // bounded: each pass removes one entry
+    const share = Math.floor(this.cfg.max_bytes * QUARANTINE_SHARE);
+    while (this.quarantineBytes > share && this.quarantineFiles.length > 1) {
+      const old = this.quarantineFiles.shift()!;
+      for (const ext of ['.bin', '.json']) await fsp.rm(path.join(this.quarantineDir, old.base + ext), { force: true }).catch(() => {});
+      this.quarantineBytes -= old.bytes;
+      this.m.quarantineEvicted.inc();
+      this.log.warn({ evicted: old.base, quarantineBytes: this.quarantineBytes, share }, 'quarantine over its share of bridge.journal.max_bytes: deleted its oldest entry');
+    }
   }
 
   stats(): JournalStats {
@@ -1243,41 +1312,42 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
       dropped: d.overflow + d.ttl + d.corrupt,
       droppedByReason: { ...d },
       quarantined: this.quarantinedCount,
+      cacheBytes: this.cache.usedBytes,
+      writable: !this.broken,
     };
   }
 
   private oldestAgeMs(): number {
-    const e = this.head < this.order.length ? this.order[this.head] : undefined;
-    return e?.live ? Math.max(0, this.now() - e.createdAt) : 0;
+    const o = this.oldest();
+    return o ? Math.max(0, this.clock.now() - o.seg.created[o.slot]!) : 0;
   }
 
   private diskBytes(): number {
     let n = this.blobDiskBytes + this.stagingBytes + this.quarantineBytes;
-    for (const s of this.segments.values()) if (!s.deleted) n += s.size;
+    for (const s of this.segs) if (!s.deleted) n += s.size;
     return n;
   }
 
   // ───────────────────────────── TTL ─────────────────────────────
 
-  private isExpired(e: Entry): boolean {
-    return this.cfg.ttl_s > 0 && this.now() - e.createdAt > this.cfg.ttl_s * 1000;
-  }
-
   /** Drop pending records older than ttl_s (oldest first). Runs periodically; public for tests. Returns how many. */
   sweep(): number {
     if (this.cfg.ttl_s <= 0) return 0;
+    const ttlMs = this.cfg.ttl_s * 1000;
+    const now = this.clock.now();
     let n = 0;
     let first: string | undefined;
-    while (this.head < this.order.length) {
-      const e = this.order[this.head]!;
-      if (!this.isExpired(e)) break;
-      first ??= idOfEntry(e);
-      this.drop(e, 'ttl');
+    // bounded: each pass drops one record
+    for (;;) {
+      const o = this.oldest();
+      if (!o || now - o.seg.created[o.slot]! <= ttlMs) break;
+      first ??= o.seg.idOf(o.slot);
+      this.drop(o.seg, o.slot, 'ttl');
       n++;
     }
     if (n) {
       this.log.warn({ dropped: n, firstId: first, reason: 'ttl', ttlS: this.cfg.ttl_s }, 'dropped unacknowledged messages older than bridge.journal.ttl_s');
-      this.schedulePersist();
+      this.scheduleAckFlush();
     }
     return n;
   }
@@ -1294,65 +1364,105 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
 
   // ───────────────────────────── ack persistence and deletion ─────────────────────────────
 
-  private schedulePersist(): Promise<void> {
-    this.persistDirty = true;
-    const d = this.persistDeferred;
-    if (!this.persistTimer && !this.persisting) {
-      this.persistTimer = setTimeout(() => {
-        this.persistTimer = undefined;
-        void this.persistNow().catch(() => {});
-      }, ACK_PERSIST_DELAY_MS);
+  private scheduleAckFlush(): Promise<void> {
+    this.ackDirty = true;
+    const d = this.ackDeferred;
+    if (this.ackOpen && !this.ackTimer && !this.ackFlushing && !this.closed) {
+      this.ackTimer = setTimeout(() => {
+        this.ackTimer = undefined;
+        void this.flushAcks().catch(() => {});
+      }, ACK_FLUSH_MS);
     }
     return d.promise;
   }
 
-  /** Write ack.json now (waiting for one in flight), then delete the files it made garbage. */
-  private async persistNow(): Promise<void> {
-    while (this.persisting) await this.persisting.catch(() => {});
-    const d = this.persistDeferred;
-    this.persistDeferred = deferred();
-    this.persistDirty = false;
-    const state = this.ackState();
+  /** The floor (every seq below is done) and the done ranges above it, from the index. */
+  private checkpoint(): { floor: number; ranges: Array<[number, number]> } {
+    const o = this.oldest();
+    const floor = o ? o.seg.seqs[o.slot]! : this.nextSeq;
+    const ranges: Array<[number, number]> = [];
+    let run: [number, number] | undefined;
+    for (const seg of this.segs) {
+      for (let i = seg.head; i < seg.count; i++) {
+        const seq = seg.seqs[i]!;
+        if (seq < floor) continue;
+        if (seg.live[i]) {
+          run = undefined;
+          continue;
+        }
+        if (run) run[1] = seq;
+        else ranges.push((run = [seq, seq]));
+      }
+    }
+    return { floor, ranges };
+  }
+
+  /** Write the acks gathered since the last flush (one write + one fdatasync), then delete the files they made garbage. */
+  private async flushAcks(): Promise<void> {
+    // bounded: at most one flush runs; a waiting one follows it
+    while (this.ackFlushing) await this.ackFlushing.catch(() => {});
+    if (!this.ackOpen) return;
+    const d = this.ackDeferred;
+    this.ackDeferred = deferred();
+    this.ackDirty = false;
+    const seqs = this.doneSince.splice(0).sort((a, b) => a - b);
     const blobs = this.blobsToDelete.splice(0);
-    const segs = this.segsToDelete.splice(0);
-    this.persisting = (async () => {
+    const o = this.oldest();
+    const floor = o ? o.seg.seqs[o.slot]! : this.nextSeq;
+    const entries: Array<{ type: number; a: number; b: number }> = [];
+    if (floor > this.floorWritten) entries.push({ type: ACK_FLOOR, a: floor, b: 0 });
+    let run: [number, number] | undefined;
+    for (const s of seqs) {
+      if (s < floor) continue;
+      if (run && s <= run[1] + 1) run[1] = Math.max(run[1], s);
+      else {
+        if (run) entries.push({ type: ACK_RANGE, a: run[0], b: run[1] });
+        run = [s, s];
+      }
+    }
+    if (run) entries.push({ type: ACK_RANGE, a: run[0], b: run[1] });
+    const sync = this.cfg.fsync !== 'never';
+    this.ackFlushing = (async () => {
       try {
-        await writeAtomic(path.join(this.dir, 'ack.json'), encodeAckState(state));
-        this.m.fsyncs.inc({ kind: 'ack' }, 2);
+        if (entries.length) {
+          const fsyncs = entries.length <= this.ackLog.room ? await this.ackLog.append(entries, sync) : await this.ackLog.compact(this.checkpoint(), sync);
+          this.m.fsyncs.inc({ kind: 'ack' }, fsyncs);
+          this.m.writes.inc({ kind: 'ack' }, entries.length * 32);
+          this.floorWritten = Math.max(this.floorWritten, floor);
+        }
       } catch (err) {
+        this.doneSince.unshift(...seqs);
         this.blobsToDelete.unshift(...blobs);
-        this.segsToDelete.unshift(...segs);
-        const e = ioError('write of ack.json', err);
-        this.log.error({ err, code: 'ECONN_JOURNAL_IO' }, 'could not persist journal acknowledgements; acknowledged messages may be re-sent after a restart');
+        const e = ioError('write of ack.log', err);
+        this.log.error({ err, code: 'ECONN_JOURNAL_IO' }, 'could not persist journal acknowledgements; retrying (acknowledged messages may be re-sent after a restart)');
         d.reject(e);
+        setTimeout(() => {
+          if (!this.closed) this.scheduleAckFlush();
+        }, PROBE_INTERVAL_MS).unref();
         throw e;
       }
       for (const b of blobs) {
-        await fs.rm(path.join(this.blobDir, b.name), { force: true }).catch(() => {});
+        await fsp.rm(path.join(this.blobDir, b.name), { force: true }).catch(() => {});
         this.blobDiskBytes -= b.size;
       }
-      for (const s of segs) if (s.live === 0 && s !== this.active) await this.deleteSegment(s);
+      for (const seg of [...this.segs]) if (seg.liveCount === 0 && seg.sealed && seg !== this.active) this.deleteSegment(seg);
       d.resolve();
     })().finally(() => {
-      this.persisting = undefined;
-      if (this.persistDirty && !this.persistTimer && !this.closed) this.schedulePersist();
+      this.ackFlushing = undefined;
+      if ((this.ackDirty || this.doneSince.length) && !this.ackTimer && !this.closed) this.scheduleAckFlush();
     });
-    return this.persisting;
+    return this.ackFlushing;
   }
 
-  private async deleteSegment(seg: Segment): Promise<void> {
+  private deleteSegment(seg: Segment): void {
     if (seg.deleted) return;
     seg.deleted = true;
-    this.segments.delete(seg.name);
-    // forget done entries of this segment at the head of the index
-    await fs.rm(seg.path, { force: true }).catch((err: unknown) => this.log.warn({ err, segment: seg.name }, 'could not delete an acknowledged journal segment'));
-    if (seg.readers === 0) this.closeReader(seg);
-  }
-
-  private closeReader(seg: Segment): void {
-    const fd = seg.fd;
-    seg.fd = undefined;
-    if (fd !== undefined) fsSync.close(fd, () => {});
+    const i = this.segs.indexOf(seg);
+    if (i >= 0) this.segs.splice(i, 1);
+    this.segCharged -= seg.charged;
+    seg.charged = 0;
+    seg.closeFds();
+    removeSegmentFiles(this.dir, seg.name);
   }
 
   private get blobDir(): string {
@@ -1366,12 +1476,11 @@ export class Journal extends EventEmitter implements UplinkSink, Component {
   }
 }
 
-async function dirBytes(dir: string): Promise<number> {
-  let n = 0;
-  for (const f of await fs.readdir(dir).catch(() => [] as string[])) {
-    const st = await fs.stat(path.join(dir, f)).catch(() => undefined);
-    if (st?.isFile()) n += st.size;
+async function writeAt(fh: FileHandle, buf: Buffer, pos: number): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesWritten } = await fh.write(buf, off, buf.length - off, pos + off);
+    if (bytesWritten <= 0) throw Object.assign(new Error('write returned 0 bytes'), { code: 'EIO' });
+    off += bytesWritten;
   }
-  return n;
 }
-

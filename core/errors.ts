@@ -54,6 +54,7 @@ export const ERROR_CODES = {
   ECONN_JOURNAL_FULL: 'the journal reached its byte cap under the reject policy',
   ECONN_JOURNAL_CORRUPT: 'a journal segment has a corrupt record (the tail is truncated at the last good record)',
   ECONN_JOURNAL_IO: 'a journal read, write or fsync failed',
+  ECONN_TOO_MANY_UPLOADS: 'a device has too many uploads in progress at once (bridge.journal.max_uploads_per_device)',
   ECONN_DIGEST_MISMATCH: 'a payload did not match its SHA-256 digest',
   ECONN_PROTOCOL: 'a peer sent a malformed or unexpected protocol frame',
   ECONN_UPLINK: 'the uplink to the cloud failed',

@@ -156,7 +156,9 @@ export const configSchema = obj('edge-connector configuration', {
       max_message_bytes: int(1073741824, 1, 1099511627776, 'largest single message'),
       segment_bytes: int(67108864, 65536, 4294967295, 'size at which a journal segment is closed and a new one started'),
       fsync: oneOf('batch', ['batch', 'always', 'never'], 'batch = group commit (one fsync for all writers within max delay), always = one fsync per record, never = OS decides (loses data on power cut)'),
-      fsync_max_delay_ms: int(2, 0, 1000, 'with fsync=batch: longest a record waits for its fsync'),
+      fsync_max_delay_ms: int(2, 0, 1000, 'with fsync=batch: longest a record waits for its fsync; longer = fewer fsyncs and less flash wear per message (each fsync rewrites a 4 KiB page), shorter = lower latency'),
+      memory_cache_bytes: int(8388608, 0, 1073741824, 'recent records kept in memory so the uplink sends them without reading the disk back (0 = always read from disk)'),
+      max_uploads_per_device: int(4, 1, 1024, 'HTTP uploads one device may have in progress at once (more get 429 ECONN_TOO_MANY_UPLOADS)'),
     }),
     uplink: obj('outbound WSS connection to the cloud ingest', {
       url: str('wss://127.0.0.1:9443/ingest', 'cloud ingest URL; must be wss://', { pattern: '^wss://' }),

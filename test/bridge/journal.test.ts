@@ -1,7 +1,7 @@
 import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
@@ -11,6 +11,7 @@ import { createLogger } from '../../core/logger.js';
 import { errorCode } from '../../core/errors.js';
 import type { UplinkMessageMeta } from '../../core/ports.js';
 import { REPO, tempDir } from '../helpers/daemon.js';
+import { SEGMENT_HEADER_BYTES as SEG_HEADER, parseAckRegion } from '../../bridge/journal/format.js';
 
 type Tap = Test;
 type LogLine = Record<string, unknown> & { msg?: string; code?: string };
@@ -26,6 +27,8 @@ function config(over: Partial<JournalConfig> = {}): JournalConfig {
     segment_bytes: 65536,
     fsync: 'batch',
     fsync_max_delay_ms: 2,
+    memory_cache_bytes: 8 * MiB,
+    max_uploads_per_device: 4,
     ...over,
   };
 }
@@ -153,7 +156,7 @@ t.test('a torn tail is truncated at the last good record and logged', async (t) 
   const corrupt = b.logs.filter((l) => l.code === 'ECONN_JOURNAL_CORRUPT');
   t.equal(corrupt.length, 1, 'logged once with ECONN_JOURNAL_CORRUPT');
   t.match(corrupt[0], { segment: seg, reason: /torn/ });
-  t.equal(statSync(file).size, (size / 5) * 4, 'file truncated to four records');
+  t.equal(statSync(file).size, SEG_HEADER + ((size - SEG_HEADER) / 5) * 4, 'file truncated to four records');
   t.equal(await counter(b.registry, 'connector_journal_corrupt_truncations_total'), 1);
   // the journal keeps working and a further restart is clean
   await b.j.append(meta(), Buffer.from('after'));
@@ -163,25 +166,29 @@ t.test('a torn tail is truncated at the last good record and logged', async (t) 
   t.equal(c.logs.filter((l) => l.code === 'ECONN_JOURNAL_CORRUPT').length, 0, 'no corruption on the next start');
 });
 
-t.test('a bad checksum in the middle of the tail truncates there; earlier records kept; the cut bytes are kept aside', async (t) => {
+t.test('a bad checksum in the middle of a segment cuts only that record (resynchronised on the next valid one); the cut bytes are kept aside and counted', async (t) => {
+  // issue 9 #5: before, one corrupt record dropped every later record of its segment, uncounted
   const dir = tempDir(t);
   const a = await open(t, dir);
   for (let i = 0; i < 10; i++) await a.j.append(meta(), Buffer.from(`payload-${i}`.padEnd(200, '.')));
   await a.j.close();
   const [seg] = segments(dir);
   const file = path.join(dir, seg!);
-  const recLen = statSync(file).size / 10;
+  const recLen = (statSync(file).size - SEG_HEADER) / 10;
   const fd = openSync(file, 'r+');
-  writeSync(fd, Buffer.from('GARBAGE'), 0, 7, recLen * 6 + recLen - 20); // inside the payload of record 7
+  writeSync(fd, Buffer.from('GARBAGE'), 0, 7, SEG_HEADER + recLen * 6 + recLen - 20); // inside the payload of record 7
   closeSync(fd);
+  rmSync(path.join(dir, seg!.replace(/\.log$/, '.idx')), { force: true }); // as after a crash: no index, the segment is scanned
   const b = await open(t, dir);
   const recs = b.j.pending();
-  t.equal(recs.length, 6, 'records before the bad one survive');
-  t.same((await payloads(b.j, recs)).map((p) => p.split('.')[0]), [0, 1, 2, 3, 4, 5].map((i) => `payload-${i}`));
-  t.match(b.logs.find((l) => l.code === 'ECONN_JOURNAL_CORRUPT'), { reason: /checksum/, offset: recLen * 6, droppedBytes: recLen * 4 });
+  t.equal(recs.length, 9, 'every record but the corrupt one survives');
+  t.same((await payloads(b.j, recs)).map((p) => p.split('.')[0]), [0, 1, 2, 3, 4, 5, 7, 8, 9].map((i) => `payload-${i}`));
+  t.match(b.logs.find((l) => l.code === 'ECONN_JOURNAL_CORRUPT'), { reason: /checksum/, offset: SEG_HEADER + recLen * 6, droppedBytes: recLen });
   const q = readdirSync(path.join(dir, 'quarantine'));
-  t.equal(q.filter((n) => n.startsWith('corrupt-')).length, 1, 'cut tail saved under quarantine/');
-  t.equal(statSync(path.join(dir, 'quarantine', q[0]!)).size, recLen * 4);
+  t.equal(q.filter((n) => n.startsWith('corrupt-')).length, 1, 'cut bytes saved under quarantine/');
+  t.equal(statSync(path.join(dir, 'quarantine', q[0]!)).size, recLen);
+  t.equal(await counter(b.registry, 'connector_journal_corrupt_bytes_total'), recLen, 'what was cut is counted');
+  t.equal(statSync(file).size, SEG_HEADER + recLen * 10, 'nothing truncated: the records after it stay');
 });
 
 t.test('garbage appended after valid records, and a garbage-only segment', async (t) => {
@@ -218,8 +225,9 @@ t.test('acks persist across restarts, selective acks included; unknown ids are n
   t.equal(a.j.stats().pendingMessages, 6);
   await rejectsCode(t, a.j.readPayload({ ...a.j.pending()[0]!, id: ids[0]! }), 'ECONN_NOT_FOUND', 'payload of an acked record is gone');
   // no close: ack() resolved means persisted, so a crash now keeps the acks
-  const ackFile = JSON.parse(readFileSync(path.join(dir, 'ack.json'), 'utf8')) as { floor: number; done: Array<[number, number]> };
-  t.ok(ackFile.done.length >= 2, 'selective acks are in ack.json');
+  const ackLog = readFileSync(path.join(dir, 'ack.log'));
+  const region = parseAckRegion(ackLog.subarray(0, ackLog.length / 2))!;
+  t.ok(region.ranges.length >= 2, 'selective acks are in ack.log');
   const b = await open(t, dir);
   t.same(b.j.pending().map((r) => r.id), [2, 3, 4, 6, 8, 9].map((i) => ids[i]), 'acked records do not come back');
   await a.j.close();
@@ -527,7 +535,7 @@ t.test('start-up repairs: orphan blobs and staging files removed, missing blob d
   await d.j.ack(x.id);
   const y = await d.j.append(meta(), Buffer.from('y'));
   await d.j.close();
-  writeFileSync(path.join(d0, 'ack.json'), '{not json');
+  writeFileSync(path.join(d0, 'ack.log'), '{not json');
   writeFileSync(path.join(d0, 'journal.json'), '[]');
   const e = await open(t, d0);
   t.ok(e.logs.filter((l) => l.code === 'ECONN_JOURNAL_CORRUPT').length >= 2, 'both logged');
