@@ -6,7 +6,7 @@
  * It isolates the connector's own throughput from the reference cloud's
  * storage (which fsyncs every message before acknowledging it).
  *
- *   node bench/null-cloud.mjs CERT KEY   → prints {"msg":"ready","port":N}
+ *   node bench/null-cloud.mjs CERT KEY [PORT]   → prints {"msg":"ready","ports":{"cloud":N}}
  */
 import https from 'node:https';
 import { readFileSync } from 'node:fs';
@@ -70,4 +70,4 @@ wss.on('connection', (ws, req) => {
     ack(f.id);
   });
 });
-server.listen(0, '127.0.0.1', () => console.log(JSON.stringify({ msg: 'ready', ports: { cloud: server.address().port } })));
+server.listen(Number(process.argv[4] ?? 0), '127.0.0.1', () => console.log(JSON.stringify({ msg: 'ready', ports: { cloud: server.address().port } })));
