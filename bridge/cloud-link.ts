@@ -15,7 +15,7 @@ import type { Logger } from '../core/logger.js';
 import { StartupError } from '../core/errors.js';
 import type { CommandTarget, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
 import { CloudTokenClient } from './cloud-token.js';
-import { Uplink, type UplinkJournal } from './uplink.js';
+import { Uplink, uplinkSettings, type UplinkJournal } from './uplink.js';
 
 export interface CloudLinkDeps {
   config: () => Config;
@@ -54,7 +54,7 @@ export class CloudLink implements Component {
       retryMinMs: config.bridge.uplink.reconnect_min_ms,
       retryMaxMs: config.bridge.uplink.reconnect_max_ms,
     });
-    const uplink = new Uplink({ config, journal, tokens, commands: broker, logger: this.deps.logger, metrics: this.deps.metrics, software: this.deps.software });
+    const uplink = new Uplink({ settings: uplinkSettings(config), journal, tokens, commands: broker, logger: this.deps.logger, metrics: this.deps.metrics, software: this.deps.software });
     this.tokens = tokens;
     this.uplink = uplink;
     // the broker journals uplink topics already; this adds the best-effort path for QoS 0 (used when bridge.qos0=best_effort)
@@ -64,7 +64,7 @@ export class CloudLink implements Component {
   }
 
   async reload(next: Config): Promise<string[]> {
-    return this.uplink ? this.uplink.reload(next) : [];
+    return this.uplink ? this.uplink.reconfigure(uplinkSettings(next)) : [];
   }
 
   status(): Record<string, unknown> {

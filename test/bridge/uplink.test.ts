@@ -14,7 +14,7 @@ import type { Config } from '../../core/config/schema.js';
 import { createLogger } from '../../core/logger.js';
 import { Journal } from '../../bridge/journal.js';
 import { CloudTokenClient } from '../../bridge/cloud-token.js';
-import { Uplink } from '../../bridge/uplink.js';
+import { Uplink, uplinkSettings } from '../../bridge/uplink.js';
 import { signRequest } from '../../protocol/signature.js';
 import type { CommandTarget, UplinkMessageMeta } from '../../core/ports.js';
 import { encodeFrame, FRAME_MAGIC } from '../../protocol/codec.js';
@@ -68,7 +68,7 @@ async function setup(t: TestLike, cloudOpts: MiniCloudOptions = {}, over: Json =
   t.teardown(() => journal.close());
   const tokens = new CloudTokenClient({ token: config.bridge.token, uplink: config.bridge.uplink, logger, retryMinMs: 20, retryMaxMs: 300 });
   t.teardown(() => tokens.close());
-  const uplink = new Uplink({ config, journal, tokens, commands: extra.commands, logger, metrics: registry });
+  const uplink = new Uplink({ settings: uplinkSettings(config), journal, tokens, commands: extra.commands, logger, metrics: registry });
   t.teardown(() => uplink.close());
   if (!extra.noStart) await uplink.start();
   let n = 0;
@@ -98,9 +98,9 @@ t.test('delivers 0 B, small and multi-chunk messages in order; acks empty the jo
   const chunks = s.cloud.conns[0]!.frames.filter((f) => f.type === 'CHUNK');
   t.equal(chunks.length, 1 + 1 + 17 + 1, '1 MiB + 17 B in 64 KiB chunks = 17 chunks');
   t.equal(s.cloud.conns[0]!.headers.authorization, `Bearer ${[...s.cloud.tokens.keys()][0]}`, 'token on the upgrade');
-  t.equal(s.cloud.conns[0]!.ws.protocol, 'edge-connector.v1');
+  t.equal(s.cloud.conns[0]!.ws.protocol, 'edge-connector.v2');
   const hello = s.cloud.conns[0]!.frames[0]!;
-  t.match(hello, { type: 'HELLO', version: 1, gateway_id: 'gw-test', chunk_size: 65536 });
+  t.match(hello, { type: 'HELLO', version: 2, gateway_id: 'gw-test', chunk_size: 65536 });
   const metrics = await s.registry.metrics();
   t.match(metrics, /connector_uplink_messages_acked_total 4/);
   t.match(metrics, /connector_uplink_state\{state="connected"\} 1/);
@@ -191,7 +191,7 @@ t.test('restart: a new uplink on the same journal resumes from the first unackno
   await s.uplink.close();
   // same journal, new uplink (a process restart keeps journal + cloud partials)
   const registry = new Registry();
-  const up2 = new Uplink({ config: { ...s.config, bridge: { ...s.config.bridge, uplink: { ...s.config.bridge.uplink, reconnect_min_ms: 20 } } } as Config, journal: s.journal, tokens: s.tokens, logger: createLogger({ level: 'silent' }), metrics: registry });
+  const up2 = new Uplink({ settings: uplinkSettings({ ...s.config, bridge: { ...s.config.bridge, uplink: { ...s.config.bridge.uplink, reconnect_min_ms: 20 } } } as Config), journal: s.journal, tokens: s.tokens, logger: createLogger({ level: 'silent' }), metrics: registry });
   t.teardown(() => up2.close());
   await up2.start();
   await cloud.until(() => cloud.order.length === 1, 'stored after restart');
@@ -422,7 +422,7 @@ t.test('reload: new limits apply without dropping the link; a new URL reconnects
     path.join(s.dir, 'connector.yaml'),
     { checkSecrets: false },
   ).config;
-  const changes = await s.uplink.reload(next);
+  const changes = await s.uplink.reconfigure(uplinkSettings(next));
   t.match(changes.join('\n'), /window_messages 256 -> 7/);
   t.equal(s.cloud.conns.length, 1, 'link kept');
   const other = await MiniCloud.start(t, {}, 0);
@@ -431,7 +431,7 @@ t.test('reload: new limits apply without dropping the link; a new URL reconnects
     path.join(s.dir, 'connector.yaml'),
     { checkSecrets: false },
   ).config;
-  await s.uplink.reload(moved);
+  await s.uplink.reconfigure(uplinkSettings(moved));
   const id = await s.append('d', Buffer.from('moved'));
   await other.until(() => other.order.includes(id), 'delivered to the new cloud');
 });
