@@ -90,8 +90,10 @@ export const CLOSE_CODES = {
   TOKEN_INVALID: 4003,
   /** No HELLO within the hello timeout after the upgrade. */
   HELLO_TIMEOUT: 4005,
-  /** HELLO asked for a protocol version the cloud does not speak. */
+  /** HELLO asked for a protocol version the cloud does not speak (the reason names the versions it speaks). */
   UNSUPPORTED_VERSION: 4006,
+  /** HELLO's gateway_id is not one the authenticated client may use. */
+  GATEWAY_REFUSED: 4007,
   /** Nothing (frame, heartbeat) arrived within the dead-link timeout. */
   HEARTBEAT_TIMEOUT: 4008,
   /** Another connection with the same gateway id replaced this one. */
