@@ -16,7 +16,11 @@
  *    `bridge.uplink.ca_file`, optional client certificate), TLS >= 1.2,
  *    certificate validation always on;
  *  - the token is renewed ahead of expiry: `renew_before_s` before it expires,
- *    or at 80 % of its lifetime when the lifetime is too short for that;
+ *    or at 80 % of its lifetime when the lifetime is too short for that; never
+ *    sooner than MIN_RENEWAL_INTERVAL_MS after the last issue (a token the
+ *    endpoint says lives a millisecond must not become a request loop), and
+ *    through a clamped timer (a token living longer than ~24.9 days would
+ *    overflow setTimeout, which then fires after 1 ms);
  *  - one renewal in flight at a time; concurrent getToken() callers share it;
  *  - a failure (endpoint down, 5xx, 429, refused credentials) is retried with
  *    exponential backoff and full jitter, never sooner than a `Retry-After`;
@@ -36,6 +40,10 @@ import { redactString } from '../core/logger.js';
 import { resolveSecret } from '../core/secrets.js';
 import { ConnectorError, errorCode } from '../core/errors.js';
 import { Backoff, parseRetryAfter } from './backoff.js';
+import { clampDelay } from './uplink/timers.js';
+
+/** Scheduled renewals of a token just issued are at least this far apart. */
+export const MIN_RENEWAL_INTERVAL_MS = 1000;
 
 export type TokenConfig = Config['bridge']['token'];
 export type UplinkConfig = Config['bridge']['uplink'];
@@ -280,14 +288,15 @@ export class CloudTokenClient extends EventEmitter {
   private schedule(at: number): void {
     if (this.closed) return;
     if (this.timer !== undefined) this.clock.clearTimeout(this.timer);
-    const delay = Math.max(0, at - this.clock.now());
+    // clamped: a deadline beyond the longest timer (2^31-1 ms) is reached by re-arming
     this.timer = this.clock.setTimeout(() => {
       this.timer = undefined;
       if (this.closed || !this.active) return;
+      if (this.clock.now() < at) return this.schedule(at);
       this.renew().catch(() => {
         /* logged and rescheduled in doRenew */
       });
-    }, delay);
+    }, clampDelay(at - this.clock.now()));
   }
 
   private async doRenew(): Promise<string> {
@@ -322,7 +331,7 @@ export class CloudTokenClient extends EventEmitter {
       this.lastError = undefined;
       this.nextAttemptAt = 0;
       this.backoff.reset();
-      this.schedule(this.renewAt());
+      this.schedule(Math.max(this.renewAt(), now + MIN_RENEWAL_INTERVAL_MS));
       this.log.info({ via, expiresInS: Math.round(res.lifetimeMs / 1000), renewInS: Math.round((this.renewAt() - now) / 1000) }, 'cloud token issued');
       const ev: TokenEvent = { expiresAt: this.expiresAtMs, via };
       this.emit('token', ev);
