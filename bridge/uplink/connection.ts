@@ -256,7 +256,7 @@ export class Connection {
     if (s.tokenExpiresAt <= 0 || s.closing) return;
     const now = Date.now();
     const expiresLocal = s.tokenExpiresAt - s.cloudOffsetMs;
-    const lifetime = Math.max(0, s.tokenExpiresAt - s.tokenSetAt);
+    const lifetime = Math.max(0, expiresLocal - s.tokenSetAt);
     let at = expiresLocal - this.tokenMargin(s);
     if (s.lastRenewalAt > 0) at = Math.max(at, s.lastRenewalAt + minRenewalIntervalMs(lifetime));
     s.tokenTimer = setTimeout(() => {
@@ -288,7 +288,7 @@ export class Connection {
    * take a while to work through.
    */
   tokenMargin(s: Session): number {
-    const lifetime = Math.max(0, s.tokenExpiresAt - s.tokenSetAt);
+    const lifetime = Math.max(0, s.tokenExpiresAt - s.cloudOffsetMs - s.tokenSetAt);
     const before = this.up.settings.token.renew_before_s * 1000;
     const base = Math.max(Math.min(before, lifetime / 2), Math.min(lifetime / 2, 10_000));
     return Math.max(base, Math.min(lifetime * 0.8, 2 * this.queueEstimate(s) + 250));

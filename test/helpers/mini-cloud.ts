@@ -76,6 +76,8 @@ export interface MiniCloudOptions {
   clientCa?: string;
   /** Highest TLS version the server speaks. */
   maxTlsVersion?: 'TLSv1.2' | 'TLSv1.3';
+  /** The cloud's clock minus the real one (ms): shifts token expiries and PING/PONG times, like a cloud whose clock is off. */
+  clockOffsetMs?: number;
 }
 
 export class MiniCloud {
@@ -92,6 +94,8 @@ export class MiniCloud {
   readonly tokenRequests: URLSearchParams[] = [];
   readonly tokens = new Map<string, number>();
   readonly upgradeHeaders: IncomingMessage['headers'][] = [];
+  /** When each upgrade request arrived (Date.now()). */
+  readonly upgradeTimes: number[] = [];
   readonly opts: MiniCloudOptions;
   private server!: https.Server;
   private wss!: WebSocketServer;
@@ -131,6 +135,7 @@ export class MiniCloud {
     });
     this.server.on('upgrade', (req, socket, head) => {
       this.upgradeHeaders.push(req.headers);
+      this.upgradeTimes.push(Date.now());
       const refuse = (status: number, extra = ''): void => {
         socket.end(`HTTP/1.1 ${status} Refused\r\nConnection: close\r\nContent-Length: 0\r\n${extra}\r\n`);
       };
@@ -283,10 +288,10 @@ export class MiniCloud {
           max_message_bytes: 1024 * 1024 * 1024,
           max_partials: 64,
           heartbeat_ms: hb || 1000,
-          token_expires_at: this.tokens.get(token) ?? 0,
+          token_expires_at: (this.tokens.get(token) ?? 0) + (this.opts.clockOffsetMs ?? 0),
           partials: [...this.partials.entries()].filter(([, p]) => p.offset > 0).map(([id, p]) => ({ id, offset: p.offset, next_seq: p.nextSeq, total: p.total })),
         });
-        if (hb) pinger = setInterval(() => c.send({ type: 'PING', t: Date.now() }), hb);
+        if (hb) pinger = setInterval(() => c.send({ type: 'PING', t: Date.now() + (this.opts.clockOffsetMs ?? 0) }), hb);
         this.opts.onWelcome?.(c);
         this.notify();
         return;
@@ -307,12 +312,13 @@ export class MiniCloud {
   private handle(c: CloudConn, f: FrameV2): void {
     switch (f.type) {
       case 'PING':
-        return c.send({ type: 'PONG', t: f.t, t_reply: Date.now() });
+        return c.send({ type: 'PONG', t: f.t, t_reply: Date.now() + (this.opts.clockOffsetMs ?? 0) });
       case 'TOKEN': {
         const exp = this.tokens.get(f.access_token);
-        if (this.opts.rejectInBandToken || !exp) return c.send({ type: 'TOKEN_REJECTED', reason: 'refused', expires_at: this.tokens.get(c.token) ?? 0 });
+        const off = this.opts.clockOffsetMs ?? 0;
+        if (this.opts.rejectInBandToken || !exp) return c.send({ type: 'TOKEN_REJECTED', reason: 'refused', expires_at: (this.tokens.get(c.token) ?? 0) + off });
         c.token = f.access_token;
-        return c.send({ type: 'TOKEN_OK', expires_at: exp });
+        return c.send({ type: 'TOKEN_OK', expires_at: exp + off });
       }
       case 'QUERY':
         return c.send({
