@@ -67,12 +67,19 @@ export const systemClock: Clock = {
 
 /** The TLS options both cloud connections use: system roots plus the configured CA, TLS >= min, validation always on. */
 export interface CloudTlsOptions {
-  ca?: string[];
-  cert?: string;
-  key?: string;
+  /** Built from the files below (system roots + ca_file, client certificate, minimum version); shared while they are unchanged. */
+  secureContext: tls.SecureContext;
   minVersion: tls.SecureVersion;
   rejectUnauthorized: true;
 }
+
+/**
+ * The last secure context built, by the exact inputs it was built from. Building one with the ~140 system
+ * roots costs tens of milliseconds of CPU; a cloud outage retries the token endpoint and the uplink every
+ * few hundred ms, so a context per attempt burnt most of a core (measured: 64 % of the connector's CPU
+ * during an outage with reconnect_max_ms 100). A pure memo of a derived value, not shared state.
+ */
+let contextMemo: { key: string; ctx: tls.SecureContext } | undefined;
 
 /** Read the uplink's CA / client certificate files (at use time, so a reload or rotation is picked up). */
 export function cloudTlsOptions(uplink: Pick<UplinkConfig, 'ca_file' | 'cert_file' | 'key_file' | 'min_tls_version'>, what = 'uplink'): CloudTlsOptions {
@@ -83,15 +90,30 @@ export function cloudTlsOptions(uplink: Pick<UplinkConfig, 'ca_file' | 'cert_fil
       throw new ConnectorError('ECONN_UPLINK', `${what}: cannot read ${file} (bridge.uplink.${key}): ${(err as NodeJS.ErrnoException).code ?? 'error'}`, { cause: err });
     }
   };
-  const out: CloudTlsOptions = { minVersion: uplink.min_tls_version, rejectUnauthorized: true };
-  // Node's `ca` replaces the default store: keep the system roots and add ours ("besides the system store")
-  if (uplink.ca_file) out.ca = [...tls.rootCertificates, read(uplink.ca_file, 'ca_file')];
+  const parts: { ca?: string; cert?: string; key?: string } = {};
+  if (uplink.ca_file) parts.ca = read(uplink.ca_file, 'ca_file');
   if (uplink.cert_file || uplink.key_file) {
     if (!uplink.cert_file || !uplink.key_file) throw new ConnectorError('ECONN_UPLINK', `${what}: bridge.uplink.cert_file and key_file must be set together`);
-    out.cert = read(uplink.cert_file, 'cert_file');
-    out.key = read(uplink.key_file, 'key_file');
+    parts.cert = read(uplink.cert_file, 'cert_file');
+    parts.key = read(uplink.key_file, 'key_file');
   }
-  return out;
+  const memoKey = [uplink.min_tls_version, parts.ca ?? '', parts.cert ?? '', parts.key ?? ''].join('\0');
+  const ctxOpts: tls.SecureContextOptions = { minVersion: uplink.min_tls_version };
+  // Node's `ca` replaces the default store: keep the system roots and add ours ("besides the system store")
+  if (parts.ca !== undefined) ctxOpts.ca = [...tls.rootCertificates, parts.ca];
+  if (parts.cert !== undefined) {
+    ctxOpts.cert = parts.cert;
+    ctxOpts.key = parts.key;
+  }
+  if (contextMemo?.key !== memoKey) {
+    try {
+      contextMemo = { key: memoKey, ctx: tls.createSecureContext(ctxOpts) };
+    } catch (err) {
+      throw new ConnectorError('ECONN_UPLINK', `${what}: unusable TLS material in bridge.uplink ca_file/cert_file/key_file: ${(err as Error).message}`, { cause: err });
+    }
+  }
+  // only the context: given ca/cert/key too, a TLS client would build (and pay for) a context of its own
+  return { secureContext: contextMemo.ctx, minVersion: uplink.min_tls_version, rejectUnauthorized: true };
 }
 
 export class CloudTokenError extends ConnectorError {
