@@ -38,8 +38,14 @@ const { values: args } = parseArgs({
     'raw-mib': { type: 'string', default: '512' },
     'chunk-kib': { type: 'string', default: '256' },
     cloud: { type: 'string', default: 'both' },
+    phases: { type: 'string', default: 'raw,upload,mqtt,drain' },
+    'drain-msgs': { type: 'string', default: '20000' },
+    'drain-bytes': { type: 'string', default: '64' },
   },
 });
+const PHASES = new Set(args.phases.split(',').map((s) => s.trim()));
+const DRAIN_MSGS = Number(args['drain-msgs']);
+const DRAIN_BYTES = Number(args['drain-bytes']);
 const SIZE = Number(args['size-mib']) * 1024 * 1024;
 const MSGS = Number(args.msgs);
 const MSG_BYTES = Number(args['msg-bytes']);
@@ -99,6 +105,29 @@ function rssMiB(pid) {
   }
 }
 
+/** CPU time (user + system) of a process so far, in µs (from /proc/PID/stat, clock ticks of 10 ms). */
+function cpuUs(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) * 10_000;
+  } catch {
+    return NaN;
+  }
+}
+
+/** A free TCP port on 127.0.0.1 (to start a cloud after the connector that points at it). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = http.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
 // ─── 1. raw ws over TLS ──────────────────────────────────────────────────────
 
 let certs;
@@ -156,24 +185,30 @@ import http from 'node:http';
 
 // ─── 2 + 3. connector + reference cloud ─────────────────────────────────────
 
-async function startPair(kind) {
+async function startPair(kind, opts = {}) {
   const sub = mkdtempSync(path.join(dir, `${kind}-`));
   const secret = path.join(sub, 'client.secret');
   writeFileSync(secret, randomBytes(24).toString('base64url'), { mode: 0o600 });
-  let cloud;
   let caFile;
+  let startCloud;
+  const fixedPort = opts.deferCloud ? await freePort() : 0;
   if (kind === 'reference') {
     const cloudCfg = path.join(sub, 'cloud.yaml');
-    writeFileSync(cloudCfg, stringify({ listen: { host: '127.0.0.1', port: 0 }, store_dir: path.join(sub, 'cloud-data'), clients: [{ id: 'edge-connector', secret: `file:${secret}` }], log_level: 'info' }), { mode: 0o600 });
-    cloud = run([CLI, 'cloud', '-c', cloudCfg], { cwd: sub });
+    writeFileSync(cloudCfg, stringify({ listen: { host: '127.0.0.1', port: fixedPort }, store_dir: path.join(sub, 'cloud-data'), clients: [{ id: 'edge-connector', secret: `file:${secret}` }], log_level: 'info' }), { mode: 0o600 });
+    startCloud = () => run([CLI, 'cloud', '-c', cloudCfg], { cwd: sub });
     caFile = path.join(sub, 'cloud-data/tls/ca.crt');
   } else {
     const { cert, key } = await selfSigned();
-    cloud = run([path.join(REPO, 'bench/null-cloud.mjs'), cert, key], { cwd: sub });
+    startCloud = () => run([path.join(REPO, 'bench/null-cloud.mjs'), cert, key, String(fixedPort)], { cwd: sub });
     caFile = cert;
   }
-  const cport = (await readyOf(cloud, `${kind} cloud`)).ports.cloud;
-  const cfg = path.join(sub, 'connector.yaml');
+  const pair = { kind, sub, cfg: path.join(sub, 'connector.yaml'), startCloud };
+  let cport = fixedPort;
+  if (!opts.deferCloud) {
+    pair.cloud = startCloud();
+    cport = (await readyOf(pair.cloud, `${kind} cloud`)).ports.cloud;
+  }
+  const cfg = pair.cfg;
   writeFileSync(
     cfg,
     stringify({
@@ -185,7 +220,7 @@ async function startPair(kind) {
       bridge: {
         enabled: true,
         journal: { max_bytes: Math.max(4 * SIZE, 1 << 30), max_message_bytes: Math.max(SIZE, 1024) * 2 },
-        uplink: { url: `wss://127.0.0.1:${cport}/ingest`, ca_file: caFile, chunk_size: Number(args['chunk-kib']) * 1024 },
+        uplink: { url: `wss://127.0.0.1:${cport}/ingest`, ca_file: caFile, chunk_size: Number(args['chunk-kib']) * 1024, ...(opts.deferCloud ? { reconnect_min_ms: 50, reconnect_max_ms: 100 } : {}) },
         token: { url: `https://127.0.0.1:${cport}/oauth/token`, client_secret: `file:${secret}` },
       },
     }),
@@ -193,11 +228,11 @@ async function startPair(kind) {
   );
   // BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the connector (written when it stops)
   const nodeArgs = process.env.BENCH_NODE_ARGS ? process.env.BENCH_NODE_ARGS.split(' ').filter(Boolean) : [];
-  const conn = run([...nodeArgs, CLI, 'start', '-c', cfg], { cwd: sub });
-  const ports = (await readyOf(conn, 'connector')).ports;
+  pair.conn = run([...nodeArgs, CLI, 'start', '-c', cfg], { cwd: sub });
+  pair.ports = (await readyOf(pair.conn, 'connector')).ports;
   const add = await cli(['device', 'add', 'bench-dev', '--out', path.join(sub, 'dev'), '-c', cfg]);
   if (add.code !== 0) throw new Error(`device add: ${add.stderr}`);
-  return { kind, sub, cloud, conn, ports, cfg };
+  return pair;
 }
 
 async function acked(pair) {
@@ -215,7 +250,7 @@ async function acked(pair) {
 }
 
 async function stop(pair) {
-  pair.cloud.kill('SIGKILL');
+  pair.cloud?.kill('SIGKILL');
   pair.conn.kill('SIGTERM');
   const t = setTimeout(() => pair.conn.kill('SIGKILL'), 10_000);
   await new Promise((r) => (pair.conn.exitCode !== null ? r() : pair.conn.once('exit', r)));
@@ -288,7 +323,7 @@ async function uploadBench(pair) {
   };
 }
 
-async function mqttBench(pair) {
+async function mqttBench(pair, msgs = MSGS, msgBytes = MSG_BYTES, onPublished = async () => undefined) {
   if (!pair.ports.mqtt_tls) return undefined;
   const mqtt = (await import('mqtt')).default;
   const dev = path.join(pair.sub, 'dev');
@@ -314,8 +349,9 @@ async function mqttBench(pair) {
         }),
     ),
   );
-  const payload = randomBytes(MSG_BYTES);
-  const per = Math.ceil(MSGS / CLIENTS);
+  const payload = randomBytes(msgBytes);
+  const per = Math.ceil(msgs / CLIENTS);
+  const cpu0 = { conn: cpuUs(pair.conn.pid), cloud: pair.cloud ? cpuUs(pair.cloud.pid) : NaN };
   const t0 = performance.now();
   await Promise.all(
     clients.map(async (c, k) => {
@@ -331,34 +367,82 @@ async function mqttBench(pair) {
   );
   const t1 = performance.now();
   const total = per * CLIENTS;
-  await waitFor('the cloud to acknowledge every message', async () => (await acked(pair)) - before >= total, 10 * 60_000, 50);
+  const drain = await onPublished();
+  await waitFor('the cloud to acknowledge every message', async () => (await acked(pair)) - before >= total, 10 * 60_000, 20);
   const t2 = performance.now();
+  const cpu1 = { conn: cpuUs(pair.conn.pid), cloud: pair.cloud ? cpuUs(pair.cloud.pid) : NaN };
   for (const c of clients) c.end(true);
-  return { msgs: total, pubackMsgS: total / ((t1 - t0) / 1000), e2eMsgS: total / ((t2 - t0) / 1000), e2eMBs: (total * MSG_BYTES) / MB / ((t2 - t0) / 1000) };
+  const r = {
+    msgs: total,
+    pubackMsgS: total / ((t1 - t0) / 1000),
+    e2eMsgS: total / ((t2 - t0) / 1000),
+    e2eMBs: (total * msgBytes) / MB / ((t2 - t0) / 1000),
+    connUsPerMsg: (cpu1.conn - cpu0.conn) / total,
+    cloudUsPerMsg: (cpu1.cloud - cpu0.cloud) / total,
+  };
+  if (drain) {
+    r.drainMsgS = total / ((t2 - drain.t) / 1000);
+    r.drainConnUsPerMsg = (cpu1.conn - drain.conn) / total;
+    r.drainCloudUsPerMsg = (cpu1.cloud - drain.cloud) / total;
+  }
+  return r;
 }
 
-const raw = await rawWs();
-console.log(`raw ws over TLS (64 KiB frames, ${RAW / 1024 / 1024} MiB, one connection): ${raw.toFixed(0)} MB/s`);
+/**
+ * Journal → cloud alone: devices publish --drain-msgs QoS 1 messages while the cloud is down (each PUBACK
+ * means journaled), then the cloud starts; reports how fast the backlog reaches the cloud's ACK and the
+ * connector's CPU per message over that drain (journal read-back, framing, TLS, ACK handling only).
+ */
+async function drainBench(kind) {
+  const pair = await startPair(kind, { deferCloud: true });
+  try {
+    const m = await mqttBench(pair, DRAIN_MSGS, DRAIN_BYTES, async () => {
+      pair.cloud = pair.startCloud();
+      await readyOf(pair.cloud, `${kind} cloud`);
+      return { t: performance.now(), conn: cpuUs(pair.conn.pid), cloud: cpuUs(pair.cloud.pid) };
+    });
+    return m;
+  } finally {
+    await stop(pair);
+  }
+}
+
+const raw = PHASES.has('raw') ? await rawWs() : NaN;
+if (PHASES.has('raw')) console.log(`raw ws over TLS (64 KiB frames, ${RAW / 1024 / 1024} MiB, one connection): ${raw.toFixed(0)} MB/s`);
 const kinds = args.cloud === 'both' ? ['null', 'reference'] : [args.cloud];
 for (const kind of kinds) {
   const what = kind === 'null' ? 'null cloud (acks at once: the connector alone)' : 'reference cloud (fsyncs every message before its ACK)';
   console.log(`\n== connector + ${what}`);
-  const pair = await startPair(kind);
-  try {
-    const up = await uploadBench(pair);
-    console.log(
-      `upload ${SIZE / 1024 / 1024} MiB: ${up.seconds.toFixed(1)} s end to end; HTTP upload → journal (durable) ${up.uploadMBs.toFixed(0)} MB/s, ` +
-        `journal → cloud ACK ${up.uplinkMBs.toFixed(0)} MB/s (${((up.uplinkMBs / raw) * 100).toFixed(0)} % of raw ws/TLS), end to end ${up.e2eMBs.toFixed(0)} MB/s`,
-    );
-    console.log(`connector RSS during the upload: ${up.rssBase.toFixed(0)} MiB before, median ${up.rssP50.toFixed(0)} MiB, max ${up.rssMax.toFixed(0)} MiB`);
-    const m = await mqttBench(pair);
-    if (m) {
+  if (PHASES.has('upload') || PHASES.has('mqtt')) {
+    const pair = await startPair(kind);
+    try {
+      if (PHASES.has('upload')) {
+        const up = await uploadBench(pair);
+        console.log(
+          `upload ${SIZE / 1024 / 1024} MiB: ${up.seconds.toFixed(1)} s end to end; HTTP upload → journal (durable) ${up.uploadMBs.toFixed(0)} MB/s, ` +
+            `journal → cloud ACK ${up.uplinkMBs.toFixed(0)} MB/s (${((up.uplinkMBs / raw) * 100).toFixed(0)} % of raw ws/TLS), end to end ${up.e2eMBs.toFixed(0)} MB/s`,
+        );
+        console.log(`connector RSS during the upload: ${up.rssBase.toFixed(0)} MiB before, median ${up.rssP50.toFixed(0)} MiB, max ${up.rssMax.toFixed(0)} MiB`);
+      }
+      const m = PHASES.has('mqtt') ? await mqttBench(pair) : undefined;
+      if (m) {
+        console.log(
+          `mqtt QoS 1 closed loop, ${CLIENTS} devices, ${m.msgs} × ${MSG_BYTES} B: PUBACKed ${m.pubackMsgS.toFixed(0)} msg/s, acknowledged by the cloud ${m.e2eMsgS.toFixed(0)} msg/s (${m.e2eMBs.toFixed(1)} MB/s); ` +
+            `CPU µs/msg: connector ${m.connUsPerMsg.toFixed(0)}, cloud ${m.cloudUsPerMsg.toFixed(0)}`,
+        );
+      } else if (PHASES.has('mqtt')) console.log('mqtt: skipped (the daemon reports no mqtt_tls port: broker not wired)');
+    } finally {
+      await stop(pair);
+    }
+  }
+  if (PHASES.has('drain')) {
+    const d = await drainBench(kind);
+    if (d) {
       console.log(
-        `mqtt QoS 1, ${CLIENTS} devices, ${m.msgs} × ${MSG_BYTES} B: PUBACKed ${m.pubackMsgS.toFixed(0)} msg/s, acknowledged by the cloud ${m.e2eMsgS.toFixed(0)} msg/s (${m.e2eMBs.toFixed(1)} MB/s, ${((m.e2eMBs / raw) * 100).toFixed(1)} % of raw ws/TLS)`,
+        `backlog drain (journal → cloud ACK), ${d.msgs} × ${DRAIN_BYTES} B journaled while the cloud was down: ${d.drainMsgS.toFixed(0)} msg/s; ` +
+          `CPU µs/msg during the drain: connector ${d.drainConnUsPerMsg.toFixed(1)}, cloud ${d.drainCloudUsPerMsg.toFixed(1)}`,
       );
-    } else console.log('mqtt: skipped (the daemon reports no mqtt_tls port: broker not wired)');
-  } finally {
-    await stop(pair);
+    }
   }
 }
 process.exit(0);

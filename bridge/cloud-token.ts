@@ -16,7 +16,11 @@
  *    `bridge.uplink.ca_file`, optional client certificate), TLS >= 1.2,
  *    certificate validation always on;
  *  - the token is renewed ahead of expiry: `renew_before_s` before it expires,
- *    or at 80 % of its lifetime when the lifetime is too short for that;
+ *    or at 80 % of its lifetime when the lifetime is too short for that; never
+ *    sooner than MIN_RENEWAL_INTERVAL_MS after the last issue (a token the
+ *    endpoint says lives a millisecond must not become a request loop), and
+ *    through a clamped timer (a token living longer than ~24.9 days would
+ *    overflow setTimeout, which then fires after 1 ms);
  *  - one renewal in flight at a time; concurrent getToken() callers share it;
  *  - a failure (endpoint down, 5xx, 429, refused credentials) is retried with
  *    exponential backoff and full jitter, never sooner than a `Retry-After`;
@@ -36,6 +40,10 @@ import { redactString } from '../core/logger.js';
 import { resolveSecret } from '../core/secrets.js';
 import { ConnectorError, errorCode } from '../core/errors.js';
 import { Backoff, parseRetryAfter } from './backoff.js';
+import { clampDelay } from './uplink/timers.js';
+
+/** Scheduled renewals of a token just issued are at least this far apart. */
+export const MIN_RENEWAL_INTERVAL_MS = 1000;
 
 export type TokenConfig = Config['bridge']['token'];
 export type UplinkConfig = Config['bridge']['uplink'];
@@ -59,12 +67,19 @@ export const systemClock: Clock = {
 
 /** The TLS options both cloud connections use: system roots plus the configured CA, TLS >= min, validation always on. */
 export interface CloudTlsOptions {
-  ca?: string[];
-  cert?: string;
-  key?: string;
+  /** Built from the files below (system roots + ca_file, client certificate, minimum version); shared while they are unchanged. */
+  secureContext: tls.SecureContext;
   minVersion: tls.SecureVersion;
   rejectUnauthorized: true;
 }
+
+/**
+ * The last secure context built, by the exact inputs it was built from. Building one with the ~140 system
+ * roots costs tens of milliseconds of CPU; a cloud outage retries the token endpoint and the uplink every
+ * few hundred ms, so a context per attempt burnt most of a core (measured: 64 % of the connector's CPU
+ * during an outage with reconnect_max_ms 100). A pure memo of a derived value, not shared state.
+ */
+let contextMemo: { key: string; ctx: tls.SecureContext } | undefined;
 
 /** Read the uplink's CA / client certificate files (at use time, so a reload or rotation is picked up). */
 export function cloudTlsOptions(uplink: Pick<UplinkConfig, 'ca_file' | 'cert_file' | 'key_file' | 'min_tls_version'>, what = 'uplink'): CloudTlsOptions {
@@ -75,15 +90,30 @@ export function cloudTlsOptions(uplink: Pick<UplinkConfig, 'ca_file' | 'cert_fil
       throw new ConnectorError('ECONN_UPLINK', `${what}: cannot read ${file} (bridge.uplink.${key}): ${(err as NodeJS.ErrnoException).code ?? 'error'}`, { cause: err });
     }
   };
-  const out: CloudTlsOptions = { minVersion: uplink.min_tls_version, rejectUnauthorized: true };
-  // Node's `ca` replaces the default store: keep the system roots and add ours ("besides the system store")
-  if (uplink.ca_file) out.ca = [...tls.rootCertificates, read(uplink.ca_file, 'ca_file')];
+  const parts: { ca?: string; cert?: string; key?: string } = {};
+  if (uplink.ca_file) parts.ca = read(uplink.ca_file, 'ca_file');
   if (uplink.cert_file || uplink.key_file) {
     if (!uplink.cert_file || !uplink.key_file) throw new ConnectorError('ECONN_UPLINK', `${what}: bridge.uplink.cert_file and key_file must be set together`);
-    out.cert = read(uplink.cert_file, 'cert_file');
-    out.key = read(uplink.key_file, 'key_file');
+    parts.cert = read(uplink.cert_file, 'cert_file');
+    parts.key = read(uplink.key_file, 'key_file');
   }
-  return out;
+  const memoKey = [uplink.min_tls_version, parts.ca ?? '', parts.cert ?? '', parts.key ?? ''].join('\0');
+  const ctxOpts: tls.SecureContextOptions = { minVersion: uplink.min_tls_version };
+  // Node's `ca` replaces the default store: keep the system roots and add ours ("besides the system store")
+  if (parts.ca !== undefined) ctxOpts.ca = [...tls.rootCertificates, parts.ca];
+  if (parts.cert !== undefined) {
+    ctxOpts.cert = parts.cert;
+    ctxOpts.key = parts.key;
+  }
+  if (contextMemo?.key !== memoKey) {
+    try {
+      contextMemo = { key: memoKey, ctx: tls.createSecureContext(ctxOpts) };
+    } catch (err) {
+      throw new ConnectorError('ECONN_UPLINK', `${what}: unusable TLS material in bridge.uplink ca_file/cert_file/key_file: ${(err as Error).message}`, { cause: err });
+    }
+  }
+  // only the context: given ca/cert/key too, a TLS client would build (and pay for) a context of its own
+  return { secureContext: contextMemo.ctx, minVersion: uplink.min_tls_version, rejectUnauthorized: true };
 }
 
 export class CloudTokenError extends ConnectorError {
@@ -280,14 +310,15 @@ export class CloudTokenClient extends EventEmitter {
   private schedule(at: number): void {
     if (this.closed) return;
     if (this.timer !== undefined) this.clock.clearTimeout(this.timer);
-    const delay = Math.max(0, at - this.clock.now());
+    // clamped: a deadline beyond the longest timer (2^31-1 ms) is reached by re-arming
     this.timer = this.clock.setTimeout(() => {
       this.timer = undefined;
       if (this.closed || !this.active) return;
+      if (this.clock.now() < at) return this.schedule(at);
       this.renew().catch(() => {
         /* logged and rescheduled in doRenew */
       });
-    }, delay);
+    }, clampDelay(at - this.clock.now()));
   }
 
   private async doRenew(): Promise<string> {
@@ -322,7 +353,7 @@ export class CloudTokenClient extends EventEmitter {
       this.lastError = undefined;
       this.nextAttemptAt = 0;
       this.backoff.reset();
-      this.schedule(this.renewAt());
+      this.schedule(Math.max(this.renewAt(), now + MIN_RENEWAL_INTERVAL_MS));
       this.log.info({ via, expiresInS: Math.round(res.lifetimeMs / 1000), renewInS: Math.round((this.renewAt() - now) / 1000) }, 'cloud token issued');
       const ev: TokenEvent = { expiresAt: this.expiresAtMs, via };
       this.emit('token', ev);

@@ -59,6 +59,11 @@ export const cloudConfigSchema = Type.Object(
           secret: secretRef('client secret reference (env:/file:/credential:)'),
           grants: grantList,
           scopes: scopeList,
+          gateway_ids: Type.Array(Type.String({ minLength: 1, maxLength: 256 }), {
+            default: [],
+            maxItems: 100000,
+            description: 'gateway ids (HELLO gateway_id, the connector daemon.server_name) this client may use; empty = any id not already bound to another client (the first use binds it, store_dir/gateways.json)',
+          }),
         },
         { additionalProperties: false },
       ),

@@ -1,5 +1,6 @@
 /**
- * The cloud end of one uplink connection (WSS /ingest): HELLO/WELCOME with the
+ * The cloud end of one uplink connection (WSS /ingest, protocol version 2 —
+ * version 1 is refused, see server.ts): HELLO/WELCOME with the
  * partial messages held, chunk reassembly straight to disk with digests
  * checked, durable store BEFORE ACK, duplicate suppression by message id,
  * REJECT (permanent / retry) for bad messages, heartbeats, in-band token
@@ -11,26 +12,26 @@
  * without holding up the queue (its ACK is sent when it is durable), so the
  * messages of one connection share fsync rounds. Order per device across a
  * retry-REJECT: see `blocked`.
+ *
+ * Acknowledgement (v2): every message's last chunk carries a position; the
+ * session settles it when the message is stored (durable), recognised as a
+ * duplicate, ignored after a REJECT, or REJECTed — and sends ONE cumulative
+ * ACK `{upto}` per turn of the event loop for everything settled, always after
+ * the REJECTs it covers.
+ *
+ * HELLO's gateway_id is bound to the authenticated client (GatewayBindings):
+ * a client may only use the gateway ids its configuration allows, and never
+ * one already bound to another client; a mismatch is refused with close 4007.
  */
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
 import type { WebSocket, RawData } from 'ws';
+import { writeAtomic } from '../core/fs.js';
 import type { Logger } from '../core/logger.js';
 import { RequestError } from '../core/errors.js';
-import {
-  CLOSE_CODES,
-  CLIENT_FRAMES,
-  PROTOCOL_VERSION,
-  MessageAssembly,
-  WireError,
-  LIMITS,
-  decodeFrame,
-  encodeFrame,
-  errorFrameFor,
-  type ChunkFrame,
-  type Frame,
-  type HelloFrame,
-  type QueryEntry,
-} from '../protocol/codec.js';
+import { CLOSE_CODES, MessageAssembly, WireError, errorFrameFor, type ChunkFrame, type HelloFrame, type QueryEntry } from '../protocol/codec.js';
+import { AckFrontier, CLIENT_FRAMES_V2, PROTOCOL_VERSION_2, SUBPROTOCOL_V2, decodeFrameV2, encodeFrameV2, toChunkFrame, type FrameV2 } from '../protocol/v2.js';
 import type { CloudStore, Partial, StoredEntry } from './store.js';
 import type { TokenService, VerifiedToken } from './token-endpoint.js';
 import type { CloudConfig } from './config.js';
@@ -43,7 +44,62 @@ export interface IngestContext {
   store: CloudStore;
   tokens: TokenService;
   registry: GatewayRegistry;
+  bindings: GatewayBindings;
   log: Logger;
+}
+
+/** Who a token speaks for: the OAuth client, and the resource owner when it is not the client itself. */
+export function principalOf(auth: Pick<VerifiedToken, 'clientId' | 'sub'>): string {
+  return auth.sub === auth.clientId ? auth.clientId : `${auth.clientId}:${auth.sub}`;
+}
+
+/**
+ * Which authenticated client may speak for which gateway id. A client whose
+ * configuration lists `gateway_ids` may use those only; any client may use a
+ * gateway id no other client is bound to. The first use binds the id to the
+ * client, durably (store_dir/gateways.json), so a second client can never
+ * take over a gateway's connection, partial messages or duplicate scope.
+ */
+export class GatewayBindings {
+  private readonly bound = new Map<string, string>();
+  private readonly file: string;
+  private saving: Promise<void> = Promise.resolve();
+
+  constructor(
+    storeDir: string,
+    private readonly cfg: Pick<CloudConfig, 'clients'>,
+  ) {
+    this.file = path.join(storeDir, 'gateways.json');
+  }
+
+  /** Read the bindings made before (a missing file is an empty table; a corrupt one is an error). */
+  load(): void {
+    let text: string;
+    try {
+      text = readFileSync(this.file, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw err;
+    }
+    const data = JSON.parse(text) as unknown;
+    if (typeof data !== 'object' || data === null || Array.isArray(data)) throw new Error(`${this.file}: not a JSON object`);
+    for (const [gw, who] of Object.entries(data)) if (typeof who === 'string') this.bound.set(gw, who);
+  }
+
+  /** Why `principal` (of OAuth client `clientId`) may not use `gatewayId`, or undefined when it may (and is now bound). */
+  async bind(gatewayId: string, clientId: string, principal: string): Promise<string | undefined> {
+    const allowed = this.cfg.clients.find((c) => c.id === clientId)?.gateway_ids ?? [];
+    if (allowed.length > 0 && !allowed.includes(gatewayId)) return `client ${clientId} may use gateway ids ${allowed.slice(0, 8).join(', ')}${allowed.length > 8 ? ', …' : ''} only`;
+    const owner = this.bound.get(gatewayId);
+    if (owner !== undefined && owner !== principal) return `gateway id ${gatewayId} belongs to another client`;
+    if (owner === undefined) {
+      this.bound.set(gatewayId, principal);
+      const snapshot = JSON.stringify(Object.fromEntries(this.bound));
+      this.saving = this.saving.then(() => writeAtomic(this.file, snapshot, 0o600));
+      await this.saving;
+    }
+    return undefined;
+  }
 }
 
 /** Connected gateways by id, and which gateway last forwarded each device (for commands). */
@@ -100,8 +156,13 @@ export class IngestSession {
   private readonly blocked = new Map<string, string>();
   /** Commits in flight (group commit: the frame queue does not wait for them; close does). */
   private readonly inflight = new Set<Promise<unknown>>();
-  /** Ids stored and not yet acknowledged (sent together on the next turn of the event loop). */
-  private acks: string[] = [];
+  /** Positions of this connection: settled when stored / duplicate / ignored / REJECTed; ACKed cumulatively. */
+  private readonly frontier = new AckFrontier();
+  private ackedUpto = 0;
+  private ackQueued = false;
+  /** The position of the chunk being handled, and whether a commit took it over (it settles it when done). */
+  private currentPos: number | undefined;
+  private posClaimed = false;
   private readonly commands = new Map<string, PendingCommand>();
   private finishedResolve!: () => void;
   /** Resolves when the connection is closed and every frame it received has been handled. */
@@ -132,6 +193,10 @@ export class IngestSession {
     ws.on('close', (code, reason) => void this.onClose(code, reason.toString()));
     ws.on('error', (err) => this.log.info({ err: err.message }, 'ingest socket error'));
     this.log.info('ingest connection open');
+  }
+
+  private isClosed(): boolean {
+    return this.state === 'closed';
   }
 
   private tick(): void {
@@ -187,14 +252,14 @@ export class IngestSession {
 
   private async onFrame(buf: Buffer): Promise<void> {
     if (this.state === 'closed') return;
-    let frame: Frame;
+    let frame: FrameV2;
     try {
-      frame = decodeFrame(buf, { maxChunkBytes: this.ctx.cfg.max_chunk_bytes });
+      frame = decodeFrameV2(buf, { maxChunkBytes: this.ctx.cfg.max_chunk_bytes, maxFrameBytes: maxFrameBytes(this.ctx.cfg) });
     } catch (err) {
       if (err instanceof WireError) return this.protocolViolation(err);
       throw err;
     }
-    if (!CLIENT_FRAMES.has(frame.type)) return this.protocolViolation(new WireError('unexpected', `${frame.type} is sent by the cloud, not the connector`));
+    if (!CLIENT_FRAMES_V2.has(frame.type)) return this.protocolViolation(new WireError('unexpected', `${frame.type} is sent by the cloud, not the connector`));
     if (this.state === 'hello') {
       if (frame.type !== 'HELLO') return this.protocolViolation(new WireError('unexpected', `first frame must be HELLO, got ${frame.type}`));
       return this.onHello(frame);
@@ -202,8 +267,23 @@ export class IngestSession {
     switch (frame.type) {
       case 'HELLO':
         return this.protocolViolation(new WireError('unexpected', 'HELLO twice'));
-      case 'CHUNK':
-        return this.onChunk(frame);
+      case 'BATCH':
+        for (const c of frame.chunks) {
+          if (this.isClosed()) return;
+          if (c.pos !== undefined) {
+            try {
+              this.frontier.expect(c.pos, c.id);
+            } catch (err) {
+              return this.protocolViolation(err as WireError);
+            }
+          }
+          this.currentPos = c.pos;
+          this.posClaimed = false;
+          await this.onChunk(toChunkFrame(c));
+          if (c.pos !== undefined && !this.posClaimed) this.settle(c.pos);
+        }
+        this.currentPos = undefined;
+        return;
       case 'PING':
         this.send({ type: 'PONG', t: frame.t, t_reply: Date.now() });
         return;
@@ -240,11 +320,19 @@ export class IngestSession {
   }
 
   private async onHello(h: HelloFrame): Promise<void> {
-    if (h.version !== PROTOCOL_VERSION) {
-      this.sendError(new WireError('unsupported_version', `protocol version ${h.version} is not supported; this cloud speaks ${PROTOCOL_VERSION}`), true);
-      this.close(CLOSE_CODES.UNSUPPORTED_VERSION, 'unsupported version');
+    if (h.version !== PROTOCOL_VERSION_2) {
+      this.sendError(new WireError('unsupported_version', `protocol version ${h.version} is not supported; this cloud speaks ${PROTOCOL_VERSION_2} (${SUBPROTOCOL_V2})`), true);
+      this.close(CLOSE_CODES.UNSUPPORTED_VERSION, `unsupported version ${h.version}; supported: ${PROTOCOL_VERSION_2} (${SUBPROTOCOL_V2})`);
       return;
     }
+    const refused = await this.ctx.bindings.bind(h.gateway_id, this.auth.clientId, principalOf(this.auth));
+    if (refused !== undefined) {
+      this.log.warn({ gateway: h.gateway_id, client: this.auth.clientId, sub: this.auth.sub }, `HELLO refused: ${refused}`);
+      this.sendError(new WireError('unexpected', `gateway_id refused: ${refused}`), true);
+      this.close(CLOSE_CODES.GATEWAY_REFUSED, `gateway_id refused: ${refused}`);
+      return;
+    }
+    if (this.isClosed()) return;
     this.gatewayId = h.gateway_id;
     this.log.info({ gateway: h.gateway_id, software: h.software }, 'HELLO');
     if (h.heartbeat_ms) this.deadAfterMs = 3 * Math.max(this.ctx.cfg.heartbeat_ms, h.heartbeat_ms);
@@ -260,7 +348,7 @@ export class IngestSession {
     const cfg = this.ctx.cfg;
     this.send({
       type: 'WELCOME',
-      version: PROTOCOL_VERSION,
+      version: PROTOCOL_VERSION_2,
       session_id: this.sessionId,
       max_frame_bytes: maxFrameBytes(cfg),
       max_chunk_bytes: cfg.max_chunk_bytes,
@@ -316,7 +404,8 @@ export class IngestSession {
     if (store.isCommitting(id)) await store.whenSettled(id);
     if (store.isStored(id)) {
       this.unblock(id);
-      // a resend of a stored message: acknowledge again, store nothing
+      // a resend of a stored message: acknowledge again (its position settles on the last chunk), store nothing
+      if (c.offset + c.data.length === c.total) return;
       if (c.seq === 0 || !this.dupAcked.has(id)) {
         this.dupAcked.add(id);
         this.log.debug({ id }, 'duplicate of a stored message: acknowledged again');
@@ -405,20 +494,30 @@ export class IngestSession {
     }
   }
 
-  /** ACK stored messages: those of one group commit round go out in one ACK frame. */
-  private queueAck(id: string): void {
-    this.acks.push(id);
-    if (this.acks.length === 1) setImmediate(() => this.flushAcks());
+  /** A position is settled: the cumulative ACK covering it goes out on the next turn of the event loop. */
+  private settle(pos: number): void {
+    if (this.frontier.settle(pos) && !this.ackQueued) {
+      this.ackQueued = true;
+      setImmediate(() => this.flushAcks());
+    }
   }
 
+  /** One ACK for everything settled: the messages of one group commit round share it. */
   private flushAcks(): void {
-    while (this.acks.length > 0) this.send({ type: 'ACK', ids: this.acks.splice(0, LIMITS.maxIdsPerFrame) });
+    this.ackQueued = false;
+    const upto = this.frontier.upto;
+    if (upto <= this.ackedUpto) return;
+    this.ackedUpto = upto;
+    this.send({ type: 'ACK', upto, ids: [] });
   }
 
   /** Hand a complete message to the store's group commit; ACK when durable, REJECT retry if the round fails. */
   private commit(id: string, deviceId: string, start: (onFail: () => void) => Promise<StoredEntry>): void {
     const { store, registry } = this.ctx;
     const gw = this.gatewayId as string;
+    // the commit settles the message's position when it is durable (or REJECTed)
+    const pos = this.currentPos;
+    this.posClaimed = true;
     // queued for commit = ordered before anything of this device queued later (a failed round fails everything
     // behind it, and onFail blocks the device again), so its later messages may go on
     this.unblock(id);
@@ -429,12 +528,13 @@ export class IngestSession {
       (entry) => {
         registry.noteDevice(entry.device_id, gw);
         this.log.debug({ id, size: entry.size, seq: entry.seq }, 'message stored');
-        this.queueAck(id);
+        if (pos !== undefined) this.settle(pos);
       },
       async (err: unknown) => {
         this.log.error({ err, id }, 'cloud store failed: asking for a resend');
         await store.discard(id).catch(() => undefined);
         this.reject(id, 'retry', 'storage error', undefined, deviceId);
+        if (pos !== undefined) this.settle(pos);
       },
     ).catch((err: unknown) => this.log.error({ err, id }, 'ingest: commit bookkeeping failed'));
     this.inflight.add(done);
@@ -465,9 +565,9 @@ export class IngestSession {
     this.send(errorFrameFor(err, fatal));
   }
 
-  send(frame: Frame): void {
+  send(frame: FrameV2): void {
     if (this.state === 'closed' || this.ws.readyState !== this.ws.OPEN) return;
-    this.ws.send(encodeFrame(frame), { binary: true });
+    this.ws.send(encodeFrameV2(frame), { binary: true });
   }
 
   /** Close with a protocol close code (idempotent). Frames already queued are still handled (partials persisted). */
@@ -497,7 +597,6 @@ export class IngestSession {
     try {
       await this.chain;
       while (this.inflight.size > 0) await Promise.all([...this.inflight]);
-      this.acks = [];
       for (const p of this.touched) {
         if (this.ctx.store.getPartial(p.id) === p) await this.ctx.store.persist(p);
       }

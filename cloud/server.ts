@@ -1,7 +1,8 @@
 /**
  * The reference cloud endpoint (`connector cloud`): one HTTPS listener with
  *   POST /oauth/token     OAuth2 token endpoint (token-endpoint.ts)
- *   GET  /ingest          WSS, subprotocol edge-connector.v1 (ingest.ts, docs/PROTOCOL.md)
+ *   GET  /ingest          WSS, subprotocol edge-connector.v2 (ingest.ts, docs/PROTOCOL.md); a client
+ *                         offering only other versions gets HTTP 400 naming the versions spoken
  *   GET  /subscribe       WSS, stored messages as JSON (subscribers.ts)
  *   POST /api/commands    {device_id, name, payload | payload_base64, gateway_id?, timeout_ms?}
  *                         → COMMAND to the gateway, answers its COMMAND_RESULT (504 on timeout)
@@ -20,12 +21,13 @@ import type { Component } from '../core/component.js';
 import { listen, closeServer } from '../core/net.js';
 import { ensureSecretFile, resolveSecret } from '../core/secrets.js';
 import { RequestError, errorCode } from '../core/errors.js';
-import { SUBPROTOCOL, CLOSE_CODES } from '../protocol/codec.js';
+import { CLOSE_CODES } from '../protocol/codec.js';
+import { SUBPROTOCOL_V2 } from '../protocol/v2.js';
 import type { CloudConfig, Scope } from './config.js';
 import { loadOrCreateTls } from './tls.js';
 import { CloudStore } from './store.js';
 import { TokenService, type VerifiedToken } from './token-endpoint.js';
-import { GatewayRegistry, IngestSession, maxFrameBytes } from './ingest.js';
+import { GatewayBindings, GatewayRegistry, IngestSession, maxFrameBytes } from './ingest.js';
 import { SubscriberHub, filterError } from './subscribers.js';
 import { SIGNATURE_HEADER, verifySignature } from '../protocol/signature.js';
 
@@ -45,6 +47,7 @@ export class CloudServer implements Component {
   private tokens?: TokenService;
   private hub?: SubscriberHub;
   private readonly registry = new GatewayRegistry();
+  private bindings?: GatewayBindings;
   private ingestWss?: WebSocketServer;
   private subscribeWss?: WebSocketServer;
   private boundPort = 0;
@@ -88,12 +91,14 @@ export class CloudServer implements Component {
     this.tokens = new TokenService(cfg, key, this.log.child({ part: 'oauth' }));
     this.store = new CloudStore(cfg.store_dir, this.log.child({ part: 'store' }));
     await this.store.open();
+    this.bindings = new GatewayBindings(cfg.store_dir, cfg);
+    this.bindings.load();
     this.hub = new SubscriberHub(this.store, this.log.child({ part: 'subscribe' }));
     this.ingestWss = new WebSocketServer({
       noServer: true,
       maxPayload: maxFrameBytes(cfg),
       perMessageDeflate: false,
-      handleProtocols: (protocols) => (protocols.has(SUBPROTOCOL) ? SUBPROTOCOL : false),
+      handleProtocols: (protocols) => (protocols.has(SUBPROTOCOL_V2) ? SUBPROTOCOL_V2 : false),
     });
     this.subscribeWss = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024, perMessageDeflate: false });
     this.server = https.createServer({ cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2' }, (req, res) => void this.onRequest(req, res));
@@ -121,8 +126,15 @@ export class CloudServer implements Component {
     try {
       if (this.closing) throw new RequestError(503, 'ECONN_CLOSED', 'shutting down');
       if (url.pathname === '/ingest') {
-        const offered = (req.headers['sec-websocket-protocol'] ?? '').split(',').map((s) => s.trim());
-        if (!offered.includes(SUBPROTOCOL)) throw new RequestError(400, 'ECONN_BAD_REQUEST', `Sec-WebSocket-Protocol must offer ${SUBPROTOCOL}`);
+        const offered = (req.headers['sec-websocket-protocol'] ?? '').split(',').map((s) => s.trim()).filter(Boolean);
+        if (!offered.includes(SUBPROTOCOL_V2)) {
+          // an older (v1-only) connector: a clear refusal naming what this cloud speaks, before any token work
+          throw new RequestError(
+            400,
+            'ECONN_PROTOCOL',
+            `unsupported protocol version: offered ${offered.length ? offered.join(', ').slice(0, 200) : 'no subprotocol'}; this cloud speaks ${SUBPROTOCOL_V2} only (upgrade the connector)`,
+          );
+        }
         const auth = await this.bearer(req, 'ingest');
         if (this.cfg.signing_secret) {
           const secret = resolveSecret(this.cfg.signing_secret);
@@ -134,7 +146,7 @@ export class CloudServer implements Component {
         this.ingestWss!.handleUpgrade(req, socket, head, (ws) => {
           const s = (socket as { setNoDelay?: (b: boolean) => void }).setNoDelay;
           if (s) s.call(socket, true);
-          new IngestSession(ws, { cfg: this.cfg, store: this.store!, tokens: this.tokens!, registry: this.registry, log: this.log.child({ part: 'ingest' }) }, auth, remote).start();
+          new IngestSession(ws, { cfg: this.cfg, store: this.store!, tokens: this.tokens!, registry: this.registry, bindings: this.bindings!, log: this.log.child({ part: 'ingest' }) }, auth, remote).start();
         });
         return;
       }
@@ -158,7 +170,14 @@ export class CloudServer implements Component {
       if (status === 500) this.log.error({ err }, 'upgrade failed');
       else this.log.info({ remote, path: url.pathname, status, code, message }, 'upgrade refused');
       const headers: Record<string, string> = status === 401 ? { 'WWW-Authenticate': 'Bearer realm="edge-connector-cloud", error="invalid_token"' } : {};
-      httpReject(socket, status, STATUS_TEXT[status] ?? 'Error', { error: code, message }, headers);
+      const body: Record<string, unknown> = { error: code, message };
+      if (code === 'ECONN_PROTOCOL') {
+        // RFC 6455 §4.4-style hint: which versions (subprotocols) this endpoint speaks
+        headers['Sec-WebSocket-Version'] = '13';
+        headers['X-Supported-Subprotocols'] = SUBPROTOCOL_V2;
+        body.supported = [SUBPROTOCOL_V2];
+      }
+      httpReject(socket, status, STATUS_TEXT[status] ?? 'Error', body, headers);
     }
   }
 

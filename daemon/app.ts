@@ -18,7 +18,7 @@ import { EnrollmentStore } from '../identity/enrollment.js';
 import { registerIdentityAdmin, type Identity } from '../identity/admin.js';
 import { ApiServer } from '../api/api.js';
 import { CloudTokenClient } from '../bridge/cloud-token.js';
-import { Uplink } from '../bridge/uplink.js';
+import { Uplink, uplinkSettings } from '../bridge/uplink.js';
 import { Journal } from '../bridge/journal.js';
 import { Broker, PORT_KEYS, brokerSettings } from '../broker/broker.js';
 
@@ -102,7 +102,7 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   const brokerComponent: Component = { name: broker.name, start: () => broker.start(), close: () => broker.close(), status: () => broker.status(), reload: (next) => broker.reload(brokerSettings(next)) };
   ctx.broker = broker;
   if (journal && cloudTokens) {
-    uplink = new Uplink({ config, journal, tokens: cloudTokens, commands: broker, logger, metrics });
+    uplink = new Uplink({ settings: uplinkSettings(config), journal, tokens: cloudTokens, commands: broker, logger, metrics });
     ctx.uplink = uplink;
     // /readyz judges the uplink by the age of the last cloud ack (Uplink.readiness), not by an open socket
     const link = uplink;
@@ -134,6 +134,11 @@ export function buildDaemon(config: Config, configFile: string, logger: Logger):
   const tokenClient: Component | undefined = cloudTokens ? { name: 'cloud-token', start: async () => {}, close: () => cloudTokens.close() } : undefined;
 
   // start order: state first, then device-facing and cloud-facing parts, health and admin last
-  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), brokerComponent, api, ...(tokenClient && uplink ? [tokenClient, uplink] : []), health, portsOf, admin];
+  // like the broker, the uplink is reloaded with its own sections only
+  const link = uplink;
+  const uplinkComponent: Component | undefined = link
+    ? { name: link.name, start: () => link.start(), close: () => link.close(), status: () => link.status(), reload: (next) => link.reconfigure(uplinkSettings(next)) }
+    : undefined;
+  const components: Component[] = [registry, pki, tokens, ...(journal ? [journal] : []), brokerComponent, api, ...(tokenClient && uplinkComponent ? [tokenClient, uplinkComponent] : []), health, portsOf, admin];
   return { ctx, components };
 }

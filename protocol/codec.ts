@@ -90,8 +90,10 @@ export const CLOSE_CODES = {
   TOKEN_INVALID: 4003,
   /** No HELLO within the hello timeout after the upgrade. */
   HELLO_TIMEOUT: 4005,
-  /** HELLO asked for a protocol version the cloud does not speak. */
+  /** HELLO asked for a protocol version the cloud does not speak (the reason names the versions it speaks). */
   UNSUPPORTED_VERSION: 4006,
+  /** HELLO's gateway_id is not one the authenticated client may use. */
+  GATEWAY_REFUSED: 4007,
   /** Nothing (frame, heartbeat) arrived within the dead-link timeout. */
   HEARTBEAT_TIMEOUT: 4008,
   /** Another connection with the same gateway id replaced this one. */
@@ -428,7 +430,7 @@ export function isValidMessageId(id: unknown): id is string {
 
 type Json = Record<string, unknown>;
 
-function isObj(v: unknown): v is Json {
+export function isObj(v: unknown): v is Json {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 function str(o: Json, k: string, what: string, opts: { optional?: boolean; max?: number; min?: number } = {}): string | undefined {
@@ -502,7 +504,8 @@ function partial(e: Json, what: string): PartialInfo {
   return p;
 }
 
-function parseControl(type: Exclude<FrameTypeName, 'CHUNK'>, o: Json): ControlFrame {
+/** Validate the JSON body of a control frame (shared with protocol/v2.ts, whose control frames are v1's). */
+export function parseControl(type: Exclude<FrameTypeName, 'CHUNK'>, o: Record<string, unknown>): ControlFrame {
   const what = `${type} frame`;
   switch (type) {
     case 'HELLO': {
@@ -600,10 +603,15 @@ function parseControl(type: Exclude<FrameTypeName, 'CHUNK'>, o: Json): ControlFr
 // ─── encoding ────────────────────────────────────────────────────────────────
 
 function header(type: FrameTypeName, bodyLength: number): Buffer {
+  return frameHeader(PROTOCOL_VERSION, FRAME_TYPES[type], bodyLength);
+}
+
+/** The 8-byte frame header of any version (shared with protocol/v2.ts). */
+export function frameHeader(version: number, typeCode: number, bodyLength: number): Buffer {
   const h = Buffer.allocUnsafe(HEADER_BYTES);
   h.writeUInt8(FRAME_MAGIC, 0);
-  h.writeUInt8(PROTOCOL_VERSION, 1);
-  h.writeUInt8(FRAME_TYPES[type], 2);
+  h.writeUInt8(version, 1);
+  h.writeUInt8(typeCode, 2);
   h.writeUInt8(0, 3);
   h.writeUInt32BE(bodyLength, 4);
   return h;
@@ -851,6 +859,14 @@ export class MessageAssembly {
       fail('out_of_order', `message ${c.id}: got seq ${c.seq} at offset ${c.offset}, expected seq ${this.nextSeqValue} at offset ${this.nextOffsetValue}`, c.id);
     }
     if (c.total !== this.total) fail('malformed', `message ${c.id}: total changed from ${this.total} to ${c.total}`, c.id);
+    if (c.offset === 0 && c.data.length === c.total && c.payload_sha256 && digestEquals(c.chunk_sha256, c.payload_sha256)) {
+      // a whole message in one chunk whose chunk digest is its payload digest (always so in protocol v2): hash once
+      this.nextSeqValue = 1;
+      this.nextOffsetValue = c.total;
+      this.done = true;
+      if (!digestEquals(sha256(c.data), c.payload_sha256)) fail('bad_digest', `message ${c.id}: payload does not match payload_sha256`, c.id);
+      return true;
+    }
     assertChunkDigest(c);
     this.hash.update(c.data);
     this.nextSeqValue += 1;

@@ -379,3 +379,28 @@ t.test('invalidate() makes the next getToken renew; reload resets backoff', asyn
   t.not(a, b);
   t.equal(requests.length, 3);
 });
+
+t.test('issue 9: a token living 40 days arms no timer beyond 2^31-1 ms (Node would fire it after 1 ms) and renews once, when due', async (t) => {
+  const MAX = 2 ** 31 - 1;
+  const { client, clock, requests } = await setup(t, (_r, res) => json(res, 200, goodToken({ expires_in: 40 * 86400 })));
+  await client.getToken();
+  t.equal(requests.length, 1);
+  const due = client.renewAt();
+  t.ok(due - clock.now() > MAX, 'the renewal is further away than setTimeout can wait');
+  t.ok(clock.timers.length > 0 && clock.timers.every((x) => x.at - clock.now() <= MAX), 'every timer within what setTimeout honours');
+  t.equal(clock.advance(MAX), 1, 'the clamped timer fires');
+  t.equal(requests.length, 1, 'no renewal before it is due: the timer re-armed');
+  t.ok(clock.timers.length === 1 && clock.timers.every((x) => x.at - clock.now() <= MAX), 're-armed within the limit');
+  clock.advance(due - clock.now());
+  await until(() => requests.length === 2, 'the renewal when due');
+  t.equal(requests.length, 2, 'exactly one renewal');
+});
+
+t.test('issue 9: a token the endpoint says lives 1 ms is not renewed in a loop (at most once a second)', async (t) => {
+  const { client, clock, requests } = await setup(t, (_r, res) => json(res, 200, goodToken({ expires_in: 0.001 })));
+  await client.getToken();
+  t.equal(requests.length, 1);
+  t.ok((clock.nextTimer() ?? 0) >= 1000, `next renewal in ${clock.nextTimer()} ms, not at once`);
+  t.equal(clock.advance(999), 0, 'nothing fires within the first second');
+  t.equal(requests.length, 1);
+});

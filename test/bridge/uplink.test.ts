@@ -14,10 +14,10 @@ import type { Config } from '../../core/config/schema.js';
 import { createLogger } from '../../core/logger.js';
 import { Journal } from '../../bridge/journal.js';
 import { CloudTokenClient } from '../../bridge/cloud-token.js';
-import { Uplink } from '../../bridge/uplink.js';
+import { Uplink, uplinkSettings } from '../../bridge/uplink.js';
 import { signRequest } from '../../protocol/signature.js';
 import type { CommandTarget, UplinkMessageMeta } from '../../core/ports.js';
-import { encodeFrame, FRAME_MAGIC } from '../../protocol/codec.js';
+import { encodeFrame, FRAME_MAGIC, LIMITS } from '../../protocol/codec.js';
 import { MiniCloud, type MiniCloudOptions } from '../helpers/mini-cloud.js';
 import { TestCA } from '../helpers/certs.js';
 import { tempDir, deepMerge, type Json, type TestLike } from '../helpers/daemon.js';
@@ -68,7 +68,7 @@ async function setup(t: TestLike, cloudOpts: MiniCloudOptions = {}, over: Json =
   t.teardown(() => journal.close());
   const tokens = new CloudTokenClient({ token: config.bridge.token, uplink: config.bridge.uplink, logger, retryMinMs: 20, retryMaxMs: 300 });
   t.teardown(() => tokens.close());
-  const uplink = new Uplink({ config, journal, tokens, commands: extra.commands, logger, metrics: registry });
+  const uplink = new Uplink({ settings: uplinkSettings(config), journal, tokens, commands: extra.commands, logger, metrics: registry });
   t.teardown(() => uplink.close());
   if (!extra.noStart) await uplink.start();
   let n = 0;
@@ -98,9 +98,9 @@ t.test('delivers 0 B, small and multi-chunk messages in order; acks empty the jo
   const chunks = s.cloud.conns[0]!.frames.filter((f) => f.type === 'CHUNK');
   t.equal(chunks.length, 1 + 1 + 17 + 1, '1 MiB + 17 B in 64 KiB chunks = 17 chunks');
   t.equal(s.cloud.conns[0]!.headers.authorization, `Bearer ${[...s.cloud.tokens.keys()][0]}`, 'token on the upgrade');
-  t.equal(s.cloud.conns[0]!.ws.protocol, 'edge-connector.v1');
+  t.equal(s.cloud.conns[0]!.ws.protocol, 'edge-connector.v2');
   const hello = s.cloud.conns[0]!.frames[0]!;
-  t.match(hello, { type: 'HELLO', version: 1, gateway_id: 'gw-test', chunk_size: 65536 });
+  t.match(hello, { type: 'HELLO', version: 2, gateway_id: 'gw-test', chunk_size: 65536 });
   const metrics = await s.registry.metrics();
   t.match(metrics, /connector_uplink_messages_acked_total 4/);
   t.match(metrics, /connector_uplink_state\{state="connected"\} 1/);
@@ -126,7 +126,10 @@ t.test('bounded window: stops at window_messages while the cloud withholds ACKs,
   const s = await setup(t, { withholdAcks: true }, { bridge: { uplink: { window_messages: 5, dead_after_ms: 60000 } } });
   for (let i = 0; i < 12; i++) await s.append('d', Buffer.from(`m${i}`));
   await s.cloud.until(() => s.cloud.order.length === 5, 'five sent');
-  await new Promise((r) => setTimeout(r, 300));
+  // barrier: two more heartbeats from the uplink (200 ms each) prove it is alive and waiting on the window
+  const pings = (): number => s.cloud.conns[0]!.frames.filter((f) => f.type === 'PING').length;
+  const p0 = pings();
+  await s.cloud.until(() => pings() >= p0 + 2, 'two more heartbeats from the uplink');
   t.equal(s.cloud.completions.length, 5, 'no sixth message while five are unacknowledged');
   s.cloud.opts.withholdAcks = false;
   s.cloud.ackAll(s.cloud.conns[0]!);
@@ -191,7 +194,7 @@ t.test('restart: a new uplink on the same journal resumes from the first unackno
   await s.uplink.close();
   // same journal, new uplink (a process restart keeps journal + cloud partials)
   const registry = new Registry();
-  const up2 = new Uplink({ config: { ...s.config, bridge: { ...s.config.bridge, uplink: { ...s.config.bridge.uplink, reconnect_min_ms: 20 } } } as Config, journal: s.journal, tokens: s.tokens, logger: createLogger({ level: 'silent' }), metrics: registry });
+  const up2 = new Uplink({ settings: uplinkSettings({ ...s.config, bridge: { ...s.config.bridge, uplink: { ...s.config.bridge.uplink, reconnect_min_ms: 20 } } } as Config), journal: s.journal, tokens: s.tokens, logger: createLogger({ level: 'silent' }), metrics: registry });
   t.teardown(() => up2.close());
   await up2.start();
   await cloud.until(() => cloud.order.length === 1, 'stored after restart');
@@ -288,10 +291,13 @@ t.test('dead link: a cloud that goes silent (no frame at all) is dropped and rec
 t.test('token renewed in band before expiry: no reconnect, no loss, no duplicate', async (t) => {
   const s = await setup(t, { tokenTtlS: 2 }, { bridge: { token: { renew_before_s: 1 } } });
   const ids: string[] = [];
-  const end = Date.now() + 3500;
-  while (Date.now() < end) {
-    ids.push(await s.append('d', randomBytes(2000)));
-    await new Promise((r) => setTimeout(r, 20));
+  let renewed = 0;
+  s.uplink.on('token-renewed', () => renewed++);
+  // keep sending, each message after the previous one's ACK, across two in-band renewals (event paced, no sleeps)
+  for (let i = 0; renewed < 2 && i < 100_000; i++) {
+    const id = await s.append('d', randomBytes(2000));
+    ids.push(id);
+    await ackOf(s.uplink, id);
   }
   await s.cloud.until(() => pendingOf(s.journal) === 0, 'drained');
   t.same(s.cloud.order, ids, 'all stored, in order');
@@ -304,10 +310,13 @@ t.test('token renewed in band before expiry: no reconnect, no loss, no duplicate
 t.test('token refused in band: reconnects with the new token, nothing lost', async (t) => {
   const s = await setup(t, { tokenTtlS: 2, rejectInBandToken: true }, { bridge: { token: { renew_before_s: 1 } } });
   const ids: string[] = [];
-  const end = Date.now() + 2500;
-  while (Date.now() < end) {
-    ids.push(await s.append('d', Buffer.from(String(ids.length))));
-    await new Promise((r) => setTimeout(r, 25));
+  // send (each after the previous ACK) until the refused renewal made the uplink reconnect, and a few more after
+  let after = 0;
+  for (let i = 0; after < 5 && i < 100_000; i++) {
+    const id = await s.append('d', Buffer.from(String(ids.length)));
+    ids.push(id);
+    await ackOf(s.uplink, id);
+    if (s.cloud.conns.length >= 2) after++;
   }
   await s.cloud.until(() => pendingOf(s.journal) === 0, 'drained');
   t.same(s.cloud.order, ids);
@@ -361,14 +370,12 @@ t.test('hostile cloud: garbage, text, unknown type, wrong direction → ECONN_PR
 
 t.test('upgrade refused: 401 renews the token, 503 Retry-After is honoured', async (t) => {
   const s = await setup(t, { refuseUpgrade: { status: 503, retryAfterS: 1 } });
-  await s.cloud.until(() => s.cloud.upgradeHeaders.length === 1, 'first attempt');
-  const t0 = Date.now();
-  await new Promise((r) => setTimeout(r, 400));
-  t.equal(s.cloud.upgradeHeaders.length, 1, 'no second attempt before Retry-After (1 s) although reconnect_max_ms is 300');
+  await s.cloud.until(() => s.cloud.upgradeTimes.length === 2, 'a second attempt');
+  const [first, second] = s.cloud.upgradeTimes as [number, number];
+  t.ok(second - first >= 950, `no second attempt before Retry-After (1 s) although reconnect_max_ms is 300 (${second - first} ms)`);
   s.cloud.opts.refuseUpgrade = undefined;
   const id = await s.append('d', Buffer.from('after 503'));
   await s.cloud.until(() => s.cloud.order.includes(id), 'delivered');
-  t.ok(Date.now() - t0 >= 500);
   t.ok(s.logs.some((l) => l.code === 'ECONN_UPLINK' && /HTTP 503/.test(String(l.msg))));
 
   // 401: the cloud forgot our token (e.g. key rotation) → a new token is fetched
@@ -390,7 +397,7 @@ t.test('cloud down at start, then up: delivered; readiness follows acks, not the
   await cloud.stop();
   const s = await setup(t, {}, { bridge: { uplink: { url: `wss://127.0.0.1:${port}/ingest` }, token: { url: `https://127.0.0.1:${port}/oauth/token` } } }, { cloud });
   const id = await s.append('d', Buffer.from('waiting'));
-  await new Promise((r) => setTimeout(r, 200));
+  await until(() => s.uplink.status().last_error, 'a failed connection attempt');
   t.not(s.uplink.state, 'connected');
   t.ok(s.uplink.readiness(60_000).ok, 'a fresh backlog is not stale');
   const r = s.uplink.readiness(0);
@@ -422,7 +429,7 @@ t.test('reload: new limits apply without dropping the link; a new URL reconnects
     path.join(s.dir, 'connector.yaml'),
     { checkSecrets: false },
   ).config;
-  const changes = await s.uplink.reload(next);
+  const changes = await s.uplink.reconfigure(uplinkSettings(next));
   t.match(changes.join('\n'), /window_messages 256 -> 7/);
   t.equal(s.cloud.conns.length, 1, 'link kept');
   const other = await MiniCloud.start(t, {}, 0);
@@ -431,7 +438,7 @@ t.test('reload: new limits apply without dropping the link; a new URL reconnects
     path.join(s.dir, 'connector.yaml'),
     { checkSecrets: false },
   ).config;
-  await s.uplink.reload(moved);
+  await s.uplink.reconfigure(uplinkSettings(moved));
   const id = await s.append('d', Buffer.from('moved'));
   await other.until(() => other.order.includes(id), 'delivered to the new cloud');
 });
@@ -479,6 +486,23 @@ t.test('TLS: mTLS client certificate, certificate validation always on, minimum 
   t.equal(old.cloud.conns.length, 0);
 });
 
+/** Resolves when the uplink reports the cloud's ACK of `id` (register right after the append resolves). */
+function ackOf(uplink: Uplink, id: string, ms = 15_000): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      uplink.off('ack', on);
+      reject(new Error(`no ACK of ${id} within ${ms} ms`));
+    }, ms);
+    const on = (x: string): void => {
+      if (x !== id) return;
+      clearTimeout(timer);
+      uplink.off('ack', on);
+      resolve();
+    };
+    uplink.on('ack', on);
+  });
+}
+
 async function until<T>(f: () => T | undefined, what: string, ms = 10_000): Promise<T> {
   const end = Date.now() + ms;
   for (;;) {
@@ -488,3 +512,104 @@ async function until<T>(f: () => T | undefined, what: string, ms = 10_000): Prom
     await new Promise((r) => setTimeout(r, 20));
   }
 }
+
+t.test('protocol v2: small messages go many per BATCH frame and are acknowledged cumulatively', async (t) => {
+  const s = await setup(t, {}, {}, { noStart: true });
+  const ids: string[] = [];
+  for (let i = 0; i < 300; i++) ids.push(await s.append(`d${i % 4}`, randomBytes(64)));
+  await s.uplink.start();
+  await s.cloud.until(() => s.cloud.order.length === 300 && pendingOf(s.journal) === 0, 'all stored and acknowledged');
+  t.same(s.cloud.order, ids, 'journal order');
+  const c = s.cloud.conns[0]!;
+  t.ok(c.batches * 4 <= 300, `300 messages in ${c.batches} BATCH frames`);
+  t.equal(s.uplink.counts.messagesAcked, 300);
+  const chunks = c.frames.filter((f) => f.type === 'CHUNK');
+  t.same(
+    chunks.map((f) => (f as { pos?: number }).pos),
+    ids.map((_, i) => i + 1),
+    'positions 1, 2, 3, … in send order',
+  );
+});
+
+t.test('issue 9: a record the encoder refuses (metadata over the protocol limits) is quarantined, never retried, and does not block what is behind it', async (t) => {
+  const s = await setup(t, {}, {}, { noStart: true });
+  const before = await s.append('d', Buffer.from('before'));
+  const bad = await s.append('d', Buffer.from('bad metadata'));
+  const after = await s.append('d', Buffer.from('after'));
+  // a record written before its limits were checked at append time (an older version's journal on disk): its
+  // content type is one byte over the protocol's 255 — the journal hands it to the uplink as it is
+  const journal = s.journal;
+  const view: typeof journal = Object.create(journal) as typeof journal;
+  view.pending = (afterSeq?: number, limit?: number) =>
+    journal.pending(afterSeq, limit).map((r) => (r.id === bad ? { ...r, meta: { ...r.meta, contentType: 'x'.repeat(256) } } : r));
+  const quarantined: string[] = [];
+  view.quarantine = async (id: string, reason: string) => {
+    quarantined.push(`${id}: ${reason}`);
+    return journal.quarantine(id, reason);
+  };
+  const up = new Uplink({ settings: uplinkSettings(s.config), journal: view, tokens: s.tokens, logger: createLogger({ level: 'silent' }), metrics: new Registry() });
+  t.teardown(() => up.close());
+  await up.start();
+  await s.cloud.until(() => s.cloud.order.includes(after), 'the message behind it delivered');
+  t.same(s.cloud.order, [before, after], 'delivered in order without the unencodable record');
+  t.equal(quarantined.length, 1, 'quarantined once');
+  t.match(quarantined[0], /content_type of 256 bytes/);
+  t.equal(up.counts.quarantined, 1);
+  t.equal(s.cloud.conns.length, 1, 'no reconnect: the link was never at fault');
+});
+
+t.test('issue 9: a token living 40 days does not renew in a loop (timer overflow)', async (t) => {
+  const s = await setup(t, { tokenTtlS: 40 * 86400 });
+  const id = await s.append('d', Buffer.from('x'));
+  await s.cloud.until(() => s.cloud.order.includes(id), 'delivered');
+  // barrier: 6 heartbeats from the uplink (200 ms each); a renewal loop would fetch a token every few ms meanwhile
+  const pings = (): number => s.cloud.conns[0]!.frames.filter((f) => f.type === 'PING').length;
+  await s.cloud.until(() => pings() >= 6, 'six heartbeats');
+  t.equal(s.cloud.tokenRequests.length, 1, 'one token, no renewal');
+  t.equal(s.uplink.counts.tokensInBand, 0);
+});
+
+t.test('issue 9: a gateway clock ahead of the cloud (every token looks expired) does not renew in a loop', async (t) => {
+  // the cloud's clock is 2 h behind ours; its tokens live 1 h: by our clock they expired an hour ago
+  const s = await setup(t, { tokenTtlS: 3600, clockOffsetMs: -2 * 3600_000, heartbeatMs: 100 }, { bridge: { uplink: { heartbeat_ms: 100 } } });
+  const id = await s.append('d', Buffer.from('x'));
+  await s.cloud.until(() => s.cloud.order.includes(id), 'delivered');
+  const pings = (): number => s.cloud.conns[0]!.frames.filter((f) => f.type === 'PING').length;
+  await s.cloud.until(() => pings() >= 10, 'ten heartbeats (1 s)');
+  t.ok(s.cloud.tokenRequests.length <= 3, `${s.cloud.tokenRequests.length} token requests in 1 s (bounded, no loop)`);
+  t.equal(s.cloud.conns.length, 1, 'the link stays up');
+  t.equal(pendingOf(s.journal), 0);
+});
+
+t.test('issue 9: hostile cloud — an ACK for positions never sent, ACKs of unknown ids, an enormous frame: link dropped with a clear log line, nothing lost, no crash', async (t) => {
+  let ackedEarly = false;
+  const s = await setup(t, {
+    onFrame: (c, f) => {
+      if (c.n === 1 && f.type === 'CHUNK' && !ackedEarly) {
+        // claims everything up to a position far beyond what was sent, without storing anything
+        ackedEarly = true;
+        c.send({ type: 'ACK', upto: ((f as { pos?: number }).pos ?? 0) + 1000, ids: [] });
+        return true;
+      }
+      if (c.n === 2 && f.type === 'CHUNK') {
+        c.send({ type: 'ACK', ids: ['never-sent-1', 'never-sent-2'] });
+        // a frame larger than any the protocol allows (the uplink's ws maxPayload)
+        c.ws.send(Buffer.alloc(LIMITS.maxFrameBytes + 1));
+        return true;
+      }
+    },
+  });
+  const id = await s.append('d', Buffer.from('precious'));
+  await s.cloud.until(() => s.cloud.order.includes(id) && pendingOf(s.journal) === 0, 'delivered in the end', 20_000);
+  t.equal(s.cloud.completions.filter((x) => x === id).length, 1, 'stored once');
+  t.ok(s.cloud.conns.length >= 3, 'dropped twice, resumed each time');
+  t.ok(
+    s.logs.some((l) => l.code === 'ECONN_PROTOCOL' && /ACK up to position \d+, but the last position sent on this link is \d+/.test(String(l.msg))),
+    'the impossible ACK is named in the log',
+  );
+  t.ok(
+    s.logs.some((l) => /larger than \d+ bytes|Max payload size exceeded/i.test(String(l.msg))),
+    'the enormous frame is named in the log',
+  );
+  t.equal(s.uplink.counts.messagesAcked, 1, 'acknowledged once, by the cloud that stored it');
+});

@@ -1,7 +1,10 @@
 /**
  * Test helpers for the reference cloud: an in-process CloudServer on port 0
  * with a temp store, an OAuth2 request helper, and a minimal gateway client
- * that speaks the wire protocol through protocol/codec.ts.
+ * that speaks the wire protocol (version 2) through protocol/v2.ts: CHUNK frames
+ * given to send() go out as a BATCH of one (positions assigned), and a
+ * cumulative ACK {upto} is delivered with `ids` filled in from the positions
+ * it covers (minus those REJECTed before it), so tests can wait for an id.
  */
 import https from 'node:https';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -12,7 +15,8 @@ import { silentLogger } from '../../core/logger.js';
 import { CloudServer } from '../../cloud/server.js';
 import { parseCloudConfig, type CloudConfig } from '../../cloud/config.js';
 import { stringify } from 'yaml';
-import { SUBPROTOCOL, decodeFrame, encodeFrame, type Frame, type FrameTypeName, type HelloFrame } from '../../protocol/codec.js';
+import type { ChunkFrame, Frame, FrameTypeName, HelloFrame } from '../../protocol/codec.js';
+import { SUBPROTOCOL_V2, decodeFrameV2, encodeBatch, encodeBatchChunk, encodeFrameV2, type BatchChunk, type FrameV2 } from '../../protocol/v2.js';
 import type { TestLike } from '../helpers/daemon.js';
 
 export const SECRET = 'test-client-secret-0123456789';
@@ -135,6 +139,10 @@ export class TestGateway {
   readonly refused: Promise<number>;
   /** Answer PINGs (default true; false simulates a silent peer). */
   autoPong = true;
+  /** Last position sent, the id at each position, and positions REJECTed (not covered by a later upto). */
+  lastPos = 0;
+  private readonly idAt = new Map<number, string>();
+  private ackedUpto = 0;
   private constructor(readonly ws: WebSocket) {
     this.opened = new Promise((resolve, reject) => {
       ws.once('open', () => resolve());
@@ -146,7 +154,27 @@ export class TestGateway {
     ws.on('error', () => undefined);
     ws.on('message', (data, isBinary) => {
       if (!isBinary) return;
-      const f = decodeFrame(data as Buffer);
+      const v2 = decodeFrameV2(data as Buffer);
+      if (v2.type === 'BATCH') return;
+      let f: Frame;
+      if (v2.type === 'ACK') {
+        const ids = [...v2.ids];
+        // acknowledged by id (a resend recognised early): its position is not reported again
+        for (const [p, id] of this.idAt) if (v2.ids.includes(id)) this.idAt.delete(p);
+        if (v2.upto !== undefined) {
+          for (let p = this.ackedUpto + 1; p <= v2.upto; p++) {
+            const id = this.idAt.get(p);
+            this.idAt.delete(p);
+            if (id !== undefined) ids.push(id);
+          }
+          this.ackedUpto = Math.max(this.ackedUpto, v2.upto);
+        }
+        f = v2.progress ? { type: 'ACK', ids, progress: v2.progress } : { type: 'ACK', ids };
+      } else f = v2;
+      if (f.type === 'REJECT') {
+        // positions of the rejected message sent so far are not acknowledged by a later upto
+        for (const [p, id] of this.idAt) if (id === f.id) this.idAt.delete(p);
+      }
       if (f.type === 'PING' && this.autoPong) {
         this.send({ type: 'PONG', t: f.t, t_reply: Date.now() });
       }
@@ -159,10 +187,10 @@ export class TestGateway {
     });
   }
 
-  static connect(c: Pick<CloudHandle, 'port' | 'ca'>, opts: { token?: string; protocol?: string | null; headers?: Record<string, string>; path?: string } = {}): TestGateway {
+  static connect(c: Pick<CloudHandle, 'port' | 'ca'>, opts: { token?: string; protocol?: string | string[] | null; headers?: Record<string, string>; path?: string } = {}): TestGateway {
     const headers: Record<string, string> = { ...(opts.headers ?? {}) };
     if (opts.token) headers.authorization = `Bearer ${opts.token}`;
-    const protocols = opts.protocol === null ? [] : [opts.protocol ?? SUBPROTOCOL];
+    const protocols = opts.protocol === null ? [] : Array.isArray(opts.protocol) ? opts.protocol : [opts.protocol ?? SUBPROTOCOL_V2];
     const ws = new WebSocket(`wss://127.0.0.1:${c.port}${opts.path ?? '/ingest'}`, protocols, { ca: c.ca, headers, perMessageDeflate: false });
     return new TestGateway(ws);
   }
@@ -171,13 +199,34 @@ export class TestGateway {
   static async open(c: Pick<CloudHandle, 'port' | 'ca'>, token: string, hello: Partial<HelloFrame> = {}): Promise<{ gw: TestGateway; welcome: Extract<Frame, { type: 'WELCOME' }> }> {
     const gw = TestGateway.connect(c, { token });
     await gw.opened;
-    gw.send({ type: 'HELLO', version: 1, gateway_id: 'gw-1', ...hello });
+    gw.send({ type: 'HELLO', version: 2, gateway_id: 'gw-1', ...hello });
     const welcome = (await gw.next('WELCOME')) as Extract<Frame, { type: 'WELCOME' }>;
     return { gw, welcome };
   }
 
-  send(f: Frame): void {
-    this.sendRaw(encodeFrame(f));
+  /** Send a frame; a CHUNK goes out as a BATCH of one (with the next position when it is a last chunk). */
+  send(f: Frame | FrameV2): void {
+    if (f.type === 'CHUNK') return this.sendBatch([f]);
+    this.sendRaw(encodeFrameV2(f as FrameV2));
+  }
+
+  /** Several chunks in one BATCH frame. */
+  sendBatch(chunks: ChunkFrame[]): void {
+    this.sendRaw(encodeBatch(chunks.map((c) => encodeBatchChunk(this.toBatchChunk(c)))));
+  }
+
+  /** A v1-shaped chunk as a v2 BATCH entry: one digest for a single-chunk message, a position on a last chunk. */
+  toBatchChunk(c: ChunkFrame): BatchChunk {
+    const last = c.offset + c.data.length === c.total;
+    const b: BatchChunk = { id: c.id, seq: c.seq, offset: c.offset, total: c.total, data: c.data };
+    if (!(c.seq === 0 && last)) b.chunk_sha256 = c.chunk_sha256;
+    if (c.meta) b.meta = c.meta;
+    if (last) {
+      b.payload_sha256 = c.payload_sha256 as Buffer;
+      b.pos = ++this.lastPos;
+      this.idAt.set(b.pos, c.id);
+    }
+    return b;
   }
 
   sendRaw(buf: Buffer | string): void {

@@ -13,7 +13,7 @@ import { parseConfigText } from '../../core/config/load.js';
 import { silentLogger } from '../../core/logger.js';
 import { Journal } from '../../bridge/journal.js';
 import { CloudTokenClient } from '../../bridge/cloud-token.js';
-import { Uplink } from '../../bridge/uplink.js';
+import { Uplink, uplinkSettings } from '../../bridge/uplink.js';
 import type { CommandTarget } from '../../core/ports.js';
 import { sha256Hex } from '../../protocol/codec.js';
 import { tempDir, type TestLike } from '../helpers/daemon.js';
@@ -56,7 +56,7 @@ async function connector(t: TestLike, c: CloudHandle, opts: { commands?: Command
   t.teardown(() => journal.close());
   const tokens = new CloudTokenClient({ token: config.bridge.token, uplink: config.bridge.uplink, logger, retryMinMs: 20, retryMaxMs: 200 });
   t.teardown(() => tokens.close());
-  const uplink = new Uplink({ config, journal, tokens, commands: opts.commands, logger, metrics });
+  const uplink = new Uplink({ settings: uplinkSettings(config), journal, tokens, commands: opts.commands, logger, metrics });
   t.teardown(() => uplink.close());
   await uplink.start();
   let n = 0;

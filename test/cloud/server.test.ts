@@ -13,6 +13,7 @@ import {
   type ChunkFrame,
   type MessageMeta,
 } from '../../protocol/codec.js';
+import { encodeFrameV2 } from '../../protocol/v2.js';
 import { signRequest, verifySignature } from '../../protocol/signature.js';
 import { startCloud, getToken, httpsRequest, TestGateway, type CloudHandle } from './helpers.js';
 
@@ -58,15 +59,34 @@ t.test('upgrade is refused without a valid token, scope, subprotocol or path', a
   }
   const ok = TestGateway.connect(c, { token });
   await ok.opened;
-  t.equal(ok.ws.protocol, 'edge-connector.v1', 'the subprotocol is selected');
+  t.equal(ok.ws.protocol, 'edge-connector.v2', 'the subprotocol is selected');
   ok.close();
+  // a connector that speaks only version 1: a clear refusal naming the versions this cloud speaks
+  const old = await httpsRequest(c, 'GET', '/ingest', {
+    connection: 'Upgrade',
+    upgrade: 'websocket',
+    'sec-websocket-version': '13',
+    'sec-websocket-key': randomBytes(16).toString('base64'),
+    'sec-websocket-protocol': 'edge-connector.v1',
+    authorization: `Bearer ${token}`,
+  });
+  t.equal(old.status, 400, 'v1 only: HTTP 400');
+  t.equal(old.json.error, 'ECONN_PROTOCOL');
+  t.match(String(old.json.message), /offered edge-connector\.v1; this cloud speaks edge-connector\.v2 only/);
+  t.same(old.json.supported, ['edge-connector.v2']);
+  t.equal(old.headers['x-supported-subprotocols'], 'edge-connector.v2');
+  // offering both: v2 is selected
+  const both = TestGateway.connect(c, { token, protocol: ['edge-connector.v1', 'edge-connector.v2'] });
+  await both.opened;
+  t.equal(both.ws.protocol, 'edge-connector.v2', 'v2 selected among the offered versions');
+  both.close();
 });
 
 t.test('HELLO / WELCOME; first frame must be HELLO; unknown version closes 4006', async (t) => {
   const c = await startCloud(t, { max_chunk_bytes: 1 << 20, max_partials: 8 });
   const token = await getToken(c);
   const { gw, welcome } = await TestGateway.open(c, token);
-  t.equal(welcome.version, 1);
+  t.equal(welcome.version, 2);
   t.equal(welcome.max_chunk_bytes, 1 << 20);
   t.equal(welcome.max_partials, 8);
   t.same(welcome.partials, []);
@@ -86,9 +106,17 @@ t.test('HELLO / WELCOME; first frame must be HELLO; unknown version closes 4006'
 
   const g3 = TestGateway.connect(c, { token });
   await g3.opened;
-  g3.send({ type: 'HELLO', version: 2, gateway_id: 'gw' });
+  g3.send({ type: 'HELLO', version: 1, gateway_id: 'gw' });
   t.equal((await g3.next('ERROR')).code, 'unsupported_version');
-  t.equal((await g3.closed).code, CLOSE_CODES.UNSUPPORTED_VERSION);
+  const closed = await g3.closed;
+  t.equal(closed.code, CLOSE_CODES.UNSUPPORTED_VERSION);
+  t.match(closed.reason, /unsupported version 1; supported: 2 \(edge-connector\.v2\)/, 'the close reason names the supported versions');
+  // a version-1 frame header on a v2 link: unsupported_version, closed 4006
+  const g4 = TestGateway.connect(c, { token });
+  await g4.opened;
+  g4.sendRaw(encodeFrame({ type: 'HELLO', version: 1, gateway_id: 'gw' }));
+  t.equal((await g4.next('ERROR')).code, 'unsupported_version');
+  t.equal((await g4.closed).code, CLOSE_CODES.UNSUPPORTED_VERSION);
 });
 
 t.test('messages of 0 bytes, small and 5 MiB in 256 KiB chunks are stored durably before the ACK', async (t) => {
@@ -239,14 +267,14 @@ t.test('malformed frames from a hostile client: ERROR + close, the cloud stays u
   const chunks = chunkMessage('h-1', meta(), randomBytes(3000), 1024);
   const attacks: [string, (gw: TestGateway) => void, number, string | undefined][] = [
     ['garbage bytes', (gw) => gw.sendRaw(randomBytes(100)), CLOSE_CODES.PROTOCOL_ERROR, 'malformed'],
-    ['truncated header', (gw) => gw.sendRaw(Buffer.from([0xec, 1, 3])), CLOSE_CODES.PROTOCOL_ERROR, 'malformed'],
+    ['truncated header', (gw) => gw.sendRaw(Buffer.from([0xec, 2, 0x10])), CLOSE_CODES.PROTOCOL_ERROR, 'malformed'],
     ['wrong body length', (gw) => {
-      const b = encodeFrame({ type: 'PING', t: 1 });
+      const b = encodeFrameV2({ type: 'PING', t: 1 });
       b.writeUInt32BE(999, 4);
       gw.sendRaw(b);
     }, CLOSE_CODES.PROTOCOL_ERROR, 'malformed'],
-    ['unknown type', (gw) => gw.sendRaw(Buffer.from([0xec, 1, 0x55, 0, 0, 0, 0, 2, 0x7b, 0x7d])), CLOSE_CODES.PROTOCOL_ERROR, 'unknown_type'],
-    ['garbage JSON', (gw) => gw.sendRaw(Buffer.from([0xec, 1, FRAME_TYPES.PING, 0, 0, 0, 0, 3, 0x7b, 0x7b, 0x7b])), CLOSE_CODES.PROTOCOL_ERROR, 'malformed'],
+    ['unknown type', (gw) => gw.sendRaw(Buffer.from([0xec, 2, 0x55, 0, 0, 0, 0, 2, 0x7b, 0x7d])), CLOSE_CODES.PROTOCOL_ERROR, 'unknown_type'],
+    ['garbage JSON', (gw) => gw.sendRaw(Buffer.from([0xec, 2, FRAME_TYPES.PING, 0, 0, 0, 0, 3, 0x7b, 0x7b, 0x7b])), CLOSE_CODES.PROTOCOL_ERROR, 'malformed'],
     ['out-of-order chunk', (gw) => {
       gw.send(chunks[0]!);
       gw.send(chunks[2]!);
@@ -259,7 +287,7 @@ t.test('malformed frames from a hostile client: ERROR + close, the cloud stays u
     ['chunk of a message never started', (gw) => gw.send(chunkMessage('never', meta(), randomBytes(3000), 1024)[1]!), CLOSE_CODES.PROTOCOL_ERROR, 'out_of_order'],
     ['chunk over max_chunk_bytes', (gw) => gw.send(chunkMessage('h-big', meta(), randomBytes(70_000), 70_000)[0]!), CLOSE_CODES.PROTOCOL_ERROR, 'oversized'],
     ['a cloud-only frame', (gw) => gw.send({ type: 'ACK', ids: ['x'] }), CLOSE_CODES.PROTOCOL_ERROR, 'unexpected'],
-    ['HELLO twice', (gw) => gw.send({ type: 'HELLO', version: 1, gateway_id: 'gw-1' }), CLOSE_CODES.PROTOCOL_ERROR, 'unexpected'],
+    ['HELLO twice', (gw) => gw.send({ type: 'HELLO', version: 2, gateway_id: 'gw-1' }), CLOSE_CODES.PROTOCOL_ERROR, 'unexpected'],
     ['text frame', (gw) => gw.sendRaw('hello'), CLOSE_CODES.UNSUPPORTED_DATA, undefined],
     ['frame over maxPayload', (gw) => gw.sendRaw(Buffer.alloc(65536 + 64 * 1024 + 1)), 1009, undefined],
   ];
@@ -448,4 +476,69 @@ t.test('max_partials: REJECT retry while all are in progress here; abandoned par
   b.send({ type: 'QUERY', ids: ['p1', 'p2', 'p4'] });
   t.same((await b.next('QUERY_RESULT')).entries.map((e) => e.status), ['unknown', 'partial', 'partial'], 'the oldest abandoned partial was evicted');
   b.close();
+});
+
+t.test('v2 batching: many messages in one BATCH frame are stored in order and acknowledged by ONE cumulative ACK', async (t) => {
+  const c = await startCloud(t);
+  const { gw } = await TestGateway.open(c, await getToken(c));
+  const ids = Array.from({ length: 200 }, (_, i) => `batch-${i}`);
+  const chunks = ids.map((id, i) => chunkMessage(id, meta(`dev-${i % 3}`), randomBytes(64), 1024)[0]!);
+  gw.sendBatch(chunks);
+  const ack = await gw.next('ACK', (a) => a.ids.includes(ids[ids.length - 1]!));
+  t.ok(ack.ids.length > 1, `one ACK covered ${ack.ids.length} messages`);
+  t.same(
+    indexOf(c).map((e) => e.id),
+    ids,
+    'all stored, in the order of the batch',
+  );
+  // a position that skips one is a protocol violation
+  const bad = chunkMessage('gap', meta(), Buffer.from('x'), 1024)[0]!;
+  gw.lastPos += 1;
+  gw.send(bad);
+  t.equal((await gw.next('ERROR')).code, 'malformed');
+  t.equal((await gw.closed).code, CLOSE_CODES.PROTOCOL_ERROR);
+});
+
+t.test("issue 9: HELLO's gateway_id is bound to the authenticated client; a mismatch is refused (4007)", async (t) => {
+  const c = await startCloud(t, {
+    clients: [
+      { id: 'gw-client', secret: 'file:./client.secret' },
+      { id: 'cc-only', secret: 'file:./client.secret', grants: ['client_credentials'], scopes: ['ingest'] },
+      { id: 'pinned', secret: 'file:./client.secret', gateway_ids: ['pinned-gw'] },
+    ],
+  });
+  const mine = await getToken(c, 'ingest', 'gw-client');
+  const other = await getToken(c, 'ingest', 'cc-only');
+  const { gw: a } = await TestGateway.open(c, mine, { gateway_id: 'gw-A' });
+  await sendMessage(t, c, a, 'bound-1', Buffer.from('x'));
+  // another client claiming gw-A: refused, and gw-A's link is NOT replaced
+  const b = TestGateway.connect(c, { token: other });
+  await b.opened;
+  b.send({ type: 'HELLO', version: 2, gateway_id: 'gw-A' });
+  const err = await b.next('ERROR');
+  t.match(err.message, /gateway_id refused: gateway id gw-A belongs to another client/);
+  const closed = await b.closed;
+  t.equal(closed.code, CLOSE_CODES.GATEWAY_REFUSED, 'closed 4007');
+  t.match(closed.reason, /gateway_id refused/);
+  a.send({ type: 'PING', t: 7 });
+  t.equal((await a.next('PONG', (p) => p.t === 7)).t, 7, 'the rightful gateway keeps its link');
+  // a client pinned to its gateway ids may not use another one
+  const pinned = await getToken(c, 'ingest', 'pinned');
+  const p = TestGateway.connect(c, { token: pinned });
+  await p.opened;
+  p.send({ type: 'HELLO', version: 2, gateway_id: 'elsewhere' });
+  t.match((await p.next('ERROR')).message, /client pinned may use gateway ids pinned-gw only/);
+  t.equal((await p.closed).code, CLOSE_CODES.GATEWAY_REFUSED);
+  const { gw: ok } = await TestGateway.open(c, pinned, { gateway_id: 'pinned-gw' });
+  ok.close();
+  a.close();
+  await a.closed;
+  // the binding is durable: after a restart the other client still cannot take gw-A
+  const c2 = await c.restart();
+  const b2 = TestGateway.connect(c2, { token: await getToken(c2, 'ingest', 'cc-only') });
+  await b2.opened;
+  b2.send({ type: 'HELLO', version: 2, gateway_id: 'gw-A' });
+  t.equal((await b2.closed).code, CLOSE_CODES.GATEWAY_REFUSED, 'still refused after a cloud restart');
+  const { gw: a2 } = await TestGateway.open(c2, await getToken(c2, 'ingest', 'gw-client'), { gateway_id: 'gw-A' });
+  a2.close();
 });

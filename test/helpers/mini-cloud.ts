@@ -1,7 +1,7 @@
 /**
  * A small, controllable cloud for the uplink unit tests: a real HTTPS server
  * (certificate from a TestCA) with an OAuth2 token endpoint and the WSS ingest
- * of docs/PROTOCOL.md, built on the real codec (protocol/codec.ts). Each knob
+ * of docs/PROTOCOL.md (version 2), built on the real codec (protocol/v2.ts). Each knob
  * lets a test make the cloud misbehave in one precise way (withhold ACKs, drop
  * the link mid-message, reject, go silent, send garbage) — things the
  * reference cloud (cloud/) is not meant to do on purpose. The
@@ -16,7 +16,11 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { WebSocketServer, WebSocket } from 'ws';
 import { TestCA } from './certs.js';
 import { tempDir, type TestLike } from './daemon.js';
-import { SUBPROTOCOL, decodeFrame, encodeFrame, sha256, digestEquals, type Frame, type ChunkFrame, type MessageMeta } from '../../protocol/codec.js';
+import { sha256, digestEquals, type Frame, type ChunkFrame, type MessageMeta } from '../../protocol/codec.js';
+import { AckFrontier, SUBPROTOCOL_V2, decodeFrameV2, encodeFrameV2, toChunkFrame, type FrameV2 } from '../../protocol/v2.js';
+
+/** A frame as the mini cloud records it: BATCH frames are unpacked into their chunks (as CHUNK, with the position of a last chunk). */
+export type SeenFrame = Exclude<Frame, { type: 'CHUNK' }> | (ChunkFrame & { pos?: number });
 
 export interface Stored {
   id: string;
@@ -40,9 +44,13 @@ export interface CloudConn {
   n: number;
   token: string;
   headers: IncomingMessage['headers'];
-  send(f: Frame): void;
-  /** Frames received on this connection (CHUNK data not kept). */
-  frames: Frame[];
+  send(f: FrameV2): void;
+  /** Frames received on this connection, BATCH frames unpacked into CHUNKs (CHUNK data not kept). */
+  frames: SeenFrame[];
+  /** BATCH frames received (WebSocket messages carrying data). */
+  batches: number;
+  /** Cumulative acknowledgement state of this connection. */
+  frontier: AckFrontier;
 }
 
 export interface MiniCloudOptions {
@@ -61,13 +69,15 @@ export interface MiniCloudOptions {
   heartbeatMs?: number;
   maxChunkBytes?: number;
   /** Called for every frame received after HELLO; return true to suppress default handling. */
-  onFrame?: (c: CloudConn, f: Frame) => boolean | void;
+  onFrame?: (c: CloudConn, f: SeenFrame) => boolean | void;
   /** Called right after WELCOME. */
   onWelcome?: (c: CloudConn) => void;
   /** Require a client certificate from this CA (mTLS). */
   clientCa?: string;
   /** Highest TLS version the server speaks. */
   maxTlsVersion?: 'TLSv1.2' | 'TLSv1.3';
+  /** The cloud's clock minus the real one (ms): shifts token expiries and PING/PONG times, like a cloud whose clock is off. */
+  clockOffsetMs?: number;
 }
 
 export class MiniCloud {
@@ -84,6 +94,8 @@ export class MiniCloud {
   readonly tokenRequests: URLSearchParams[] = [];
   readonly tokens = new Map<string, number>();
   readonly upgradeHeaders: IncomingMessage['headers'][] = [];
+  /** When each upgrade request arrived (Date.now()). */
+  readonly upgradeTimes: number[] = [];
   readonly opts: MiniCloudOptions;
   private server!: https.Server;
   private wss!: WebSocketServer;
@@ -119,10 +131,11 @@ export class MiniCloud {
     this.wss = new WebSocketServer({
       noServer: true,
       maxPayload: 17 * 1024 * 1024,
-      handleProtocols: (set) => (set.has(SUBPROTOCOL) ? SUBPROTOCOL : false),
+      handleProtocols: (set) => (set.has(SUBPROTOCOL_V2) ? SUBPROTOCOL_V2 : false),
     });
     this.server.on('upgrade', (req, socket, head) => {
       this.upgradeHeaders.push(req.headers);
+      this.upgradeTimes.push(Date.now());
       const refuse = (status: number, extra = ''): void => {
         socket.end(`HTTP/1.1 ${status} Refused\r\nConnection: close\r\nContent-Length: 0\r\n${extra}\r\n`);
       };
@@ -213,8 +226,10 @@ export class MiniCloud {
       token,
       headers: req.headers,
       frames: [],
+      batches: 0,
+      frontier: new AckFrontier(),
       send: (f) => {
-        if (ws.readyState === WebSocket.OPEN) ws.send(encodeFrame(f));
+        if (ws.readyState === WebSocket.OPEN) ws.send(encodeFrameV2(f));
       },
     };
     this.conns.push(c);
@@ -227,53 +242,84 @@ export class MiniCloud {
     ws.on('error', () => undefined);
     ws.on('message', (data: Buffer, isBinary: boolean) => {
       if (!isBinary) return ws.close(1003);
-      let f: Frame;
+      let f: FrameV2;
       try {
-        f = decodeFrame(data);
+        f = decodeFrameV2(data);
       } catch {
         ws.close(1002);
         return;
       }
-      c.frames.push(f.type === 'CHUNK' ? { ...f, data: Buffer.alloc(0) } : f);
+      if (f.type === 'BATCH') {
+        c.batches++;
+        if (!welcomed) return ws.close(1002);
+        for (const bc of f.chunks) {
+          const chunk: ChunkFrame & { pos?: number } = toChunkFrame(bc);
+          if (bc.pos !== undefined) {
+            chunk.pos = bc.pos;
+            try {
+              c.frontier.expect(bc.pos, bc.id);
+            } catch {
+              ws.close(1002);
+              return;
+            }
+          }
+          c.frames.push({ ...chunk, data: Buffer.alloc(0) });
+          // a chunk the test handled (suppressed) is settled without an ACK of its own: the next ACK covers it
+          if (this.opts.onFrame?.(c, chunk)) {
+            if (chunk.pos !== undefined) c.frontier.settle(chunk.pos);
+            continue;
+          }
+          this.chunk(c, chunk);
+        }
+        this.notify();
+        return;
+      }
+      c.frames.push(f as SeenFrame);
       if (!welcomed) {
         if (f.type !== 'HELLO') return ws.close(1002);
         welcomed = true;
         const hb = this.opts.heartbeatMs ?? 1000;
         c.send({
           type: 'WELCOME',
-          version: 1,
+          version: 2,
           session_id: `s${c.n}`,
           max_frame_bytes: 17 * 1024 * 1024,
           max_chunk_bytes: this.opts.maxChunkBytes ?? 16 * 1024 * 1024,
           max_message_bytes: 1024 * 1024 * 1024,
           max_partials: 64,
           heartbeat_ms: hb || 1000,
-          token_expires_at: this.tokens.get(token) ?? 0,
+          token_expires_at: (this.tokens.get(token) ?? 0) + (this.opts.clockOffsetMs ?? 0),
           partials: [...this.partials.entries()].filter(([, p]) => p.offset > 0).map(([id, p]) => ({ id, offset: p.offset, next_seq: p.nextSeq, total: p.total })),
         });
-        if (hb) pinger = setInterval(() => c.send({ type: 'PING', t: Date.now() }), hb);
+        if (hb) pinger = setInterval(() => c.send({ type: 'PING', t: Date.now() + (this.opts.clockOffsetMs ?? 0) }), hb);
         this.opts.onWelcome?.(c);
         this.notify();
         return;
       }
-      if (this.opts.onFrame?.(c, f)) return;
+      if (this.opts.onFrame?.(c, f as SeenFrame)) return;
       this.handle(c, f);
       this.notify();
     });
   }
 
-  private handle(c: CloudConn, f: Frame): void {
+  /** Settle a message's position and acknowledge cumulatively (everything up to the frontier). */
+  private settleAndAck(c: CloudConn, f: ChunkFrame & { pos?: number }): void {
+    if (f.pos === undefined) return;
+    c.frontier.settle(f.pos);
+    if (!this.opts.withholdAcks) c.send({ type: 'ACK', upto: c.frontier.upto, ids: [] });
+  }
+
+  private handle(c: CloudConn, f: FrameV2): void {
     switch (f.type) {
       case 'PING':
-        return c.send({ type: 'PONG', t: f.t, t_reply: Date.now() });
+        return c.send({ type: 'PONG', t: f.t, t_reply: Date.now() + (this.opts.clockOffsetMs ?? 0) });
       case 'TOKEN': {
         const exp = this.tokens.get(f.access_token);
-        if (this.opts.rejectInBandToken || !exp) return c.send({ type: 'TOKEN_REJECTED', reason: 'refused', expires_at: this.tokens.get(c.token) ?? 0 });
+        const off = this.opts.clockOffsetMs ?? 0;
+        if (this.opts.rejectInBandToken || !exp) return c.send({ type: 'TOKEN_REJECTED', reason: 'refused', expires_at: (this.tokens.get(c.token) ?? 0) + off });
         c.token = f.access_token;
-        return c.send({ type: 'TOKEN_OK', expires_at: exp });
+        return c.send({ type: 'TOKEN_OK', expires_at: exp + off });
       }
-      case 'CHUNK':
-        return this.chunk(c, f);
       case 'QUERY':
         return c.send({
           type: 'QUERY_RESULT',
@@ -288,14 +334,19 @@ export class MiniCloud {
     }
   }
 
-  private chunk(c: CloudConn, f: ChunkFrame): void {
-    if (!digestEquals(sha256(f.data), f.chunk_sha256)) return c.send({ type: 'REJECT', id: f.id, kind: 'retry', reason: 'chunk digest' });
+  private chunk(c: CloudConn, f: ChunkFrame & { pos?: number }): void {
+    if (!digestEquals(sha256(f.data), f.chunk_sha256)) {
+      c.send({ type: 'REJECT', id: f.id, kind: 'retry', reason: 'chunk digest' });
+      if (f.pos !== undefined) c.frontier.settle(f.pos);
+      return;
+    }
     let p = this.partials.get(f.id);
     if (f.seq === 0) {
       if (this.stored.has(f.id)) {
-        // duplicate of a stored message: acknowledge again, store nothing
+        // duplicate of a stored message: acknowledge again (by position when this is its last chunk), store nothing
         this.completions.push(f.id);
-        if (!this.opts.withholdAcks) c.send({ type: 'ACK', ids: [f.id] });
+        if (f.pos !== undefined) this.settleAndAck(c, f);
+        else if (!this.opts.withholdAcks) c.send({ type: 'ACK', ids: [f.id] });
         return;
       }
       p = { meta: f.meta!, total: f.total, offset: 0, nextSeq: 0, parts: [], hash: createHash('sha256'), sinceProgress: 0 };
@@ -320,14 +371,18 @@ export class MiniCloud {
     }
     this.partials.delete(f.id);
     const digest = p.hash.digest();
-    if (!f.payload_sha256 || !digestEquals(digest, f.payload_sha256)) return c.send({ type: 'REJECT', id: f.id, kind: 'permanent', reason: 'payload digest' });
+    if (!f.payload_sha256 || !digestEquals(digest, f.payload_sha256)) {
+      c.send({ type: 'REJECT', id: f.id, kind: 'permanent', reason: 'payload digest' });
+      if (f.pos !== undefined) c.frontier.settle(f.pos);
+      return;
+    }
     const payload = Buffer.concat(p.parts);
     this.completions.push(f.id);
     if (!this.stored.has(f.id)) {
       this.stored.set(f.id, { id: f.id, meta: p.meta, payload, sha256: digest.toString('hex') });
       this.order.push(f.id);
     }
-    if (!this.opts.withholdAcks) c.send({ type: 'ACK', ids: [f.id] });
+    this.settleAndAck(c, f);
   }
 
   /** Acknowledge everything stored (after withholding). */
