@@ -40,10 +40,13 @@ import { writeAtomic, syncDir } from '../core/fs.js';
 import { MessageAssembly, isValidMessageId, parseMeta, type MessageMeta, type PartialInfo } from '../protocol/codec.js';
 import {
   Bloom,
+  HEADER_BYTES,
   checkFingerprints,
   dedupKey,
   encodeFingerprints,
-  encodeRecord,
+  recordLength,
+  recordMeta,
+  writeRecord,
   findFingerprint,
   fingerprint,
   parseSegmentName,
@@ -95,6 +98,7 @@ interface PendingCommit {
   resolve: () => void;
   reject: (e: Error) => void;
   onFail?: ((e: Error) => void) | undefined;
+  done: Promise<StoredEntry> | undefined;
 }
 
 interface Segment {
@@ -105,11 +109,6 @@ interface Segment {
   count: number;
   /** Sealed segments: Bloom filter of their dedup keys. */
   bloom?: Bloom;
-}
-
-interface Loc {
-  seg: number;
-  payloadPos: number;
 }
 
 const MAX_SEGMENT_BYTES = 2 ** 31; // record positions in the fingerprint file are u32
@@ -130,11 +129,11 @@ export class CloudStore extends EventEmitter {
   private activeFh?: FileHandle;
   /** Exact dedup keys of the active segment → record position. */
   private activeKeys = new Map<string, number>();
-  /** Fingerprints of the active segment (hi, lo, pos), for its sidecar when sealed. */
-  private activeFps: { hi: number; lo: number; pos: number }[] = [];
+  /** Fingerprints of the active segment (flat: hi, lo, pos per record), for its sidecar when sealed. */
+  private activeFps: number[] = [];
+  /** Inline payload position of each record of the active segment (index = seq - first). */
+  private activePayloadPos: number[] = [];
   private readonly fpCache = new Map<number, Buffer>();
-  /** Where inline payloads of entries handed out live (entries are plain objects). */
-  private readonly locs = new WeakMap<StoredEntry, Loc>();
   /** Recent payloads by seq (FIFO, bounded). */
   private readonly ring = new Map<number, Buffer>();
   private ringUsed = 0;
@@ -202,7 +201,8 @@ export class CloudStore extends EventEmitter {
           const key = dedupKey(rec.entry.gateway_id, rec.entry.id);
           const [hi, lo] = fingerprint(key);
           this.activeKeys.set(key, rec.pos);
-          this.activeFps.push({ hi, lo, pos: rec.pos });
+          this.activeFps.push(hi, lo, rec.pos);
+          this.activePayloadPos.push(rec.payloadPos);
           seg.count++;
         }, { expectSeq: first });
         seg.size = r.validBytes;
@@ -271,12 +271,15 @@ export class CloudStore extends EventEmitter {
     this.activeFh = fh;
     this.activeKeys = new Map();
     this.activeFps = [];
+    this.activePayloadPos = [];
   }
 
   /** Seal the active segment (fingerprint file, Bloom) and start the next one. */
   private async roll(): Promise<void> {
     const seg = this.active!;
-    const fps = this.activeFps;
+    const flat = this.activeFps;
+    const fps: { hi: number; lo: number; pos: number }[] = [];
+    for (let i = 0; i < flat.length; i += 3) fps.push({ hi: flat[i]!, lo: flat[i + 1]!, pos: flat[i + 2]! });
     await writeAtomic(`${seg.file}.fp`, encodeFingerprints(fps, seg.size), 0o600);
     seg.bloom = new Bloom(fps.length);
     for (const f of fps) seg.bloom.add(f.hi, f.lo);
@@ -337,20 +340,25 @@ export class CloudStore extends EventEmitter {
     return false;
   }
 
-  private async confirm(seg: Segment, gatewayId: string, id: string, hi: number, lo: number): Promise<boolean> {
+  /** A sealed segment's fingerprint file (a few recently used ones cached). */
+  private async fingerprints(seg: Segment): Promise<Buffer> {
     let fp = this.fpCache.get(seg.first);
     if (!fp) {
       fp = await readFile(`${seg.file}.fp`);
       this.fpCache.set(seg.first, fp);
       if (this.fpCache.size > FP_CACHE) this.fpCache.delete(this.fpCache.keys().next().value as number);
     }
-    const positions = findFingerprint(fp, hi, lo);
+    return fp;
+  }
+
+  private async confirm(seg: Segment, gatewayId: string, id: string, hi: number, lo: number): Promise<boolean> {
+    const positions = findFingerprint(await this.fingerprints(seg), hi, lo);
     if (positions.length === 0) return false;
     const fh = await open(seg.file, 'r');
     try {
       for (const pos of positions) {
-        const e = await readRecordAt(fh, pos);
-        if (e && e.gateway_id === gatewayId && e.id === id) return true;
+        const r = await readRecordAt(fh, pos);
+        if (r && r.entry.gateway_id === gatewayId && r.entry.id === id) return true;
       }
     } finally {
       await fh.close();
@@ -528,16 +536,22 @@ export class CloudStore extends EventEmitter {
 
   private enqueue(src: Pick<PendingCommit, 'id' | 'p' | 'fh' | 'data'>, entry: StoredEntry, onFail?: (err: Error) => void): Promise<StoredEntry> {
     const { id } = src;
+    let item!: PendingCommit;
     const done = new Promise<StoredEntry>((resolve, reject) => {
-      this.pending.push({ ...src, key: dedupKey(entry.gateway_id, id), entry, resolve: () => resolve(entry), reject, onFail });
-      this.kick();
+      item = { id, key: dedupKey(entry.gateway_id, id), p: src.p, fh: src.fh, data: src.data, entry, resolve: () => resolve(entry), reject, onFail, done: undefined };
     });
+    item.done = done;
+    this.pending.push(item);
     this.committing.set(id, done);
-    const clear = (): void => {
-      if (this.committing.get(id) === done) this.committing.delete(id);
-    };
-    done.then(clear, clear);
+    this.kick();
     return done;
+  }
+
+  /** A commit is settled: resolve or reject it and forget it (unless a newer commit of the id is in flight). */
+  private settle(b: PendingCommit, err?: Error): void {
+    if (this.committing.get(b.id) === b.done) this.committing.delete(b.id);
+    if (err) b.reject(err);
+    else b.resolve();
   }
 
   /** Resolves when no commit is queued or in flight. */
@@ -577,7 +591,7 @@ export class CloudStore extends EventEmitter {
         for (const b of failed) {
           await b.fh?.close().catch(() => undefined);
           delete b.fh;
-          b.reject(e);
+          this.settle(b, e);
         }
       }
     }
@@ -591,7 +605,8 @@ export class CloudStore extends EventEmitter {
     const inRound = new Set<string>();
     const storing: PendingCommit[] = [];
     for (const b of batch) {
-      if (this.activeKeys.has(b.key) || inRound.has(b.key) || (await this.inSealed(b.key, b.entry.gateway_id, b.id))) continue;
+      if (this.activeKeys.has(b.key) || inRound.has(b.key)) continue;
+      if (this.segments.length > 1 && (await this.inSealed(b.key, b.entry.gateway_id, b.id))) continue;
       inRound.add(b.key);
       b.entry.seq = ++this.seq;
       if (b.p) b.entry.payload_file = path.join('blobs', `${b.entry.seq}.bin`);
@@ -615,45 +630,51 @@ export class CloudStore extends EventEmitter {
       await Promise.all(renamed.map((b) => rename(path.join(this.partialDir, `${b.id}.part`), path.join(this.dir, b.entry.payload_file!))));
       if (renamed.length > 0) await syncDir(this.blobDir);
     }
-    const bufs: Buffer[] = [];
-    const positions: number[] = [];
-    const payloadPositions: number[] = [];
-    let pos = seg.size;
-    for (const b of storing) {
-      const r = encodeRecord(b.entry, b.data);
-      positions.push(pos);
-      payloadPositions.push(pos + r.head.length);
-      bufs.push(r.head);
-      if (r.payload) bufs.push(r.payload);
-      pos += r.length;
+    // every record of the round in ONE buffer, written with ONE call
+    const metas: string[] = new Array<string>(storing.length);
+    const metaLengths: number[] = new Array<number>(storing.length);
+    let total = 0;
+    for (const [i, b] of storing.entries()) {
+      const meta = recordMeta(b.entry);
+      const r = recordLength(meta, b.data?.length ?? 0);
+      metas[i] = meta;
+      metaLengths[i] = r.metaLength;
+      total += r.length;
     }
-    if (bufs.length > 0) {
-      const total = pos - seg.size;
-      // one write at an explicit position (never the file offset: a failed round must not shift the next)
-      let written = (await fh.writev(bufs, seg.size)).bytesWritten;
-      if (written < total) {
-        const all = Buffer.concat(bufs);
-        while (written < total) written += (await fh.write(all, written, total - written, seg.size + written)).bytesWritten;
+    const positions: number[] = new Array<number>(storing.length);
+    const payloadPositions: number[] = new Array<number>(storing.length);
+    if (total > 0) {
+      const buf = Buffer.allocUnsafe(total);
+      let off = 0;
+      for (const [i, b] of storing.entries()) {
+        positions[i] = seg.size + off;
+        payloadPositions[i] = seg.size + off + HEADER_BYTES + metaLengths[i]!;
+        off = writeRecord(buf, off, metas[i]!, metaLengths[i]!, b.data);
       }
+      // one write at an explicit position (never the file offset: a failed round must not shift the next)
+      let written = 0;
+      while (written < total) written += (await fh.write(buf, written, total - written, seg.size + written)).bytesWritten;
       await fh.datasync();
     }
+    const pos = seg.size + total;
     // durable: index, announce, acknowledge
     seg.size = pos;
     for (const [i, b] of storing.entries()) {
       const [hi, lo] = fingerprint(b.key);
       this.activeKeys.set(b.key, positions[i]!);
-      this.activeFps.push({ hi, lo, pos: positions[i]! });
+      this.activeFps.push(hi, lo, positions[i]!);
+      this.activePayloadPos.push(payloadPositions[i]!);
       seg.count++;
-      this.locs.set(b.entry, { seg: seg.first, payloadPos: payloadPositions[i]! });
       if (b.data) this.remember(b.entry.seq, b.data);
     }
+    const stored = new Set(storing);
     for (const b of batch) {
       if (b.p && this.partials.get(b.id) === b.p) this.partials.delete(b.id);
-      if (b.entry.seq > 0 && storing.includes(b)) {
+      if (stored.has(b)) {
         this.committed = b.entry.seq;
         this.emit('stored', b.entry);
       }
-      b.resolve();
+      this.settle(b);
     }
     // a partial's record is stale once its message is durable (open() drops it anyway)
     const done = batch.filter((b) => b.p);
@@ -686,22 +707,33 @@ export class CloudStore extends EventEmitter {
     if (cached) return cached;
     if (entry.payload_file !== undefined) return readFile(path.join(this.dir, entry.payload_file));
     if (entry.size === 0) return Buffer.alloc(0);
-    let loc = this.locs.get(entry);
-    if (!loc) {
-      // an entry object the store did not hand out: find its record
-      for await (const r of this.scanFrom(entry.seq, entry.seq)) if (r.entry.seq === entry.seq) loc = { seg: r.seg, payloadPos: r.payloadPos };
-      if (!loc) throw new StorageError('ECONN_NOT_FOUND', `message seq ${entry.seq} is not in the store`);
+    const active = this.active;
+    if (active && entry.seq >= active.first && entry.seq < active.first + active.count) {
+      const fh = await open(active.file, 'r');
+      try {
+        const buf = Buffer.alloc(entry.size);
+        const { bytesRead } = await fh.read(buf, 0, entry.size, this.activePayloadPos[entry.seq - active.first]!);
+        if (bytesRead !== entry.size) throw new StorageError('ECONN_JOURNAL_IO', `message seq ${entry.seq}: payload short`);
+        return buf;
+      } finally {
+        await fh.close();
+      }
     }
-    const seg = this.segments.find((s) => s.first === loc.seg)!;
-    const fh = await open(seg.file, 'r');
-    try {
-      const buf = Buffer.alloc(entry.size);
-      const { bytesRead } = await fh.read(buf, 0, entry.size, loc.payloadPos);
-      if (bytesRead !== entry.size) throw new StorageError('ECONN_JOURNAL_IO', `message seq ${entry.seq}: payload short`);
-      return buf;
-    } finally {
-      await fh.close();
+    // a sealed segment: its fingerprint file gives the record's position
+    const seg = this.segments.find((x, i) => x.first <= entry.seq && (this.segments[i + 1]?.first ?? Infinity) > entry.seq);
+    if (seg) {
+      const [hi, lo] = fingerprint(dedupKey(entry.gateway_id, entry.id));
+      const fh = await open(seg.file, 'r');
+      try {
+        for (const pos of findFingerprint(await this.fingerprints(seg), hi, lo)) {
+          const r = await readRecordAt(fh, pos, true);
+          if (r?.entry.seq === entry.seq && r.payload) return r.payload;
+        }
+      } finally {
+        await fh.close();
+      }
     }
+    throw new StorageError('ECONN_NOT_FOUND', `message seq ${entry.seq} is not in the store`);
   }
 
   /** Stream records with seq in [from, upTo] (durable ones only), in store order, inline payloads included; bounded batches. */
@@ -745,7 +777,6 @@ export class CloudStore extends EventEmitter {
   async *replayWithPayloads(upTo: number): AsyncGenerator<{ entry: StoredEntry; payload?: Buffer }> {
     if (upTo <= 0) return;
     for await (const r of this.scanFrom(1, Math.min(upTo, this.committed))) {
-      this.locs.set(r.entry, { seg: r.seg, payloadPos: r.payloadPos });
       yield r.payload ? { entry: r.entry, payload: r.payload } : { entry: r.entry };
     }
   }

@@ -85,17 +85,37 @@ function metaJson(e: StoredEntry): string {
   return JSON.stringify(m);
 }
 
-/** Encode one record: the header+meta buffer and the payload (kept apart so a payload is never copied twice). */
-export function encodeRecord(e: StoredEntry, payload: Buffer | undefined): { head: Buffer; payload: Buffer | undefined; length: number } {
-  const meta = Buffer.from(metaJson(e), 'utf8');
-  const p = payload ?? Buffer.alloc(0);
-  const head = Buffer.allocUnsafe(HEADER_BYTES + meta.length);
-  head.writeUInt32BE(RECORD_MAGIC, 0);
-  head.writeUInt32BE(meta.length, 4);
-  head.writeUInt32BE(p.length, 8);
-  meta.copy(head, HEADER_BYTES);
-  head.writeUInt32BE(crc32(p, crc32(meta)) >>> 0, 12);
-  return { head, payload: p.length > 0 ? p : undefined, length: head.length + p.length };
+/** The meta text of a record (encode it once, then measure and write it with writeRecord). */
+export function recordMeta(e: StoredEntry): string {
+  return metaJson(e);
+}
+
+/** Bytes of a record with this meta (from recordMeta) and inline payload length. */
+export function recordLength(meta: string, payloadLength: number): { length: number; metaLength: number } {
+  const metaLength = Buffer.byteLength(meta, 'utf8');
+  return { length: HEADER_BYTES + metaLength + payloadLength, metaLength };
+}
+
+/** Write one record into `buf` at `off` (sized with recordLength); returns the position after it. */
+export function writeRecord(buf: Buffer, off: number, meta: string, metaLength: number, payload: Buffer | undefined): number {
+  const p = payload?.length ?? 0;
+  buf.writeUInt32BE(RECORD_MAGIC, off);
+  buf.writeUInt32BE(metaLength, off + 4);
+  buf.writeUInt32BE(p, off + 8);
+  buf.write(meta, off + HEADER_BYTES, metaLength, 'utf8');
+  if (payload && p > 0) payload.copy(buf, off + HEADER_BYTES + metaLength);
+  const end = off + HEADER_BYTES + metaLength + p;
+  buf.writeUInt32BE(crc32(buf.subarray(off + HEADER_BYTES, end)) >>> 0, off + 12);
+  return end;
+}
+
+/** Encode one record into a buffer of its own. */
+export function encodeRecord(e: StoredEntry, payload: Buffer | undefined): Buffer {
+  const meta = metaJson(e);
+  const { length, metaLength } = recordLength(meta, payload?.length ?? 0);
+  const buf = Buffer.allocUnsafe(length);
+  writeRecord(buf, 0, meta, metaLength, payload);
+  return buf;
 }
 
 export type Decoded =

@@ -105,8 +105,7 @@ export async function importLegacyStore(dir: string, segDir: string, blobDir: st
         segSize = 0;
       }
       const r = encodeRecord(entry, payload);
-      pendingBufs.push(r.head);
-      if (r.payload) pendingBufs.push(r.payload);
+      pendingBufs.push(r);
       pendingBytes += r.length;
       segSize += r.length;
       if (pendingBytes >= WRITE_BYTES) await flush();

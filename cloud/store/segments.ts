@@ -74,8 +74,8 @@ export async function scanSegment(
   }
 }
 
-/** Read and decode the record at `pos` (header and meta; the payload only when `withPayload`). */
-export async function readRecordAt(fh: FileHandle, pos: number): Promise<StoredEntry | undefined> {
+/** Read and decode the record at `pos` (CRC checked), with its inline payload. */
+export async function readRecordAt(fh: FileHandle, pos: number, withPayload = false): Promise<{ entry: StoredEntry; payload?: Buffer } | undefined> {
   const head = Buffer.alloc(HEADER_BYTES);
   if ((await fh.read(head, 0, HEADER_BYTES, pos)).bytesRead < HEADER_BYTES) return undefined;
   const metaLen = head.readUInt32BE(4);
@@ -85,5 +85,6 @@ export async function readRecordAt(fh: FileHandle, pos: number): Promise<StoredE
   const { bytesRead } = await fh.read(full, 0, full.length, pos);
   if (bytesRead < full.length) return undefined;
   const d = decodeRecord(full, 0, true);
-  return d.kind === 'record' ? d.entry : undefined;
+  if (d.kind !== 'record') return undefined;
+  return withPayload ? { entry: d.entry, payload: full.subarray(d.payloadOffset, d.payloadOffset + d.payloadLength) } : { entry: d.entry };
 }
