@@ -584,6 +584,7 @@ export class CloudStore extends EventEmitter {
         this.log.error({ err, messages: batch.length }, 'cloud store: group commit failed');
         // whatever the failed write left beyond the last durable record must not be read back as records
         if (this.activeFh && this.active) await this.activeFh.truncate(this.active.size).catch(() => undefined);
+        for (const b of batch) if (b.entry.payload_file !== undefined) await rm(path.join(this.dir, b.entry.payload_file), { force: true }).catch(() => undefined);
         // everything queued behind the failed round fails too: nothing may be stored after an earlier message that failed
         const failed = [...batch, ...this.pending];
         this.pending = [];
@@ -676,9 +677,16 @@ export class CloudStore extends EventEmitter {
       }
       this.settle(b);
     }
-    // a partial's record is stale once its message is durable (open() drops it anyway)
+    // a partial's record is stale once its message is durable (open() drops it anyway); so is the data of a duplicate
     const done = batch.filter((b) => b.p);
-    if (done.length > 0) await Promise.all(done.map((b) => rm(path.join(this.partialDir, `${b.id}.json`), { force: true }).catch(() => undefined)));
+    if (done.length > 0) {
+      await Promise.all(
+        done.map(async (b) => {
+          await rm(path.join(this.partialDir, `${b.id}.json`), { force: true }).catch(() => undefined);
+          if (!stored.has(b)) await rm(path.join(this.partialDir, `${b.id}.part`), { force: true }).catch(() => undefined);
+        }),
+      );
+    }
   }
 
   private remember(seq: number, data: Buffer): void {
