@@ -44,7 +44,7 @@ export const cloudConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
-    store_dir: Type.String({ default: './cloud-data', minLength: 1, description: 'stored messages (index.jsonl, payloads/), partial messages, token key, generated TLS (created 0700)' }),
+    store_dir: Type.String({ default: './cloud-data', minLength: 1, description: 'stored messages (segments/, blobs/; docs/PROTOCOL.md §10), partial messages, token key, generated TLS (created 0700)' }),
     tls: Type.Object(
       {
         cert_file: Type.String({ default: '', description: 'server certificate (PEM); empty = generate a CA and server cert under store_dir/tls' }),

@@ -303,12 +303,13 @@ export class IngestSession {
         return;
       }
       case 'QUERY': {
-        const entries: QueryEntry[] = frame.ids.map((id) => {
-          if (this.ctx.store.isStored(id)) return { id, status: 'stored' };
+        const gw = this.gatewayId as string;
+        const entries: QueryEntry[] = await Promise.all(frame.ids.map(async (id): Promise<QueryEntry> => {
+          if (await this.ctx.store.isStored(gw, id)) return { id, status: 'stored' };
           const p = this.ctx.store.getPartial(id);
           if (p && p.gatewayId === this.gatewayId && p.durableOffset > 0) return { id, status: 'partial', offset: p.durableOffset, next_seq: p.durableNextSeq, total: p.total };
           return { id, status: 'unknown' };
-        });
+        }));
         this.send({ type: 'QUERY_RESULT', entries });
         return;
       }
@@ -402,7 +403,7 @@ export class IngestSession {
     const id = c.id;
     // a chunk of a message whose commit is in flight (a resend crossing its ACK): decide once it is settled
     if (store.isCommitting(id)) await store.whenSettled(id);
-    if (store.isStored(id)) {
+    if (await store.isStored(gw, id)) {
       this.unblock(id);
       // a resend of a stored message: acknowledge again (its position settles on the last chunk), store nothing
       if (c.offset + c.data.length === c.total) return;

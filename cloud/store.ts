@@ -1,49 +1,62 @@
 /**
- * Durable message store of the reference cloud.
+ * Durable message store of the reference cloud: an append-only segment log
+ * with group commit (see cloud/store/format.ts for the bytes).
  *
  * Layout of STORE_DIR (created 0700):
- *   index.jsonl           one JSON line per stored message, in store order:
- *                         {seq, id, gateway_id, device_id, topic, qos, size, sha256,
- *                          received_at, stored_at, content_type, payload_file}
- *   payloads/ID.bin       the payload of every stored message
- *   partials/ID.part      bytes received so far of a message in progress
- *   partials/ID.json      {id, gateway_id, meta, total, offset, next_seq}: the DURABLE
- *                         prefix (the .part file is fsynced before this is written)
+ *   segments/<first seq>.seg   records of stored messages in store order (meta + inline payload)
+ *   segments/<first seq>.seg.fp  sealed segments only: sorted dedup fingerprints (rebuilt when missing)
+ *   blobs/<seq>.bin            payload of a message that arrived in several chunks (streamed to disk as it came)
+ *   partials/ID.part           bytes received so far of a message in progress
+ *   partials/ID.json           {id, gateway_id, meta, total, offset, next_seq}: its DURABLE prefix
  *
- * A message is stored when: its .part is fsynced, renamed to payloads/ID.bin,
- * the payloads directory fsynced, and its index line appended and fsynced.
  * Group commit: every message completed while a round is in flight shares the
- * next round (payload fsyncs in parallel, ONE directory fsync, ONE index write
- * and fsync). Only then is it acknowledged. On open, a torn last index line is cut off, and each partial is
- * truncated to its durable offset (a partial whose data is shorter is dropped).
+ * next round — ONE write of all their records at an explicit position of the
+ * active segment and ONE fdatasync (plus, only when the round holds multi-chunk
+ * messages, their files' fdatasync, renames into blobs/ and one directory
+ * fsync). Only then is a message acknowledged and announced ('stored').
+ * The segment is rolled at `segmentBytes` or `segmentRecords`; a new segment's
+ * name is made durable (directory fsync) before anything is written to it.
+ *
+ * Duplicates are dropped by (gateway, message id). Bounded memory: the exact
+ * keys of the active segment only (≤ segmentRecords), and per sealed segment a
+ * Bloom filter (20 bits ≈ 2.5 B per message) backed by its on-disk sorted
+ * fingerprint file; a Bloom hit is confirmed by reading the record itself.
+ * Recently stored payloads stay in a bounded ring for subscribers; older ones
+ * are read back from the segment.
+ *
+ * On open: a store in the old format (index.jsonl + payloads/) is imported
+ * (cloud/store/legacy.ts); the last segment is scanned (streamed, CRC and seq
+ * continuity checked) and a torn tail cut off; each partial is truncated to its
+ * durable offset.
  */
 import { EventEmitter } from 'node:events';
 import { createReadStream, mkdirSync, chmodSync } from 'node:fs';
 import { open, readFile, readdir, rename, rm, stat, truncate, type FileHandle } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
-import { createInterface } from 'node:readline';
 import { StorageError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
-import { writeAtomic } from '../core/fs.js';
+import { writeAtomic, syncDir } from '../core/fs.js';
 import { MessageAssembly, isValidMessageId, parseMeta, type MessageMeta, type PartialInfo } from '../protocol/codec.js';
+import {
+  Bloom,
+  HEADER_BYTES,
+  checkFingerprints,
+  dedupKey,
+  encodeFingerprints,
+  recordLength,
+  recordMeta,
+  writeRecord,
+  findFingerprint,
+  fingerprint,
+  parseSegmentName,
+  segmentName,
+  type StoredEntry,
+} from './store/format.js';
+import { scanSegment, readRecordAt } from './store/segments.js';
+import { importLegacyStore } from './store/legacy.js';
 
-export interface StoredEntry {
-  /** 1-based position in index.jsonl. */
-  seq: number;
-  id: string;
-  gateway_id: string;
-  device_id: string;
-  topic: string;
-  qos: 0 | 1;
-  size: number;
-  sha256: string;
-  received_at: number;
-  stored_at: number;
-  content_type?: string;
-  /** Relative to the store directory. */
-  payload_file: string;
-}
+export type { StoredEntry } from './store/format.js';
 
 /** A message in progress (durable state plus, while loaded, its open file and assembly). */
 export interface Partial {
@@ -63,84 +76,217 @@ export interface Partial {
   lastTouched: number;
 }
 
+export interface CloudStoreOptions {
+  /** Roll the active segment once it holds this many bytes (default 64 MiB). */
+  segmentBytes?: number;
+  /** … or this many records (default 131 072; bounds the exact in-memory index). */
+  segmentRecords?: number;
+  /** Recent payloads kept in memory for subscribers: count and bytes (defaults 65 536 and 32 MiB). */
+  ringMessages?: number;
+  ringBytes?: number;
+}
+
 interface PendingCommit {
   id: string;
+  key: string;
   /** A message assembled in partials/ID.part (its open file), or … */
   p?: Partial;
   fh?: FileHandle;
-  /** … a whole payload in memory (a message of one chunk), written straight to payloads/ID.bin in the round. */
+  /** … a whole payload in memory (a message of one chunk), written inline into the segment. */
   data?: Buffer;
   entry: StoredEntry;
   resolve: () => void;
   reject: (e: Error) => void;
   onFail?: ((e: Error) => void) | undefined;
+  done: Promise<StoredEntry> | undefined;
 }
+
+interface Segment {
+  first: number;
+  file: string;
+  /** Bytes of durable records. */
+  size: number;
+  count: number;
+  /** Sealed segments: Bloom filter of their dedup keys. */
+  bloom?: Bloom;
+}
+
+const MAX_SEGMENT_BYTES = 2 ** 31; // record positions in the fingerprint file are u32
+const FP_CACHE = 4;
 
 export class CloudStore extends EventEmitter {
   readonly dir: string;
-  private readonly payloadDir: string;
+  private readonly segDir: string;
+  private readonly blobDir: string;
   private readonly partialDir: string;
-  private readonly ids = new Set<string>();
+  private readonly segmentBytes: number;
+  private readonly segmentRecords: number;
+  private readonly ringMessages: number;
+  private readonly ringBytes: number;
   private readonly partials = new Map<string, Partial>();
-  private index?: FileHandle;
+  private readonly segments: Segment[] = [];
+  private active?: Segment;
+  private activeFh?: FileHandle;
+  /** Exact dedup keys of the active segment → record position. */
+  private activeKeys = new Map<string, number>();
+  /** Fingerprints of the active segment (flat: hi, lo, pos per record), for its sidecar when sealed. */
+  private activeFps: number[] = [];
+  /** Inline payload position of each record of the active segment (index = seq - first). */
+  private activePayloadPos: number[] = [];
+  private readonly fpCache = new Map<number, Buffer>();
+  /** Recent payloads by seq (FIFO, bounded). */
+  private readonly ring = new Map<number, Buffer>();
+  private ringUsed = 0;
   private seq = 0;
-  /** Highest seq whose index line is durable and announced ('stored' emitted). */
+  /** Highest seq whose record is durable and announced ('stored' emitted). */
   private committed = 0;
   private pending: PendingCommit[] = [];
   private flushing?: Promise<void>;
   private readonly committing = new Map<string, Promise<StoredEntry>>();
-  /** Group commit rounds run so far (each: payload fsyncs, one directory fsync, one index fsync). */
+  /** Group commit rounds run so far (each: one segment write + one fdatasync). */
   rounds = 0;
   private closed = false;
 
   constructor(
     dir: string,
     private readonly log: Logger,
+    opts: CloudStoreOptions = {},
   ) {
     super();
     this.dir = dir;
-    this.payloadDir = path.join(dir, 'payloads');
+    this.segDir = path.join(dir, 'segments');
+    this.blobDir = path.join(dir, 'blobs');
     this.partialDir = path.join(dir, 'partials');
+    this.segmentBytes = Math.min(opts.segmentBytes ?? 64 * 1024 * 1024, MAX_SEGMENT_BYTES);
+    this.segmentRecords = opts.segmentRecords ?? 131_072;
+    this.ringMessages = opts.ringMessages ?? 65_536;
+    this.ringBytes = opts.ringBytes ?? 32 * 1024 * 1024;
   }
 
-  /** Messages stored so far (= the seq of the last index line). */
+  /** Messages stored so far (= the seq of the last durable record). */
   get count(): number {
     return this.committed;
   }
 
   async open(): Promise<void> {
-    for (const d of [this.dir, this.payloadDir, this.partialDir]) mkdirSync(d, { recursive: true, mode: 0o700 });
+    for (const d of [this.dir, this.segDir, this.blobDir, this.partialDir]) mkdirSync(d, { recursive: true, mode: 0o700 });
     chmodSync(this.dir, 0o700);
-    const indexFile = path.join(this.dir, 'index.jsonl');
-    let text = '';
+    const t0 = Date.now();
     try {
-      text = await readFile(indexFile, 'utf8');
+      await importLegacyStore(this.dir, this.segDir, this.blobDir, this.log);
+      await this.loadSegments();
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new StorageError('ECONN_JOURNAL_IO', `cloud store: cannot read ${indexFile}`, { cause: err });
+      if (err instanceof StorageError) throw err;
+      throw new StorageError('ECONN_JOURNAL_IO', `cloud store: cannot open ${this.dir}: ${(err as Error).message}`, { cause: err });
     }
-    let good = 0;
-    let pos = 0;
-    while (pos < text.length) {
-      const nl = text.indexOf('\n', pos);
-      if (nl < 0) break;
-      try {
-        const e = JSON.parse(text.slice(pos, nl)) as StoredEntry;
-        this.ids.add(e.id);
-        this.seq = e.seq;
-      } catch {
-        break;
-      }
-      pos = nl + 1;
-      good = Buffer.byteLength(text.slice(0, pos));
-    }
-    if (good < Buffer.byteLength(text)) {
-      this.log.warn({ file: indexFile, kept_bytes: good }, 'cloud store: torn index tail cut off');
-      await truncate(indexFile, good);
-    }
-    this.committed = this.seq;
-    this.index = await open(indexFile, 'a', 0o600);
     await this.loadPartials();
-    this.log.info({ dir: this.dir, stored: this.seq, partials: this.partials.size }, 'cloud store open');
+    this.log.info({ dir: this.dir, stored: this.seq, segments: this.segments.length, partials: this.partials.size, ms: Date.now() - t0 }, 'cloud store open');
+  }
+
+  private async loadSegments(): Promise<void> {
+    const names = await readdir(this.segDir);
+    for (const n of names) if (n.endsWith('.tmp')) await rm(path.join(this.segDir, n), { force: true });
+    const firsts = names.map(parseSegmentName).filter((n): n is number => n !== undefined).sort((a, b) => a - b);
+    let expect = 1;
+    for (const [i, first] of firsts.entries()) {
+      const file = path.join(this.segDir, segmentName(first));
+      const last = i === firsts.length - 1;
+      if (first !== expect) throw new StorageError('ECONN_JOURNAL_CORRUPT', `cloud store: segment ${file} starts at seq ${first}, expected ${expect} (a segment is missing); restore it from a backup or move the later segments away`);
+      const seg: Segment = { first, file, size: 0, count: 0 };
+      if (!last) {
+        await this.loadSealed(seg);
+      } else {
+        const size = (await stat(file)).size;
+        const r = await scanSegment(file, (rec) => {
+          const key = dedupKey(rec.entry.gateway_id, rec.entry.id);
+          const [hi, lo] = fingerprint(key);
+          this.activeKeys.set(key, rec.pos);
+          this.activeFps.push(hi, lo, rec.pos);
+          this.activePayloadPos.push(rec.payloadPos);
+          seg.count++;
+        }, { expectSeq: first });
+        seg.size = r.validBytes;
+        if (r.validBytes < size) {
+          this.log.warn({ file, kept_bytes: r.validBytes, cut_bytes: size - r.validBytes, reason: r.stop }, 'cloud store: torn segment tail cut off');
+          await truncate(file, r.validBytes);
+        }
+      }
+      this.segments.push(seg);
+      expect = first + seg.count;
+    }
+    this.seq = expect - 1;
+    this.committed = this.seq;
+    if (this.segments.length === 0) await this.createSegment(1);
+    else {
+      this.active = this.segments[this.segments.length - 1]!;
+      this.activeFh = await open(this.active.file, 'r+');
+    }
+    // blobs of rounds that failed or were cut off: not stored
+    for (const n of await readdir(this.blobDir)) {
+      const m = /^(\d+)\.bin$/.exec(n);
+      if (!m || Number(m[1]) > this.seq) await rm(path.join(this.blobDir, n), { force: true });
+    }
+  }
+
+  /** A sealed segment: count and Bloom from its fingerprint file (rebuilt by a scan when missing or stale). */
+  private async loadSealed(seg: Segment): Promise<void> {
+    seg.size = (await stat(seg.file)).size;
+    const fpFile = `${seg.file}.fp`;
+    let buf: Buffer | undefined;
+    try {
+      buf = await readFile(fpFile);
+    } catch {
+      // missing: rebuilt below
+    }
+    let n = buf ? checkFingerprints(buf, seg.size) : undefined;
+    if (n === undefined || !buf) {
+      const fps: { hi: number; lo: number; pos: number }[] = [];
+      const r = await scanSegment(seg.file, (rec) => {
+        const [hi, lo] = fingerprint(dedupKey(rec.entry.gateway_id, rec.entry.id));
+        fps.push({ hi, lo, pos: rec.pos });
+      }, { expectSeq: seg.first });
+      if (r.validBytes !== seg.size) throw new StorageError('ECONN_JOURNAL_CORRUPT', `cloud store: sealed segment ${seg.file} is damaged at byte ${r.validBytes} (${r.stop ?? 'short'}); restore it from a backup`);
+      buf = encodeFingerprints(fps, seg.size);
+      await writeAtomic(fpFile, buf, 0o600);
+      n = fps.length;
+      this.log.info({ file: fpFile, records: n }, 'cloud store: fingerprint file rebuilt');
+    }
+    seg.count = n;
+    seg.bloom = new Bloom(n);
+    for (let i = 0, o = 16; i < n; i++, o += 12) seg.bloom.add(buf.readUInt32BE(o), buf.readUInt32BE(o + 4));
+  }
+
+  private async createSegment(first: number): Promise<void> {
+    const file = path.join(this.segDir, segmentName(first));
+    const fh = await open(file, 'w+', 0o600);
+    try {
+      await syncDir(this.segDir); // the new name is durable before any record in it is acknowledged
+    } catch (err) {
+      await fh.close().catch(() => undefined);
+      throw err;
+    }
+    const seg: Segment = { first, file, size: 0, count: 0 };
+    this.segments.push(seg);
+    this.active = seg;
+    this.activeFh = fh;
+    this.activeKeys = new Map();
+    this.activeFps = [];
+    this.activePayloadPos = [];
+  }
+
+  /** Seal the active segment (fingerprint file, Bloom) and start the next one. */
+  private async roll(): Promise<void> {
+    const seg = this.active!;
+    const flat = this.activeFps;
+    const fps: { hi: number; lo: number; pos: number }[] = [];
+    for (let i = 0; i < flat.length; i += 3) fps.push({ hi: flat[i]!, lo: flat[i + 1]!, pos: flat[i + 2]! });
+    await writeAtomic(`${seg.file}.fp`, encodeFingerprints(fps, seg.size), 0o600);
+    seg.bloom = new Bloom(fps.length);
+    for (const f of fps) seg.bloom.add(f.hi, f.lo);
+    await this.activeFh!.close();
+    this.activeFh = undefined;
+    await this.createSegment(seg.first + seg.count);
+    this.log.info({ sealed: path.basename(seg.file), records: seg.count, bytes: seg.size }, 'cloud store: segment rolled');
   }
 
   private async loadPartials(): Promise<void> {
@@ -155,7 +301,7 @@ export class CloudStore extends EventEmitter {
       const dataFile = path.join(this.partialDir, `${id}.part`);
       try {
         const j = JSON.parse(await readFile(full, 'utf8')) as { id: string; gateway_id: string; meta: unknown; total: number; offset: number; next_seq: number };
-        if (j.id !== id || !isValidMessageId(id) || this.ids.has(id)) throw new Error('stale');
+        if (j.id !== id || !isValidMessageId(id) || typeof j.gateway_id !== 'string' || (await this.isStored(j.gateway_id, id))) throw new Error('stale');
         const meta = parseMeta(j.meta);
         const st = await stat(dataFile);
         if (st.size < j.offset) throw new Error('data shorter than its durable offset');
@@ -173,8 +319,66 @@ export class CloudStore extends EventEmitter {
     }
   }
 
-  isStored(id: string): boolean {
-    return this.ids.has(id);
+  /**
+   * Is a message of this gateway with this id stored? Exact: the active
+   * segment's keys in memory; older segments through their Bloom filter and,
+   * on a hit, the fingerprint file and the record itself.
+   */
+  async isStored(gatewayId: string, id: string): Promise<boolean> {
+    const key = dedupKey(gatewayId, id);
+    if (this.activeKeys.has(key)) return true;
+    return this.inSealed(key, gatewayId, id);
+  }
+
+  private async inSealed(key: string, gatewayId: string, id: string): Promise<boolean> {
+    if (this.segments.length <= 1) return false;
+    const [hi, lo] = fingerprint(key);
+    for (let i = this.segments.length - 2; i >= 0; i--) {
+      const seg = this.segments[i]!;
+      if (seg.bloom?.has(hi, lo) && (await this.confirm(seg, gatewayId, id, hi, lo))) return true;
+    }
+    return false;
+  }
+
+  /** A sealed segment's fingerprint file (a few recently used ones cached). */
+  private async fingerprints(seg: Segment): Promise<Buffer> {
+    let fp = this.fpCache.get(seg.first);
+    if (!fp) {
+      fp = await readFile(`${seg.file}.fp`);
+      this.fpCache.set(seg.first, fp);
+      if (this.fpCache.size > FP_CACHE) this.fpCache.delete(this.fpCache.keys().next().value as number);
+    }
+    return fp;
+  }
+
+  private async confirm(seg: Segment, gatewayId: string, id: string, hi: number, lo: number): Promise<boolean> {
+    const positions = findFingerprint(await this.fingerprints(seg), hi, lo);
+    if (positions.length === 0) return false;
+    const fh = await open(seg.file, 'r');
+    try {
+      for (const pos of positions) {
+        const r = await readRecordAt(fh, pos);
+        if (r && r.entry.gateway_id === gatewayId && r.entry.id === id) return true;
+      }
+    } finally {
+      await fh.close();
+    }
+    return false;
+  }
+
+  /** Sizes of the bounded in-memory structures (for logs, health and tests). */
+  stats(): { stored: number; segments: number; sealedSegments: number; activeKeys: number; bloomBytes: number; ringMessages: number; ringBytes: number } {
+    let bloomBytes = 0;
+    for (const seg of this.segments) bloomBytes += seg.bloom?.bytes ?? 0;
+    return {
+      stored: this.committed,
+      segments: this.segments.length,
+      sealedSegments: this.segments.filter((x) => x.bloom).length,
+      activeKeys: this.activeKeys.size,
+      bloomBytes,
+      ringMessages: this.ring.size,
+      ringBytes: this.ringUsed,
+    };
   }
 
   getPartial(id: string): Partial | undefined {
@@ -279,13 +483,12 @@ export class CloudStore extends EventEmitter {
   }
 
   /**
-   * Store a complete, verified message durably; resolves once its payload file,
-   * the payloads directory and its index line are fsynced. Group commit: the
-   * commit is queued synchronously (index order = call order) and every commit
-   * queued while an fsync round is in flight shares the next round (payload
-   * fsyncs in parallel, renames, ONE directory fsync, ONE index write + fsync).
-   * `onFail` is called synchronously, in queue order, when the round fails —
-   * before any later commit can be queued — so a caller can refuse what follows.
+   * Store a complete, verified message (assembled in its partial file) durably;
+   * resolves once its record is fdatasynced. Group commit: the commit is queued
+   * synchronously (store order = call order) and every commit queued while a
+   * round is in flight shares the next round. `onFail` is called synchronously,
+   * in queue order, when the round fails — before any later commit can be
+   * queued — so a caller can refuse what follows.
    */
   commit(p: Partial, sha256: string, storedAt = Date.now(), onFail?: (err: Error) => void): Promise<StoredEntry> {
     try {
@@ -300,9 +503,9 @@ export class CloudStore extends EventEmitter {
   }
 
   /**
-   * Store a complete, verified message of one chunk straight from memory (no
-   * partial files): same group commit and guarantees as commit(). The caller
-   * makes sure no partial of this id exists.
+   * Store a complete, verified message of one chunk straight from memory
+   * (inline in the segment): same group commit and guarantees as commit(). The
+   * caller makes sure no partial of this id exists.
    */
   commitData(id: string, gatewayId: string, meta: MessageMeta, data: Buffer, sha256: string, storedAt = Date.now(), onFail?: (err: Error) => void): Promise<StoredEntry> {
     try {
@@ -326,7 +529,6 @@ export class CloudStore extends EventEmitter {
       sha256,
       received_at: meta.received_at,
       stored_at: storedAt,
-      payload_file: path.join('payloads', `${id}.bin`),
     };
     if (meta.content_type !== undefined) entry.content_type = meta.content_type;
     return entry;
@@ -334,16 +536,22 @@ export class CloudStore extends EventEmitter {
 
   private enqueue(src: Pick<PendingCommit, 'id' | 'p' | 'fh' | 'data'>, entry: StoredEntry, onFail?: (err: Error) => void): Promise<StoredEntry> {
     const { id } = src;
+    let item!: PendingCommit;
     const done = new Promise<StoredEntry>((resolve, reject) => {
-      this.pending.push({ ...src, entry, resolve: () => resolve(entry), reject, onFail });
-      this.kick();
+      item = { id, key: dedupKey(entry.gateway_id, id), p: src.p, fh: src.fh, data: src.data, entry, resolve: () => resolve(entry), reject, onFail, done: undefined };
     });
+    item.done = done;
+    this.pending.push(item);
     this.committing.set(id, done);
-    const clear = (): void => {
-      if (this.committing.get(id) === done) this.committing.delete(id);
-    };
-    done.then(clear, clear);
+    this.kick();
     return done;
+  }
+
+  /** A commit is settled: resolve or reject it and forget it (unless a newer commit of the id is in flight). */
+  private settle(b: PendingCommit, err?: Error): void {
+    if (this.committing.get(b.id) === b.done) this.committing.delete(b.id);
+    if (err) b.reject(err);
+    else b.resolve();
   }
 
   /** Resolves when no commit is queued or in flight. */
@@ -367,54 +575,16 @@ export class CloudStore extends EventEmitter {
       const batch = this.pending;
       this.pending = [];
       this.rounds++;
+      const seqBefore = this.seq;
       try {
-        await Promise.all(
-          batch.map(async (b) => {
-            // a torn payloads/ID.bin without an index line is harmless: not stored, overwritten by the resend
-            const fh = b.fh ?? (await open(path.join(this.dir, b.entry.payload_file), 'w', 0o600));
-            delete b.fh;
-            try {
-              if (b.data) {
-                let done = 0;
-                while (done < b.data.length) done += (await fh.write(b.data, done, b.data.length - done)).bytesWritten;
-              }
-              await fh.datasync(); // data and size (all a reader needs); the directory fsync below covers the name
-            } finally {
-              await fh.close();
-            }
-          }),
-        );
-        await Promise.all(batch.filter((b) => b.p).map((b) => rename(path.join(this.partialDir, `${b.id}.part`), path.join(this.dir, b.entry.payload_file))));
-        const dirFh = await open(this.payloadDir, 'r');
-        try {
-          await dirFh.sync();
-        } finally {
-          await dirFh.close();
-        }
-        const lines: string[] = [];
-        for (const b of batch) {
-          if (this.ids.has(b.entry.id)) continue; // two connections raced on one id: store once
-          b.entry.seq = ++this.seq;
-          this.ids.add(b.entry.id);
-          lines.push(JSON.stringify(b.entry) + '\n');
-        }
-        if (lines.length > 0) {
-          await this.index!.write(lines.join(''));
-          await this.index!.datasync(); // an append: data and the new size
-        }
-        for (const b of batch) {
-          if (b.p && this.partials.get(b.id) === b.p) this.partials.delete(b.id);
-          if (b.entry.seq > 0) {
-            this.committed = b.entry.seq;
-            this.emit('stored', b.entry);
-          }
-          b.resolve();
-        }
-        // the partial's record is stale once the index line is durable (open() drops it anyway)
-        await Promise.all(batch.filter((b) => b.p).map((b) => rm(path.join(this.partialDir, `${b.id}.json`), { force: true }).catch(() => undefined)));
+        await this.round(batch);
       } catch (err) {
+        this.seq = seqBefore;
         const e = new StorageError('ECONN_JOURNAL_IO', 'cloud store: could not store a message durably', { cause: err });
         this.log.error({ err, messages: batch.length }, 'cloud store: group commit failed');
+        // whatever the failed write left beyond the last durable record must not be read back as records
+        if (this.activeFh && this.active) await this.activeFh.truncate(this.active.size).catch(() => undefined);
+        for (const b of batch) if (b.entry.payload_file !== undefined) await rm(path.join(this.dir, b.entry.payload_file), { force: true }).catch(() => undefined);
         // everything queued behind the failed round fails too: nothing may be stored after an earlier message that failed
         const failed = [...batch, ...this.pending];
         this.pending = [];
@@ -422,39 +592,200 @@ export class CloudStore extends EventEmitter {
         for (const b of failed) {
           await b.fh?.close().catch(() => undefined);
           delete b.fh;
-          b.reject(e);
+          this.settle(b, e);
         }
       }
     }
   }
 
-  /** Path of a stored payload. */
-  payloadPath(entry: Pick<StoredEntry, 'payload_file'>): string {
-    return path.join(this.dir, entry.payload_file);
-  }
-
-  async readPayload(entry: Pick<StoredEntry, 'payload_file'>): Promise<Buffer> {
-    return readFile(this.payloadPath(entry));
-  }
-
-  /** Read the first `upTo` index entries in order (for --from-start replays). */
-  async *replay(upTo: number): AsyncGenerator<StoredEntry> {
-    if (upTo <= 0) return;
-    const rl = createInterface({ input: createReadStream(path.join(this.dir, 'index.jsonl'), 'utf8'), crlfDelay: Infinity });
-    try {
-      for await (const line of rl) {
-        if (!line) continue;
-        let e: StoredEntry;
-        try {
-          e = JSON.parse(line) as StoredEntry;
-        } catch {
-          return;
-        }
-        if (e.seq > upTo) return;
-        yield e;
+  private async round(batch: PendingCommit[]): Promise<void> {
+    if (this.active!.size >= this.segmentBytes || this.active!.count >= this.segmentRecords) await this.roll();
+    const seg = this.active!;
+    const fh = this.activeFh!;
+    // assign seqs; two connections racing on one key store it once
+    const inRound = new Set<string>();
+    const storing: PendingCommit[] = [];
+    for (const b of batch) {
+      if (this.activeKeys.has(b.key) || inRound.has(b.key)) continue;
+      if (this.segments.length > 1 && (await this.inSealed(b.key, b.entry.gateway_id, b.id))) continue;
+      inRound.add(b.key);
+      b.entry.seq = ++this.seq;
+      if (b.p) b.entry.payload_file = path.join('blobs', `${b.entry.seq}.bin`);
+      storing.push(b);
+    }
+    // multi-chunk messages: their files are durable and in blobs/ before their records are written
+    const blobs = batch.filter((b) => b.fh);
+    if (blobs.length > 0) {
+      await Promise.all(
+        blobs.map(async (b) => {
+          const bfh = b.fh!;
+          delete b.fh;
+          try {
+            await bfh.datasync();
+          } finally {
+            await bfh.close();
+          }
+        }),
+      );
+      const renamed = storing.filter((b) => b.p);
+      await Promise.all(renamed.map((b) => rename(path.join(this.partialDir, `${b.id}.part`), path.join(this.dir, b.entry.payload_file!))));
+      if (renamed.length > 0) await syncDir(this.blobDir);
+    }
+    // every record of the round in ONE buffer, written with ONE call
+    const metas: string[] = new Array<string>(storing.length);
+    const metaLengths: number[] = new Array<number>(storing.length);
+    let total = 0;
+    for (const [i, b] of storing.entries()) {
+      const meta = recordMeta(b.entry);
+      const r = recordLength(meta, b.data?.length ?? 0);
+      metas[i] = meta;
+      metaLengths[i] = r.metaLength;
+      total += r.length;
+    }
+    const positions: number[] = new Array<number>(storing.length);
+    const payloadPositions: number[] = new Array<number>(storing.length);
+    if (total > 0) {
+      const buf = Buffer.allocUnsafe(total);
+      let off = 0;
+      for (const [i, b] of storing.entries()) {
+        positions[i] = seg.size + off;
+        payloadPositions[i] = seg.size + off + HEADER_BYTES + metaLengths[i]!;
+        off = writeRecord(buf, off, metas[i]!, metaLengths[i]!, b.data);
       }
-    } finally {
-      rl.close();
+      // one write at an explicit position (never the file offset: a failed round must not shift the next)
+      let written = 0;
+      while (written < total) written += (await fh.write(buf, written, total - written, seg.size + written)).bytesWritten;
+      await fh.datasync();
+    }
+    const pos = seg.size + total;
+    // durable: index, announce, acknowledge
+    seg.size = pos;
+    for (const [i, b] of storing.entries()) {
+      const [hi, lo] = fingerprint(b.key);
+      this.activeKeys.set(b.key, positions[i]!);
+      this.activeFps.push(hi, lo, positions[i]!);
+      this.activePayloadPos.push(payloadPositions[i]!);
+      seg.count++;
+      if (b.data) this.remember(b.entry.seq, b.data);
+    }
+    const stored = new Set(storing);
+    for (const b of batch) {
+      if (b.p && this.partials.get(b.id) === b.p) this.partials.delete(b.id);
+      if (stored.has(b)) {
+        this.committed = b.entry.seq;
+        this.emit('stored', b.entry);
+      }
+      this.settle(b);
+    }
+    // a partial's record is stale once its message is durable (open() drops it anyway); so is the data of a duplicate
+    const done = batch.filter((b) => b.p);
+    if (done.length > 0) {
+      await Promise.all(
+        done.map(async (b) => {
+          await rm(path.join(this.partialDir, `${b.id}.json`), { force: true }).catch(() => undefined);
+          if (!stored.has(b)) await rm(path.join(this.partialDir, `${b.id}.part`), { force: true }).catch(() => undefined);
+        }),
+      );
+    }
+  }
+
+  private remember(seq: number, data: Buffer): void {
+    if (data.length > this.ringBytes) return;
+    this.ring.set(seq, data);
+    this.ringUsed += data.length;
+    while (this.ring.size > this.ringMessages || this.ringUsed > this.ringBytes) {
+      const [s, b] = this.ring.entries().next().value as [number, Buffer];
+      this.ring.delete(s);
+      this.ringUsed -= b.length;
+    }
+  }
+
+  /** The payload of a recently stored message, from memory (undefined: not in the ring; use readPayload). */
+  cachedPayload(entry: Pick<StoredEntry, 'seq'>): Buffer | undefined {
+    return this.ring.get(entry.seq);
+  }
+
+  /** Path of a payload stored in its own file (multi-chunk messages), else undefined. */
+  payloadPath(entry: Pick<StoredEntry, 'payload_file'>): string | undefined {
+    return entry.payload_file === undefined ? undefined : path.join(this.dir, entry.payload_file);
+  }
+
+  async readPayload(entry: StoredEntry): Promise<Buffer> {
+    const cached = this.ring.get(entry.seq);
+    if (cached) return cached;
+    if (entry.payload_file !== undefined) return readFile(path.join(this.dir, entry.payload_file));
+    if (entry.size === 0) return Buffer.alloc(0);
+    const active = this.active;
+    if (active && entry.seq >= active.first && entry.seq < active.first + active.count) {
+      const fh = await open(active.file, 'r');
+      try {
+        const buf = Buffer.alloc(entry.size);
+        const { bytesRead } = await fh.read(buf, 0, entry.size, this.activePayloadPos[entry.seq - active.first]!);
+        if (bytesRead !== entry.size) throw new StorageError('ECONN_JOURNAL_IO', `message seq ${entry.seq}: payload short`);
+        return buf;
+      } finally {
+        await fh.close();
+      }
+    }
+    // a sealed segment: its fingerprint file gives the record's position
+    const seg = this.segments.find((x, i) => x.first <= entry.seq && (this.segments[i + 1]?.first ?? Infinity) > entry.seq);
+    if (seg) {
+      const [hi, lo] = fingerprint(dedupKey(entry.gateway_id, entry.id));
+      const fh = await open(seg.file, 'r');
+      try {
+        for (const pos of findFingerprint(await this.fingerprints(seg), hi, lo)) {
+          const r = await readRecordAt(fh, pos, true);
+          if (r?.entry.seq === entry.seq && r.payload) return r.payload;
+        }
+      } finally {
+        await fh.close();
+      }
+    }
+    throw new StorageError('ECONN_NOT_FOUND', `message seq ${entry.seq} is not in the store`);
+  }
+
+  /** Stream records with seq in [from, upTo] (durable ones only), in store order, inline payloads included; bounded batches. */
+  private async *scanFrom(from: number, upTo: number): AsyncGenerator<{ entry: StoredEntry; payload?: Buffer; seg: number; payloadPos: number }> {
+    type Item = { entry: StoredEntry; payload?: Buffer; seg: number; payloadPos: number };
+    const segs = this.segments.filter((s, i) => s.first <= upTo && (this.segments[i + 1]?.first ?? Infinity) > from);
+    for (const seg of segs) {
+      let start = 0;
+      let done = false;
+      while (!done && start < seg.size) {
+        const got: Item[] = [];
+        let bytes = 0;
+        let next = start;
+        const r = await scanSegment(seg.file, (rec) => {
+          next = rec.end;
+          if (rec.entry.seq < from) return true;
+          if (rec.entry.seq > upTo) {
+            done = true;
+            return false;
+          }
+          const item: Item = { entry: rec.entry, seg: seg.first, payloadPos: rec.payloadPos };
+          if (rec.payload) item.payload = rec.payload;
+          got.push(item);
+          bytes += rec.payload?.length ?? 0;
+          return got.length < 4096 && bytes < 8 * 1024 * 1024;
+        }, { start, limit: seg.size, payloads: true });
+        for (const g of got) yield g;
+        if (next === start || r.stop !== undefined) break;
+        start = next;
+      }
+      if (done) return;
+    }
+  }
+
+  /** Read the first `upTo` stored messages in order (for --from-start replays), streamed from the segments. */
+  async *replay(upTo: number): AsyncGenerator<StoredEntry> {
+    for await (const r of this.replayWithPayloads(upTo)) yield r.entry;
+  }
+
+  /** Like replay(), with each inline payload (read in the same pass; blob payloads: readPayload). */
+  async *replayWithPayloads(upTo: number): AsyncGenerator<{ entry: StoredEntry; payload?: Buffer }> {
+    if (upTo <= 0) return;
+    for await (const r of this.scanFrom(1, Math.min(upTo, this.committed))) {
+      yield r.payload ? { entry: r.entry, payload: r.payload } : { entry: r.entry };
     }
   }
 
@@ -466,11 +797,11 @@ export class CloudStore extends EventEmitter {
       await this.persist(p).catch((err: unknown) => this.log.warn({ err, id: p.id }, 'cloud store: could not persist a partial'));
       await this.unload(p);
     }
-    await this.index?.close().catch(() => undefined);
+    await this.activeFh?.close().catch(() => undefined);
+    this.activeFh = undefined;
   }
 
   private assertOpen(): void {
-    if (this.closed || !this.index) throw new StorageError('ECONN_CLOSED', 'cloud store is closed');
+    if (this.closed || !this.activeFh) throw new StorageError('ECONN_CLOSED', 'cloud store is closed');
   }
-
 }

@@ -8,8 +8,10 @@
  *    "sha256","received_at","stored_at","content_type"?,"payload"?}
  * with `payload` (base64) for payloads up to 64 KiB. With from_start=1 the
  * index is replayed first, then {"type":"replayed","count":N} marks the switch
- * to live messages (no gap, no duplicate at the switch). A subscriber that
- * falls more than MAX_QUEUE messages behind is closed with 4029.
+ * to live messages (no gap, no duplicate at the switch). Live messages are
+ * fed from memory (the store's bounded ring of recent payloads, each message's
+ * JSON built once for all subscribers); a replay streams the segments. A
+ * subscriber that falls more than MAX_QUEUE messages behind is closed with 4029.
  */
 import type { WebSocket } from 'ws';
 import type { Logger } from '../core/logger.js';
@@ -44,8 +46,32 @@ export function topicMatches(filter: string, topic: string): boolean {
   return f.length === t.length;
 }
 
+/** Send without waiting for each frame's write callback while less than this is buffered. */
+const HIGH_WATER_BYTES = 4 * 1024 * 1024;
+
+/** The JSON text of a stored message as subscribers receive it (the same text for every subscriber). */
+function messageText(e: StoredEntry, payload: Buffer | undefined): string {
+  const msg: Record<string, unknown> = {
+    type: 'message',
+    seq: e.seq,
+    id: e.id,
+    gateway_id: e.gateway_id,
+    device_id: e.device_id,
+    topic: e.topic,
+    qos: e.qos,
+    size: e.size,
+    sha256: e.sha256,
+    received_at: e.received_at,
+    stored_at: e.stored_at,
+  };
+  if (e.content_type !== undefined) msg.content_type = e.content_type;
+  if (payload !== undefined && e.size <= INLINE_PAYLOAD_MAX) msg.payload = payload.toString('base64');
+  return JSON.stringify(msg);
+}
+
 class Subscriber {
   private queue: StoredEntry[] = [];
+  private head = 0;
   private running = false;
   private closed = false;
   private replaying: boolean;
@@ -56,6 +82,7 @@ class Subscriber {
     private readonly filters: string[],
     fromStart: boolean,
     private readonly store: CloudStore,
+    private readonly texts: WeakMap<StoredEntry, string>,
     private readonly log: Logger,
   ) {
     this.replaying = fromStart;
@@ -69,7 +96,7 @@ class Subscriber {
   /** A newly stored message (live). */
   offer(e: StoredEntry): void {
     if (this.closed || e.seq <= this.replayUpTo || !this.matches(e)) return;
-    if (this.queue.length >= MAX_QUEUE) {
+    if (this.queue.length - this.head >= MAX_QUEUE) {
       this.log.warn('subscriber too slow: closing');
       this.close(CLOSE_TOO_SLOW, 'subscriber too slow');
       return;
@@ -82,10 +109,12 @@ class Subscriber {
     if (this.replaying) {
       let n = 0;
       try {
-        for await (const e of this.store.replay(this.replayUpTo)) {
+        // replayed from the segments on disk (streamed, inline payloads read in the same pass)
+        for await (const r of this.store.replayWithPayloads(this.replayUpTo)) {
           if (this.closed) return;
-          if (!this.matches(e)) continue;
-          await this.deliver(e);
+          if (!this.matches(r.entry)) continue;
+          const payload = r.payload ?? (r.entry.size <= INLINE_PAYLOAD_MAX ? await this.store.readPayload(r.entry) : undefined);
+          await this.send(messageText(r.entry, payload));
           n++;
         }
       } catch (err) {
@@ -103,7 +132,21 @@ class Subscriber {
     if (this.running) return;
     this.running = true;
     try {
-      while (!this.closed && this.queue.length > 0) await this.deliver(this.queue.shift() as StoredEntry);
+      while (!this.closed && this.head < this.queue.length) {
+        const e = this.queue[this.head++]!;
+        if (this.head >= 1024 && this.head * 2 >= this.queue.length) {
+          this.queue = this.queue.slice(this.head);
+          this.head = 0;
+        }
+        let text = this.texts.get(e);
+        if (text === undefined) {
+          // live messages are fed from memory (the store's ring of recent payloads); older ones from disk
+          const payload = e.size <= INLINE_PAYLOAD_MAX ? (this.store.cachedPayload(e) ?? (await this.store.readPayload(e))) : undefined;
+          text = messageText(e, payload);
+          this.texts.set(e, text);
+        }
+        await this.send(text);
+      }
     } catch (err) {
       this.log.warn({ err }, 'subscriber delivery failed: closing');
       this.close(1011, 'delivery failed');
@@ -112,17 +155,26 @@ class Subscriber {
     }
   }
 
-  private async deliver(e: StoredEntry): Promise<void> {
-    const msg: Record<string, unknown> = { type: 'message', ...e };
-    delete msg.payload_file;
-    if (e.size <= INLINE_PAYLOAD_MAX) msg.payload = (await this.store.readPayload(e)).toString('base64');
-    await this.sendJson(msg);
+  /** Send a frame; waits for it to be written only while the socket buffers more than HIGH_WATER_BYTES. */
+  private send(text: string): Promise<void> {
+    if (this.closed || this.ws.readyState !== this.ws.OPEN) return Promise.resolve();
+    if (this.ws.bufferedAmount < HIGH_WATER_BYTES) {
+      this.ws.send(text, (err) => {
+        if (err) this.close(1011, 'send failed');
+      });
+      return Promise.resolve();
+    }
+    return this.sendJsonText(text);
   }
 
   private sendJson(o: unknown): Promise<void> {
+    return this.sendJsonText(JSON.stringify(o));
+  }
+
+  private sendJsonText(text: string): Promise<void> {
     return new Promise((resolve) => {
       if (this.closed || this.ws.readyState !== this.ws.OPEN) return resolve();
-      this.ws.send(JSON.stringify(o), (err) => {
+      this.ws.send(text, (err) => {
         if (err) this.close(1011, 'send failed');
         resolve();
       });
@@ -133,6 +185,7 @@ class Subscriber {
     if (this.closed) return;
     this.closed = true;
     this.queue = [];
+    this.head = 0;
     try {
       this.ws.close(code, reason);
     } catch {
@@ -143,11 +196,14 @@ class Subscriber {
   markClosed(): void {
     this.closed = true;
     this.queue = [];
+    this.head = 0;
   }
 }
 
 export class SubscriberHub {
   private readonly subs = new Set<Subscriber>();
+  /** The JSON text of each live message, built once for all subscribers (dropped with the entry). */
+  private readonly texts = new WeakMap<StoredEntry, string>();
   private readonly onStored = (e: StoredEntry): void => {
     for (const s of this.subs) s.offer(e);
   };
@@ -165,7 +221,7 @@ export class SubscriberHub {
 
   attach(ws: WebSocket, filters: string[], fromStart: boolean, remote: string): void {
     const log = this.log.child({ subscriber: remote });
-    const sub = new Subscriber(ws, filters, fromStart, this.store, log);
+    const sub = new Subscriber(ws, filters, fromStart, this.store, this.texts, log);
     this.subs.add(sub);
     ws.on('close', () => {
       sub.markClosed();

@@ -5,7 +5,7 @@
  */
 import t from 'tap';
 import path from 'node:path';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { stringify } from 'yaml';
 import { Registry } from 'prom-client';
@@ -18,16 +18,10 @@ import type { CommandTarget } from '../../core/ports.js';
 import { sha256Hex } from '../../protocol/codec.js';
 import { tempDir, type TestLike } from '../helpers/daemon.js';
 import { startCloud, httpsRequest, getToken, SECRET, type CloudHandle } from './helpers.js';
+import { storedEntries } from './store-files.js';
 
 function index(c: CloudHandle): Record<string, unknown>[] {
-  try {
-    return readFileSync(path.join(c.cfg.store_dir, 'index.jsonl'), 'utf8')
-      .split('\n')
-      .filter(Boolean)
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
-  } catch {
-    return [];
-  }
+  return storedEntries(c.cfg.store_dir);
 }
 
 async function until(cond: () => boolean, what: string, timeoutMs = 30000): Promise<void> {

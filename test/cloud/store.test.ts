@@ -6,6 +6,7 @@ import { silentLogger } from '../../core/logger.js';
 import { CloudStore, type Partial, type StoredEntry } from '../../cloud/store.js';
 import { MessageAssembly, chunkMessage, sha256Hex, type MessageMeta } from '../../protocol/codec.js';
 import { tempDir } from '../helpers/daemon.js';
+import { decodeSegment, encodeRecord, segmentName } from '../../cloud/store/format.js';
 
 const META: MessageMeta = { device_id: 'd1', topic: 'devices/d1/x', qos: 1, received_at: 1 };
 
@@ -42,14 +43,14 @@ t.test('stores, counts, replays; the directory is 0700', async (t) => {
     t.equal(e!.sha256, sha256Hex(payloads[i]!));
     t.ok((await s.readPayload(e!)).equals(payloads[i]!));
   }
-  t.ok(s.isStored('m1'));
+  t.ok(await s.isStored('gw', 'm1'));
   const replayed: string[] = [];
   for await (const e of s.replay(2)) replayed.push(e.id);
   t.equal(replayed.length, 2, 'replay stops at upTo');
   t.equal(statSync(dir).mode & 0o777, 0o700);
 });
 
-t.test('reopen: a torn index tail is cut off; stored ids are remembered', async (t) => {
+t.test('reopen: a torn segment tail is cut off; stored ids are remembered', async (t) => {
   const dir = path.join(tempDir(t), 'store');
   {
     const s = new CloudStore(dir, silentLogger());
@@ -58,14 +59,43 @@ t.test('reopen: a torn index tail is cut off; stored ids are remembered', async 
     await feed(s, 'b', Buffer.from('2'), 1024);
     await s.close();
   }
-  appendFileSync(path.join(dir, 'index.jsonl'), '{"seq":3,"id":"c","torn');
+  const seg = path.join(dir, 'segments', segmentName(1));
+  const good = statSync(seg).size;
+  const torn = encodeRecord({ seq: 3, id: 'c', gateway_id: 'gw', device_id: 'd1', topic: 't', qos: 1, size: 3, sha256: 'x', received_at: 1, stored_at: 1 }, Buffer.from('abc'));
+  appendFileSync(seg, torn.subarray(0, torn.length - 2));
   const s = await open(t, dir);
   t.equal(s.count, 2);
-  t.ok(s.isStored('a') && s.isStored('b'));
-  t.notOk(s.isStored('c'));
-  t.ok(readFileSync(path.join(dir, 'index.jsonl'), 'utf8').endsWith('}\n'), 'tail cut at the last good line');
+  t.ok((await s.isStored('gw', 'a')) && (await s.isStored('gw', 'b')));
+  t.notOk(await s.isStored('gw', 'c'));
+  t.equal(statSync(seg).size, good, 'tail cut at the last good record');
   const e = await feed(s, 'c', Buffer.from('3'), 1024);
   t.equal(e!.seq, 3, 'numbering continues');
+});
+
+t.test('reopen: a record with a bad CRC or a seq out of line ends the segment', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  {
+    const s = new CloudStore(dir, silentLogger());
+    await s.open();
+    for (const id of ['a', 'b', 'c']) await s.commitData(id, 'gw', META, Buffer.from(id), sha256Hex(Buffer.from(id)));
+    await s.close();
+  }
+  const seg = path.join(dir, 'segments', segmentName(1));
+  const recs = decodeSegment(readFileSync(seg));
+  t.equal(recs.length, 3);
+  const buf = readFileSync(seg);
+  buf[buf.length - 1] ^= 0xff; // last payload byte of "c"
+  writeFileSync(seg, buf);
+  const s = await open(t, dir);
+  t.equal(s.count, 2, 'the corrupt record and everything after it are cut');
+  t.equal(statSync(seg).size, recs[2]!.pos);
+  // a stray record with a seq that does not follow (left by a failed round) is not read back
+  const stray = encodeRecord({ seq: 9, id: 'z', gateway_id: 'gw', device_id: 'd1', topic: 't', qos: 1, size: 0, sha256: 'x', received_at: 1, stored_at: 1 }, undefined);
+  await s.close();
+  appendFileSync(seg, stray);
+  const s2 = await open(t, dir);
+  t.equal(s2.count, 2);
+  t.notOk(await s2.isStored('gw', 'z'));
 });
 
 t.test('partials: durable prefix survives a reopen, bytes beyond it are cut, unusable partials are dropped', async (t) => {
@@ -126,11 +156,11 @@ t.test('group commit: concurrent commits share fsync rounds; index order is comm
   t.equal(s.rounds, 0);
   const all = parts.map((p) => s.commit(p, sha256Hex(Buffer.from(p.id))));
   t.ok(s.isCommitting('g0'), 'committing until durable');
-  t.notOk(s.isStored('g0'), 'not stored before its round');
+  t.notOk(await s.isStored('gw', 'g0'), 'not stored before its round');
   const entries = await Promise.all(all);
-  t.equal(s.rounds, 1, '20 commits queued together: one round (one directory fsync, one index fsync)');
+  t.equal(s.rounds, 1, '20 commits queued together: one round (one segment write, one fdatasync)');
   t.same(entries.map((e) => e.seq), ids.map((_, i) => i + 1), 'seq in commit order');
-  t.same(readFileSync(path.join(dir, 'index.jsonl'), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as StoredEntry).id), ids, 'index in commit order');
+  t.same(decodeSegment(readFileSync(path.join(dir, 'segments', segmentName(1)))).map((r) => r.entry.id), ids, 'segment in commit order');
   t.notOk(s.isCommitting('g0'));
   t.equal(s.count, 20);
 
@@ -143,7 +173,7 @@ t.test('group commit: concurrent commits share fsync rounds; index order is comm
   await Promise.all([firstDone, ...later]);
   t.equal(s.rounds, 3, 'ten commits queued during (or after) that round share one more round');
   t.equal(s.count, 31);
-  for (const e of await Promise.all(later)) t.ok(existsSync(path.join(dir, e.payload_file)), `${e.id} payload in place`);
+  for (const e of await Promise.all(later)) t.ok(existsSync(path.join(dir, e.payload_file!)), `${e.id} payload in place`);
 });
 
 t.test('group commit: a failed round fails everything queued with or behind it, and onFail runs first, in order', async (t) => {
@@ -161,7 +191,7 @@ t.test('group commit: a failed round fails everything queued with or behind it, 
   t.match((results[0] as PromiseRejectedResult).reason, { code: 'ECONN_JOURNAL_IO' });
   t.same(failed, ['fa', 'fb'], 'onFail in queue order');
   t.equal(s.count, 0);
-  t.notOk(s.isStored('fb'), 'nothing behind a failed message is stored');
+  t.notOk(await s.isStored('gw', 'fb'), 'nothing behind a failed message is stored');
   // the store goes on
   const e = await feed(s, 'fc', Buffer.from('c'), 1024);
   t.equal(e!.seq, 1);
