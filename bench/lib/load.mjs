@@ -35,6 +35,8 @@ export async function connectDevices(port, files, { topic = (id) => `devices/${i
           c.once('connect', () => {
             clearTimeout(t);
             c.stream.setNoDelay?.(true);
+            // a broker stopping later must not crash the bench with an unhandled 'error'
+            c.on('error', () => {});
             resolve({ client: c, idx, id: f.id, topic: topic(f.id), inflight: 0 });
           });
           c.once('error', (err) => {

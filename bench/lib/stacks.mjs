@@ -280,6 +280,7 @@ export class MosquittoStack {
       c.once('error', reject);
     });
     c.stream.setNoDelay?.(true);
+    c.on('error', () => {});
     await c.subscribeAsync('devices/#', { qos: 1 });
     c.on('message', (_t, payload) => receiver.receive(payload));
     this.sub = c;
