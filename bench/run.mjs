@@ -19,7 +19,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
-import { spawnChild, stopChild, snapshot, diff, rssMiB, waitFor } from './lib/procs.mjs';
+import { spawnChild, stopChild, snapshot, diff, rssMiB, waitFor, killAll } from './lib/procs.mjs';
 import { connectDevices, endDevices, newCase, makeReceiver, openLoop, closedLoop, ackLoop, drain, stats } from './lib/load.mjs';
 import { ConnectorStack, MosquittoStack, haveMosquitto, startBareAedes, startNullCloud, cli } from './lib/stacks.mjs';
 import { rivalCerts } from './lib/certs.mjs';
@@ -56,7 +56,12 @@ if (!existsSync(path.join(DIST, 'daemon/cli.js'))) {
 }
 
 const root = mkdtempSync(path.join(os.tmpdir(), 'ec-bench-'));
-process.on('exit', () => rmSync(root, { recursive: true, force: true }));
+process.on('exit', () => {
+  killAll(); // first: a live daemon would keep writing into the directory
+  try {
+    rmSync(root, { recursive: true, force: true, maxRetries: 3 });
+  } catch {}
+});
 
 // ─── formatting ──────────────────────────────────────────────────────────────
 const f0 = (n) => (Number.isFinite(n) ? Math.round(n).toLocaleString('en-US') : '–');
@@ -559,8 +564,13 @@ async function upload() {
   await conn.stopDaemon();
   await conn.stopCloud();
   if (left() < (QUICK ? 25 : 60)) return void row('upload', `${P.uploadMiB} MiB HTTP upload end to end`, 'not measured', { note: 'time budget' });
-  const p = spawnChild(process.execPath, [path.join(REPO, 'bench/uplink.mjs'), '--size-mib', String(P.uploadMiB), '--raw-mib', String(P.rawMiB), '--msgs', '100', '--clients', '1', '--cloud', 'reference'], { cwd: REPO });
-  const t = setTimeout(() => p.kill('SIGKILL'), Math.max(5, left() - 3) * 1000);
+  // its own process group: uplink.mjs starts a daemon and a cloud of its own, killed with it
+  const p = spawnChild(process.execPath, [path.join(REPO, 'bench/uplink.mjs'), '--size-mib', String(P.uploadMiB), '--raw-mib', String(P.rawMiB), '--msgs', '100', '--clients', '1', '--cloud', 'reference'], { cwd: REPO, group: true });
+  const t = setTimeout(() => {
+    try {
+      process.kill(-p.pid, 'SIGKILL');
+    } catch {}
+  }, Math.max(5, left() - 3) * 1000);
   const { code } = await p.exited;
   clearTimeout(t);
   const text = p.logs.map((l) => l.raw ?? '').join('\n');

@@ -12,13 +12,24 @@ import { performance } from 'node:perf_hooks';
 const children = new Set();
 let hooked = false;
 
-function killAll() {
+export function killAll() {
   for (const c of children) {
     try {
-      c.kill('SIGKILL');
+      // a child started as a process group leader (opts.group) is killed with its own children
+      if (c.group) process.kill(-c.pid, 'SIGKILL');
+      else c.kill('SIGKILL');
     } catch {}
   }
   children.clear();
+}
+
+/** Kill this child (and its process group when it leads one) when the bench exits. */
+export function track(p, group = false) {
+  hook();
+  p.group = group;
+  children.add(p);
+  p.once('exit', () => children.delete(p));
+  return p;
 }
 
 function hook() {
@@ -37,15 +48,15 @@ function hook() {
 /**
  * Spawn a child whose stdout is parsed as JSON lines (pino) into `p.logs`;
  * stderr is kept in `p.errText` (the last 16 KiB) and echoed when BENCH_VERBOSE is set.
+ * `opts.group`: start it as a process group leader and kill the whole group on exit
+ * (for a child that starts children of its own).
  */
 export function spawnChild(cmd, argv, opts = {}) {
-  hook();
-  const p = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
-  children.add(p);
+  const { group = false, ...spawnOpts } = opts;
+  const p = track(spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], detached: group, ...spawnOpts }), group);
   p.logs = [];
   p.errText = '';
   p.exited = new Promise((resolve) => p.once('exit', (code, signal) => resolve({ code, signal })));
-  p.on('exit', () => children.delete(p));
   p.on('error', (err) => {
     p.errText += String(err.message);
   });

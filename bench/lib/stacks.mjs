@@ -20,7 +20,7 @@ import { URLSearchParams } from 'node:url';
 import { parseDocument, stringify } from 'yaml';
 import { WebSocket } from 'ws';
 import mqtt from 'mqtt';
-import { spawnChild, stopChild, logLine, freePort, waitFor } from './procs.mjs';
+import { spawnChild, stopChild, logLine, freePort, waitFor, track } from './procs.mjs';
 
 function httpGet(url) {
   return new Promise((resolve, reject) => {
@@ -37,7 +37,7 @@ function httpGet(url) {
 /** Run `connector ARGS` to completion (bounded). */
 export function cli(REPO, argv, cwd, ms = 60_000) {
   return new Promise((resolve) => {
-    const p = spawn(process.execPath, [path.join(REPO, 'dist/daemon/cli.js'), ...argv], { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = track(spawn(process.execPath, [path.join(REPO, 'dist/daemon/cli.js'), ...argv], { cwd, stdio: ['ignore', 'pipe', 'pipe'] }));
     let stdout = '';
     let stderr = '';
     const t = setTimeout(() => p.kill('SIGKILL'), ms);
