@@ -104,8 +104,11 @@ export class ConnectorStack {
     await stopChild(this.cloud, 10_000, signal);
   }
 
-  /** Start the daemon; resolves with the time from spawn to its `ready` log line (ms). */
-  async startDaemon(nodeArgs = []) {
+  /**
+   * Start the daemon; resolves with the time from spawn to its `ready` log line (ms).
+   * BENCH_DAEMON_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles it (written when it stops).
+   */
+  async startDaemon(nodeArgs = (process.env.BENCH_DAEMON_NODE_ARGS ?? '').split(' ').filter(Boolean)) {
     const t0 = performance.now();
     this.daemon = spawnChild(process.execPath, [...nodeArgs, this.CLI, 'start', '-c', this.cfg], { cwd: this.root });
     const ready = await logLine(this.daemon, 'ready', 180_000);
