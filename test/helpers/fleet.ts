@@ -184,7 +184,7 @@ export async function tail(t: TestLike, cloud: Cloud, pred: (m: Delivered[]) => 
 
 /** Messages are "DEV:SEQ" (zero-padded) so order per device can be checked from the subscriber's side. */
 export const seqMsg = (dev: string, i: number): Buffer => Buffer.from(`${dev}:${String(i).padStart(6, '0')}`);
-export const decode = (m: Delivered): string => Buffer.from(m.payload ?? '', 'base64').toString();
+export const decode = (m: Delivered): string => Buffer.from(m.payload ?? '', 'base64').toString().replace(/\.+$/, '');
 /** The last message a device sends: once it is delivered, everything the device sent before it was (order per device). */
 export const SENTINEL = 999_999;
 
@@ -255,9 +255,18 @@ export class Publisher {
   private client: MqttClient | undefined;
   private loop: Promise<void> | undefined;
   private stopped = false;
-  private waiters: { n: number; resolve: () => void }[] = [];
+  private waiters: { n: number; orDrop: boolean; resolve: () => void }[] = [];
 
-  constructor(readonly dev: DeviceFiles) {}
+  /** `pad` bytes are appended to each payload (to fill a disk or a link faster). */
+  constructor(
+    readonly dev: DeviceFiles,
+    private readonly pad = 0,
+  ) {}
+
+  /** True while the publish loop runs on a live connection. */
+  get running(): boolean {
+    return this.loop !== undefined && this.client !== undefined && !this.client.disconnected;
+  }
 
   /** Connect to `d` and publish until the connection drops or stop() is called. */
   async run(d: DaemonHandle): Promise<void> {
@@ -267,26 +276,43 @@ export class Publisher {
       try {
         while (!this.stopped && this.sent < SENTINEL) {
           const i = this.sent++;
-          await c.publishAsync(`devices/${this.dev.id}/seq`, seqMsg(this.dev.id, i), { qos: 1 });
+          await c.publishAsync(`devices/${this.dev.id}/seq`, this.pad ? Buffer.concat([seqMsg(this.dev.id, i), Buffer.alloc(this.pad, 0x2e)]) : seqMsg(this.dev.id, i), { qos: 1 });
           this.acked.push(i);
           this.notify();
         }
       } catch {
         // the connection dropped (daemon killed): the message in flight may or may not have been journaled
       }
+      this.loop = undefined;
+      this.notify();
     })();
   }
 
   private notify(): void {
     const n = this.acked.length;
-    this.waiters = this.waiters.filter((w) => (n >= w.n ? (w.resolve(), false) : true));
+    this.waiters = this.waiters.filter((w) => (n >= w.n || (w.orDrop && !this.loop) ? (w.resolve(), false) : true));
   }
 
-  /** Resolve once `n` messages in total are acknowledged (bounded). */
-  waitAcked(n: number, timeoutMs = 30_000): Promise<void> {
-    if (this.acked.length >= n) return Promise.resolve();
+  /**
+   * Keep publishing until `n` messages in total are acknowledged, reconnecting
+   * whenever the broker closes the connection (e.g. it could not journal a
+   * message and told the device to retry later). Bounded in time.
+   */
+  async publishUntil(d: DaemonHandle, n: number, timeoutMs = 60_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.acked.length < n) {
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`${this.dev.id}: ${this.acked.length} of ${n} messages acknowledged within ${timeoutMs} ms (reconnecting)`);
+      if (!this.running) await this.run(d).catch(() => undefined);
+      await this.waitAcked(n, left, true).catch(() => undefined);
+    }
+  }
+
+  /** Resolve once `n` messages in total are acknowledged (or, with orDrop, the connection dropped); bounded. */
+  waitAcked(n: number, timeoutMs = 30_000, orDrop = false): Promise<void> {
+    if (this.acked.length >= n || (orDrop && !this.loop)) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      const w = { n, resolve: () => (clearTimeout(timer), resolve()) };
+      const w = { n, orDrop, resolve: () => (clearTimeout(timer), resolve()) };
       const timer = setTimeout(() => {
         this.waiters = this.waiters.filter((x) => x !== w);
         reject(new Error(`${this.dev.id}: ${this.acked.length} of ${n} messages acknowledged within ${timeoutMs} ms`));
