@@ -56,21 +56,27 @@ export function merge(a: Json, b: Json): Json {
   return out;
 }
 
-/** A connector configuration bridged to `cloud` (uplink URL overridable, e.g. through a proxy). */
-export function connectorConfig(cloud: { port: number; caFile: string }, secretFile: string, over: Json = {}, uplinkPort = cloud.port): Json {
+/** Ports the connector uses to reach the cloud (a test may put a proxy in front of either). */
+export interface CloudPorts {
+  uplink?: number;
+  token?: number;
+}
+
+/** A connector configuration bridged to `cloud` (uplink and token URLs overridable, e.g. through a proxy). */
+export function connectorConfig(cloud: { port: number; caFile: string }, secretFile: string, over: Json = {}, ports: CloudPorts = {}): Json {
   const base: Json = {
     broker: { limits: { max_payload_bytes: 2 * 1024 * 1024 } },
     bridge: {
       enabled: true,
       uplink: {
-        url: `wss://127.0.0.1:${uplinkPort}/ingest`,
+        url: `wss://127.0.0.1:${ports.uplink ?? cloud.port}/ingest`,
         ca_file: cloud.caFile,
         heartbeat_ms: 500,
         dead_after_ms: 3000,
         reconnect_min_ms: 50,
         reconnect_max_ms: 1000,
       },
-      token: { url: `https://127.0.0.1:${cloud.port}/oauth/token`, client_secret: `file:${secretFile}`, renew_before_s: 1 },
+      token: { url: `https://127.0.0.1:${ports.token ?? cloud.port}/oauth/token`, client_secret: `file:${secretFile}`, renew_before_s: 1 },
     },
   };
   return merge(base, over);
@@ -84,12 +90,12 @@ export interface Site {
 }
 
 /** Cloud + connector in one temp directory. */
-export async function startSite(t: TestLike, dir: string, opts: { tokenTtlS?: number; over?: Json; uplinkPort?: (cloud: Cloud) => Promise<number> | number } = {}): Promise<Site> {
+export async function startSite(t: TestLike, dir: string, opts: { tokenTtlS?: number; over?: Json; ports?: (cloud: Cloud) => Promise<CloudPorts> } = {}): Promise<Site> {
   const cloud = await startCloud(t, dir, { tokenTtlS: opts.tokenTtlS });
   const secretFile = path.join(dir, 'connector-client.secret');
   writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
-  const uplinkPort = opts.uplinkPort ? await opts.uplinkPort(cloud) : cloud.port;
-  const d = await startDaemon(t, { dir, config: connectorConfig(cloud, secretFile, opts.over ?? {}, uplinkPort) });
+  const ports = opts.ports ? await opts.ports(cloud) : {};
+  const d = await startDaemon(t, { dir, config: connectorConfig(cloud, secretFile, opts.over ?? {}, ports) });
   return { dir, cloud, d, secretFile };
 }
 

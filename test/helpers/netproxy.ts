@@ -6,12 +6,13 @@
  *   no RST; connections opened meanwhile are accepted and then hear nothing.
  *   A connection that was cut stays cut (its stream has a gap); new ones
  *   forward again once the mode is back to `forward`;
+ * - `refuse`: new connections are reset at once (a service that is down);
  * - `slow`: every chunk is delayed by `delayMs` and the rate is held near
  *   `bytesPerSecond` in each direction.
  */
 import net from 'node:net';
 
-export type ProxyMode = 'forward' | 'blackhole' | 'slow';
+export type ProxyMode = 'forward' | 'blackhole' | 'slow' | 'refuse';
 
 interface Pair {
   client: net.Socket;
@@ -57,6 +58,10 @@ export class NetProxy {
   }
 
   private accept(client: net.Socket): void {
+    if (this.mode === 'refuse') {
+      client.resetAndDestroy();
+      return;
+    }
     this.accepted++;
     this.waiters = this.waiters.filter((w) => (this.accepted >= w.n ? (w.resolve(), false) : true));
     const server = net.connect(this.targetPort, '127.0.0.1');

@@ -17,10 +17,10 @@ t.test(`silent network cut under load (${CUTS}×): detected, reconnected, nothin
   let proxy: NetProxy | undefined;
   const dir = tempDir(t, 'ec-soak-cut-');
   const site = await startSite(t, dir, {
-    uplinkPort: async (cloud) => {
+    ports: async (cloud) => {
       proxy = new NetProxy(cloud.port);
       t.teardown(() => proxy!.close());
-      return proxy.start();
+      return { uplink: await proxy.start() };
     },
   });
   const d = site.d;
@@ -50,13 +50,13 @@ t.test('slow, throttled link: everything arrives, in order, once', async (t) => 
   let proxy: NetProxy | undefined;
   const dir = tempDir(t, 'ec-soak-slow-');
   const site = await startSite(t, dir, {
-    uplinkPort: async (cloud) => {
+    ports: async (cloud) => {
       proxy = new NetProxy(cloud.port);
       proxy.mode = 'slow';
       proxy.delayMs = 40;
       proxy.bytesPerSecond = 64 * 1024;
       t.teardown(() => proxy!.close());
-      return proxy.start();
+      return { uplink: await proxy.start() };
     },
   });
   const pub = new Publisher(await addDevice(site.d, 'slow-a'));
