@@ -1,0 +1,239 @@
+/**
+ * Fault suite — hostile input against a running daemon, from outside: a JWT
+ * corpus as MQTT passwords (algorithm confusion, kid/jku/x5u tricks, huge and
+ * non-JSON tokens, odd claim types — signed with the gateway's real key where
+ * that makes the attack sharper), hostile HTTP (malformed JSON, wrong content
+ * types, oversized bodies and headers, path tricks, malformed digests, broken
+ * chunked encoding) and a fuzzed connector.yaml for `check-config`. Each is
+ * refused with a clear answer; the daemon stays up; a valid device is still
+ * served afterwards.
+ */
+import t from 'tap';
+import { createPrivateKey, createPublicKey, createHmac, generateKeyPairSync, randomBytes } from 'node:crypto';
+import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
+import tls from 'node:tls';
+import path from 'node:path';
+import mqtt from 'mqtt';
+import { SignJWT } from 'jose';
+import { parse, stringify } from 'yaml';
+import { startDaemon, runCli, tempDir, REPO, type DaemonHandle } from '../helpers/daemon.js';
+import { addDevice, type DeviceFiles } from '../helpers/fleet.js';
+import { FULL, seeded } from '../helpers/soak.js';
+
+t.setTimeout(240_000);
+
+const b64 = (v: unknown): string => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
+
+/** Connect with a password; 'connected' or why not. */
+function tryConnect(d: DaemonHandle, dev: DeviceFiles, password: string | Buffer, clientId = dev.id): Promise<string> {
+  return new Promise((resolve) => {
+    const c = mqtt.connect(`mqtts://127.0.0.1:${d.ports.mqtt_tls}`, { clientId, username: dev.id, password: password as string, ca: readFileSync(dev.ca), protocolVersion: 4, reconnectPeriod: 0, connectTimeout: 10_000 });
+    const done = (r: string): void => {
+      c.end(true);
+      resolve(r);
+    };
+    c.once('connect', () => done('connected'));
+    c.once('error', (err) => done(`refused: ${err.message}`));
+    c.once('close', () => done('closed'));
+  });
+}
+
+function signingKey(stateDir: string): { pem: string; kid: string } {
+  const dir = path.join(stateDir, 'keys');
+  const idx = JSON.parse(readFileSync(path.join(dir, 'jwt-keys.json'), 'utf8')) as { current?: string };
+  const file = readdirSync(dir).find((f) => f === `jwt-${idx.current}.key`) ?? readdirSync(dir).find((f) => f.endsWith('.key'))!;
+  return { pem: readFileSync(path.join(dir, file), 'utf8'), kid: idx.current ?? file.slice(4, -4) };
+}
+
+t.test('hostile JWTs as MQTT passwords: every one refused, daemon up, valid device served', async (t) => {
+  const d = await startDaemon(t, { dir: tempDir(t, 'ec-soak-jwt-') });
+  const dev = await addDevice(d, 'jwt-victim');
+  const other = await addDevice(d, 'jwt-other');
+  const [h, p] = dev.token.split('.') as [string, string, string];
+  const header = JSON.parse(Buffer.from(h, 'base64url').toString()) as Record<string, unknown>;
+  const claims = JSON.parse(Buffer.from(p, 'base64url').toString()) as Record<string, unknown>;
+  const key = signingKey(d.stateDir);
+  const priv = createPrivateKey(key.pem);
+  const pubPem = createPublicKey(priv).export({ type: 'spki', format: 'pem' }).toString();
+  const alg = String(header.alg);
+  // a server that must never be contacted (jku / x5u point here)
+  let fetched = 0;
+  const lure = http.createServer((_q, s) => (fetched++, s.end('{}')));
+  await new Promise<void>((r) => lure.listen(0, '127.0.0.1', r));
+  t.teardown(() => lure.close());
+  const lureUrl = `http://127.0.0.1:${(lure.address() as { port: number }).port}/jwks.json`;
+  const signed = (hdr: Record<string, unknown>, body: Record<string, unknown>): Promise<string> => new SignJWT(body).setProtectedHeader({ alg, ...hdr } as { alg: string }).sign(priv);
+  const attacker = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const attackerJwk = attacker.publicKey.export({ format: 'jwk' });
+  const evil = (hdr: Record<string, unknown>, body: Record<string, unknown>): Promise<string> => new SignJWT(body).setProtectedHeader({ alg: 'ES256', ...hdr } as { alg: string }).sign(attacker.privateKey);
+  const now = Math.floor(Date.now() / 1000);
+  const corpus: [string, string | Promise<string>][] = [
+    ['alg none', `${b64({ ...header, alg: 'none' })}.${p}.`],
+    ['alg None, signature kept', `${b64({ ...header, alg: 'None' })}.${p}.${dev.token.split('.')[2]}`],
+    ['HS256 keyed with the public key (algorithm confusion)', (() => {
+      const hh = b64({ ...header, alg: 'HS256' });
+      return `${hh}.${p}.${createHmac('sha256', pubPem).update(`${hh}.${p}`).digest('base64url')}`;
+    })()],
+    ['RS256 header on an EC signature', `${b64({ ...header, alg: 'RS256' })}.${p}.${dev.token.split('.')[2]}`],
+    ['kid path traversal', signed({ kid: '../../../../etc/passwd' }, claims)],
+    ['kid of another key', signed({ kid: 'A'.repeat(43) }, claims)],
+    // the attacker signs with its own key and points the verifier at it
+    ['jku to the attacker\'s key set', evil({ kid: key.kid, jku: lureUrl }, claims)],
+    ['x5u to the attacker\'s certificate', evil({ kid: key.kid, x5u: lureUrl }, claims)],
+    ['embedded jwk of the attacker', evil({ kid: key.kid, jwk: attackerJwk }, claims)],
+    ['attacker key, no kid', evil({}, claims)],
+    ['expired (real key)', signed({ kid: key.kid }, { ...claims, iat: now - 7200, exp: now - 3600 })],
+    ['exp as a string', signed({ kid: key.kid }, { ...claims, exp: String(now + 3600) })],
+    ['exp far beyond any sane lifetime, issued in the future', signed({ kid: key.kid }, { ...claims, iat: now + 86400 * 365, exp: now + 86400 * 3650 })],
+    ['device_id of another device (real key)', signed({ kid: key.kid }, { ...claims, device_id: other.id, sub: other.id })],
+    ['device_id as an object', signed({ kid: key.kid }, { ...claims, device_id: { $ne: null } })],
+    ['sub as an array', signed({ kid: key.kid }, { ...claims, sub: [dev.id, other.id] })],
+    ['wrong issuer (real key)', signed({ kid: key.kid }, { ...claims, iss: 'someone-else' })],
+    ['tampered payload', `${h}.${b64({ ...claims, device_id: other.id })}.${dev.token.split('.')[2]}`],
+    ['non-JSON header', `${b64('not json')}.${p}.${dev.token.split('.')[2]}`],
+    ['non-JSON payload', `${h}.${b64('{"device_id":')}.${dev.token.split('.')[2]}`],
+    ['two segments', `${h}.${p}`],
+    ['five segments (JWE shape)', `${h}.${p}.a.b.c`],
+    ['binary garbage', randomBytes(300).toString('latin1')],
+    ['huge token (60 KiB)', `${h}.${'A'.repeat(60 * 1024)}.${dev.token.split('.')[2]}`],
+    ['empty', ''],
+  ];
+  const results: string[] = [];
+  for (const [name, tok] of corpus) {
+    const r = await tryConnect(d, dev, await tok);
+    results.push(`${name}: ${r}`);
+    t.not(r, 'connected', `refused: ${name}`);
+  }
+  t.equal(fetched, 0, 'jku / x5u URLs were never fetched');
+  t.equal(await tryConnect(d, dev, dev.token), 'connected', 'the genuine token still works after the corpus');
+  t.equal(d.proc.exitCode, null, 'the daemon is still running');
+  const refusals = d.logs.filter((l) => typeof l.code === 'string' && /ECONN_AUTH/.test(String(l.code))).length;
+  t.ok(refusals >= corpus.length, `each refusal logged with a code (${refusals} lines for ${corpus.length} attempts)`);
+  t.notOk(JSON.stringify(d.logs).includes(dev.token.split('.')[2]!), 'no token signature in the logs');
+});
+
+/** One raw HTTPS request (for inputs a well-behaved client library refuses to send). */
+function rawHttps(port: number, ca: string, request: string | Buffer): Promise<string> {
+  return new Promise((resolve) => {
+    const s = tls.connect({ host: '127.0.0.1', port, ca, servername: 'localhost' }, () => s.end(request));
+    let out = '';
+    s.setEncoding('utf8');
+    s.on('data', (d: string) => (out += d));
+    s.on('close', () => resolve(out));
+    s.on('error', () => resolve(out || 'error'));
+    s.setTimeout(15_000, () => s.destroy());
+  });
+}
+
+function req(d: DaemonHandle, ca: string, method: string, urlPath: string, headers: Record<string, string>, body?: string | Buffer): Promise<{ status: number; body: string }> {
+  return new Promise((resolve) => {
+    const r = https.request({ host: '127.0.0.1', port: d.ports.api, method, path: urlPath, ca, headers, servername: 'localhost' }, (res) => {
+      let text = '';
+      res.setEncoding('utf8').on('data', (c: string) => (text += c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
+    });
+    r.on('error', (err) => resolve({ status: 0, body: err.message }));
+    r.end(body);
+  });
+}
+
+t.test('hostile HTTP against the API: each refused with a 4xx and a code, daemon up, valid upload served', async (t) => {
+  const d = await startDaemon(t, { dir: tempDir(t, 'ec-soak-http-'), config: { bridge: { enabled: true, uplink: { url: 'wss://127.0.0.1:9/ingest' }, token: { url: 'https://127.0.0.1:9/oauth/token', client_secret: 'env:EC_SOAK_UNUSED' } } }, env: { EC_SOAK_UNUSED: 'x'.repeat(32) } });
+  const dev = await addDevice(d, 'http-victim');
+  const ca = readFileSync(dev.ca, 'utf8');
+  const auth = { authorization: `Bearer ${dev.token}` };
+  const cases: [string, Promise<{ status: number; body: string }>][] = [
+    ['malformed JSON to register', req(d, ca, 'POST', '/api/register', { 'content-type': 'application/json' }, '{"device_id": "x",')],
+    ['register as text/plain', req(d, ca, 'POST', '/api/register', { 'content-type': 'text/plain' }, 'device_id=x')],
+    ['JSON nested 10 000 deep', req(d, ca, 'POST', '/api/register', { 'content-type': 'application/json' }, '['.repeat(10_000) + ']'.repeat(10_000))],
+    ['oversized register body (8 MiB)', req(d, ca, 'POST', '/api/register', { 'content-type': 'application/json' }, Buffer.alloc(8 * 1024 * 1024, 0x20))],
+    ['oversized header (64 KiB)', req(d, ca, 'GET', '/api/devices/http-victim/status', { ...auth, 'x-junk': 'a'.repeat(64 * 1024) })],
+    ['path traversal in device_id', req(d, ca, 'GET', '/api/devices/..%2F..%2Fregistry.json/status', auth)],
+    ['NUL in device_id', req(d, ca, 'POST', '/api/publish/http-victim%00x', { ...auth, 'content-type': 'application/octet-stream' }, 'x')],
+    ['another device\'s publish path', req(d, ca, 'POST', '/api/publish/someone-else', { ...auth, 'content-type': 'application/octet-stream' }, 'x')],
+    ['malformed Content-Digest', req(d, ca, 'POST', '/api/publish/http-victim', { ...auth, 'content-type': 'application/octet-stream', 'content-digest': 'sha-256=:not base64!:' }, 'x')],
+    ['wrong Content-Digest', req(d, ca, 'POST', '/api/publish/http-victim', { ...auth, 'content-type': 'application/octet-stream', 'content-digest': `sha-256=:${Buffer.alloc(32).toString('base64')}:` }, 'payload')],
+    ['Content-Type over the protocol limit', req(d, ca, 'POST', '/api/publish/http-victim', { ...auth, 'content-type': `application/${'x'.repeat(300)}` }, 'payload')],
+    ['unknown method', req(d, ca, 'PATCH', '/api/register', { 'content-type': 'application/json' }, '{}')],
+    ['no credentials', req(d, ca, 'POST', '/api/publish/http-victim', { 'content-type': 'application/octet-stream' }, 'x')],
+  ];
+  for (const [name, p] of cases) {
+    const r = await p;
+    t.ok(r.status === 0 || (r.status >= 400 && r.status < 500), `${name}: refused (${r.status})`);
+    if (r.status >= 400 && r.body.startsWith('{')) t.notMatch(r.body, dev.token, `${name}: the answer does not echo the token`);
+  }
+  const broken = await rawHttps(d.ports.api!, ca, `POST /api/publish/http-victim HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${dev.token}\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n`);
+  t.match(broken.split('\r\n')[0] ?? '', /^HTTP\/1\.1 4\d\d|^$/, 'broken chunked encoding: a 4xx or the connection closed');
+  const ok = await req(d, ca, 'POST', '/api/publish/http-victim', { ...auth, 'content-type': 'application/octet-stream' }, 'a valid upload after the hostile ones');
+  t.equal(ok.status, 202, `a valid upload is still accepted (${ok.body.slice(0, 200)})`);
+  t.equal(d.proc.exitCode, null, 'the daemon is still running');
+});
+
+/** Mutations of a YAML text: deletions, duplications, type flips, random bytes. */
+function mutate(text: string, rnd: () => number): string {
+  const lines = text.split('\n');
+  const i = Math.floor(rnd() * lines.length);
+  switch (Math.floor(rnd() * 7)) {
+    case 0:
+      lines.splice(i, 1);
+      break;
+    case 1:
+      lines.splice(i, 0, lines[Math.floor(rnd() * lines.length)] ?? '');
+      break;
+    case 2:
+      lines[i] = (lines[i] ?? '').replace(/: .*/, `: ${['[]', '{}', '-1', '1e309', 'null', '~', '"\\u0000"', '!!binary AAAA', '*alias', '&a [*a]', '0x7fffffffffffffff', 'yes'][Math.floor(rnd() * 12)]}`);
+      break;
+    case 3:
+      lines[i] = ' '.repeat(Math.floor(rnd() * 9)) + (lines[i] ?? '').trimStart();
+      break;
+    case 4: {
+      const s = lines[i] ?? '';
+      const at = Math.floor(rnd() * (s.length + 1));
+      lines[i] = s.slice(0, at) + String.fromCharCode(Math.floor(rnd() * 0x3000)) + s.slice(at);
+      break;
+    }
+    case 5:
+      return text.slice(0, Math.floor(rnd() * text.length));
+    default:
+      lines[i] = `${lines[i] ?? ''}\n${'  '.repeat(Math.floor(rnd() * 4))}unknown_key_${Math.floor(rnd() * 100)}: 1`;
+  }
+  return lines.join('\n');
+}
+
+t.test('a fuzzed connector.yaml never crashes check-config (ok or exit 78 with FILE:LINE:COL errors)', async (t) => {
+  const rnd = seeded();
+  const { parseConfigText } = await import('../../core/config/load.js');
+  const base = readFileSync(path.join(REPO, 'connector.yaml'), 'utf8');
+  // in process: thousands of mutants, each either loads or fails with a ConfigError
+  const N = FULL ? 20_000 : 2_000;
+  const crashes: string[] = [];
+  for (let i = 0; i < N; i++) {
+    let text = base;
+    for (let k = 0, n = 1 + Math.floor(rnd.next() * 4); k < n; k++) text = mutate(text, rnd.next);
+    try {
+      parseConfigText(text, '/fuzz/connector.yaml', { checkSecrets: false, env: {} });
+    } catch (err) {
+      if ((err as { code?: string }).code !== 'ECONN_CONFIG_INVALID' || !(err instanceof Error)) {
+        if (crashes.length < 5) crashes.push(`${(err as Error).name}: ${(err as Error).message.slice(0, 200)}\n${text.slice(0, 400)}`);
+      }
+    }
+  }
+  t.same(crashes, [], `${N} mutants (seed ${rnd.seed}): every failure is a ConfigError`);
+  // through the CLI: a few, for the exit code and the message shape
+  const dir = tempDir(t, 'ec-soak-yaml-');
+  for (let i = 0; i < (FULL ? 40 : 8); i++) {
+    let text = base;
+    for (let k = 0; k < 3; k++) text = mutate(text, rnd.next);
+    const file = path.join(dir, `c${i}.yaml`);
+    writeFileSync(file, text, { mode: 0o600 });
+    const r = await runCli(['check-config', '-c', file], { cwd: dir });
+    t.ok(r.code === 0 || r.code === 78, `mutant ${i}: exit ${r.code} (0 or 78)`);
+    if (r.code === 78) t.match(r.stderr + r.stdout, /c\d+\.yaml(:\d+:\d+)? /, `mutant ${i}: errors name the file (and line)`);
+  }
+  // an intact copy still passes, so the mutants were the only thing wrong
+  const valid = stringify(parse(base));
+  writeFileSync(path.join(dir, 'valid.yaml'), valid, { mode: 0o600 });
+  t.equal((await runCli(['check-config', '-c', path.join(dir, 'valid.yaml')], { cwd: dir })).code, 0, 'the bundled configuration passes');
+});
