@@ -21,6 +21,7 @@
  *     (full scan); goals ≤ 2 s and ≤ 64 B per message;
  *  4. a large payload through appendStream vs raw sequential write + fdatasync + SHA-256.
  */
+import { performance } from 'node:perf_hooks';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';

@@ -15,6 +15,8 @@ import mqtt from 'mqtt';
 import { CLI, childEnv, tempDir, testConfig, writeConfig, type TestLike } from '../helpers/daemon.js';
 
 const SCRIPT = ['/usr/bin/script', '/bin/script'].find((p) => existsSync(p));
+// an ANSI colour sequence (ESC [ … m), built from the code point so no control character sits in a regex literal
+const ANSI_SGR = new RegExp(`${String.fromCharCode(27)}\\[[0-9;]*m`, 'g');
 const READY_PRETTY = /\] INFO: \[daemon\] ready (\{.*\})/;
 const READY_JSON = /^\{.*"msg":"ready".*\}$/m;
 
@@ -38,7 +40,7 @@ function run(t: TestLike, configFile: string, opts: { tty: boolean; env?: NodeJS
   let colored = false;
   const add = (d: string): void => {
     if (d.includes('\x1b[')) colored = true;
-    out += d.replace(/\x1b\[[0-9;]*m/g, '').replace(/\r/g, '');
+    out += d.replace(ANSI_SGR, '').replace(/\r/g, '');
   };
   proc.stdout!.setEncoding('utf8').on('data', add);
   proc.stderr!.setEncoding('utf8').on('data', add);
