@@ -675,7 +675,7 @@ t.test('revoking a device removes its retained messages and its persistent sessi
   t.same(got.filter((x) => x.endsWith('/state')), ['devices/dev-w/state'], "only the other device's retained message is left");
 
   // registered again (an operator's explicit action), the id starts from nothing: no session, no queued command
-  await fx.registry.create('dev-v', {});
+  await fx.registry.create('dev-v', {}, { reinstate: true });
   const b = await fx.pki.issueDeviceBundle('dev-v', 'ec');
   await fx.registry.addCertificate('dev-v', { serial: b.serial, fingerprint256: b.fingerprint256, not_after: b.notAfter.toISOString() });
   const raw = await rawDevice(t, fx, b, 'dev-v', false);

@@ -6,7 +6,7 @@ t.test('defaults without a file point at the bundled connector.yaml', async (t) 
   const c = defaultCloudConfig('/srv/x');
   t.same(c.listen, { host: '127.0.0.1', port: 9443 });
   t.equal(c.store_dir, '/srv/x/cloud-data');
-  t.same(c.clients, [{ id: 'edge-connector', secret: 'file:/srv/x/state/cloud-client.secret', grants: ['client_credentials', 'password', 'refresh_token'], scopes: ['ingest', 'subscribe', 'commands'] }]);
+  t.same(c.clients, [{ id: 'edge-connector', secret: 'file:/srv/x/state/cloud-client.secret', grants: ['client_credentials', 'password', 'refresh_token'], scopes: ['ingest', 'subscribe', 'commands'], gateway_ids: [] }]);
   t.equal(c.token_ttl_s, 300);
   t.equal(c.signing_secret, undefined);
 });

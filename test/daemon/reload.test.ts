@@ -213,7 +213,10 @@ t.test('a live MQTT/TLS device session survives a server certificate renewal and
   await nextLog(d, mark, isMsg('server certificate renewed'), 'server certificate renewed');
   // the reload is logged once every component applied it (the broker's TLS context swap included)
   const reloaded = await nextLog(d, mark, isMsg('configuration reloaded'), 'configuration reloaded');
-  t.ok((reloaded.changes as string[]).some((c) => /^broker: .*TLS context reloaded/.test(c)), 'the broker reloaded its TLS context');
+  // the broker swaps its context either on the PKI's renewal event or in its reload step, whichever reads the files
+  // first (the other then finds nothing changed); both are done before 'configuration reloaded' is logged
+  const byEvent = d.logs.slice(mark).some(isMsg('server certificate renewed by the local PKI; new TLS handshakes use it'));
+  t.ok(byEvent || (reloaded.changes as string[]).some((c) => /^broker: .*TLS context reloaded/.test(c)), 'the broker reloaded its TLS context');
   const now = await servedCert(port);
   t.not(now.serial, first.serial, 'new MQTT/TLS handshakes get the renewed certificate');
   await publish();
