@@ -278,11 +278,15 @@ export class Publisher {
   async run(d: DaemonHandle): Promise<void> {
     const c = await mqttConnect(d, this.dev);
     this.client = c;
+    // without reconnection mqtt.js keeps a QoS 1 publish in flight when the connection closes (its promise never
+    // settles): the loop ends on the close itself, so a broker that drops the connection ends it at once
+    const closed = new Promise<never>((_, reject) => c.once('close', () => reject(new Error('connection closed'))));
+    closed.catch(() => undefined);
     this.loop = (async () => {
       try {
         while (!this.stopped && this.sent < SENTINEL) {
           const i = this.sent++;
-          await c.publishAsync(`devices/${this.dev.id}/seq`, this.pad ? Buffer.concat([seqMsg(this.dev.id, i), Buffer.alloc(this.pad, 0x2e)]) : seqMsg(this.dev.id, i), { qos: 1 });
+          await Promise.race([c.publishAsync(`devices/${this.dev.id}/seq`, this.pad ? Buffer.concat([seqMsg(this.dev.id, i), Buffer.alloc(this.pad, 0x2e)]) : seqMsg(this.dev.id, i), { qos: 1 }), closed]);
           this.acked.push(i);
           this.notify();
         }

@@ -56,8 +56,9 @@ t.test('disk full under load: stops acknowledging, stays up, loses nothing, reco
   execFileSync('mount', ['-o', 'remount,size=256m', stateDir]);
   const cloud2 = await startCloud(t, dir, { port: cloud.port });
   await pub.publishUntil(d, pub.acked.length + 50, 60_000).catch((err: Error) => {
-    const recent = d.logs.filter((l) => l.level !== undefined && Number(l.level) >= 40).slice(-5);
-    throw new Error(`${err.message}; the daemon's last warnings: ${JSON.stringify(recent).slice(0, 1500)}`);
+    const recent = d.logs.filter((l) => ['warn', 'error', 'fatal'].includes(String(l.level))).slice(-8);
+    const last = d.logs.slice(-25).map((l) => `${String(l.level)} ${String(l.component ?? '')} ${String(l.msg)} ${String(l.code ?? '')}`);
+    throw new Error(`${err.message}; the daemon's last warnings: ${JSON.stringify(recent).slice(0, 600)}; last lines: ${last.join(' | ')}`);
   });
   t.pass('acknowledging again once space returned');
   await pub.finish();
