@@ -133,10 +133,21 @@ export function assertDeviceId(id: unknown): asserts id is string {
 /**
  * lowdb adapter: read returns null when the file is missing and throws on bad
  * JSON (the registry turns that into ECONN_REGISTRY_CORRUPT); write is
- * tmp + fsync + rename + directory fsync, serialized, mode 0600.
+ * tmp + fsync + rename + directory fsync, mode 0600, group-committed.
+ *
+ * Group commit: the file is the whole registry (pretty JSON, ~500 B per
+ * device, so ~5 MB at 10 000 devices), and one durable write of it costs a
+ * full rewrite plus two fsyncs. Writing it once per change capped
+ * registration at ~40/s. Instead, changes made while a write is in flight
+ * share the next one: every caller's promise resolves only after a write that
+ * serialised the state *including its change* is durable (the state is
+ * serialised when that write starts, after the change was applied), so the
+ * guarantee per change is unchanged and at most one write is queued behind
+ * the one in flight, however many changes arrive.
  */
 export class AtomicJsonFile<T> implements Adapter<T> {
-  private chain: Promise<void> = Promise.resolve();
+  private next: { data: T; waiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> } | undefined;
+  private writing = false;
   constructor(readonly file: string) {}
 
   async read(): Promise<T | null> {
@@ -151,10 +162,39 @@ export class AtomicJsonFile<T> implements Adapter<T> {
   }
 
   write(data: T): Promise<void> {
-    const text = JSON.stringify(data, null, 2) + '\n';
-    const run = this.chain.then(() => writeAtomic(this.file, text));
-    this.chain = run.catch(() => {});
-    return run;
+    return new Promise<void>((resolve, reject) => {
+      // lowdb hands over its live data object: the latest one holds every earlier change too
+      if (this.next) this.next.data = data;
+      else this.next = { data, waiters: [] };
+      this.next.waiters.push({ resolve, reject });
+      if (!this.writing) this.flush();
+    });
+  }
+
+  private flush(): void {
+    const batch = this.next;
+    if (!batch) return;
+    this.next = undefined;
+    this.writing = true;
+    let text: string;
+    try {
+      text = JSON.stringify(batch.data, null, 2) + '\n';
+    } catch (err) {
+      this.writing = false;
+      for (const w of batch.waiters) w.reject(err);
+      this.flush();
+      return;
+    }
+    writeAtomic(this.file, text).then(
+      () => this.settle(batch.waiters, undefined),
+      (err: unknown) => this.settle(batch.waiters, err ?? new Error('registry write failed')),
+    );
+  }
+
+  private settle(waiters: Array<{ resolve: () => void; reject: (err: unknown) => void }>, err: unknown): void {
+    this.writing = false;
+    for (const w of waiters) if (err === undefined) w.resolve(); else w.reject(err);
+    this.flush();
   }
 }
 

@@ -251,3 +251,42 @@ t.test('the daemon refuses to start on a corrupt registry and says why (child pr
   t.match(stdout + stderr, /registry\.json/);
   t.equal(readFileSync(file, 'utf8'), '{"version":1,"devices":', 'left untouched');
 });
+
+t.test('group commit: concurrent changes share durable writes; each resolves only once a write holding it is on disk', async (t) => {
+  const writes: string[] = [];
+  const { DeviceRegistry: Reg } = await t.mockImport<typeof import('../../identity/registry.js')>('../../identity/registry.js', {
+    '../../core/fs.js': {
+      ...(await import('../../core/fs.js')),
+      writeAtomic: async (file: string, text: string) => {
+        writes.push(text);
+        const { writeAtomic } = await import('../../core/fs.js');
+        await writeAtomic(file, text);
+      },
+    },
+  });
+  const file = path.join(tempDir(t), 'registry.json');
+  const r = new Reg({ file, logger });
+  t.teardown(() => r.close());
+  await r.start();
+  const before = writes.length;
+  const ids = Array.from({ length: 50 }, (_, i) => `grp-${i}`);
+  // each create resolves only after its device is durable: the file read right then holds it
+  await Promise.all(
+    ids.map(async (id) => {
+      await r.create(id, {});
+      const onDisk = JSON.parse(readFileSync(file, 'utf8')) as RegistryData;
+      if (!onDisk.devices[id]) t.fail(`${id} resolved before a write holding it was durable`);
+    }),
+  );
+  const used = writes.length - before;
+  t.ok(used >= 1 && used < ids.length / 5, `50 concurrent creates took ${used} durable writes (group commit)`);
+  const onDisk = JSON.parse(readFileSync(file, 'utf8')) as RegistryData;
+  t.same(Object.keys(onDisk.devices).filter((k) => k.startsWith('grp-')).sort(), [...ids].sort(), 'every device on disk');
+  // a failed write rejects the changes it carried, and the next change writes again
+  const failing = await t.mockImport<typeof import('../../identity/registry.js')>('../../identity/registry.js', {
+    '../../core/fs.js': { ...(await import('../../core/fs.js')), writeAtomic: async () => Promise.reject(Object.assign(new Error('disk gone'), { code: 'EIO' })) },
+  });
+  const adapter = new failing.AtomicJsonFile<{ n: number }>(path.join(tempDir(t), 'x.json'));
+  await t.rejects(Promise.all([adapter.write({ n: 1 }), adapter.write({ n: 2 })]), /disk gone/);
+  await t.rejects(adapter.write({ n: 3 }), /disk gone/, 'a later write is attempted (and fails) on its own');
+});
