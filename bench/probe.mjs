@@ -1,0 +1,89 @@
+#!/usr/bin/env node
+/**
+ * Where the time goes at one load: the connector and the reference cloud on a
+ * scratch copy of the bundled config (as `npm run bench` runs them), 10 mTLS
+ * devices publishing open loop at --rate for --seconds, and for each process
+ * user and system CPU per delivered message (/proc/PID/stat) and, with
+ * --strace, `strace -c -f` syscall counts per message over the same window.
+ * A profiling aid for the figures of `npm run bench`, not a goal of its own.
+ *
+ *   node bench/probe.mjs [--rate 500] [--seconds 6] [--size 64] [--strace]
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { connectDevices, endDevices, newCase, makeReceiver, openLoop, drain } from './lib/load.mjs';
+import { ConnectorStack } from './lib/stacks.mjs';
+import { killAll } from './lib/procs.mjs';
+
+const REPO = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
+const args = process.argv.slice(2);
+const opt = (f, d) => (args.includes(f) ? args[args.indexOf(f) + 1] : d);
+const RATE = Number(opt('--rate', 500));
+const SECONDS = Number(opt('--seconds', 6));
+const SIZE = Number(opt('--size', 64));
+const STRACE = args.includes('--strace');
+const TICK_US = 1e6 / 100; // USER_HZ
+
+function cpu(pid) {
+  const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return { user: Number(f[11]) * TICK_US, sys: Number(f[12]) * TICK_US };
+}
+function straceStart(pid, out) {
+  const p = spawn('strace', ['-c', '-f', '-o', out, '-p', String(pid)], { stdio: 'ignore' });
+  return p;
+}
+
+const root = fs.mkdtempSync(path.join(os.tmpdir(), 'ec-probe-'));
+const conn = new ConnectorStack(REPO, path.join(root, 'connector'));
+try {
+  fs.mkdirSync(conn.root, { recursive: true });
+  await conn.prepare();
+  await conn.startCloud();
+  await conn.startDaemon();
+  await conn.uplinkConnected();
+  const ids = Array.from({ length: 10 }, (_, i) => `probe-dev-${i}`);
+  const files = await conn.addDevices(ids, 10);
+  const devs = await connectDevices(conn.ports.mqtt_tls, files);
+  const recv = makeReceiver();
+  await conn.subscribe(recv);
+  const warm = newCase(RATE * 2 + 100);
+  recv.current = warm;
+  await openLoop(warm, devs, { rate: RATE, size: SIZE, qos: 1, seconds: 1 });
+  const c = newCase(RATE * (SECONDS + 1) + 100);
+  recv.current = c;
+  const pids = { connector: conn.daemon.pid, cloud: conn.cloud.pid };
+  const st = STRACE ? Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, { p: straceStart(pid, path.join(root, `${k}.strace`)), file: path.join(root, `${k}.strace`) }])) : {};
+  if (STRACE) await new Promise((r) => setTimeout(r, 300));
+  const a = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpu(pid)]));
+  const r0 = c.received;
+  const t0 = performance.now();
+  await openLoop(c, devs, { rate: RATE, size: SIZE, qos: 1, seconds: SECONDS });
+  const b = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpu(pid)]));
+  const secs = (performance.now() - t0) / 1000;
+  const n = c.received - r0;
+  for (const s of Object.values(st)) s.p.kill('SIGINT');
+  await Promise.all(Object.values(st).map((s) => new Promise((r) => s.p.once('exit', r))));
+  console.log(`rate ${RATE} msg/s, ${SIZE} B: sent ${c.sent}, delivered in window ${n} (${(n / secs).toFixed(0)}/s)`);
+  for (const k of Object.keys(pids)) {
+    const u = (b[k].user - a[k].user) / n;
+    const s = (b[k].sys - a[k].sys) / n;
+    console.log(`${k}: user ${u.toFixed(1)} µs/msg, sys ${s.toFixed(1)} µs/msg, total ${(u + s).toFixed(1)}`);
+    if (STRACE) {
+      const text = fs.readFileSync(st[k].file, 'utf8');
+      const rows = text.split('\n').filter((l) => /^\s*\d/.test(l)).map((l) => l.trim().split(/\s+/)).filter((f) => f.length >= 5);
+      rows.sort((x, y) => Number(y[3]) - Number(x[3]));
+      console.log(`  syscalls per message: ${rows.slice(0, 14).map((f) => `${f[f.length - 1]} ${(Number(f[3]) / n).toFixed(2)}`).join(', ')}`);
+    }
+  }
+  await drain(c, 10_000);
+  endDevices(devs);
+} finally {
+  // a graceful stop, so that a daemon started with --cpu-prof (BENCH_DAEMON_NODE_ARGS) writes its profile
+  await conn.stopDaemon().catch(() => undefined);
+  killAll();
+  fs.rmSync(root, { recursive: true, force: true });
+}
+process.exit(0);
