@@ -16,6 +16,7 @@
 import type { WebSocket } from 'ws';
 import type { Logger } from '../core/logger.js';
 import type { CloudStore, StoredEntry } from './store.js';
+import { storedFields } from './store/format.js';
 
 export const INLINE_PAYLOAD_MAX = 64 * 1024;
 const MAX_QUEUE = 100_000;
@@ -51,20 +52,7 @@ const HIGH_WATER_BYTES = 4 * 1024 * 1024;
 
 /** The JSON text of a stored message as subscribers receive it (the same text for every subscriber). */
 function messageText(e: StoredEntry, payload: Buffer | undefined): string {
-  const msg: Record<string, unknown> = {
-    type: 'message',
-    seq: e.seq,
-    id: e.id,
-    gateway_id: e.gateway_id,
-    device_id: e.device_id,
-    topic: e.topic,
-    qos: e.qos,
-    size: e.size,
-    sha256: e.sha256,
-    received_at: e.received_at,
-    stored_at: e.stored_at,
-  };
-  if (e.content_type !== undefined) msg.content_type = e.content_type;
+  const msg = storedFields(e, { type: 'message' });
   if (payload !== undefined && e.size <= INLINE_PAYLOAD_MAX) msg.payload = payload.toString('base64');
   return JSON.stringify(msg);
 }

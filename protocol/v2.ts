@@ -23,6 +23,7 @@ import {
   DIGEST_BYTES,
   FRAME_MAGIC,
   FRAME_TYPES,
+  SERVER_FRAMES,
   HEADER_BYTES,
   LIMITS,
   WireError,
@@ -94,18 +95,8 @@ export type FrameV2 = Exclude<ControlFrame, { type: 'ACK' }> | AckFrameV2 | Batc
 export type FrameV2TypeName = Exclude<FrameTypeName, 'CHUNK'> | 'BATCH';
 
 export const CLIENT_FRAMES_V2: ReadonlySet<FrameV2TypeName> = new Set(['HELLO', 'BATCH', 'PING', 'PONG', 'TOKEN', 'COMMAND_RESULT', 'QUERY', 'ERROR']);
-export const SERVER_FRAMES_V2: ReadonlySet<FrameV2TypeName> = new Set([
-  'WELCOME',
-  'ACK',
-  'REJECT',
-  'PING',
-  'PONG',
-  'TOKEN_OK',
-  'TOKEN_REJECTED',
-  'COMMAND',
-  'QUERY_RESULT',
-  'ERROR',
-]);
+/** The server sends the same frames in both versions (v2 changes only what the client sends and ACK's body). */
+export const SERVER_FRAMES_V2: ReadonlySet<FrameV2TypeName> = new Set([...SERVER_FRAMES].filter((t): t is Exclude<FrameTypeName, 'CHUNK'> => t !== 'CHUNK'));
 
 const TYPE_BY_CODE = new Map<number, FrameV2TypeName>([
   ...Object.entries(FRAME_TYPES)

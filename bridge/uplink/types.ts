@@ -4,21 +4,12 @@
  */
 import type { WebSocket } from 'ws';
 import type { Config } from '../../core/config/schema.js';
-import type { UplinkMessageMeta } from '../../core/ports.js';
+import type { JournalRecord } from '../journal.js';
 
 // ─── what the uplink needs from the journal ─────────────────────────────────
 
-/** One journal record as the uplink sees it (bridge/journal.ts JournalRecord). */
-export interface OutboundRecord {
-  readonly id: string;
-  /** Position in the journal (strictly increasing). */
-  readonly seq: number;
-  readonly meta: UplinkMessageMeta;
-  readonly size: number;
-  /** SHA-256 of the payload, lowercase hex. */
-  readonly sha256: string;
-  readonly createdAt: number;
-}
+/** One journal record as the uplink sees it: the journal's own record type (one definition). */
+export type OutboundRecord = JournalRecord;
 
 /** The consumer side of the journal, as bridge/journal.ts implements it. */
 export interface UplinkJournal {

@@ -66,21 +66,28 @@ export function parseSegmentName(name: string): number | undefined {
   return Number.isSafeInteger(n) && n >= 1 ? n : undefined;
 }
 
-function metaJson(e: StoredEntry): string {
-  // a fixed key order (the order subscribers see)
-  const m: Record<string, unknown> = {
-    seq: e.seq,
-    id: e.id,
-    gateway_id: e.gateway_id,
-    device_id: e.device_id,
-    topic: e.topic,
-    qos: e.qos,
-    size: e.size,
-    sha256: e.sha256,
-    received_at: e.received_at,
-    stored_at: e.stored_at,
-  };
+/**
+ * A stored message's fields in their fixed order — the order of a record's meta in the
+ * segment and of the message subscribers receive (cloud/subscribers.ts), so one list.
+ */
+export function storedFields(e: StoredEntry, lead?: Record<string, unknown>): Record<string, unknown> {
+  const m: Record<string, unknown> = lead ?? {};
+  m.seq = e.seq;
+  m.id = e.id;
+  m.gateway_id = e.gateway_id;
+  m.device_id = e.device_id;
+  m.topic = e.topic;
+  m.qos = e.qos;
+  m.size = e.size;
+  m.sha256 = e.sha256;
+  m.received_at = e.received_at;
+  m.stored_at = e.stored_at;
   if (e.content_type !== undefined) m.content_type = e.content_type;
+  return m;
+}
+
+function metaJson(e: StoredEntry): string {
+  const m = storedFields(e);
   if (e.payload_file !== undefined) m.blob = e.payload_file;
   return JSON.stringify(m);
 }

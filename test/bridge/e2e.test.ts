@@ -7,119 +7,15 @@
  * a hostile cloud. Every wait is bounded.
  */
 import t from 'tap';
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync, existsSync, createReadStream } from 'node:fs';
 import https from 'node:https';
 import http from 'node:http';
 import path from 'node:path';
-import { stringify } from 'yaml';
-import mqtt, { type MqttClient } from 'mqtt';
-import { CLI, startDaemon, runCli, tempDir, type DaemonHandle, type Json, type TestLike, freePort } from '../helpers/daemon.js';
+import { startDaemon, tempDir, type DaemonHandle, type Json, type TestLike, freePort } from '../helpers/daemon.js';
 import { MiniCloud } from '../helpers/mini-cloud.js';
-
-const CLIENT_SECRET = randomBytes(24).toString('base64url');
-
-// ─── the reference cloud as a process ────────────────────────────────────────
-
-interface Cloud {
-  proc: DaemonHandle;
-  port: number;
-  dir: string;
-  storeDir: string;
-  caFile: string;
-  secretFile: string;
-  configFile: string;
-}
-
-async function startCloud(t: TestLike, dir: string, opts: { port?: number; tokenTtlS?: number } = {}): Promise<Cloud> {
-  const secretFile = path.join(dir, 'cloud-client.secret');
-  if (!existsSync(secretFile)) writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
-  const storeDir = path.join(dir, 'cloud-data');
-  const configFile = path.join(dir, 'cloud.yaml');
-  writeFileSync(
-    configFile,
-    stringify({
-      listen: { host: '127.0.0.1', port: opts.port ?? 0 },
-      store_dir: storeDir,
-      clients: [{ id: 'edge-connector', secret: `file:${secretFile}` }],
-      token_ttl_s: opts.tokenTtlS ?? 300,
-      heartbeat_ms: 1000,
-      log_level: 'info',
-    }),
-    { mode: 0o600 },
-  );
-  const proc = await startDaemon(t, { dir, configFile, args: ['cloud', '-c', configFile], readyTimeoutMs: 20000 });
-  return { proc, port: proc.ports.cloud!, dir, storeDir, caFile: path.join(storeDir, 'tls', 'ca.crt'), secretFile, configFile };
-}
-
-
-// ─── the connector ───────────────────────────────────────────────────────────
-
-function connectorConfig(cloud: { port: number; caFile: string }, secretFile: string, over: Json = {}): Json {
-  const base: Json = {
-    broker: { limits: { max_payload_bytes: 2 * 1024 * 1024 } },
-    bridge: {
-      enabled: true,
-      uplink: {
-        url: `wss://127.0.0.1:${cloud.port}/ingest`,
-        ca_file: cloud.caFile,
-        heartbeat_ms: 500,
-        dead_after_ms: 3000,
-        reconnect_min_ms: 50,
-        reconnect_max_ms: 1000,
-      },
-      token: { url: `https://127.0.0.1:${cloud.port}/oauth/token`, client_secret: `file:${secretFile}`, renew_before_s: 1 },
-    },
-  };
-  return merge(base, over);
-}
-
-function merge(a: Json, b: Json): Json {
-  const out: Json = { ...a };
-  for (const [k, v] of Object.entries(b)) {
-    const cur = out[k];
-    out[k] = v && typeof v === 'object' && !Array.isArray(v) && cur && typeof cur === 'object' && !Array.isArray(cur) ? merge(cur as Json, v as Json) : v;
-  }
-  return out;
-}
-
-interface DeviceFiles {
-  id: string;
-  cert: string;
-  key: string;
-  ca: string;
-  token: string;
-}
-
-async function addDevice(d: DaemonHandle, id: string): Promise<DeviceFiles> {
-  const out = path.join(d.dir, `dev-${id}`);
-  const r = await runCli(['device', 'add', id, '--out', out, '-c', d.configFile], { cwd: d.dir });
-  if (r.code !== 0) throw new Error(`device add ${id} failed: ${r.stderr}`);
-  const f = (n: string): string => readFileSync(path.join(out, n), 'utf8');
-  return { id, cert: path.join(out, `${id}.crt`), key: path.join(out, `${id}.key`), ca: path.join(out, 'ca.crt'), token: f(`${id}.token`).trim() };
-}
-
-async function mqttConnect(d: DaemonHandle, dev: DeviceFiles): Promise<MqttClient> {
-  const port = d.ports.mqtt_tls;
-  if (!port) throw new Error(`the daemon reports no mqtt_tls port (ports: ${JSON.stringify(d.ports)})`);
-  const c = mqtt.connect(`mqtts://127.0.0.1:${port}`, {
-    clientId: dev.id,
-    ca: readFileSync(dev.ca),
-    cert: readFileSync(dev.cert),
-    key: readFileSync(dev.key),
-    protocolVersion: 4,
-    reconnectPeriod: 0,
-    connectTimeout: 10_000,
-    rejectUnauthorized: true,
-  });
-  await new Promise<void>((resolve, reject) => {
-    c.once('connect', () => resolve());
-    c.once('error', reject);
-  });
-  c.on('error', () => undefined);
-  return c;
-}
+import { CLIENT_SECRET, startCloud, connectorConfig, addDevice, mqttConnect, tail, seqMsg, decode, type Cloud, type DeviceFiles, type Delivered } from '../helpers/fleet.js';
 
 /** POST /api/publish/{id} streaming a file, with Content-Digest. */
 function upload(d: DaemonHandle, dev: DeviceFiles, file: string, topic?: string): Promise<{ status: number; body: Json }> {
@@ -162,64 +58,6 @@ function bigFile(dir: string, bytes: number): { file: string; sha256: string } {
   writeFileSync(file, Buffer.concat(parts));
   return { file, sha256: h.digest('hex') };
 }
-
-// ─── the subscriber: `connector cloud tail` ─────────────────────────────────
-
-interface Delivered {
-  id: string;
-  device_id: string;
-  topic: string;
-  size: number;
-  sha256: string;
-  payload?: string;
-}
-
-/** Run `connector cloud tail --from-start` until pred(lines) holds (bounded), then stop it. */
-async function tail(t: TestLike, cloud: Cloud, pred: (m: Delivered[]) => boolean, what: string, timeoutMs = 30_000): Promise<Delivered[]> {
-  const p: ChildProcess = spawn(
-    process.execPath,
-    [CLI, 'cloud', 'tail', '--from-start', '--url', `https://127.0.0.1:${cloud.port}`, '--ca', cloud.caFile, '--secret', `file:${cloud.secretFile}`],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  t.teardown(() => void p.kill('SIGKILL'));
-  const got: Delivered[] = [];
-  let partial = '';
-  let stderr = '';
-  p.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr += s));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      p.kill('SIGKILL');
-      reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}; got ${got.length} messages; tail stderr: ${stderr.slice(-500)}`));
-    }, timeoutMs);
-    const check = (): void => {
-      if (pred(got)) {
-        clearTimeout(timer);
-        p.kill('SIGKILL');
-        resolve(got);
-      }
-    };
-    p.stdout!.setEncoding('utf8').on('data', (s: string) => {
-      partial += s;
-      let nl: number;
-      while ((nl = partial.indexOf('\n')) >= 0) {
-        const line = partial.slice(0, nl);
-        partial = partial.slice(nl + 1);
-        if (line.trim()) got.push(JSON.parse(line) as Delivered);
-      }
-      check();
-    });
-    p.on('exit', () => {
-      if (!pred(got)) {
-        clearTimeout(timer);
-        reject(new Error(`cloud tail exited before ${what} (${got.length} messages); stderr: ${stderr.slice(-500)}`));
-      }
-    });
-  });
-}
-
-/** Messages are "DEV:SEQ" (zero-padded) so order per device can be checked from the subscriber's side. */
-const seqMsg = (dev: string, i: number): Buffer => Buffer.from(`${dev}:${String(i).padStart(6, '0')}`);
-const decode = (m: Delivered): string => Buffer.from(m.payload ?? '', 'base64').toString();
 
 /** The tap assertions this helper uses (passed as closures: tap's Test type is not easy to name). */
 interface Asserts {
