@@ -10,6 +10,7 @@
  *   node bench/probe.mjs [--rate 500] [--seconds 6] [--size 64] [--strace]
  */
 import fs from 'node:fs';
+import { performance } from 'node:perf_hooks';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
