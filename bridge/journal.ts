@@ -1152,6 +1152,16 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     return out[0];
   }
 
+  /**
+   * The whole payload from the memory cache, synchronously: the uplink's path for a message it sends in
+   * one chunk right after it was written. An entry leaves the cache when its record is acknowledged or
+   * dropped, so a hit is a live record.
+   */
+  cachedPayload(rec: JournalRecord): Buffer | undefined {
+    const c = this.cache.get(rec.seq);
+    return c !== undefined && c.rec === rec ? c.payload : undefined;
+  }
+
   async readPayload(rec: JournalRecord, start = 0, end = rec.size): Promise<Buffer> {
     const f = this.find(rec.id);
     if (!f) throw this.gone(rec);

@@ -17,6 +17,8 @@ export interface UplinkJournal {
   pending(afterSeq?: number, limit?: number): readonly OutboundRecord[];
   /** Bytes [start, end) of the payload; rejects ECONN_NOT_FOUND once the record left the queue. */
   readPayload(rec: OutboundRecord, start?: number, end?: number): Promise<Buffer>;
+  /** The whole payload when it is still in memory (written recently, not acknowledged); undefined otherwise. Never reads the disk. */
+  cachedPayload?(rec: OutboundRecord): Buffer | undefined;
   /** Selective ack; unknown ids are ignored. */
   ack(id: string): Promise<void> | void;
   quarantine(id: string, reason: string): Promise<void> | void;

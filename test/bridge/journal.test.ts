@@ -140,6 +140,19 @@ t.test('append, restart, same records in order with stable ids and payloads', as
   t.equal((await b.j.readPayload(all[3]!, 1, 2)).toString(), '3', 'byte range');
 });
 
+t.test('cachedPayload: a record written recently is served from memory, synchronously, until it is acknowledged', async (t) => {
+  const a = await open(t, tempDir(t));
+  const r = await a.j.append(meta(), Buffer.from('hot'));
+  const rec = a.j.pending().find((x) => x.id === r.id)!;
+  t.equal(a.j.cachedPayload(rec)?.toString(), 'hot', 'in memory after the append');
+  t.equal(a.j.cachedPayload({ ...rec }), undefined, 'only for the record object the journal handed out');
+  await a.j.ack(r.id);
+  t.equal(a.j.cachedPayload(rec), undefined, 'gone once acknowledged');
+  const big = await a.j.append(meta(), Buffer.alloc(a.j.stats().pendingBytes + 2 * 1024 * 1024, 1));
+  const bigRec = a.j.pending().find((x) => x.id === big.id)!;
+  t.equal(a.j.cachedPayload(bigRec), undefined, 'a payload above the cache share is never cached (read from disk instead)');
+});
+
 t.test('a torn tail is truncated at the last good record and logged', async (t) => {
   const dir = tempDir(t);
   const a = await open(t, dir);

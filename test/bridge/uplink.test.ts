@@ -531,7 +531,7 @@ t.test('protocol v2: small messages go many per BATCH frame and are acknowledged
   );
 });
 
-t.test('issue 9: a record the encoder refuses (metadata over the protocol limits) is quarantined, never retried, and does not block what is behind it', async (t) => {
+for (const fromMemory of [false, true]) t.test(`issue 9: a record the encoder refuses (metadata over the protocol limits) is quarantined, never retried, and does not block what is behind it (payload ${fromMemory ? 'from the memory cache: the one-chunk fast path falls back' : 'read'})`, async (t) => {
   const s = await setup(t, {}, {}, { noStart: true });
   const before = await s.append('d', Buffer.from('before'));
   const bad = await s.append('d', Buffer.from('bad metadata'));
@@ -542,6 +542,9 @@ t.test('issue 9: a record the encoder refuses (metadata over the protocol limits
   const view: typeof journal = Object.create(journal) as typeof journal;
   view.pending = (afterSeq?: number, limit?: number) =>
     journal.pending(afterSeq, limit).map((r) => (r.id === bad ? { ...r, meta: { ...r.meta, contentType: 'x'.repeat(256) } } : r));
+  // the copy handed out for the bad record is not the journal's cached object: serve its payload anyway
+  if (fromMemory) view.cachedPayload = (r) => journal.cachedPayload(journal.pending().find((x) => x.seq === r.seq) ?? r);
+  else view.cachedPayload = () => undefined;
   const quarantined: string[] = [];
   view.quarantine = async (id: string, reason: string) => {
     quarantined.push(`${id}: ${reason}`);
