@@ -6,7 +6,10 @@
  * CA:true intermediate the device CA's pathlen:0 forbids, signed by another CA,
  * self-signed, or carrying identity characters that need escaping (`/`, `+`,
  * `#`, NUL, newline, `=`/`,`, unicode) in a certificate the gateway's own CA
- * signed. Each is refused at TLS or CONNECT with a log line carrying a code,
+ * signed; and, with identity_from: san_uri, SAN URIs that try to smuggle a
+ * second URI past Node's rendering of the extension, traversal, encoded
+ * slashes, fragments, NUL, two ids, or no SAN at all. Each is refused at TLS or
+ * CONNECT with a log line carrying a code,
  * while a valid device keeps publishing and getting PUBACKs; the daemon stays up.
  */
 import t from 'tap';
@@ -173,4 +176,55 @@ t.test('hostile client certificates: each refused with a coded log line, a valid
   t.equal(await tryCert(d, ca, readFileSync(target.cert, 'utf8'), readFileSync(target.key, 'utf8'), id), 'connected', 'the target device\'s genuine certificate still works');
   t.equal(d.proc.exitCode, null, 'the daemon is still running');
   await pub.finish();
+});
+
+t.test('identity from the SAN URI: URIs that need escaping or try to smuggle a second URI are refused with a coded log line', async (t) => {
+  const d = await startDaemon(t, { dir: tempDir(t, 'ec-soak-certsan-'), config: { broker: { tls: { identity_from: 'san_uri', san_uri_prefix: 'urn:device:' } } } });
+  const target = await addDevice(d, 'san-target');
+  const valid = await addDevice(d, 'san-valid');
+  const ca = readFileSync(target.ca);
+  const pki = path.join(d.stateDir, 'pki');
+  const realCa: Signer = { cert: new x509.X509Certificate(readFileSync(path.join(pki, 'ca.crt'), 'utf8')), key: await importPrivateKeyPem(readFileSync(path.join(pki, 'ca.key'), 'utf8')) };
+  const id = target.id;
+  const withSan = (uris: string[], cnValue = 'ignored'): Promise<{ pem: string; keyPem: string }> =>
+    issue(realCa, [{ CN: [cnValue] }], [...leafExt(), new x509.SubjectAlternativeNameExtension(uris.map((value) => ({ type: 'url' as const, value })))]);
+  const cases: [string, () => Promise<{ pem: string; keyPem: string }>][] = [
+    ['a second URI smuggled after a comma', () => withSan([`urn:other:x, URI:urn:device:${id}`])],
+    ['a quoted second URI', () => withSan([`urn:other:"x", URI:urn:device:${id}`])],
+    ['the prefix in another URI\'s query', () => withSan([`https://evil.example/?u=urn:device:${id}`])],
+    ['path traversal after the prefix', () => withSan([`urn:device:${id}/../x`])],
+    ['percent-encoded slash after the prefix', () => withSan([`urn:device:${id}%2Fx`])],
+    ['a fragment after the id', () => withSan([`urn:device:${id}#x`])],
+    ['NUL after the id', () => withSan([`urn:device:${id}\u0000x`])],
+    ['two URIs naming different devices', () => withSan([`urn:device:${id}`, 'urn:device:san-valid'])],
+    ['upper-case prefix', () => withSan([`URN:DEVICE:${id}`])],
+    ['no SAN, the id only in the CN', () => issue(realCa, [{ CN: [id] }], leafExt())],
+  ];
+  // `device add` puts the id in the CN: under san_uri the valid device connects with its token
+  const validClient = mqtt.connect(`mqtts://127.0.0.1:${d.ports.mqtt_tls}`, { clientId: valid.id, username: valid.id, password: valid.token, ca, protocolVersion: 4, reconnectPeriod: 0 });
+  await new Promise<void>((resolve, reject) => validClient.once('connect', () => resolve()).once('error', reject));
+  t.teardown(() => validClient.end(true));
+  let acked = 0;
+  const publishSome = async (n: number): Promise<void> => {
+    for (let i = 0; i < n; i++) await validClient.publishAsync(`devices/${valid.id}/seq`, `m${acked++}`, { qos: 1 });
+  };
+  await publishSome(5);
+  const results: string[] = [];
+  for (const [name, make] of cases) {
+    const { pem, keyPem } = await make();
+    const before = d.logs.length;
+    const r = await tryCert(d, ca, pem, keyPem, id);
+    t.not(r, 'connected', `refused: ${name} (${r})`);
+    const line = await d
+      .waitForLog((l) => d.logs.indexOf(l) >= before && typeof l.code === 'string' && /^ECONN_AUTH|^ECONN_DEVICE/.test(String(l.code)), 10_000, `a coded refusal for ${name}`)
+      .catch(() => undefined as Json | undefined);
+    t.ok(line, `${name}: logged with a code`);
+    results.push(`${name}: ${line ? `${String(line.code)} — ${String(line.reason)}` : r}`);
+    await publishSome(3);
+  }
+  t.comment(results.join('\n'));
+  t.ok(validClient.connected, 'the valid device stayed connected and got every PUBACK');
+  const good = await withSan([`urn:device:${id}`]);
+  t.equal(await tryCert(d, ca, good.pem, good.keyPem, id), 'connected', 'control: a certificate with the right SAN URI is accepted');
+  t.equal(d.proc.exitCode, null, 'the daemon is still running');
 });
