@@ -100,12 +100,21 @@ t.test('hostile JWTs as MQTT passwords: every one refused, daemon up, valid devi
     ['huge token (60 KiB)', `${h}.${'A'.repeat(60 * 1024)}.${dev.token.split('.')[2]}`],
     ['empty', ''],
   ];
+  // a valid device (certificate) publishes QoS 1 throughout and must keep getting PUBACKs
+  const bystander = await addDevice(d, 'jwt-bystander');
+  const pub = new Publisher(bystander);
+  await pub.run(d);
+  await pub.waitAcked(5, 20_000);
   const results: string[] = [];
   for (const [name, tok] of corpus) {
+    const ackedBefore = pub.acked.length;
     const r = await tryConnect(d, dev, await tok);
     results.push(`${name}: ${r}`);
     t.not(r, 'connected', `refused: ${name}`);
+    await pub.waitAcked(ackedBefore + 3, 10_000);
   }
+  t.ok(pub.running, 'the valid device was never disconnected and kept getting PUBACKs');
+  await pub.finish();
   t.equal(fetched, 0, 'jku / x5u URLs were never fetched');
   t.equal(await tryConnect(d, dev, dev.token), 'connected', 'the genuine token still works after the corpus');
   t.equal(d.proc.exitCode, null, 'the daemon is still running');
