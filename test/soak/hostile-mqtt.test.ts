@@ -3,10 +3,11 @@
  * Valid packets (CONNECT, PUBLISH at every QoS, SUBSCRIBE, UNSUBSCRIBE,
  * PINGREQ, PUBREL, DISCONNECT) built with mqtt-packet are mutated (bit flips,
  * truncation, remaining-length lies, type/flag nibbles rewritten, random bytes
- * spliced in, pure garbage) and written over raw TLS sockets that present a
- * valid device certificate, so the bytes reach the MQTT parser and the
+ * spliced in, pure garbage) and written over raw TLS sockets (and, in a second
+ * case, as binary messages on MQTT/WSS) that present a valid device certificate, so the bytes reach the MQTT parser and the
  * conformance guard instead of stopping at the handshake. For a bounded time
- * (fast ~5 s, SOAK=full 60 s; seed printed, SOAK_SEED replays it) while another
+ * (fast ~5 s each, SOAK=full 60 s TLS + 15 s WSS; seed printed, SOAK_SEED
+ * replays the mutations, not the interleaving of the 4 workers) while another
  * device publishes QoS 1 and must keep getting PUBACKs; afterwards the daemon is
  * up, its memory is bounded, violations were logged with a code, and the valid
  * device still publishes.
@@ -15,6 +16,7 @@ import t from 'tap';
 import { readFileSync } from 'node:fs';
 import tls from 'node:tls';
 import mqttPacket from 'mqtt-packet';
+import { WebSocket } from 'ws';
 import { startDaemon, tempDir } from '../helpers/daemon.js';
 import { addDevice, Publisher } from '../helpers/fleet.js';
 import { FULL, seeded } from '../helpers/soak.js';
@@ -126,8 +128,13 @@ interface Tally {
   byMutation: Record<string, number>;
 }
 
-/** One fuzz connection: a (maybe mutated) CONNECT then 1–6 mutated packets; ends when the server closes or after `holdMs`. */
-function fuzzOnce(port: number, creds: { ca: Buffer; cert: Buffer; key: Buffer }, id: string, rnd: Rnd, tally: Tally, holdMs: number): Promise<void> {
+type Transport = 'tls' | 'wss';
+
+/**
+ * One fuzz connection: a (maybe mutated) CONNECT then 1–6 mutated packets; ends when the server closes or after
+ * `holdMs`. Over TLS the bytes are split at random points; over WSS each random piece is one binary message.
+ */
+function fuzzOnce(transport: Transport, port: number, creds: { ca: Buffer; cert: Buffer; key: Buffer }, id: string, rnd: Rnd, tally: Tally, holdMs: number): Promise<void> {
   const { connect, others } = validPackets(id, rnd);
   const out: Buffer[] = [];
   const first = rnd() < 0.5 ? 'intact' : pick(rnd, MUTATIONS);
@@ -138,6 +145,42 @@ function fuzzOnce(port: number, creds: { ca: Buffer; cert: Buffer; key: Buffer }
     tally.byMutation[m] = (tally.byMutation[m] ?? 0) + 1;
     out.push(mutate(pick(rnd, others), rnd, m));
   }
+  const pieces = (all: Buffer): Buffer[] => {
+    const out: Buffer[] = [];
+    for (let at = 0; at < all.length; ) {
+      const n = 1 + int(rnd, all.length - at);
+      out.push(all.subarray(at, at + n));
+      at += n;
+    }
+    return out;
+  };
+  if (transport === 'wss') {
+    return new Promise((resolve) => {
+      let open = false;
+      let gaveUp = false;
+      const ws = new WebSocket(`wss://127.0.0.1:${port}/mqtt`, 'mqtt', { ca: creds.ca, cert: creds.cert, key: creds.key });
+      const timer = setTimeout(() => {
+        gaveUp = true;
+        tally.timedOut++;
+        ws.terminate();
+      }, holdMs);
+      ws.on('open', () => {
+        open = true;
+        tally.connections++;
+        const all = Buffer.concat(out);
+        tally.packets += out.length;
+        tally.bytes += all.length;
+        for (const piece of pieces(all)) ws.send(piece);
+      });
+      ws.on('error', () => undefined);
+      ws.on('close', () => {
+        clearTimeout(timer);
+        if (!open) tally.handshakeFailed++;
+        else if (!gaveUp) tally.closedByServer++;
+        resolve();
+      });
+    });
+  }
   return new Promise((resolve) => {
     let secure = false;
     const s = tls.connect({ host: '127.0.0.1', port, ca: creds.ca, cert: creds.cert, key: creds.key, servername: 'localhost' }, () => {
@@ -147,12 +190,7 @@ function fuzzOnce(port: number, creds: { ca: Buffer; cert: Buffer; key: Buffer }
       const all = Buffer.concat(out);
       tally.packets += out.length;
       tally.bytes += all.length;
-      let at = 0;
-      while (at < all.length) {
-        const n = 1 + int(rnd, all.length - at);
-        s.write(all.subarray(at, at + n));
-        at += n;
-      }
+      for (const piece of pieces(all)) s.write(piece);
     });
     let gaveUp = false;
     const timer = setTimeout(() => {
@@ -172,64 +210,68 @@ function fuzzOnce(port: number, creds: { ca: Buffer; cert: Buffer; key: Buffer }
   });
 }
 
-t.test('MQTT fuzzer over TLS with a valid device certificate: daemon up, memory bounded, a valid device keeps its PUBACKs', async (t) => {
-  const rnd = seeded();
-  const durationMs = FULL ? 60_000 : 5_000;
-  t.comment(`MQTT fuzzer seed ${rnd.seed} (replay with SOAK_SEED=${rnd.seed}), ${durationMs} ms`);
-  const d = await startDaemon(t, { dir: tempDir(t, 'ec-soak-mqttfuzz-') });
-  const victim = await addDevice(d, 'victim');
-  const fuzzer = await addDevice(d, 'fuzzer');
-  const creds = { ca: readFileSync(fuzzer.ca), cert: readFileSync(fuzzer.cert), key: readFileSync(fuzzer.key) };
-  const pub = new Publisher(victim);
-  await pub.run(d);
-  await pub.waitAcked(20, 20_000);
-  const pid = d.proc.pid;
-  const rssBefore = rss(pid);
-  let rssMax = rssBefore;
-  const tally: Tally = { connections: 0, packets: 0, bytes: 0, closedByServer: 0, timedOut: 0, handshakeFailed: 0, byMutation: {} };
-  const ackedAtStart = pub.acked.length;
-  // progress of the valid device, sampled once a second: it must advance in every window
-  const stalls: string[] = [];
-  let lastAcked = ackedAtStart;
-  const sampler = setInterval(() => {
+for (const transport of ['tls', 'wss'] as const) {
+  t.test(`MQTT fuzzer over ${transport.toUpperCase()} with a valid device certificate: daemon up, memory bounded, a valid device keeps its PUBACKs`, async (t) => {
+    const rnd = seeded();
+    // the full minute goes to MQTT/TLS; MQTT/WSS (the same parser behind WebSocket framing) gets a quarter of it
+    const durationMs = (FULL ? 60_000 : 5_000) / (transport === 'tls' ? 1 : FULL ? 4 : 1);
+    t.comment(`MQTT/${transport} fuzzer seed ${rnd.seed} (replay with SOAK_SEED=${rnd.seed}), ${durationMs} ms`);
+    const d = await startDaemon(t, { dir: tempDir(t, 'ec-soak-mqttfuzz-') });
+    const victim = await addDevice(d, 'victim');
+    const fuzzer = await addDevice(d, 'fuzzer');
+    const creds = { ca: readFileSync(fuzzer.ca), cert: readFileSync(fuzzer.cert), key: readFileSync(fuzzer.key) };
+    const pub = new Publisher(victim);
+    await pub.run(d);
+    await pub.waitAcked(20, 20_000);
+    const pid = d.proc.pid;
+    const rssBefore = rss(pid);
+    let rssMax = rssBefore;
+    const tally: Tally = { connections: 0, packets: 0, bytes: 0, closedByServer: 0, timedOut: 0, handshakeFailed: 0, byMutation: {} };
+    const ackedAtStart = pub.acked.length;
+    // progress of the valid device, sampled every 2 s (tight enough to catch a stalled device, loose enough
+    // for a 2-core machine under a full test run): it must advance in every window
+    const stalls: string[] = [];
+    let lastAcked = ackedAtStart;
+    const sampler = setInterval(() => {
+      rssMax = Math.max(rssMax, rss(pid));
+      if (pub.acked.length === lastAcked) stalls.push(`no PUBACK for the valid device for 2 s after ${lastAcked}`);
+      lastAcked = pub.acked.length;
+    }, 2000);
+    const deadline = Date.now() + durationMs;
+    // four concurrent fuzz connections: enough to overlap parsers on a 2-core machine shared with other tests
+    const WORKERS = 4;
+    // a connection the server neither answers nor closes is given up after this long (a length lie makes the parser wait for bytes that never come)
+    const HOLD_MS = 400;
+    await Promise.all(
+      Array.from({ length: WORKERS }, async () => {
+        // bounded in count as well as time
+        for (let i = 0; i < 100_000 && Date.now() < deadline; i++) await fuzzOnce(transport, transport === 'tls' ? d.ports.mqtt_tls! : d.ports.mqtt_wss!, creds, fuzzer.id, rnd.next, tally, HOLD_MS);
+      }),
+    );
+    clearInterval(sampler);
     rssMax = Math.max(rssMax, rss(pid));
-    if (pub.acked.length === lastAcked) stalls.push(`no PUBACK for the valid device between ${lastAcked} and the next second`);
-    lastAcked = pub.acked.length;
-  }, 1000);
-  const deadline = Date.now() + durationMs;
-  // four concurrent fuzz connections: enough to overlap parsers on a 2-core machine shared with other tests
-  const WORKERS = 4;
-  // a connection the server neither answers nor closes is given up after this long (a length lie makes the parser wait for bytes that never come)
-  const HOLD_MS = 400;
-  await Promise.all(
-    Array.from({ length: WORKERS }, async () => {
-      // bounded in count as well as time
-      for (let i = 0; i < 100_000 && Date.now() < deadline; i++) await fuzzOnce(d.ports.mqtt_tls!, creds, fuzzer.id, rnd.next, tally, HOLD_MS);
-    }),
-  );
-  clearInterval(sampler);
-  rssMax = Math.max(rssMax, rss(pid));
-  const ackedDuring = pub.acked.length - ackedAtStart;
-  t.equal(d.proc.exitCode, null, 'the daemon is still running');
-  t.ok(pub.running, 'the valid device was never disconnected');
-  t.same(stalls, [], 'the valid device got PUBACKs in every second of the fuzzing');
-  await pub.waitAcked(pub.acked.length + 50, 20_000);
-  t.pass('the valid device publishes 50 more messages after the fuzzing');
-  const violations = d.logs.filter((l) => l.code === 'ECONN_MQTT_PROTOCOL').length;
-  const codes = new Map<string, number>();
-  for (const l of d.logs) if (typeof l.code === 'string') codes.set(l.code, (codes.get(l.code) ?? 0) + 1);
-  const mib = (n: number): string => (n / 1048576).toFixed(1);
-  t.comment(
-    `MQTT fuzzer (seed ${rnd.seed}): ${tally.connections} connections, ${tally.packets} packets, ${tally.bytes} bytes in ${durationMs} ms; ` +
-      `server closed ${tally.closedByServer}, held to ${HOLD_MS} ms ${tally.timedOut}, handshake failed ${tally.handshakeFailed}; ` +
-      `mutations ${JSON.stringify(tally.byMutation)}; log codes ${JSON.stringify(Object.fromEntries(codes))}; ` +
-      `valid device PUBACKs during ${ackedDuring}; daemon RSS ${mib(rssBefore)} MiB before, ${mib(rssMax)} MiB max`,
-  );
-  t.ok(tally.connections >= (FULL ? 200 : 20), `the fuzzer got through the handshake often enough (${tally.connections})`);
-  const errors = d.logs.filter((l) => Number(l.level) >= 50 || l.code === 'ECONN_INTERNAL').map((l) => `${String(l.code)} ${String(l.msg)}`);
-  t.same(errors.slice(0, 5), [], `no error-level or internal-error log line (${errors.length})`);
-  t.ok(violations > 0, `protocol violations are logged with code ECONN_MQTT_PROTOCOL (${violations})`);
-  // what the daemon holds per connection is small; a leak per fuzz connection would show as tens of MiB after thousands
-  if (rssBefore > 0) t.ok(rssMax - rssBefore < 128 * 1048576, `daemon memory bounded: +${mib(rssMax - rssBefore)} MiB (limit 128 MiB)`);
-  await pub.finish();
-});
+    const ackedDuring = pub.acked.length - ackedAtStart;
+    t.equal(d.proc.exitCode, null, 'the daemon is still running');
+    t.ok(pub.running, 'the valid device was never disconnected');
+    t.same(stalls, [], 'the valid device got PUBACKs in every 2 s window of the fuzzing');
+    await pub.waitAcked(pub.acked.length + 50, 20_000);
+    t.pass('the valid device publishes 50 more messages after the fuzzing');
+    const violations = d.logs.filter((l) => l.code === 'ECONN_MQTT_PROTOCOL').length;
+    const codes = new Map<string, number>();
+    for (const l of d.logs) if (typeof l.code === 'string') codes.set(l.code, (codes.get(l.code) ?? 0) + 1);
+    const mib = (n: number): string => (n / 1048576).toFixed(1);
+    t.comment(
+      `MQTT/${transport} fuzzer (seed ${rnd.seed}): ${tally.connections} connections, ${tally.packets} packets, ${tally.bytes} bytes in ${durationMs} ms; ` +
+        `server closed ${tally.closedByServer}, held to ${HOLD_MS} ms ${tally.timedOut}, handshake failed ${tally.handshakeFailed}; ` +
+        `mutations ${JSON.stringify(tally.byMutation)}; log codes ${JSON.stringify(Object.fromEntries(codes))}; ` +
+        `valid device PUBACKs during ${ackedDuring}; daemon RSS ${mib(rssBefore)} MiB before, ${mib(rssMax)} MiB max`,
+    );
+    t.ok(tally.connections >= (FULL ? 200 : 20), `the fuzzer got through the handshake often enough (${tally.connections})`);
+    const errors = d.logs.filter((l) => Number(l.level) >= 50 || l.code === 'ECONN_INTERNAL').map((l) => `${String(l.code)} ${String(l.msg)}`);
+    t.same(errors.slice(0, 5), [], `no error-level or internal-error log line (${errors.length})`);
+    t.ok(violations > 0, `protocol violations are logged with code ECONN_MQTT_PROTOCOL (${violations})`);
+    // what the daemon holds per connection is small; a leak per fuzz connection would show as tens of MiB after thousands
+    if (rssBefore > 0) t.ok(rssMax - rssBefore < 128 * 1048576, `daemon memory bounded: +${mib(rssMax - rssBefore)} MiB (limit 128 MiB)`);
+    await pub.finish();
+  });
+}
