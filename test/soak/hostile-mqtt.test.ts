@@ -7,7 +7,7 @@
  * case, as binary messages on MQTT/WSS) that present a valid device certificate, so the bytes reach the MQTT parser and the
  * conformance guard instead of stopping at the handshake. For a bounded time
  * (fast ~5 s each, SOAK=full 60 s TLS + 15 s WSS; seed printed, SOAK_SEED
- * replays the mutations, not the interleaving of the 4 workers) while another
+ * replays each worker's sequence of connections) while another
  * device publishes QoS 1 and must keep getting PUBACKs; afterwards the daemon is
  * up, its memory is bounded, violations were logged with a code, and the valid
  * device still publishes.
@@ -35,6 +35,14 @@ function rss(pid: number | undefined): number {
 }
 
 type Rnd = () => number;
+/** The same linear congruential generator as test/helpers/soak.ts seeded(), from a given seed. */
+function lcg(seed: number): Rnd {
+  let s = seed % 2 ** 31;
+  return () => {
+    s = (s * 1103515245 + 12345) % 2 ** 31;
+    return s / 2 ** 31;
+  };
+}
 const pick = <T>(rnd: Rnd, xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)]!;
 const int = (rnd: Rnd, n: number): number => Math.floor(rnd() * n);
 
@@ -243,9 +251,12 @@ for (const transport of ['tls', 'wss'] as const) {
     // a connection the server neither answers nor closes is given up after this long (a length lie makes the parser wait for bytes that never come)
     const HOLD_MS = 400;
     await Promise.all(
-      Array.from({ length: WORKERS }, async () => {
+      Array.from({ length: WORKERS }, async (_, w) => {
+        // each worker its own generator derived from the printed seed: a replay gives every worker the same
+        // sequence of connections whatever the timing (only how many fit in the time varies)
+        const next = lcg(rnd.seed + w * 7919);
         // bounded in count as well as time
-        for (let i = 0; i < 100_000 && Date.now() < deadline; i++) await fuzzOnce(transport, transport === 'tls' ? d.ports.mqtt_tls! : d.ports.mqtt_wss!, creds, fuzzer.id, rnd.next, tally, HOLD_MS);
+        for (let i = 0; i < 100_000 && Date.now() < deadline; i++) await fuzzOnce(transport, transport === 'tls' ? d.ports.mqtt_tls! : d.ports.mqtt_wss!, creds, fuzzer.id, next, tally, HOLD_MS);
       }),
     );
     clearInterval(sampler);
