@@ -191,6 +191,7 @@ t.test('hostile HTTP against the API: each refused with a 4xx and a code (never 
     ['oversized upload (2 MiB over a 1 MiB api.max_upload_bytes)', () => req(d, ca, 'POST', '/api/publish/http-victim', octet, Buffer.alloc(2 * 1024 * 1024, 0x61))],
     ['oversized upload announced by Content-Length only', () => req(d, ca, 'POST', '/api/publish/http-victim', { ...octet, 'content-length': String(1024 * 1024 * 1024) }, 'x')],
     ['oversized header (64 KiB)', () => req(d, ca, 'GET', '/api/devices/http-victim/status', { ...auth, 'x-junk': 'a'.repeat(64 * 1024) })],
+    ['2 000 headers (Node\'s client puts Host last: past the 64 headers kept)', () => req(d, ca, 'GET', '/api/devices/http-victim/status', { ...auth, ...Object.fromEntries(Array.from({ length: 2000 }, (_, i) => [`x-h${i}`, 'v'])) })],
     ['100 KiB URL', () => req(d, ca, 'GET', `/api/devices/${'a'.repeat(100 * 1024)}/status`, auth)],
     // path tricks in device_id
     ['encoded ../ in device_id', () => req(d, ca, 'GET', '/api/devices/..%2F..%2Fregistry.json/status', auth)],
@@ -221,12 +222,11 @@ t.test('hostile HTTP against the API: each refused with a 4xx and a code (never 
     ['Basic instead of Bearer', () => req(d, ca, 'POST', '/api/publish/http-victim', { authorization: `Basic ${Buffer.from('http-victim:x').toString('base64')}`, 'content-type': 'application/octet-stream' }, 'x')],
   ];
   // tolerated by design, yet never a 5xx: dot segments are resolved like any URL (then the device's own path
-  // is the only one it may use), headers past server.maxHeadersCount (64) are dropped, a Content-Digest naming
+  // is the only one it may use), a Content-Digest naming
   // only algorithms the API does not check is ignored (RFC 9530; tested in test/api/api.test.ts), and JSON is
   // read as UTF-8 whatever charset is declared (RFC 8259)
   const tolerated: Case[] = [
     ['literal ../ back to the own path', () => req(d, ca, 'POST', '/api/publish/someone/../http-victim', octet, 'x')],
-    ['2 000 headers', () => req(d, ca, 'GET', '/api/devices/http-victim/status', { ...auth, ...Object.fromEntries(Array.from({ length: 2000 }, (_, i) => [`x-h${i}`, 'v'])) })],
     ['Content-Digest naming only md5', () => req(d, ca, 'POST', '/api/publish/http-victim', { ...octet, 'content-digest': 'md5=:AAAAAAAAAAAAAAAAAAAAAA==:' }, 'payload')],
     ['register as application/json; charset=utf-16', () => req(d, ca, 'POST', '/api/register', { ...enrAuth, 'content-type': 'application/json; charset=utf-16' }, '{"device_id":"ct-3"}')],
   ];
@@ -238,7 +238,16 @@ t.test('hostile HTTP against the API: each refused with a 4xx and a code (never 
   }
   for (const [name, run] of cases) {
     const ackedBefore = pub.acked.length;
-    const r = await run();
+    const logsBefore = d.logs.length;
+    let r = await run();
+    if (r.status === 0 && /EPIPE|ECONNRESET/.test(r.body)) {
+      // the server answered and closed while the client was still writing a body it had refused: the client
+      // lost the answer, the daemon's log line has it
+      const line = await d
+        .waitForLog((l) => d.logs.indexOf(l) >= logsBefore && l.msg === 'request refused', 5000, `the refusal of ${name}`)
+        .catch(() => undefined);
+      if (line) r = { status: Number(line.status), body: JSON.stringify({ code: line.code }) };
+    }
     const code = /"code":"(ECONN_[A-Z_]+)"/.exec(r.body)?.[1];
     answers.push(`${name}: ${r.status} ${code ?? r.body.slice(0, 80)}`);
     t.ok(r.status >= 400 && r.status < 500, `${name}: a 4xx (${r.status} ${code ?? r.body.slice(0, 120)})`);
