@@ -5,8 +5,10 @@
  * that makes the attack sharper), hostile HTTP (malformed JSON, wrong content
  * types, oversized bodies and headers, path tricks, malformed digests, broken
  * chunked encoding) and a fuzzed connector.yaml for `check-config`. Each is
- * refused with a clear answer; the daemon stays up; a valid device is still
- * served afterwards.
+ * refused with a clear answer; the daemon stays up; a valid device keeps
+ * getting PUBACKs throughout. The rest of the hostile-input suite:
+ * hostile-mqtt.test.ts (MQTT fuzzer), hostile-certs.test.ts (client
+ * certificates), hostile-cloud.test.ts (a cloud speaking garbage).
  */
 import t from 'tap';
 import { createHash, createPrivateKey, createPublicKey, createHmac, generateKeyPairSync, randomBytes } from 'node:crypto';
