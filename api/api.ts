@@ -19,7 +19,7 @@ import { readFile } from 'node:fs/promises';
 import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
 import type { Config } from '../core/config/schema.js';
-import { ConfigError, errorCode } from '../core/errors.js';
+import { ConfigError, ConnectorError, errorCode } from '../core/errors.js';
 import { listen, closeServer } from '../core/net.js';
 import type { UplinkSink } from '../core/ports.js';
 import { CrlStore } from '../identity/auth.js';
@@ -28,6 +28,9 @@ import { HttpIo, MethodNotAllowedError, type RequestContext } from './http.js';
 import { matchRoute } from './routes.js';
 import { ApiHandlers, parseCerts, splitPem, type IdentityServices } from './handlers.js';
 import { IdempotencyCache } from './idempotency.js';
+
+/** Headers kept per request (server.maxHeadersCount); later ones are dropped. Real clients send about ten. */
+const MAX_HEADERS = 64;
 
 export { SECURITY_HEADERS, hostFromHeader, parseContentDigest } from './http.js';
 export type { IdentityServices } from './handlers.js';
@@ -155,11 +158,14 @@ export class ApiServer implements Component {
       rejectUnauthorized: false,
       // the API answers quickly; keep-alive connections do not linger
       keepAliveTimeout: 5_000,
+      // Node's own check answers a bare 400 (no code, no security headers, no log line); onRequest refuses a
+      // missing Host itself. With maxHeadersCount a Host sent after the 64th header is dropped, so this happens.
+      requireHostHeader: false,
     });
     server.headersTimeout = this.timeouts.headersMs;
     server.requestTimeout = this.timeouts.requestMs;
     server.timeout = this.timeouts.idleMs;
-    server.maxHeadersCount = 64;
+    server.maxHeadersCount = MAX_HEADERS;
     server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => void this.onRequest(req, res, false));
     server.on('checkContinue', (req: http.IncomingMessage, res: http.ServerResponse) => void this.onRequest(req, res, true));
     server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => this.http.onClientError(err, socket));
@@ -311,6 +317,10 @@ export class ApiServer implements Component {
     const ctx: RequestContext = { req, res, url, route: url.pathname.slice(0, 200), expectContinue, bodyStarted: false };
     res.on('error', () => {});
     try {
+      // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400 (headers past maxHeadersCount are dropped, Host too)
+      if (req.httpVersion === '1.1' && !req.headers.host) {
+        throw new ConnectorError('ECONN_BAD_REQUEST', `an HTTP/1.1 request needs a Host header among its first ${MAX_HEADERS} headers`);
+      }
       const m = matchRoute(req.method ?? '', url.pathname);
       ctx.route = m.route.template;
       if (m.deviceId !== undefined) ctx.deviceId = m.deviceId;

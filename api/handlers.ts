@@ -22,6 +22,10 @@ import { UPLINK_LIMITS, uplinkMetadataBytes } from './limits.js';
 import { IdempotencyCache, IDEMPOTENCY_KEY_RE } from './idempotency.js';
 import type { HandlerName } from './routes.js';
 
+/** RFC 9110 media type: token "/" token, then any `; name=value` parameters (printable ASCII is checked first). */
+const TOKEN = "[!#$%&'*+.^_`|~0-9A-Za-z-]+";
+const MEDIA_TYPE_RE = new RegExp(`^${TOKEN}/${TOKEN}(?:[ \\t]*;[ \\t]*${TOKEN}=(?:${TOKEN}|"(?:[^"\\\\]|\\\\.)*"))*[ \\t]*;?[ \\t]*$`);
+
 export interface IdentityServices {
   registry: DeviceRegistry;
   pki: LocalPki;
@@ -397,6 +401,9 @@ export class ApiHandlers {
     if (Buffer.byteLength(ct) > UPLINK_LIMITS.maxContentTypeBytes) {
       throw new ConnectorError('ECONN_BAD_REQUEST', `Content-Type is longer than ${UPLINK_LIMITS.maxContentTypeBytes} bytes (the uplink protocol's limit)`);
     }
+    // it travels to the cloud and on to subscribers, who hand it to HTTP clients and decoders: only a media type
+    // (RFC 9110 §8.3.1: type "/" subtype, then parameters) is kept, never free text
+    if (!MEDIA_TYPE_RE.test(ct)) throw new ConnectorError('ECONN_BAD_REQUEST', 'Content-Type must be a media type TYPE/SUBTYPE[; PARAM=VALUE…] (RFC 9110), e.g. application/octet-stream');
     return ct;
   }
 

@@ -309,6 +309,9 @@ export class DeviceAuthenticator {
     const notAfter = Date.parse(cert.validTo);
     if (!(notBefore <= now)) return { refusal: refuse(4, 'ECONN_AUTH_CERT', 'client certificate is not yet valid') };
     if (!(now <= notAfter)) return { refusal: refuse(4, 'ECONN_AUTH_CERT', 'client certificate has expired') };
+    // OpenSSL accepts a CA certificate as a TLS client's leaf; a device holding one could sign certificates
+    // for other ids (refused today only because the device CA has pathlen:0). A device is an end entity.
+    if (cert.ca) return { refusal: refuse(4, 'ECONN_AUTH_CERT', 'client certificate is a CA certificate (basicConstraints CA:TRUE); a device certificate must be an end-entity certificate') };
     const ident = certDeviceId(cert, this.tlsCfg);
     if ('error' in ident) return { refusal: refuse(4, 'ECONN_AUTH_CERT', ident.error) };
     const serial = normalizeSerial(cert.serialNumber);

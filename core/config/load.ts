@@ -8,7 +8,7 @@
 import { readFileSync, existsSync } from 'node:fs';
 import path from 'node:path';
 import { isIP } from 'node:net';
-import { parseDocument, LineCounter, isMap, isScalar, parse as parseYamlValue, type Document, type Node as YamlNode } from 'yaml';
+import { parseDocument, LineCounter, isMap, isScalar, visit, parse as parseYamlValue, type Document, type Node as YamlNode } from 'yaml';
 import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import { configSchema, type Config } from './schema.js';
 import { ConfigError } from '../errors.js';
@@ -87,7 +87,26 @@ export function parseYamlSource(text: string, file: string): YamlSource {
       doc.errors.map((e) => `${at(e.pos[0])} YAML syntax error: ${e.message.split('\n')[0]}`),
     );
   }
-  let data: unknown = doc.toJS({ maxAliasCount: 100 });
+  // An alias inside its own anchor (`&a [*a]`) makes a cyclic value that no
+  // later step can walk or print (JSON.stringify throws a TypeError); no
+  // configuration key takes a recursive value, so refuse it here with its place.
+  const cycles: string[] = [];
+  visit(doc, {
+    Alias(_key, node, ancestors) {
+      const target = node.resolve(doc);
+      if (target && ancestors.includes(target)) {
+        cycles.push(`${at(node.range?.[0])} YAML alias *${node.source} refers to its own anchor &${node.source} (a recursive value); no configuration key takes one`);
+      }
+    },
+  });
+  if (cycles.length > 0) throw new ConfigError('ECONN_CONFIG_INVALID', cycles);
+  let data: unknown;
+  try {
+    data = doc.toJS({ maxAliasCount: 100 });
+  } catch (err) {
+    // yaml refuses an alias explosion ("billion laughs") or an unresolvable alias
+    throw new ConfigError('ECONN_CONFIG_INVALID', [`${at(doc.contents?.range?.[0])} YAML: ${(err as Error).message.split('\n')[0]}`]);
+  }
   if (data === null || data === undefined) data = {};
   if (typeof data !== 'object' || Array.isArray(data)) {
     throw new ConfigError('ECONN_CONFIG_INVALID', [`${at(doc.contents?.range?.[0])} (root): must be a mapping of sections`]);

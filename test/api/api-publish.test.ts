@@ -122,6 +122,10 @@ t.test('metadata over the protocol limits is refused at the API, before anything
   t.equal(ct256.length, 256);
   checkError(t, await env.request({ path: '/api/publish/lim-1', bearer: token, body: 'x', headers: { 'content-type': ct256 } }), 400, 'ECONN_BAD_REQUEST', /Content-Type is longer than 255 bytes/);
   checkError(t, await env.request({ path: '/api/publish/lim-1', bearer: token, body: 'x', headers: { 'content-type': 'text/plain; name="caf\u00e9"' } }), 400, 'ECONN_BAD_REQUEST', /printable ASCII/);
+  // the Content-Type travels to subscribers: free text is not a media type
+  for (const ct of ['not a type', 'application/', '/json', 'text/plain; x', 'a/b c']) {
+    checkError(t, await env.request({ path: '/api/publish/lim-1', bearer: token, body: 'x', headers: { 'content-type': ct } }), 400, 'ECONN_BAD_REQUEST', /must be a media type/);
+  }
   const longTopic = `devices/lim-1/${'t'.repeat(LIMITS.maxTopicBytes)}`;
   checkError(t, await env.request({ path: `/api/publish/lim-1?topic=${encodeURIComponent(longTopic)}`, bearer: token, body: 'x' }), 400, 'ECONN_BAD_REQUEST', /topic is longer than 4096 bytes/);
   const escaped = `devices/lim-1/${'"'.repeat(4080)}`; // 4094 bytes: within the topic limit, but 8160+ bytes once JSON-escaped

@@ -397,6 +397,31 @@ t.test('malformed HTTP gets a JSON 400 with security headers; the server stays u
   t.equal(ok.status, 404, 'still serving');
 });
 
+t.test('a request without Host (or with Host past the 64 headers kept) gets a JSON 400 with a code, not Node\'s bare 400', async (t) => {
+  const env = await apiEnv(t);
+  const raw = (request: string): Promise<string> =>
+    new Promise<string>((resolve, reject) => {
+      const s = tls.connect({ host: '127.0.0.1', port: env.port, ca: env.ca, servername: 'localhost' }, () => s.write(request));
+      let out = '';
+      s.on('data', (d: Buffer) => (out += d.toString()));
+      s.on('end', () => resolve(out));
+      s.on('error', reject);
+    });
+  const many = Array.from({ length: 100 }, (_, i) => `x-h${i}: v\r\n`).join('');
+  for (const [name, req] of [
+    ['no Host', 'GET /api/devices/x/status HTTP/1.1\r\nConnection: close\r\n\r\n'],
+    ['Host after 100 other headers', `GET /api/devices/x/status HTTP/1.1\r\n${many}Host: localhost\r\nConnection: close\r\n\r\n`],
+  ]) {
+    const out = await raw(req!);
+    t.match(out, /^HTTP\/1\.1 400/, `${name}: 400`);
+    t.match(out, /x-content-type-options: nosniff/i, `${name}: security headers`);
+    t.match(out, /"code":"ECONN_BAD_REQUEST"/, `${name}: a code`);
+    t.match(out, /Host header/, `${name}: says why`);
+  }
+  const ok = await env.request({ method: 'GET', path: '/nope' });
+  t.equal(ok.status, 404, 'still serving');
+});
+
 t.test('TLS: the minimum version is enforced, the Host header shapes endpoints', async (t) => {
   const connect = (port: number, ca: string, opts: tls.ConnectionOptions): Promise<string> =>
     new Promise((resolve, reject) => {

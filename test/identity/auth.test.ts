@@ -85,6 +85,20 @@ t.test('DeviceAuthenticator never throws and maps failures to CONNACK codes', as
   t.match(await anon.authenticate({ ...attempt, auth: 'none', clientId: 'dev' }), { ok: false, returnCode: 2 }, "anonymous clients cannot take a device's client id");
 });
 
+t.test('a CA certificate (basicConstraints CA:TRUE) is never a device certificate, even from the trusted CA', async (t) => {
+  const ca = await TestCA.create();
+  const registry = {
+    get: (id: string) => (id === 'dev' ? ({ id, status: 'active', metadata: {}, certificates: [], tokens: [], created_at: '', last_seen_at: null } as never) : undefined),
+    isSerialRevoked: () => false,
+  };
+  const auth = new DeviceAuthenticator({ registry, tokens: { verify: async () => { throw new Error('unused'); } }, crls: new CrlStore(), tls: { identity_from: 'cn', san_uri_prefix: 'urn:device:' } });
+  const attempt = (cert: X509Certificate) => auth.authenticate({ auth: 'cert', clientId: 'dev', username: undefined, password: undefined, tls: { cert, authorized: true } });
+  // the CA's own certificate re-used with CN=dev stands in for any CA:TRUE leaf the trusted CA signed
+  const caLeaf = await TestCA.create({ cn: 'dev' });
+  t.match(await attempt(new X509Certificate(caLeaf.cert)), { ok: false, returnCode: 4, code: 'ECONN_AUTH_CERT', reason: /CA certificate/ });
+  t.match(await attempt(new X509Certificate((await ca.client({ cn: 'dev' })).cert)), { ok: true, identity: { deviceId: 'dev', via: 'cert' } }, 'an end-entity certificate is accepted');
+});
+
 t.test('a token-authenticated session is disconnected at the token expiry', async (t) => {
   const ttl = 86400;
   // the token service runs (ttl - 2) s in the past, so the token it issues expires 2 s from now

@@ -169,3 +169,21 @@ t.test('default config path: ./connector.yaml, else $CONNECTOR_CONFIG, else /etc
   writeFileSync(path.join(dir, 'connector.yaml'), readFileSync(path.join(REPO, 'connector.yaml')));
   t.equal(defaultConfigPath({ CONNECTOR_CONFIG: 'x.yaml' }, dir), path.join(dir, 'connector.yaml'));
 });
+
+t.test('a recursive YAML alias (&a [*a]) is a ConfigError with its place, not a TypeError', async (t) => {
+  for (const text of ['daemon:\n  state_dir: &a [*a]\n', 'log: &a\n  level: *a\n', 'broker: &b\n  limits:\n    x: [1, *b]\n']) {
+    const p = problemsOf(() => parseConfigText(text, '/c.yaml', { env: {} }));
+    t.equal(p.length, 1, JSON.stringify(text));
+    t.match(p[0], /^\/c\.yaml:\d+:\d+ YAML alias \*[ab] refers to its own anchor/);
+  }
+  // a plain, non-recursive alias is still fine
+  const { config } = parseConfigText('log: &l\n  level: debug\n', '/c.yaml', { env: {} });
+  t.equal(config.log.level, 'debug');
+});
+
+t.test('an alias explosion (billion laughs) is a ConfigError', async (t) => {
+  const lines = ['a0: &a0 [x, x, x, x, x, x, x, x, x, x]'];
+  for (let i = 1; i < 12; i++) lines.push(`a${i}: &a${i} [${Array(10).fill(`*a${i - 1}`).join(', ')}]`);
+  const p = problemsOf(() => parseConfigText(lines.join('\n') + '\n', '/c.yaml', { env: {} }));
+  t.match(p.join('\n'), /^\/c\.yaml:\d+:\d+ YAML/);
+});
