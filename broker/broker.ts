@@ -17,7 +17,7 @@
 import { EventEmitter } from 'node:events';
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { Counter, type Registry } from 'prom-client';
+import { Counter, Gauge, type Registry } from 'prom-client';
 import { Aedes } from 'aedes';
 import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
@@ -115,6 +115,23 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       const registers = [opts.metrics];
       mConnects = new Counter({ name: 'connector_broker_connects_total', help: 'accepted MQTT connections, by listener and credential (cert, jwt, cert+jwt, anonymous)', labelNames: ['listener', 'via'], registers });
       mRefusals = new Counter({ name: 'connector_broker_refusals_total', help: 'refused MQTT connections, by listener and reason code (ECONN_…)', labelNames: ['listener', 'code'], registers });
+      const budget = this.budget;
+      new Gauge({
+        name: 'connector_broker_large_inflight_bytes',
+        help: 'bytes of large publishes held in memory now (broker.limits.large_inflight_budget_bytes caps it)',
+        registers,
+        collect() {
+          this.set(budget.status().in_flight_bytes);
+        },
+      });
+      new Gauge({
+        name: 'connector_broker_large_waiting',
+        help: 'large publishes waiting for room in the in-flight budget (their sockets are not read meanwhile)',
+        registers,
+        collect() {
+          this.set(budget.status().waiting);
+        },
+      });
     }
     this.auth = new DeviceAuthenticator({ registry: opts.registry, tokens: opts.tokens, crls: this.crls, tls: opts.config.tls, now });
     const closing = (): boolean => this.closing !== undefined;
