@@ -4,8 +4,10 @@
  * server must enforce (conformance-statements.ts) before aedes sees it. Valid bytes are passed
  * on unchanged (`forward`), except that the DUP flag of an incoming QoS>0 PUBLISH is cleared
  * (MQTT-3.3.1-3; it is remembered per packet id for the broker's redelivery check). A PUBLISH
- * payload is never copied or scanned: only the fixed header, topic name and packet id are looked
- * at, and large payloads stream through as they arrive. A violation is recorded in the shared
+ * payload is never scanned: only the fixed header, topic name and packet id are looked at. Payloads
+ * stream through as they arrive, except a large PUBLISH (above the large-publish threshold, when
+ * the connection has an in-flight budget): it first waits for room in the budget, then is gathered
+ * into one buffer of its size and handed on whole (see `assembly`). A violation is recorded in the shared
  * GuardState (`failure`) and reported through `onFail`; the connection does the rest.
  */
 import { isUtf8 } from 'node:buffer';
@@ -134,6 +136,16 @@ export class InboundValidator {
   private held: Buffer[] | undefined;
   /** the next large PUBLISH examined was already admitted (it waited, then was granted) */
   private admitted = false;
+  /**
+   * A large PUBLISH being gathered into one buffer of its exact size and handed on whole: aedes'
+   * parser (mqtt-packet, a BufferList) then takes the payload as a view of that single buffer
+   * instead of concatenating hundreds of socket chunks into a second copy, so the memory of a
+   * large publish is one copy of it, the size the in-flight budget counts.
+   */
+  private assembly: Buffer | undefined;
+  private assemblyOff = 0;
+  /** set by examinePublish when it started an assembly: the caller must not forward the packet's first bytes */
+  private assemblyStarted = false;
 
   constructor(
     private readonly st: GuardState,
@@ -155,6 +167,7 @@ export class InboundValidator {
     this.pendingLen = 0;
     this.streamLeft = 0;
     this.held = undefined;
+    this.assembly = undefined;
   }
 
   /** Whether a large PUBLISH is waiting for the budget (the socket must stay paused). */
@@ -182,6 +195,19 @@ export class InboundValidator {
     let off = 0;
     let runStart = 0; // c[runStart, off) is checked and waits to be forwarded
     while (off < n) {
+      if (this.assembly) {
+        const a = this.assembly;
+        const k = Math.min(a.length - this.assemblyOff, n - off);
+        c.copy(a, this.assemblyOff, off, off + k);
+        this.assemblyOff += k;
+        off += k;
+        runStart = off;
+        if (this.assemblyOff === a.length) {
+          this.assembly = undefined;
+          this.forward(a);
+        }
+        continue;
+      }
       if (this.streamLeft > 0) {
         const k = Math.min(this.streamLeft, n - off);
         off += k;
@@ -210,6 +236,10 @@ export class InboundValidator {
           this.pendingLen = held.length;
           continue;
         }
+        if (this.assemblyStarted) {
+          this.assemblyStarted = false; // held is copied into the assembly
+          continue;
+        }
         this.forward(held);
         if (this.st.phase >= Phase.Done) return;
         continue;
@@ -231,6 +261,14 @@ export class InboundValidator {
         off = n;
         runStart = n;
         break;
+      }
+      if (this.assemblyStarted) {
+        // a large PUBLISH starts at `off`: forward what precedes it; the rest is gathered from here on
+        this.assemblyStarted = false;
+        this.forward(c.subarray(runStart, off));
+        off = r;
+        runStart = r;
+        continue;
       }
       off = r;
       if (this.st.phase >= Phase.Done) {
@@ -370,9 +408,10 @@ export class InboundValidator {
     if (qos > 0 && u16(b, t0 + topicLen) === 0) return this.violation('MQTT-2.3.1-1', `QoS ${qos} PUBLISH with packet identifier 0`);
     // a large PUBLISH needs room in the in-flight budget before its body is read (aedes holds it whole);
     // asked before the DUP bookkeeping below so that a packet examined again after its wait counts once
-    if (total - h > this.largeBytes && this.admitLarge) {
+    const large = total - h > this.largeBytes && this.admitLarge !== undefined;
+    if (large) {
       if (this.admitted) this.admitted = false;
-      else if (!this.admitLarge(total - h, b.toString('utf8', t0, t0 + topicLen), total - prefix)) return WAIT;
+      else if (!this.admitLarge!(total - h, b.toString('utf8', t0, t0 + topicLen), total - prefix)) return WAIT;
     }
     if (qos > 0) {
       // MQTT-3.3.1-3: the DUP of an incoming PUBLISH must not reach subscribers; aedes copies it.
@@ -384,6 +423,14 @@ export class InboundValidator {
       }
     }
     if (avail >= total) return s + total;
+    if (large) {
+      const a = Buffer.allocUnsafe(total);
+      b.copy(a, 0, s, e);
+      this.assembly = a;
+      this.assemblyOff = avail;
+      this.assemblyStarted = true;
+      return e;
+    }
     this.streamLeft = total - avail;
     return e;
   }

@@ -28,9 +28,12 @@
  * - `wrapConnection(stream, opts)` returns a {@link ConformantConnection}: a
  *   Duplex that aedes reads and writes instead of the socket. Inbound bytes are
  *   framed incrementally; each packet is checked and passed on unchanged (a
- *   PUBLISH payload is never copied or scanned: only the fixed header, topic
- *   name and packet id are looked at, and large payloads stream through as they
- *   arrive). On a violation the guard logs one line (code ECONN_MQTT_PROTOCOL,
+ *   PUBLISH payload is never scanned: only the fixed header, topic
+ *   name and packet id are looked at; payloads stream through as they arrive,
+ *   except that a large PUBLISH first waits for room in the broker's in-flight
+ *   budget (`largePublish`; the socket is paused meanwhile) and is then gathered
+ *   into one buffer and handed on whole, so aedes holds one copy of it).
+ *   On a violation the guard logs one line (code ECONN_MQTT_PROTOCOL,
  *   `statement`: the MQTT-x.y.z-n id), writes a CONNACK where the spec demands
  *   one, and closes the connection; aedes then sees the stream close (and
  *   publishes the will, as the spec requires for a connection that ends without
@@ -191,8 +194,10 @@ export class ConformantConnection extends Duplex {
       this.destroy(err as Error);
       return;
     }
-    // the held bytes may hold another large PUBLISH that waits in turn, or aedes may not be reading
-    if (!this.inbound.waiting && !this.readPaused && !this.destroyed && (this.st.phase as Phase) !== Phase.Closing) this.socket.resume();
+    if (this.inbound.waiting || this.destroyed || (this.st.phase as Phase) === Phase.Closing) return; // another large PUBLISH waits in turn
+    // aedes may have asked for more (_read) while this one waited: that request was not served then
+    if (this.readPaused && this.readableLength < this.readableHighWaterMark) this.readPaused = false;
+    if (!this.readPaused) this.socket.resume();
   }
 
   /**

@@ -1,7 +1,10 @@
 import t from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
 import { InflightBudget } from '../../broker/inflight-budget.js';
-import { encodeLength } from '../../broker/conformance.js';
+import { Duplex } from 'node:stream';
+import mqttPacket from 'mqtt-packet';
+import { encodeLength, wrapConnection } from '../../broker/conformance.js';
+import { createLogger } from '../../core/logger.js';
 import type { AppendResult, UplinkMessageMeta, UplinkSink } from '../../core/ports.js';
 import { brokerFixture, rawDevice, waitFor } from '../helpers/broker.js';
 
@@ -39,6 +42,103 @@ t.test('InflightBudget: FIFO grants, one request larger than the budget passes a
   t.same(granted, ['c', 'd', 'big']);
   b.setLimit(10);
   t.ok(b.acquire(5, () => {}).granted, 'a new limit applies to the next requests');
+});
+
+/** An in-process socket: exact control over chunk boundaries. */
+class FakeSocket extends Duplex {
+  override _read(): void {}
+  override _write(_c: Buffer, _e: BufferEncoding, cb: () => void): void {
+    cb();
+  }
+}
+
+/** a seeded PRNG so a failing split pattern can be reproduced */
+function prng(seed: number): () => number {
+  return () => {
+    seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+    return seed / 0x7fffffff;
+  };
+}
+
+t.test('guard: large PUBLISHes wait for the budget with the socket paused, then pass intact and whole, whatever the chunk boundaries', async (t) => {
+  const large = (i: number, dup = false): Buffer =>
+    mqttPacket.generate({ cmd: 'publish', topic: `big/${i}`, payload: Buffer.alloc(20_000 + i, i), qos: 1, messageId: 10 + i, retain: false, dup });
+  const packets = [
+    mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: 'g', keepalive: 60 }),
+    mqttPacket.generate({ cmd: 'publish', topic: 'small/a', payload: Buffer.from('a'), qos: 0, retain: false, dup: false }),
+    large(1, true),
+    mqttPacket.generate({ cmd: 'publish', topic: 'small/b', payload: Buffer.from('b'), qos: 1, messageId: 2, retain: false, dup: false }),
+    large(2),
+    large(3),
+    mqttPacket.generate({ cmd: 'pingreq' }),
+  ];
+  const input = Buffer.concat(packets);
+  const expected = Buffer.from(input);
+  expected[packets[0]!.length + packets[1]!.length] = 0x32; // the DUP flag is cleared on the way in
+  const splits: Array<[string, number[]]> = [
+    ['one chunk', [input.length]],
+    ['7-byte chunks', Array.from({ length: Math.ceil(input.length / 7) }, () => 7)],
+    [
+      'random chunks',
+      (() => {
+        const r = prng(7);
+        const out: number[] = [];
+        for (let left = input.length; left > 0; ) {
+          const k = Math.min(left, 1 + Math.floor(r() * (r() < 0.3 ? 6 : 9000)));
+          out.push(k);
+          left -= k;
+        }
+        return out;
+      })(),
+    ],
+  ];
+  for (const [what, split] of splits) {
+    // room for one large publish at a time: each waits until the previous one is answered
+    const budget = new InflightBudget(30_000);
+    const sock = new FakeSocket();
+    const conn = wrapConnection(sock, { logger: createLogger({ level: 'silent' }), largePublish: { thresholdBytes: 1000, budget } });
+    const got: Buffer[] = [];
+    conn.on('data', (b: Buffer) => got.push(b));
+    const data = Buffer.from(input); // the guard clears DUP in the chunk it is given
+    let off = 0;
+    for (const k of split) {
+      sock.push(data.subarray(off, off + k));
+      off += k;
+    }
+    await new Promise((resolve) => setImmediate(resolve));
+    for (let i = 1; i <= 3; i++) {
+      const p = packets[i === 1 ? 2 : i + 2]!;
+      // in one buffer: the assembly of its own, or the chunk that held it whole
+      t.ok(got.some((b) => b.subarray(1).indexOf(p.subarray(1)) >= 0), `${what}: large publish ${i} handed on in one buffer`);
+      if (i < 3) {
+        t.ok(sock.isPaused(), `${what}: socket paused while publish ${i + 1} waits`);
+        t.match(budget.status(), { waiting: 1, in_flight: 1 }, `${what}: one waiting`);
+      }
+      const ticket = conn.takeLargeTicket(`big/${i}`, 20_000 + i);
+      t.ok(ticket?.granted, `${what}: the broker takes publish ${i}'s ticket`);
+      ticket!.release();
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    t.ok(Buffer.concat(got).equals(expected), `${what}: every byte passed, in order, unchanged but for DUP`);
+    t.notOk(sock.isPaused(), `${what}: reading again`);
+    t.ok(conn.takeIncomingDup(11), `${what}: DUP of the waiting publish remembered`);
+    t.notOk(conn.takeIncomingDup(11), `${what}: once`);
+    t.match(budget.status(), { in_flight_bytes: 0, waiting: 0 });
+    conn.destroy();
+  }
+});
+
+t.test('guard: a connection destroyed while its publish waits, or before its tickets are taken, gives the budget back', async (t) => {
+  const budget = new InflightBudget(30_000);
+  const sock = new FakeSocket();
+  const conn = wrapConnection(sock, { logger: createLogger({ level: 'silent' }), largePublish: { thresholdBytes: 1000, budget } });
+  conn.on('data', () => undefined);
+  sock.push(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: 'g', keepalive: 60 }));
+  for (let i = 0; i < 2; i++) sock.push(mqttPacket.generate({ cmd: 'publish', topic: 'big', payload: Buffer.alloc(20_000), qos: 0, retain: false, dup: false }));
+  await new Promise((resolve) => setImmediate(resolve));
+  t.match(budget.status(), { in_flight: 1, waiting: 1 });
+  conn.destroy();
+  t.match(budget.status(), { in_flight_bytes: 0, in_flight: 0, waiting: 0 });
 });
 
 /** A journal stand-in whose appends of large payloads complete only when the test opens them. */
