@@ -462,7 +462,7 @@ async function bigBudget() {
   row('large', name, !acked ? (results.find((r) => r !== 'PUBACK') ?? 'refused') : got.size === n ? `stored in ${f1(storedS)} s` : `PUBACKed, ${got.size} of ${n} at the subscriber within 60 s`, {
     goal: `all stored, digests match; daemon peak RSS ≤ idle + budget (${f0(goal)} MiB)`,
     verdict: verdict(acked && digestsOk && peak <= goal),
-    note: `PUBACKs after ${f1(pubackS)} s (${f0((n * size) / 2 ** 20 / storedS)} MiB/s to the subscriber); digests ${digestsOk ? 'match' : 'DO NOT MATCH or missing'}; daemon RSS ${f0(before)} MiB before, peak ${f0(peak)} MiB (${hwmReset ? 'VmHWM' : 'sampled every 20 ms'}); idle was ${f0(idleRssMiB)} MiB`,
+    note: `PUBACKs after ${f1(pubackS)} s (${f0((n * size) / 2 ** 20 / storedS)} MiB/s to the subscriber); digests ${digestsOk ? 'match' : 'DO NOT MATCH or missing'}; daemon RSS ${f0(before)} MiB before, peak ${f0(peak)} MiB (+${f0(peak - before)} MiB) (${hwmReset ? 'VmHWM' : 'sampled every 20 ms'}); idle was ${f0(idleRssMiB)} MiB`,
   });
 }
 
