@@ -187,8 +187,9 @@ export class InboundValidator {
   inbound(c: Buffer): void {
     if (this.st.phase >= Phase.Done) return; // refused, disconnected or closing: discard
     if (this.held) {
-      // the socket is paused; a chunk already on its way is kept in order (copied: not the socket's buffer)
-      this.held.push(Buffer.from(c));
+      // the socket is paused; a chunk already on its way is kept in order (not copied: over WebSocket a
+      // chunk is a whole message, possibly the large packet itself, and a copy would double it)
+      this.held.push(c);
       return;
     }
     const n = c.length;
@@ -228,7 +229,7 @@ export class InboundValidator {
         const r = this.examine(held, 0, held.length);
         if (r === FAIL) return this.onFail();
         if (r === WAIT) {
-          this.held = off < n ? [held, Buffer.from(c.subarray(off))] : [held];
+          this.held = off < n ? [held, c.subarray(off)] : [held];
           return;
         }
         if (r === NEED) {
@@ -251,7 +252,7 @@ export class InboundValidator {
       }
       if (r === WAIT) {
         this.forward(c.subarray(runStart, off));
-        this.held = [Buffer.from(c.subarray(off))]; // at most one socket chunk is held while waiting
+        this.held = [c.subarray(off)]; // at most one socket chunk (or WebSocket message) is held while waiting; not copied
         return;
       }
       if (r === NEED) {

@@ -258,3 +258,24 @@ t.test('a device announcing a packet above max_payload_bytes is disconnected fro
   t.equal(sink.appended.length, 0, 'nothing journaled');
   t.match((fx.broker.status() as { large_publishes: unknown }).large_publishes, { in_flight_bytes: 0, waiting: 0 }, 'the budget was never asked');
 });
+
+t.test('over MQTT/WSS a large publish waits for the budget too and arrives intact', async (t) => {
+  const sink = new GateSink();
+  const fx = await brokerFixture(t, { sink, overrides: { broker: { limits }, bridge: { enabled: true, topics: ['devices/+/#'] } } });
+  const budget = (): { waiting: number; in_flight_bytes: number } => (fx.broker.status() as { large_publishes: { waiting: number; in_flight_bytes: number } }).large_publishes;
+  const [a, w] = await Promise.all(['dev-a', 'dev-w'].map((id) => fx.addDevice(id)));
+  const ca = await fx.connect({ clientId: a!.id, cert: a!.cert, key: a!.key });
+  const cw = await fx.connect({ listener: 'wss', clientId: w!.id, username: w!.id, password: w!.token });
+  const first = ca.publishAsync('devices/dev-a/frame', randomBytes(700 * KiB), { qos: 1 });
+  await waitFor(() => sink.held === 1, 10_000, 'A held');
+  const pw = randomBytes(700 * KiB);
+  const wDone = cw.publishAsync('devices/dev-w/frame', pw, { qos: 1 });
+  await waitFor(() => budget().waiting === 1, 10_000, 'the WSS publish waits');
+  sink.open();
+  await first;
+  await waitFor(() => sink.held === 1 && sink.appended.some((x) => x.meta.deviceId === 'dev-w'), 10_000, 'W handed to the journal');
+  sink.open();
+  await wDone;
+  t.equal(sha(sink.appended.find((x) => x.meta.deviceId === 'dev-w')!.payload), sha(pw), 'intact');
+  await waitFor(() => budget().in_flight_bytes === 0, 10_000, 'given back');
+});
