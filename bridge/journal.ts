@@ -550,7 +550,10 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       this.checkWritable();
       if (payload.length > this.cfg.max_message_bytes) throw this.tooLarge(payload.length, this.cfg.max_message_bytes, 'bridge.journal.max_message_bytes');
       this.validate(meta);
-      if (payload.length > INLINE_MAX) return this.appendStream(meta, Readable.from([payload], { objectMode: true }), { maxBytes: this.cfg.max_message_bytes });
+      // a large MQTT publish (already whole in memory) goes to a blob like an upload, but is not an HTTP upload:
+      // it does not count against max_uploads_per_device (a device pipelining QoS 1 frames is bounded by the
+      // broker's in-flight budget instead, and a 429 has no MQTT equivalent but closing the connection)
+      if (payload.length > INLINE_MAX) return this.receiveStream(meta, [payload], { maxBytes: this.cfg.max_message_bytes }, t0);
       const sha = createHash('sha256').update(payload).digest();
       return this.enqueue(meta, payload, sha, undefined, 0, t0);
     } catch (err) {
@@ -584,7 +587,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
    * drop-oldest drop acknowledged messages, and a slow one does not hold the cap under
    * reject. Room is made, by policy, only when the complete, verified body is committed.
    */
-  private async receiveStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array>, opts: { maxBytes: number; expectedSha256?: Buffer }, t0: number): Promise<AppendResult> {
+  private async receiveStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array> | Iterable<Buffer>, opts: { maxBytes: number; expectedSha256?: Buffer }, t0: number): Promise<AppendResult> {
     const limit = Math.min(opts.maxBytes, this.cfg.max_message_bytes, this.cfg.max_bytes);
     const limitKey = opts.maxBytes < Math.min(this.cfg.max_message_bytes, this.cfg.max_bytes) ? 'the upload limit' : this.cfg.max_bytes < this.cfg.max_message_bytes ? 'bridge.journal.max_bytes' : 'bridge.journal.max_message_bytes';
     if (this.cfg.overflow === 'reject' && this.used() >= this.cfg.max_bytes) throw this.fullError();

@@ -5,6 +5,7 @@
  *  - listeners.ts — the device listeners (MQTT/TLS, MQTT/WSS, local) and their TLS context;
  *  - crl-watch.ts — the device CRLs, reloaded on change;
  *  - conformance.ts — the MQTT 3.1.1 guard in front of every connection (and its hook fix-ups);
+ *    it also asks inflight-budget.ts for room before reading the body of a large PUBLISH;
  *  - hooks.ts — the aedes hooks and the device sessions: auth, ACL, journal before PUBACK,
  *    redelivery (redelivery.ts), retained limits (retained.ts), revocation;
  *  - commands.ts — CommandTarget: cloud commands to devices, resolved on PUBACK;
@@ -16,7 +17,7 @@
 import { EventEmitter } from 'node:events';
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { Counter, type Registry } from 'prom-client';
+import { Counter, Gauge, type Registry } from 'prom-client';
 import { Aedes } from 'aedes';
 import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
@@ -31,6 +32,7 @@ import { CrlWatch } from './crl-watch.js';
 import { CommandSender } from './commands.js';
 import { DeviceSessions, packetLimit, topicLimits, type BestEffortForward, type BrokerRegistry } from './hooks.js';
 import { aedesInternals } from './aedes-internals.js';
+import { InflightBudget } from './inflight-budget.js';
 import type { BridgeRouting, BrokerConfig, BrokerSettings } from './settings.js';
 
 export { PORT_KEYS, type ListenerName } from './listeners.js';
@@ -88,6 +90,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   private readonly commands: CommandSender;
   private readonly sessions: DeviceSessions;
   private readonly retained: RetainedLedger;
+  private readonly budget: InflightBudget;
   private aedes: Aedes | undefined;
   private tracker = new SessionTracker();
   private started: Promise<void> | undefined;
@@ -105,12 +108,30 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     const now = opts.now ?? Date.now;
     this.closeTimeoutMs = opts.closeTimeoutMs ?? 3000;
     this.retained = new RetainedLedger(retainedLimits(opts.config.limits));
+    this.budget = new InflightBudget(opts.config.limits.large_inflight_budget_bytes);
     let mConnects: Counter<'listener' | 'via'> | undefined;
     let mRefusals: Counter<'listener' | 'code'> | undefined;
     if (opts.metrics) {
       const registers = [opts.metrics];
       mConnects = new Counter({ name: 'connector_broker_connects_total', help: 'accepted MQTT connections, by listener and credential (cert, jwt, cert+jwt, anonymous)', labelNames: ['listener', 'via'], registers });
       mRefusals = new Counter({ name: 'connector_broker_refusals_total', help: 'refused MQTT connections, by listener and reason code (ECONN_…)', labelNames: ['listener', 'code'], registers });
+      const budget = this.budget;
+      new Gauge({
+        name: 'connector_broker_large_inflight_bytes',
+        help: 'bytes of large publishes held in memory now (broker.limits.large_inflight_budget_bytes caps it)',
+        registers,
+        collect() {
+          this.set(budget.status().in_flight_bytes);
+        },
+      });
+      new Gauge({
+        name: 'connector_broker_large_waiting',
+        help: 'large publishes waiting for room in the in-flight budget (their sockets are not read meanwhile)',
+        registers,
+        collect() {
+          this.set(budget.status().waiting);
+        },
+      });
     }
     this.auth = new DeviceAuthenticator({ registry: opts.registry, tokens: opts.tokens, crls: this.crls, tls: opts.config.tls, now });
     const closing = (): boolean => this.closing !== undefined;
@@ -137,6 +158,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       tracker: () => this.tracker,
       closing,
       emit: (event, payload) => this.emit(event, payload),
+      budget: this.budget,
       mConnects,
       mRefusals,
     });
@@ -255,6 +277,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       crl_entries: this.crls.size,
       refused_over_limit: l.refused_over_limit,
       retained_by_devices: this.retained.size,
+      large_publishes: this.budget.status(),
       bridge: this.sink ? { topics: this.bridge.topics, qos0: this.bridge.qos0 } : 'not attached',
     };
   }
@@ -285,6 +308,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       a.connectTimeout = b.limits.connect_timeout_ms;
     }
     this.retained.setLimits(retainedLimits(b.limits));
+    this.budget.setLimit(b.limits.large_inflight_budget_bytes);
     if (JSON.stringify(prev.broker.limits) !== JSON.stringify(b.limits)) changes.push('broker: limits updated (apply to new packets and connections)');
     // ACL: recompute every live session's principal; existing subscriptions are re-checked at delivery
     const aclChanged = JSON.stringify(prev.broker.acl) !== JSON.stringify(b.acl) || JSON.stringify(prev.broker.listeners.local.acl) !== JSON.stringify(b.listeners.local.acl);

@@ -4,8 +4,10 @@
  * server must enforce (conformance-statements.ts) before aedes sees it. Valid bytes are passed
  * on unchanged (`forward`), except that the DUP flag of an incoming QoS>0 PUBLISH is cleared
  * (MQTT-3.3.1-3; it is remembered per packet id for the broker's redelivery check). A PUBLISH
- * payload is never copied or scanned: only the fixed header, topic name and packet id are looked
- * at, and large payloads stream through as they arrive. A violation is recorded in the shared
+ * payload is never scanned: only the fixed header, topic name and packet id are looked at. Payloads
+ * stream through as they arrive, except a large PUBLISH (above the large-publish threshold, when
+ * the connection has an in-flight budget): it first waits for room in the budget, then is gathered
+ * into one buffer of its size and handed on whole (see `assembly`). A violation is recorded in the shared
  * GuardState (`failure`) and reported through `onFail`; the connection does the rest.
  */
 import { isUtf8 } from 'node:buffer';
@@ -38,10 +40,19 @@ export interface InboundOptions {
   allowMqtt31?: boolean;
 }
 
+/**
+ * Asked when a PUBLISH header announces a remaining length above the large-publish threshold,
+ * before its body is read: true to let it through now, false when it must wait (the connection
+ * pauses its socket and calls {@link InboundValidator.resume} once room was granted).
+ */
+export type AdmitLarge = (remainingLength: number, topic: string, payloadBytes: number) => boolean;
+
 /** SUBSCRIBEs with repeated filters awaiting their SUBACK, per connection */
 const MAX_FIXUPS = 256;
 const NEED = -1;
 const FAIL = -2;
+/** a large PUBLISH waits for room in the in-flight budget */
+const WAIT = -3;
 
 /** client → server packet types and the flags their fixed header must carry (-1: PUBLISH, checked apart) */
 const REQUIRED_FLAGS: Array<number | undefined> = [];
@@ -121,6 +132,20 @@ export class InboundValidator {
   private streamLeft = 0;
   /** packet ids of incoming QoS>0 PUBLISHes that carried DUP 1 (the flag itself is cleared), not yet taken */
   private readonly dupIn = new Map<number, number>();
+  /** bytes from the start of a large PUBLISH waiting for the budget (plus whatever arrived after it) */
+  private held: Buffer[] | undefined;
+  /** the next large PUBLISH examined was already admitted (it waited, then was granted) */
+  private admitted = false;
+  /**
+   * A large PUBLISH being gathered into one buffer of its exact size and handed on whole: aedes'
+   * parser (mqtt-packet, a BufferList) then takes the payload as a view of that single buffer
+   * instead of concatenating hundreds of socket chunks into a second copy, so the memory of a
+   * large publish is one copy of it, the size the in-flight budget counts.
+   */
+  private assembly: Buffer | undefined;
+  private assemblyOff = 0;
+  /** set by examinePublish when it started an assembly: the caller must not forward the packet's first bytes */
+  private assemblyStarted = false;
 
   constructor(
     private readonly st: GuardState,
@@ -129,6 +154,9 @@ export class InboundValidator {
     private readonly forward: (b: Buffer) => void,
     /** a violation was recorded in st.failure */
     private readonly onFail: () => void,
+    /** publishes with a remaining length above this ask `admitLarge` first */
+    private readonly largeBytes = Infinity,
+    private readonly admitLarge?: AdmitLarge,
   ) {
     this.maxPacket = Math.min(opts.maxPacketBytes ?? MAX_REMAINING_LENGTH, MAX_REMAINING_LENGTH);
   }
@@ -138,14 +166,49 @@ export class InboundValidator {
     this.pendingParts = [];
     this.pendingLen = 0;
     this.streamLeft = 0;
+    this.held = undefined;
+    this.assembly = undefined;
+  }
+
+  /** Whether a large PUBLISH is waiting for the budget (the socket must stay paused). */
+  get waiting(): boolean {
+    return this.held !== undefined;
+  }
+
+  /** The waiting large PUBLISH was granted: process it and what arrived after it. */
+  resume(): void {
+    const held = this.held;
+    if (!held) return;
+    this.held = undefined;
+    this.admitted = true;
+    this.inbound(held.length === 1 ? held[0]! : Buffer.concat(held));
   }
 
   inbound(c: Buffer): void {
     if (this.st.phase >= Phase.Done) return; // refused, disconnected or closing: discard
+    if (this.held) {
+      // the socket is paused; a chunk already on its way is kept in order (not copied: over WebSocket a
+      // chunk is a whole message, possibly the large packet itself, and a copy would double it)
+      this.held.push(c);
+      return;
+    }
     const n = c.length;
     let off = 0;
     let runStart = 0; // c[runStart, off) is checked and waits to be forwarded
     while (off < n) {
+      if (this.assembly) {
+        const a = this.assembly;
+        const k = Math.min(a.length - this.assemblyOff, n - off);
+        c.copy(a, this.assemblyOff, off, off + k);
+        this.assemblyOff += k;
+        off += k;
+        runStart = off;
+        if (this.assemblyOff === a.length) {
+          this.assembly = undefined;
+          this.forward(a);
+        }
+        continue;
+      }
       if (this.streamLeft > 0) {
         const k = Math.min(this.streamLeft, n - off);
         off += k;
@@ -165,9 +228,17 @@ export class InboundValidator {
         this.pendingLen = 0;
         const r = this.examine(held, 0, held.length);
         if (r === FAIL) return this.onFail();
+        if (r === WAIT) {
+          this.held = off < n ? [held, c.subarray(off)] : [held];
+          return;
+        }
         if (r === NEED) {
           this.pendingParts = [held];
           this.pendingLen = held.length;
+          continue;
+        }
+        if (this.assemblyStarted) {
+          this.assemblyStarted = false; // held is copied into the assembly
           continue;
         }
         this.forward(held);
@@ -179,6 +250,11 @@ export class InboundValidator {
         this.forward(c.subarray(runStart, off));
         return this.onFail();
       }
+      if (r === WAIT) {
+        this.forward(c.subarray(runStart, off));
+        this.held = [c.subarray(off)]; // at most one socket chunk (or WebSocket message) is held while waiting; not copied
+        return;
+      }
       if (r === NEED) {
         this.forward(c.subarray(runStart, off));
         this.pendingParts = [Buffer.from(c.subarray(off))]; // copy: never keep a reference into the socket's chunk
@@ -186,6 +262,14 @@ export class InboundValidator {
         off = n;
         runStart = n;
         break;
+      }
+      if (this.assemblyStarted) {
+        // a large PUBLISH starts at `off`: forward what precedes it; the rest is gathered from here on
+        this.assemblyStarted = false;
+        this.forward(c.subarray(runStart, off));
+        off = r;
+        runStart = r;
+        continue;
       }
       off = r;
       if (this.st.phase >= Phase.Done) {
@@ -201,7 +285,8 @@ export class InboundValidator {
    * Examine the packet starting at b[s] with bytes up to b[e]. Returns the offset
    * up to which bytes are checked (the packet end, or e for a PUBLISH whose
    * payload continues in later chunks, with streamLeft set), NEED (this.need set:
-   * bytes of this packet required first) or FAIL (this.st.failure set).
+   * bytes of this packet required first), WAIT (a large PUBLISH waits for the in-flight
+   * budget) or FAIL (this.st.failure set).
    */
   private examine(b: Buffer, s: number, e: number): number {
     const avail = e - s;
@@ -321,8 +406,15 @@ export class InboundValidator {
     const t0 = s + h + 2;
     const bad = checkTopicName(b, t0, t0 + topicLen, 'MQTT-3.3.2-2');
     if (bad) return this.violation(bad, 'PUBLISH topic name');
+    if (qos > 0 && u16(b, t0 + topicLen) === 0) return this.violation('MQTT-2.3.1-1', `QoS ${qos} PUBLISH with packet identifier 0`);
+    // a large PUBLISH needs room in the in-flight budget before its body is read (aedes holds it whole);
+    // asked before the DUP bookkeeping below so that a packet examined again after its wait counts once
+    const large = total - h > this.largeBytes && this.admitLarge !== undefined;
+    if (large) {
+      if (this.admitted) this.admitted = false;
+      else if (!this.admitLarge!(total - h, b.toString('utf8', t0, t0 + topicLen), total - prefix)) return WAIT;
+    }
     if (qos > 0) {
-      if (u16(b, t0 + topicLen) === 0) return this.violation('MQTT-2.3.1-1', `QoS ${qos} PUBLISH with packet identifier 0`);
       // MQTT-3.3.1-3: the DUP of an incoming PUBLISH must not reach subscribers; aedes copies it.
       // The broker still needs to know it (redelivery dedup), so it is remembered per packet id.
       if (flags & 0x08) {
@@ -332,6 +424,14 @@ export class InboundValidator {
       }
     }
     if (avail >= total) return s + total;
+    if (large) {
+      const a = Buffer.allocUnsafe(total);
+      b.copy(a, 0, s, e);
+      this.assembly = a;
+      this.assemblyOff = avail;
+      this.assemblyStarted = true;
+      return e;
+    }
     this.streamLeft = total - avail;
     return e;
   }

@@ -28,9 +28,12 @@
  * - `wrapConnection(stream, opts)` returns a {@link ConformantConnection}: a
  *   Duplex that aedes reads and writes instead of the socket. Inbound bytes are
  *   framed incrementally; each packet is checked and passed on unchanged (a
- *   PUBLISH payload is never copied or scanned: only the fixed header, topic
- *   name and packet id are looked at, and large payloads stream through as they
- *   arrive). On a violation the guard logs one line (code ECONN_MQTT_PROTOCOL,
+ *   PUBLISH payload is never scanned: only the fixed header, topic
+ *   name and packet id are looked at; payloads stream through as they arrive,
+ *   except that a large PUBLISH first waits for room in the broker's in-flight
+ *   budget (`largePublish`; the socket is paused meanwhile) and is then gathered
+ *   into one buffer and handed on whole, so aedes holds one copy of it).
+ *   On a violation the guard logs one line (code ECONN_MQTT_PROTOCOL,
  *   `statement`: the MQTT-x.y.z-n id), writes a CONNACK where the spec demands
  *   one, and closes the connection; aedes then sees the stream close (and
  *   publishes the will, as the spec requires for a connection that ends without
@@ -65,6 +68,7 @@ import { STATEMENTS, type StatementId } from './conformance-statements.js';
 import { GuardState, Phase, SMALL_WRITE, type SessionTracker } from './conformance-state.js';
 import { InboundValidator } from './conformance-inbound.js';
 import { OutboundFixups } from './conformance-outbound.js';
+import type { BudgetTicket, InflightBudget } from './inflight-budget.js';
 
 export { STATEMENTS, type StatementId } from './conformance-statements.js';
 export { SessionTracker, encodeLength, type SessionState } from './conformance-state.js';
@@ -87,6 +91,20 @@ export interface ConformanceOptions {
   peer?: string;
   /** How long a refused connection may take to read its CONNACK before it is destroyed. Default 2000 ms. */
   closeGraceMs?: number;
+  /**
+   * The broker's budget of large publishes in memory: a PUBLISH whose remaining length is above
+   * `thresholdBytes` is read only once the budget granted its length; until then the socket is
+   * paused. The broker takes the ticket with {@link ConformantConnection.takeLargeTicket} when it
+   * handles the publish and releases it once answered; tickets not taken go back on close.
+   */
+  largePublish?: { thresholdBytes: number; budget: InflightBudget };
+}
+
+/** A granted (or waiting) share of the large-publish budget for one PUBLISH of this connection. */
+interface LargeTicket {
+  ticket: BudgetTicket;
+  topic: string;
+  payloadBytes: number;
 }
 
 /** A Duplex between one device socket and aedes; see the module header. */
@@ -102,6 +120,8 @@ export class ConformantConnection extends Duplex {
   private readonly inbound: InboundValidator;
   private readonly outbound: OutboundFixups;
   private readPaused = false;
+  /** large PUBLISHes admitted (or waiting) and not yet taken by the broker, in receive order */
+  private readonly tickets: LargeTicket[] = [];
 
   private graceTimer: NodeJS.Timeout | undefined;
   private graceful = false;
@@ -116,7 +136,15 @@ export class ConformantConnection extends Duplex {
     });
     this.socket = socket;
     this.opts = opts;
-    this.inbound = new InboundValidator(this.st, opts, (b) => this.forward(b), () => this.fail());
+    const lp = opts.largePublish;
+    this.inbound = new InboundValidator(
+      this.st,
+      opts,
+      (b) => this.forward(b),
+      () => this.fail(),
+      lp?.thresholdBytes,
+      lp ? (len, topic, payloadBytes) => this.admitLarge(lp.budget, len, topic, payloadBytes) : undefined,
+    );
     this.outbound = new OutboundFixups(this.st, opts.sessions, () => this.fail());
     socket.on('data', this.onData);
     socket.on('end', () => {
@@ -132,7 +160,7 @@ export class ConformantConnection extends Duplex {
   // ---- readable side (socket → aedes) ----
 
   override _read(): void {
-    if (this.readPaused && this.st.phase !== Phase.Closing) {
+    if (this.readPaused && !this.inbound.waiting && this.st.phase !== Phase.Closing) {
       this.readPaused = false;
       this.socket.resume();
     }
@@ -144,6 +172,47 @@ export class ConformantConnection extends Duplex {
       this.readPaused = true;
       this.socket.pause();
     }
+  }
+
+  /** A large PUBLISH header arrived: ask the budget; false pauses the socket until it is granted. */
+  private admitLarge(budget: InflightBudget, len: number, topic: string, payloadBytes: number): boolean {
+    const ticket = budget.acquire(len, () => this.onGranted(ticket));
+    this.tickets.push({ ticket, topic, payloadBytes });
+    if (ticket.granted) return true;
+    this.socket.pause();
+    return false;
+  }
+
+  private onGranted(ticket: BudgetTicket): void {
+    if (this.destroyed || this.st.phase === Phase.Closing) {
+      ticket.release();
+      return;
+    }
+    try {
+      this.inbound.resume();
+    } catch (err) {
+      this.destroy(err as Error);
+      return;
+    }
+    if (this.inbound.waiting || this.destroyed || (this.st.phase as Phase) === Phase.Closing) return; // another large PUBLISH waits in turn
+    // aedes may have asked for more (_read) while this one waited: that request was not served then
+    if (this.readPaused && this.readableLength < this.readableHighWaterMark) this.readPaused = false;
+    if (!this.readPaused) this.socket.resume();
+  }
+
+  /**
+   * The budget ticket of the large PUBLISH the broker is handling now (same topic and payload
+   * size), or undefined for a publish that did not need one. Tickets before it in receive order
+   * belong to publishes aedes never handed over (it dropped them): they are released here.
+   * The caller releases the returned ticket once the publish is answered.
+   */
+  takeLargeTicket(topic: string, payloadBytes: number): BudgetTicket | undefined {
+    const i = this.tickets.findIndex((t) => t.payloadBytes === payloadBytes && t.topic === topic);
+    if (i < 0) return undefined;
+    const stale = this.tickets.splice(0, i + 1);
+    const mine = stale.pop()!;
+    for (const t of stale) t.ticket.release();
+    return mine.ticket;
   }
 
   /**
@@ -214,6 +283,8 @@ export class ConformantConnection extends Duplex {
 
   override _destroy(err: Error | null, cb: (error?: Error | null) => void): void {
     this.socket.removeListener('data', this.onData);
+    this.inbound.reset();
+    for (const t of this.tickets.splice(0)) t.ticket.release();
     if (!this.graceful) this.socket.destroy();
     cb(err);
   }

@@ -9,7 +9,9 @@
  *    command topic) is appended to the uplink journal (UplinkSink) and acknowledged only then, in
  *    receive order per connection (MQTT-4.6.0-2). A failed append is not acknowledged: the
  *    connection is closed so the device retries the message later. A DUP 1 re-send of a
- *    publish whose PUBACK was never written is not journaled twice (redelivery.ts).
+ *    publish whose PUBACK was never written is not journaled twice (redelivery.ts). A large
+ *    publish carries a share of the in-flight budget (inflight-budget.ts) taken by the guard at
+ *    its header; it is given back when the publish is answered.
  *  - authorizeSubscribe / authorizeForward: the topic ACL on subscribe and again on delivery;
  *    commands of ours get their packet id there (commands.ts).
  *  - Sessions die when their device is revoked, their token is revoked, their token or
@@ -34,6 +36,7 @@ import type { CommandSender, PendingCommand } from './commands.js';
 import { aedesInternals, clientInternals } from './aedes-internals.js';
 import type { ListenerName } from './listeners.js';
 import type { BridgeRouting, BrokerConfig } from './settings.js';
+import type { InflightBudget } from './inflight-budget.js';
 
 /** What the broker needs from the device registry (DeviceRegistry satisfies it). */
 export interface BrokerRegistry extends RegistryView {
@@ -64,6 +67,8 @@ export interface SessionsOptions {
   tracker: () => SessionTracker;
   closing: () => boolean;
   emit: (event: string, payload: unknown) => void;
+  /** bytes of large publishes in memory across all connections (broker.limits.large_inflight_budget_bytes) */
+  budget: InflightBudget;
   mConnects?: Counter<'listener' | 'via'> | undefined;
   mRefusals?: Counter<'listener' | 'code'> | undefined;
 }
@@ -266,6 +271,7 @@ export class DeviceSessions {
       keepaliveMinS: l.keepalive_min_s,
       keepaliveMaxS: l.keepalive_max_s,
       peer: `${info.listener} ${info.remote}`,
+      largePublish: { thresholdBytes: l.large_publish_bytes, budget: this.o.budget },
     });
     info.conn = conn;
     const client = aedes.handle(conn, req);
@@ -470,8 +476,18 @@ export class DeviceSessions {
     }
   }
 
-  hookPublish(client: Client | null, packet: PublishPacket, cb: (err?: Error | null) => void): void {
+  hookPublish(client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void {
+    let cb = done;
     try {
+      // a large publish holds a share of the in-flight budget from its header on: given back once it is answered
+      const conn = client ? this.conns.get(client)?.conn : undefined;
+      const ticket = conn?.takeLargeTicket(packet.topic, Buffer.byteLength(packet.payload ?? ''));
+      if (ticket) {
+        cb = (err) => {
+          ticket.release();
+          done(err);
+        };
+      }
       const s = client ? this.sessionOf.get(client) : undefined;
       const qos = packet.qos;
       const pid = qos > 0 ? packet.messageId : undefined;

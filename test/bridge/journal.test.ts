@@ -434,6 +434,16 @@ t.test('appendStream: large payload streamed to a blob with a good digest, reada
   t.equal(b.j.pending().map((x) => x.id).join(), [small.id, u8.id, bigAppend.id].join());
 });
 
+t.test('append: large MQTT payloads go to blobs and do not count against max_uploads_per_device', async (t) => {
+  const dir = tempDir(t);
+  const a = await open(t, dir);
+  const payloads = Array.from({ length: 6 }, (_, i) => Buffer.alloc(2 * MiB, i + 1));
+  const rs = await Promise.all(payloads.map((p) => a.j.append(meta(), p)));
+  t.equal(rs.length, 6, 'six concurrent 2 MiB appends of one device, over the limit of 4 uploads');
+  t.equal(readdirSync(path.join(dir, 'blobs')).length, 6);
+  for (const [i, r] of rs.entries()) t.equal(r.sha256, createHash('sha256').update(payloads[i]!).digest('hex'), `digest ${i}`);
+});
+
 t.test('appendStream: digest mismatch and over-limit keep nothing', async (t) => {
   const dir = tempDir(t);
   const a = await open(t, dir, { max_message_bytes: 3 * MiB });

@@ -36,7 +36,7 @@ t.test('an empty file gives every default', async (t) => {
   const { config } = parseConfigText('', '/x/connector.yaml', { env: {} });
   t.equal(config.log.level, 'info');
   t.equal(config.daemon.state_dir, '/var/lib/edge-connector');
-  t.equal(config.broker.limits.max_payload_bytes, 262144);
+  t.equal(config.broker.limits.max_payload_bytes, 16777216);
   t.equal(config.bridge.journal.fsync, 'batch');
 });
 

@@ -1,0 +1,109 @@
+/**
+ * The global budget of bytes of large publishes held in memory at once (broker.limits.
+ * large_inflight_budget_bytes), shared by every connection of one broker.
+ *
+ * aedes (mqtt-packet) assembles a whole PUBLISH in memory before the broker sees it, and the
+ * payload stays referenced until its journal append settles. Ten devices sending 16 MiB frames at
+ * once would therefore hold 160 MiB. The conformance guard asks this budget for the packet's
+ * remaining length as soon as the PUBLISH header announces it, before any of its body is read:
+ *
+ *  - granted: the body streams to aedes; the bytes are given back when the publish is answered
+ *    (PUBACK or refusal) or its connection ends first;
+ *  - not granted: the guard pauses that socket (TCP back-pressure to the device) and the packet
+ *    waits in FIFO order; it never fails for lack of room. Small publishes never ask, so other
+ *    devices keep flowing.
+ *
+ * Grant rule: a request fits when the bytes in flight plus its own stay within the limit, or when
+ * nothing is in flight at all (one publish larger than the whole budget still passes, alone). The
+ * queue is strict FIFO so a large request is not starved by a stream of smaller ones.
+ */
+
+export interface BudgetTicket {
+  readonly bytes: number;
+  /** true once the bytes are counted as in flight */
+  readonly granted: boolean;
+  /** Give the bytes back (granted) or leave the queue (waiting). Idempotent. */
+  release(): void;
+}
+
+interface Entry extends BudgetTicket {
+  granted: boolean;
+  done: boolean;
+  onGrant: (() => void) | undefined;
+}
+
+export class InflightBudget {
+  private inFlight = 0;
+  private grantedCount = 0;
+  /** waiting requests in arrival order; bounded by the connections (one waiting packet each) */
+  private readonly queue: Entry[] = [];
+  private waits = 0;
+
+  constructor(private limit: number) {}
+
+  /** A new limit (reload) applies to the next grants. */
+  setLimit(limit: number): void {
+    this.limit = limit;
+    this.pump();
+  }
+
+  /**
+   * Ask for `bytes`. The ticket is granted at once when it fits and nobody is waiting; otherwise
+   * `onGrant` is called later (from a microtask, never inside the caller's stack) once it is.
+   */
+  acquire(bytes: number, onGrant: () => void): BudgetTicket {
+    const e: Entry = {
+      bytes,
+      granted: false,
+      done: false,
+      onGrant,
+      release: () => this.release(e),
+    };
+    if (this.queue.length === 0 && this.fits(bytes)) this.grant(e);
+    else {
+      this.waits++;
+      this.queue.push(e);
+    }
+    return e;
+  }
+
+  status(): { limit_bytes: number; in_flight_bytes: number; in_flight: number; waiting: number; waits_total: number } {
+    return { limit_bytes: this.limit, in_flight_bytes: this.inFlight, in_flight: this.grantedCount, waiting: this.queue.length, waits_total: this.waits };
+  }
+
+  private fits(bytes: number): boolean {
+    return this.grantedCount === 0 || this.inFlight + bytes <= this.limit;
+  }
+
+  private grant(e: Entry): void {
+    e.granted = true;
+    this.inFlight += e.bytes;
+    this.grantedCount++;
+  }
+
+  private release(e: Entry): void {
+    if (e.done) return;
+    e.done = true;
+    e.onGrant = undefined;
+    if (e.granted) {
+      this.inFlight -= e.bytes;
+      this.grantedCount--;
+      this.pump();
+    } else {
+      const i = this.queue.indexOf(e);
+      if (i >= 0) this.queue.splice(i, 1);
+      if (i === 0) this.pump();
+    }
+  }
+
+  private pump(): void {
+    while (this.queue.length > 0 && this.fits(this.queue[0]!.bytes)) {
+      const e = this.queue.shift()!;
+      this.grant(e);
+      const cb = e.onGrant;
+      e.onGrant = undefined;
+      // never re-enter the releasing connection's code path (a release happens inside aedes callbacks)
+      if (cb) queueMicrotask(cb);
+    }
+  }
+}
