@@ -181,6 +181,25 @@ export function decodeMeta(b: Buffer): RecordMetaV2 | null {
   }
 }
 
+/**
+ * Device id and packet id of a QoS 1 binary meta at [off, off+len) of `b`, read without
+ * decoding the rest (the redelivery seeding skips most records on these two alone); null
+ * when the meta has no packet id, is not QoS 1 or does not fit. Not a validity check: a record
+ * that is used must still pass its CRC and decodeMeta.
+ */
+export function peekDevicePid(b: Buffer, off: number, len: number): { deviceId: string; packetId: number } | null {
+  const end = off + len;
+  if (len < 14 || end > b.length) return null;
+  const devLen = b.readUInt16BE(off);
+  let o = off + 2 + devLen;
+  if (o + 2 > end) return null;
+  const topicLen = b.readUInt16BE(o);
+  o += 2 + topicLen;
+  if (o + 12 > end) return null;
+  if (b[o] !== 1 || (b[o + 1]! & 1) === 0) return null;
+  return { deviceId: b.toString('utf8', off + 2, off + 2 + devLen), packetId: b.readUInt16BE(o + 10) };
+}
+
 /** Bytes of a record with this meta and inline payload length. */
 export function recordBytes(metaLen: number, payloadLen: number): number {
   return RECORD_HEADER_BYTES + metaLen + payloadLen;

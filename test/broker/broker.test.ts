@@ -491,10 +491,10 @@ t.test('after a restart, the journal seeds the redelivery table: a DUP 1 resend 
     appendStream: async () => {
       throw new Error('not used');
     },
-    pending: (afterSeq = -1) =>
-      afterSeq >= 0
-        ? []
-        : [{ id: 'old-1', seq: 0, size: before.length, sha256: payloadDigest(before), meta: { deviceId: 'dev-k', topic, qos: 1, receivedAt: Date.now(), packetId: 9 } }],
+    recentPublishes: (_opts, visit) => {
+      visit({ id: 'old-1', deviceId: 'dev-k', packetId: 9, topic, size: before.length, sha256: payloadDigest(before) });
+      return 1;
+    },
   };
   const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
   const d = await fx.addDevice('dev-k');
@@ -586,8 +586,10 @@ t.test('journal-seeded redelivery entries are honoured on the first connection a
     appendStream: async () => {
       throw new Error('not used');
     },
-    pending: (afterSeq = -1) =>
-      afterSeq >= 0 ? [] : [{ id: 'old-1', seq: 0, size: before.length, sha256: payloadDigest(before), meta: { deviceId: 'dev-s', topic, qos: 1, receivedAt: Date.now(), packetId: 3 } }],
+    recentPublishes: (_opts, visit) => {
+      visit({ id: 'old-1', deviceId: 'dev-s', packetId: 3, topic, size: before.length, sha256: payloadDigest(before) });
+      return 1;
+    },
   };
   const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
   const d = await fx.addDevice('dev-s');
