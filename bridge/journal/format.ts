@@ -324,17 +324,21 @@ export function decodeIndex(buf: Buffer, segBytes: number): IndexArrays | null {
   const n = buf.readUInt32BE(8);
   const extraLen = buf.readUInt32BE(24);
   if (buf.length !== IDX_HEADER + n * 28 + extraLen + 4) return null;
-  // copy into fresh (aligned, exactly sized) arrays; the file buffer is dropped
+  // The arrays are views of the file's buffer when it is its own (readFileSync of an index
+  // above the pool size gets a buffer of its own at offset 0; IDX_HEADER and the f64 arrays
+  // keep every array aligned): no second copy of 28 B per record, no garbage of that size at
+  // start (issue 11: 1 M records = 28 MB). Otherwise they are copied into fresh arrays.
+  const own = buf.byteOffset === 0 && buf.buffer.byteLength === buf.length; // not a slice of a shared pool
   let o = IDX_HEADER;
   const f64 = (): Float64Array => {
-    const out = new Float64Array(n);
-    bytesOf(out).set(buf.subarray(o, o + n * 8));
+    const out = own ? new Float64Array(buf.buffer, buf.byteOffset + o, n) : new Float64Array(n);
+    if (!own) bytesOf(out).set(buf.subarray(o, o + n * 8));
     o += n * 8;
     return out;
   };
   const u32 = (): Uint32Array => {
-    const out = new Uint32Array(n);
-    bytesOf(out).set(buf.subarray(o, o + n * 4));
+    const out = own ? new Uint32Array(buf.buffer, buf.byteOffset + o, n) : new Uint32Array(n);
+    if (!own) bytesOf(out).set(buf.subarray(o, o + n * 4));
     o += n * 4;
     return out;
   };
@@ -468,6 +472,19 @@ export class DoneSet {
       else return true;
     }
     return false;
+  }
+  /** True when no seq of [lo, hi] is done (replay then marks a whole segment live at once). */
+  noneIn(lo: number, hi: number): boolean {
+    if (lo < this.floor) return false;
+    // the first range ending at or after lo must start after hi
+    let a = 0;
+    let b = this.starts.length;
+    while (a < b) {
+      const mid = (a + b) >> 1;
+      if (this.ends[mid]! < lo) a = mid + 1;
+      else b = mid;
+    }
+    return a === this.starts.length || this.starts[a]! > hi;
   }
   get rangeCount(): number {
     return this.starts.length;

@@ -11,7 +11,7 @@ import { createLogger } from '../../core/logger.js';
 import { errorCode } from '../../core/errors.js';
 import type { UplinkMessageMeta } from '../../core/ports.js';
 import { REPO, tempDir } from '../helpers/daemon.js';
-import { SEGMENT_HEADER_BYTES as SEG_HEADER, parseAckRegion } from '../../bridge/journal/format.js';
+import { DoneSet, SEGMENT_HEADER_BYTES as SEG_HEADER, parseAckRegion } from '../../bridge/journal/format.js';
 
 type Tap = Test;
 type LogLine = Record<string, unknown> & { msg?: string; code?: string };
@@ -686,4 +686,43 @@ t.test('recentPublishes (redelivery seeding): newest QoS 1 records with a packet
   t.equal(b.j.stats().cacheBytes, 0, 'nothing read for seeding stays in memory');
   t.equal(b.j.stats().pendingMessages, 8, 'seeding drops nothing (the corrupt record is dropped when the uplink reads it)');
   t.equal(b.logs.filter((l) => l.code === 'ECONN_JOURNAL_CORRUPT').length, 0);
+});
+
+t.test('replay of indexed segments: untouched segments marked live at once, partly acknowledged ones per record; same queue as before the restart', async (t) => {
+  const dir = tempDir(t);
+  // 64 KiB segments of ~120-byte records: several segments with indexes above 4 KiB (read into their own buffer, used in place)
+  const a = await open(t, dir);
+  const ids: string[] = [];
+  for (let i = 0; i < 1500; i += 100) ids.push(...(await Promise.all(Array.from({ length: 100 }, (_, k) => a.j.append(meta(`dev${k % 3}`), Buffer.from(`r${i + k}`.padEnd(40, '.')))))).map((r) => r.id));
+  t.ok(segments(dir).length >= 3, 'several segments');
+  const acked = new Set([ids[700]!, ids[701]!, ids[900]!]);
+  for (const id of acked) await a.j.ack(id);
+  const before = a.j.pending(-1, 5000).map((r) => r.id);
+  await a.j.close();
+  t.ok(readdirSync(dir).filter((f) => f.endsWith('.idx')).some((f) => statSync(path.join(dir, f)).size > 8192), 'an index larger than the buffer pool');
+  const b = await open(t, dir);
+  t.same(b.j.pending(-1, 5000).map((r) => r.id), before, 'same records after the restart');
+  t.equal(b.j.stats().pendingMessages, 1497);
+  await b.j.ack(ids[0]!);
+  await b.j.ack(ids[1499]!);
+  await b.j.close();
+  const c = await open(t, dir);
+  t.same(c.j.pending(-1, 5000).map((r) => r.id), before.slice(1, -1), 'acks made after a replay persist too');
+  t.same(await payloads(c.j, c.j.pending(-1, 2)), ['r1'.padEnd(40, '.'), 'r2'.padEnd(40, '.')]);
+});
+
+t.test('DoneSet.noneIn: whether any seq of a span is acknowledged', async (t) => {
+  const d = new DoneSet(10, [
+    [20, 24],
+    [30, 30],
+  ]);
+  t.notOk(d.noneIn(5, 15), 'below the floor');
+  t.ok(d.noneIn(10, 19));
+  t.notOk(d.noneIn(15, 20), 'touches a range start');
+  t.notOk(d.noneIn(24, 29), 'touches a range end');
+  t.ok(d.noneIn(25, 29), 'between ranges');
+  t.notOk(d.noneIn(22, 22), 'inside a range');
+  t.notOk(d.noneIn(0, 100), 'spans everything');
+  t.ok(d.noneIn(31, 1e9), 'above every range');
+  t.ok(new DoneSet(0, []).noneIn(0, 5), 'nothing acknowledged');
 });
