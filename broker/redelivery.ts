@@ -31,13 +31,15 @@
  * `maxDevices` devices (default 10 000; the least recently used device's table is evicted).
  *
  * Across a restart: each journaled QoS 1 record keeps its packet id in its meta, and the broker
- * seeds this table at start from the journal's unacknowledged records (Broker.rememberJournaled).
+ * seeds this table at start from the journal's newest unacknowledged records
+ * (DeviceSessions.rememberJournaled in broker/hooks.ts: what the table would hold, no more).
  * Whether the previous process wrote their PUBACKs is unknown, so seeded entries are honoured
  * only during the device's FIRST connection after the start (when a client re-sends what it
  * has in flight, MQTT-4.4.0-1) and are dropped when that connection ends. Not covered
  * (journaled and delivered a second time, never lost): a PUBACK written but lost on the wire, a
  * redelivery from a client that does not set DUP 1, or one later than `maxAgeMs` or after more
- * than `perDevice` newer unacknowledged messages of the same device.
+ * than `perDevice` newer unacknowledged messages of the same device, or (across a restart) of a
+ * record followed by more than SEED_MAX_RECORDS newer records in the journal.
  */
 import { createHash } from 'node:crypto';
 
@@ -82,6 +84,11 @@ export class RedeliveryTable {
     this.maxAgeMs = Math.max(0, opts.maxAgeMs ?? REDELIVERY_DEFAULTS.maxAgeMs);
     this.maxDevices = Math.max(1, opts.maxDevices ?? REDELIVERY_DEFAULTS.maxDevices);
     this.now = opts.now ?? Date.now;
+  }
+
+  /** The table's bounds (the broker seeds at most this much from the journal at start). */
+  get limits(): { perDevice: number; maxAgeMs: number; maxDevices: number } {
+    return { perDevice: this.perDevice, maxAgeMs: this.maxAgeMs, maxDevices: this.maxDevices };
   }
 
   /**

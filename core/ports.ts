@@ -19,9 +19,36 @@ export interface UplinkMessageMeta {
   packetId?: number;
 }
 
-/** A journal's unacknowledged records, read by the broker at start to rebuild its redelivery table. */
+/** An unacknowledged QoS 1 record that carries its MQTT packet id, as the broker's redelivery table needs it. */
+export interface JournaledPublish {
+  id: string;
+  deviceId: string;
+  packetId: number;
+  topic: string;
+  /** payload bytes */
+  size: number;
+  /** SHA-256 of the payload, lowercase hex */
+  sha256: string;
+}
+
+/**
+ * A journal's unacknowledged records, read by the broker at start to rebuild its redelivery
+ * table (broker/redelivery.ts).
+ */
 export interface PendingRecords {
-  pending(afterSeq?: number, limit?: number): Array<{ id: string; seq: number; meta: UplinkMessageMeta; size: number; sha256: string }>;
+  /**
+   * Unacknowledged QoS 1 records with a packet id, NEWEST FIRST, passed to `visit` until it
+   * returns false. Only records journaled at most `maxAgeMs` before the newest pending one
+   * and among the newest `maxRecords` pending ones are visited: an older record could not be
+   * matched by the table anyway (age) or is beyond the stated bound (count). Nothing read here
+   * is kept in memory. `wanted`, when given, is asked first with the device and packet id: a
+   * record it refuses is skipped without being checked and decoded in full. Returns how many
+   * records were examined.
+   */
+  recentPublishes(
+    opts: { maxAgeMs: number; maxRecords: number; wanted?: (deviceId: string, packetId: number) => boolean },
+    visit: (p: JournaledPublish) => boolean,
+  ): number;
 }
 
 export interface AppendResult {

@@ -183,6 +183,25 @@ export function decodeMeta(b: Buffer): RecordMetaV2 | null {
   }
 }
 
+/**
+ * Device id and packet id of a QoS 1 binary meta at [off, off+len) of `b`, read without
+ * decoding the rest (the redelivery seeding skips most records on these two alone); null
+ * when the meta has no packet id, is not QoS 1 or does not fit. Not a validity check: a record
+ * that is used must still pass its CRC and decodeMeta.
+ */
+export function peekDevicePid(b: Buffer, off: number, len: number): { deviceId: string; packetId: number } | null {
+  const end = off + len;
+  if (len < 14 || end > b.length) return null;
+  const devLen = b.readUInt16BE(off);
+  let o = off + 2 + devLen;
+  if (o + 2 > end) return null;
+  const topicLen = b.readUInt16BE(o);
+  o += 2 + topicLen;
+  if (o + 12 > end) return null;
+  if (b[o] !== 1 || (b[o + 1]! & 1) === 0) return null;
+  return { deviceId: b.toString('utf8', off + 2, off + 2 + devLen), packetId: b.readUInt16BE(o + 10) };
+}
+
 /** Bytes of a record with this meta and inline payload length. */
 export function recordBytes(metaLen: number, payloadLen: number): number {
   return RECORD_HEADER_BYTES + metaLen + payloadLen;
@@ -307,17 +326,21 @@ export function decodeIndex(buf: Buffer, segBytes: number): IndexArrays | null {
   const n = buf.readUInt32BE(8);
   const extraLen = buf.readUInt32BE(24);
   if (buf.length !== IDX_HEADER + n * 28 + extraLen + 4) return null;
-  // copy into fresh (aligned, exactly sized) arrays; the file buffer is dropped
+  // The arrays are views of the file's buffer when it is its own (readFileSync of an index
+  // above the pool size gets a buffer of its own at offset 0; IDX_HEADER and the f64 arrays
+  // keep every array aligned): no second copy of 28 B per record, no garbage of that size at
+  // start (issue 11: 1 M records = 28 MB). Otherwise they are copied into fresh arrays.
+  const own = buf.byteOffset === 0 && buf.buffer.byteLength === buf.length; // not a slice of a shared pool
   let o = IDX_HEADER;
   const f64 = (): Float64Array => {
-    const out = new Float64Array(n);
-    bytesOf(out).set(buf.subarray(o, o + n * 8));
+    const out = own ? new Float64Array(buf.buffer, buf.byteOffset + o, n) : new Float64Array(n);
+    if (!own) bytesOf(out).set(buf.subarray(o, o + n * 8));
     o += n * 8;
     return out;
   };
   const u32 = (): Uint32Array => {
-    const out = new Uint32Array(n);
-    bytesOf(out).set(buf.subarray(o, o + n * 4));
+    const out = own ? new Uint32Array(buf.buffer, buf.byteOffset + o, n) : new Uint32Array(n);
+    if (!own) bytesOf(out).set(buf.subarray(o, o + n * 4));
     o += n * 4;
     return out;
   };
@@ -451,6 +474,19 @@ export class DoneSet {
       else return true;
     }
     return false;
+  }
+  /** True when no seq of [lo, hi] is done (replay then marks a whole segment live at once). */
+  noneIn(lo: number, hi: number): boolean {
+    if (lo < this.floor) return false;
+    // the first range ending at or after lo must start after hi
+    let a = 0;
+    let b = this.starts.length;
+    while (a < b) {
+      const mid = (a + b) >> 1;
+      if (this.ends[mid]! < lo) a = mid + 1;
+      else b = mid;
+    }
+    return a === this.starts.length || this.starts[a]! > hi;
   }
   get rangeCount(): number {
     return this.starts.length;

@@ -204,9 +204,12 @@ export class Segment {
   }
 }
 
-/** Read exactly `len` bytes at `pos` (synchronously: small reads from the page cache, no thread-pool hop). */
-export function preadExact(fd: number, len: number, pos: number): Buffer {
-  const buf = Buffer.allocUnsafe(len);
+/**
+ * Read exactly `len` bytes at `pos` (synchronously: small reads from the page cache, no
+ * thread-pool hop), into `into` (≥ len bytes; the result is a view of it) or a new buffer.
+ */
+export function preadExact(fd: number, len: number, pos: number, into?: Buffer): Buffer {
+  const buf = into ? into.subarray(0, len) : Buffer.allocUnsafe(len);
   let got = 0;
   // bounded: each pass reads ≥ 1 byte or ends
   while (got < len) {

@@ -11,7 +11,7 @@ import { createLogger } from '../../core/logger.js';
 import { errorCode } from '../../core/errors.js';
 import type { UplinkMessageMeta } from '../../core/ports.js';
 import { REPO, tempDir } from '../helpers/daemon.js';
-import { SEGMENT_HEADER_BYTES as SEG_HEADER, parseAckRegion } from '../../bridge/journal/format.js';
+import { DoneSet, SEGMENT_HEADER_BYTES as SEG_HEADER, parseAckRegion } from '../../bridge/journal/format.js';
 
 type Tap = Test;
 type LogLine = Record<string, unknown> & { msg?: string; code?: string };
@@ -660,4 +660,92 @@ for (let w = 0; w < 8; w++) void writer(w);
     const p = await b.j.readPayload(r);
     t.equal(createHash('sha256').update(p).digest('hex'), r.sha256, 'payload intact');
   }
+});
+
+t.test('recentPublishes (redelivery seeding): newest QoS 1 records with a packet id first, inside the age and count bounds, corrupt ones skipped, nothing cached', async (t) => {
+  const dir = tempDir(t);
+  let clock = 1_700_000_000_000;
+  const now = (): number => clock;
+  const a = await open(t, dir, {}, now);
+  const pub = (deviceId: string, packetId: number): UplinkMessageMeta => ({ ...meta(deviceId), packetId });
+  for (let p = 1; p <= 3; p++) await a.j.append(pub('dev1', p), Buffer.from(`old-${p}`));
+  clock += 11 * 60_000; // dev1's records are now more than 10 minutes older than the newest
+  const ids: string[] = [];
+  for (let p = 1; p <= 4; p++) ids.push((await a.j.append(pub('dev2', p), Buffer.from(`payload-${p}-of-dev2`))).id);
+  await a.j.append({ ...meta('dev2'), qos: 0 }, Buffer.from('qos0'));
+  await a.j.append(meta('dev3'), Buffer.from('qos1 without a packet id'));
+  await a.j.ack(ids[0]!);
+  await a.j.close();
+  // flip a payload byte of dev2's packet id 3: that record fails its CRC
+  const [seg] = segments(dir);
+  const file = path.join(dir, seg!);
+  const bytes = readFileSync(file);
+  const at = bytes.indexOf('payload-3-of-dev2');
+  t.ok(at > 0, 'record found on disk');
+  bytes[at] = bytes[at]! ^ 0xff;
+  writeFileSync(file, bytes);
+
+  const b = await open(t, dir, {}, now);
+  const seen = (opts: Parameters<Journal['recentPublishes']>[0], stopAfter = Infinity): { pids: string[]; examined: number } => {
+    const pids: string[] = [];
+    const examined = b.j.recentPublishes(opts, (p) => {
+      t.equal(p.topic, `devices/${p.deviceId}/up`);
+      pids.push(`${p.deviceId}:${p.packetId}`);
+      return pids.length < stopAfter;
+    });
+    return { pids, examined };
+  };
+  const tenMin = 10 * 60_000;
+  t.same(seen({ maxAgeMs: tenMin, maxRecords: 100 }), { pids: ['dev2:4', 'dev2:2'], examined: 5 }, 'newest first; acknowledged, corrupt, QoS 0, no packet id and too old left out');
+  t.same(seen({ maxAgeMs: tenMin, maxRecords: 3 }).pids, ['dev2:4'], 'at most maxRecords records examined');
+  t.same(seen({ maxAgeMs: tenMin, maxRecords: 100, wanted: (_d, p) => p !== 4 }).pids, ['dev2:2'], 'a record wanted() refuses is skipped');
+  t.same(seen({ maxAgeMs: tenMin, maxRecords: 100 }, 1).pids, ['dev2:4'], 'visit returning false stops');
+  t.same(seen({ maxAgeMs: 20 * 60_000, maxRecords: 100 }).pids, ['dev2:4', 'dev2:2', 'dev1:3', 'dev1:2', 'dev1:1'], 'a wider age bound reaches the older records');
+  const p4 = b.j.recentPublishes({ maxAgeMs: tenMin, maxRecords: 1 }, () => true);
+  t.equal(p4, 1);
+  let first: { id: string; size: number; sha256: string } | undefined;
+  b.j.recentPublishes({ maxAgeMs: tenMin, maxRecords: 100 }, (p) => ((first = p), false));
+  t.same(first, { id: ids[3], deviceId: 'dev2', packetId: 4, topic: 'devices/dev2/up', size: 17, sha256: createHash('sha256').update('payload-4-of-dev2').digest('hex') }, 'id, size and digest of the record');
+  t.equal(b.j.stats().cacheBytes, 0, 'nothing read for seeding stays in memory');
+  t.equal(b.j.stats().pendingMessages, 8, 'seeding drops nothing (the corrupt record is dropped when the uplink reads it)');
+  t.equal(b.logs.filter((l) => l.code === 'ECONN_JOURNAL_CORRUPT').length, 0);
+});
+
+t.test('replay of indexed segments: untouched segments marked live at once, partly acknowledged ones per record; same queue as before the restart', async (t) => {
+  const dir = tempDir(t);
+  // 64 KiB segments of ~120-byte records: several segments with indexes above 4 KiB (read into their own buffer, used in place)
+  const a = await open(t, dir);
+  const ids: string[] = [];
+  for (let i = 0; i < 1500; i += 100) ids.push(...(await Promise.all(Array.from({ length: 100 }, (_, k) => a.j.append(meta(`dev${k % 3}`), Buffer.from(`r${i + k}`.padEnd(40, '.')))))).map((r) => r.id));
+  t.ok(segments(dir).length >= 3, 'several segments');
+  const acked = new Set([ids[700]!, ids[701]!, ids[900]!]);
+  for (const id of acked) await a.j.ack(id);
+  const before = a.j.pending(-1, 5000).map((r) => r.id);
+  await a.j.close();
+  t.ok(readdirSync(dir).filter((f) => f.endsWith('.idx')).some((f) => statSync(path.join(dir, f)).size > 8192), 'an index larger than the buffer pool');
+  const b = await open(t, dir);
+  t.same(b.j.pending(-1, 5000).map((r) => r.id), before, 'same records after the restart');
+  t.equal(b.j.stats().pendingMessages, 1497);
+  await b.j.ack(ids[0]!);
+  await b.j.ack(ids[1499]!);
+  await b.j.close();
+  const c = await open(t, dir);
+  t.same(c.j.pending(-1, 5000).map((r) => r.id), before.slice(1, -1), 'acks made after a replay persist too');
+  t.same(await payloads(c.j, c.j.pending(-1, 2)), ['r1'.padEnd(40, '.'), 'r2'.padEnd(40, '.')]);
+});
+
+t.test('DoneSet.noneIn: whether any seq of a span is acknowledged', async (t) => {
+  const d = new DoneSet(10, [
+    [20, 24],
+    [30, 30],
+  ]);
+  t.notOk(d.noneIn(5, 15), 'below the floor');
+  t.ok(d.noneIn(10, 19));
+  t.notOk(d.noneIn(15, 20), 'touches a range start');
+  t.notOk(d.noneIn(24, 29), 'touches a range end');
+  t.ok(d.noneIn(25, 29), 'between ranges');
+  t.notOk(d.noneIn(22, 22), 'inside a range');
+  t.notOk(d.noneIn(0, 100), 'spans everything');
+  t.ok(d.noneIn(31, 1e9), 'above every range');
+  t.ok(new DoneSet(0, []).noneIn(0, 5), 'nothing acknowledged');
 });

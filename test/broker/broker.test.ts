@@ -491,10 +491,10 @@ t.test('after a restart, the journal seeds the redelivery table: a DUP 1 resend 
     appendStream: async () => {
       throw new Error('not used');
     },
-    pending: (afterSeq = -1) =>
-      afterSeq >= 0
-        ? []
-        : [{ id: 'old-1', seq: 0, size: before.length, sha256: payloadDigest(before), meta: { deviceId: 'dev-k', topic, qos: 1, receivedAt: Date.now(), packetId: 9 } }],
+    recentPublishes: (_opts, visit) => {
+      visit({ id: 'old-1', deviceId: 'dev-k', packetId: 9, topic, size: before.length, sha256: payloadDigest(before) });
+      return 1;
+    },
   };
   const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
   const d = await fx.addDevice('dev-k');
@@ -506,6 +506,45 @@ t.test('after a restart, the journal seeds the redelivery table: a DUP 1 resend 
   pub(Buffer.from('something else'));
   await waitFor(() => acked(9) === 2, 5000, 'PUBACK');
   t.same(appended.map(String), ['something else'], 'a different payload under the same packet id is journaled');
+});
+
+t.test('the seeding reads only what the table holds: the newest 64 packet ids of a device, within the stated bounds', async (t) => {
+  const topic = 'devices/dev-q/telemetry/t';
+  const body = (pid: number): Buffer => Buffer.from(`journaled-${pid}`);
+  const appended: Buffer[] = [];
+  let asked: { maxAgeMs: number; maxRecords: number } | undefined;
+  let visited = 0;
+  const sink: UplinkSink & PendingRecords = {
+    append: async (meta, payload) => {
+      appended.push(payload);
+      return { id: `new-${appended.length}`, size: payload.length, sha256: payloadDigest(payload) };
+    },
+    appendStream: async () => {
+      throw new Error('not used');
+    },
+    // newest first: packet ids 100 down to 1, then an older record reusing packet id 100 (a different payload)
+    recentPublishes: (opts, visit) => {
+      asked = { maxAgeMs: opts.maxAgeMs, maxRecords: opts.maxRecords };
+      const recs = [...Array.from({ length: 100 }, (_, i) => ({ pid: 100 - i, payload: body(100 - i) })), { pid: 100, payload: Buffer.from('older') }];
+      for (const r of recs) {
+        if (opts.wanted && !opts.wanted('dev-q', r.pid)) continue;
+        visited++;
+        if (!visit({ id: `old-${r.pid}`, deviceId: 'dev-q', packetId: r.pid, topic, size: r.payload.length, sha256: payloadDigest(r.payload) })) break;
+      }
+      return recs.length;
+    },
+  };
+  const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
+  t.same(asked, { maxAgeMs: 10 * 60_000, maxRecords: 65_536 }, 'bounded by the table age and the record cap');
+  t.equal(visited, 64, 'records the table could not hold are skipped before they are decoded');
+  const d = await fx.addDevice('dev-q');
+  const { send, acked } = await rawDevice(t, fx, d, 'dev-q');
+  const pub = (pid: number, payload: Buffer): void => send({ cmd: 'publish', topic, payload, qos: 1, dup: true, retain: false, messageId: pid });
+  pub(100, body(100));
+  pub(37, body(37));
+  pub(36, body(36));
+  await waitFor(() => acked(100) === 1 && acked(37) === 1 && acked(36) === 1, 5000, 'PUBACKs');
+  t.same(appended.map(String), ['journaled-36'], 'the newest 64 (ids 100…37) are recognised; id 36 is beyond them and journaled again');
 });
 
 t.test('a connection that closes while its token is being verified leaves no session behind', async (t) => {
@@ -586,8 +625,10 @@ t.test('journal-seeded redelivery entries are honoured on the first connection a
     appendStream: async () => {
       throw new Error('not used');
     },
-    pending: (afterSeq = -1) =>
-      afterSeq >= 0 ? [] : [{ id: 'old-1', seq: 0, size: before.length, sha256: payloadDigest(before), meta: { deviceId: 'dev-s', topic, qos: 1, receivedAt: Date.now(), packetId: 3 } }],
+    recentPublishes: (_opts, visit) => {
+      visit({ id: 'old-1', deviceId: 'dev-s', packetId: 3, topic, size: before.length, sha256: payloadDigest(before) });
+      return 1;
+    },
   };
   const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
   const d = await fx.addDevice('dev-s');
