@@ -19,7 +19,8 @@ import { readFile } from 'node:fs/promises';
 import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
 import type { Config } from '../core/config/schema.js';
-import { ConfigError, errorCode } from '../core/errors.js';
+import { ConfigError, ConnectorError, errorCode } from '../core/errors.js';
+import { RefusalLog, SourceBudget } from '../core/refusals.js';
 import { listen, closeServer } from '../core/net.js';
 import type { UplinkSink } from '../core/ports.js';
 import { CrlStore } from '../identity/auth.js';
@@ -96,6 +97,10 @@ export class ApiServer implements Component {
   private bootstrapFingerprints = new Set<string>();
   private readonly counters = { requests: 0, refused: 0, uploads: 0, uploadBytes: 0, registered: 0, publishedJson: 0, idempotentRepeats: 0, crlReloads: 0 };
   private readonly http: HttpIo;
+  /** Refused requests: logged in full for the first few of an interval, then summarised (a flood is a few lines, not one per request). */
+  private readonly refusals: RefusalLog;
+  /** Per source address, charged by 401s: a source that spent it is turned away before its TLS handshake (api.refused_per_source_*). */
+  private readonly budget: SourceBudget;
   private readonly handlers: ApiHandlers;
   private readonly idempotency: IdempotencyCache;
 
@@ -108,7 +113,9 @@ export class ApiServer implements Component {
     this.sinkOpt = opts.sink;
     this.sharedCrls = opts.crls;
     this.crlPollMs = opts.crlPollMs ?? 2000;
-    this.http = new HttpIo(this.log, this.timeouts, this.counters);
+    this.refusals = new RefusalLog({ log: this.log, msg: 'request refused', what: 'HTTP requests and connections' });
+    this.budget = new SourceBudget(() => ({ perS: this.config.api.refused_per_source_per_s, burst: this.config.api.refused_per_source_burst }), this.now);
+    this.http = new HttpIo(this.log, this.timeouts, this.counters, this.refusals, this.budget);
     this.idempotency = new IdempotencyCache({ ...IDEMPOTENCY_DEFAULTS, ...opts.idempotency, now: this.now });
     this.handlers = new ApiHandlers({
       config: () => this.config,
@@ -163,7 +170,19 @@ export class ApiServer implements Component {
     server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => void this.onRequest(req, res, false));
     server.on('checkContinue', (req: http.IncomingMessage, res: http.ServerResponse) => void this.onRequest(req, res, true));
     server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => this.http.onClientError(err, socket));
-    server.on('tlsClientError', (err: NodeJS.ErrnoException) => this.log.debug({ code: err.code, reason: err.message }, 'TLS handshake failed'));
+    // a source that spent its budget of refusals is turned away before the TLS handshake (the expensive part of a flood)
+    server.on('connection', (s: Duplex & { remoteAddress?: string }) => {
+      const source = s.remoteAddress ?? 'unknown';
+      if (this.budget.allow(source)) return;
+      this.counters.refused++;
+      this.refusals.refused('ECONN_RATE_LIMITED', source, { remote: source, reason: 'too many refused requests from this address; connection closed before the TLS handshake' });
+      s.destroy();
+    });
+    server.on('tlsClientError', (err: NodeJS.ErrnoException, s: TLSSocket) => {
+      const source = s.remoteAddress ?? 'unknown';
+      this.budget.charge(source);
+      this.refusals.refused('ECONN_TLS_HANDSHAKE', source, { remote: source, reason: err.message.slice(0, 200) });
+    });
     server.on('secureConnection', (s: TLSSocket) => s.setNoDelay(true));
     this.boundPort = await listen(server, this.config.api.host, this.config.api.port, 'api', 'api.port');
     this.server = server;
@@ -176,6 +195,7 @@ export class ApiServer implements Component {
   }
 
   async close(): Promise<void> {
+    this.refusals.close();
     const starting = this.starting;
     this.starting = undefined;
     if (starting) await starting.catch(() => {});
@@ -310,6 +330,11 @@ export class ApiServer implements Component {
     }
     const ctx: RequestContext = { req, res, url, route: url.pathname.slice(0, 200), expectContinue, bodyStarted: false };
     res.on('error', () => {});
+    // a keep-alive connection of a source that spent its budget: refused before any route runs
+    if (!this.budget.allow(req.socket.remoteAddress ?? 'unknown')) {
+      this.http.refuse(ctx, new ConnectorError('ECONN_RATE_LIMITED', 'too many refused requests from this address; retry later'));
+      return;
+    }
     try {
       const m = matchRoute(req.method ?? '', url.pathname);
       ctx.route = m.route.template;

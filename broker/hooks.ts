@@ -34,6 +34,7 @@ import type { CommandSender, PendingCommand } from './commands.js';
 import { aedesInternals, clientInternals } from './aedes-internals.js';
 import type { ListenerName } from './listeners.js';
 import type { BridgeRouting, BrokerConfig } from './settings.js';
+import { sourceOf, type RefusalLog, type SourceBudget } from '../core/refusals.js';
 
 /** What the broker needs from the device registry (DeviceRegistry satisfies it). */
 export interface BrokerRegistry extends RegistryView {
@@ -66,6 +67,10 @@ export interface SessionsOptions {
   emit: (event: string, payload: unknown) => void;
   mConnects?: Counter<'listener' | 'via'> | undefined;
   mRefusals?: Counter<'listener' | 'code'> | undefined;
+  /** refused connections are logged through it (core/refusals.ts: the first ones of an interval in full, then a summary) */
+  refusals: RefusalLog;
+  /** charged by every refused authentication, per source address (broker.limits.refused_per_source_*) */
+  budget: SourceBudget;
 }
 
 export interface ConnInfo {
@@ -275,7 +280,9 @@ export class DeviceSessions {
 
   private refuseLog(info: ConnInfo | undefined, code: string, reason: string, extra: Record<string, unknown> = {}): void {
     this.mRefusals?.inc({ listener: info?.listener ?? 'unknown', code });
-    this.log.warn({ code, reason, listener: info?.listener, remote: info?.remote, client_id: info?.clientId, ...extra }, 'MQTT connection refused');
+    const source = sourceOf(info?.remote);
+    this.o.budget.charge(source);
+    this.o.refusals.refused(code, source, { reason, listener: info?.listener, remote: info?.remote, client_id: info?.clientId, ...extra });
   }
 
   // ───────────────────────────── aedes hooks ─────────────────────────────
