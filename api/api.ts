@@ -180,6 +180,8 @@ export class ApiServer implements Component {
     });
     server.on('tlsClientError', (err: NodeJS.ErrnoException, s: TLSSocket) => {
       const source = s.remoteAddress ?? 'unknown';
+      // a socket turned away at accept fails its handshake too: that refusal is already counted
+      if (this.budget.spent(source)) return;
       this.budget.charge(source);
       this.refusals.refused('ECONN_TLS_HANDSHAKE', source, { remote: source, reason: err.message.slice(0, 200) });
     });

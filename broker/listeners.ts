@@ -199,6 +199,8 @@ export class DeviceListeners {
   /** A failed TLS handshake: charged to its source, logged through the refusal log. */
   private handshakeFailed(listener: ListenerName, err: Error, s: tls.TLSSocket): void {
     const source = s.remoteAddress ?? 'unknown';
+    // a socket turned away at accept fails its handshake too: that refusal is already counted
+    if (this.o.budget.spent(source)) return;
     this.o.budget.charge(source);
     this.o.refusals.refused('ECONN_TLS_HANDSHAKE', source, { listener, remote: remoteOf(s), reason: err.message.slice(0, 200) });
   }

@@ -150,6 +150,13 @@ export class SourceBudget {
     return false;
   }
 
+  /** Has this source spent its budget (no counting: for refusals that follow from turning it away)? */
+  spent(source: string): boolean {
+    if (this.limits().perS <= 0) return false;
+    const b = this.refill(source);
+    return b !== undefined && b.tokens < 1;
+  }
+
   /** A refusal caused by this source: one token less. */
   charge(source: string): void {
     const { perS, burst } = this.limits();

@@ -73,6 +73,9 @@ t.test('SourceBudget: refusals spend a source budget, time refills it, other sou
   }
   t.notOk(b.allow('1.2.3.4'), 'the burst is spent: turned away');
   t.equal(b.turnedAway, 1);
+  t.ok(b.spent('1.2.3.4'), 'spent() says so');
+  t.equal(b.turnedAway, 1, 'without counting an attempt');
+  t.notOk(b.spent('5.6.7.8'), 'an unknown source has its budget');
   t.ok(b.allow('5.6.7.8'), 'another source is not affected');
   now += 400;
   t.notOk(b.allow('1.2.3.4'), '0.8 of a token after 400 ms: still turned away');
