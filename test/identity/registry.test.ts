@@ -2,7 +2,7 @@ import t, { type Test } from 'tap';
 import { readFileSync, writeFileSync, statSync, readdirSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../../core/logger.js';
-import { DeviceRegistry, normalizeSerial, validateMetadata, DEVICE_ID_RE, type RegistryData } from '../../identity/registry.js';
+import { AtomicJsonFile, DeviceRegistry, normalizeSerial, validateMetadata, DEVICE_ID_RE, type RegistryData } from '../../identity/registry.js';
 import { tempDir, spawnDaemon } from '../helpers/daemon.js';
 
 const logger = createLogger({ level: 'silent' });
@@ -236,6 +236,25 @@ t.test('concurrent writes all land (serialized atomic writes)', async (t) => {
   await r.close();
   const again = await open(t, file);
   t.equal(again.list().length, 30);
+});
+
+t.test('AtomicJsonFile: concurrent writes share one rewrite (group commit); each resolves after its data is on disk', async (t) => {
+  const file = path.join(tempDir(t), 'doc.json');
+  const f = new AtomicJsonFile<{ n: number }>(file);
+  const onDisk = (): number => (JSON.parse(readFileSync(file, 'utf8')) as { n: number }).n;
+  let ok = true;
+  await Promise.all(Array.from({ length: 51 }, (_, i) => f.write({ n: i }).then(() => (ok &&= onDisk() === 50))));
+  t.ok(ok, 'every caller resolves once the newest document (with its change) is written');
+  t.equal(f.writes, 1, '51 writes at once cost 1 rewrite, not 51');
+  const inProgress = f.write({ n: 100 });
+  for (let i = 0; i < 100 && f.writes === 1; i++) await new Promise((r) => setImmediate(r));
+  t.equal(f.writes, 2, 'that write has started');
+  const later = Array.from({ length: 20 }, (_, i) => f.write({ n: 101 + i }));
+  await inProgress;
+  t.equal(onDisk(), 100, 'the write in progress carries its own document');
+  await Promise.all(later);
+  t.equal(onDisk(), 120, 'the callers that came during it share the next write, with the newest document');
+  t.equal(f.writes, 3, '22 writes, 3 rewrites');
 });
 
 t.test('the daemon refuses to start on a corrupt registry and says why (child process)', async (t) => {

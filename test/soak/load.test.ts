@@ -32,8 +32,8 @@ import { REFUSAL_DETAIL_LINES, REFUSAL_LOG_INTERVAL_MS } from '../../core/refusa
 
 const DEVICES = Number(process.env.SOAK_DEVICES) > 0 && FULL ? Math.min(Number(process.env.SOAK_DEVICES), 10_000) : FULL ? 5000 : 300;
 const FLOOD_MS = FULL ? 20_000 : 5_000;
-/** Registrations / connections in flight at once: enough to keep both cores busy, few enough that one slow step does not time out the rest. */
-const REGISTER_CONCURRENCY = 8;
+/** Registrations / connections in flight at once: registrations share registry rewrites (group commit), so more in flight means fewer rewrites of a file that grows with the fleet; bounded so one slow step does not time out the rest. */
+const REGISTER_CONCURRENCY = 32;
 const CONNECT_CONCURRENCY = 64;
 /** Flood clients in flight per kind (each retries at once when its attempt ends: as fast as the gateway lets it). */
 const FLOOD_CONCURRENCY = 16;
