@@ -101,6 +101,8 @@ export class ApiServer implements Component {
   private readonly refusals: RefusalLog;
   /** Per source address, charged by 401s: a source that spent it is turned away before its TLS handshake (api.refused_per_source_*). */
   private readonly budget: SourceBudget;
+  /** Connections admitted whose first request has not come yet (that request was paid for on admission). */
+  private readonly fresh = new WeakSet<object>();
   private readonly handlers: ApiHandlers;
   private readonly idempotency: IdempotencyCache;
 
@@ -173,7 +175,7 @@ export class ApiServer implements Component {
     // a source that spent its budget of refusals is turned away before the TLS handshake (the expensive part of a flood)
     server.on('connection', (s: Duplex & { remoteAddress?: string }) => {
       const source = s.remoteAddress ?? 'unknown';
-      if (this.budget.allow(source)) return;
+      if (this.budget.admit(source)) return;
       this.counters.refused++;
       this.refusals.refused('ECONN_RATE_LIMITED', source, { remote: source, reason: 'too many refused requests from this address; connection closed before the TLS handshake' });
       s.destroy();
@@ -181,11 +183,14 @@ export class ApiServer implements Component {
     server.on('tlsClientError', (err: NodeJS.ErrnoException, s: TLSSocket) => {
       const source = s.remoteAddress ?? 'unknown';
       // a socket turned away at accept fails its handshake too: that refusal is already counted
-      if (this.budget.spent(source)) return;
-      this.budget.charge(source);
+      if (s.destroyed && this.budget.spent(source)) return;
+      this.budget.refused(source);
       this.refusals.refused('ECONN_TLS_HANDSHAKE', source, { remote: source, reason: err.message.slice(0, 200) });
     });
-    server.on('secureConnection', (s: TLSSocket) => s.setNoDelay(true));
+    server.on('secureConnection', (s: TLSSocket) => {
+      s.setNoDelay(true);
+      this.fresh.add(s);
+    });
     this.boundPort = await listen(server, this.config.api.host, this.config.api.port, 'api', 'api.port');
     this.server = server;
     this.closing = false;
@@ -332,8 +337,9 @@ export class ApiServer implements Component {
     }
     const ctx: RequestContext = { req, res, url, route: url.pathname.slice(0, 200), expectContinue, bodyStarted: false };
     res.on('error', () => {});
-    // a keep-alive connection of a source that spent its budget: refused before any route runs
-    if (!this.budget.allow(req.socket.remoteAddress ?? 'unknown')) {
+    // a later request on a keep-alive connection of a source that spent its budget: refused before any route
+    // runs (the first request of a connection was paid for when the connection was admitted)
+    if (!this.fresh.delete(req.socket) && this.budget.spent(req.socket.remoteAddress ?? 'unknown')) {
       this.http.refuse(ctx, new ConnectorError('ECONN_RATE_LIMITED', 'too many refused requests from this address; retry later'));
       return;
     }

@@ -161,6 +161,8 @@ export class HttpIo {
 
   sendJson(res: http.ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
     if (res.headersSent || res.destroyed) return;
+    // an answer other than 401 gives a limited source back the token its connection paid on admission
+    if (status !== 401) this.budget.succeeded(res.req.socket.remoteAddress ?? 'unknown');
     const text = JSON.stringify(body);
     this.setSecurityHeaders(res);
     res.writeHead(status, { ...headers, 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text) });
@@ -186,7 +188,7 @@ export class HttpIo {
     const source = ctx.req.socket.remoteAddress ?? 'unknown';
     if (status >= 500) this.log.error({ ...fields, err }, 'request failed');
     else this.refusals.refused(publicCode, source, { ...fields, reason: message });
-    if (status === 401) this.budget.charge(source);
+    if (status === 401) this.budget.refused(source);
 
     const headers: Record<string, string> = {};
     if (status === 401) {
@@ -240,7 +242,7 @@ export class HttpIo {
     this.counters.refused++;
     const source = (socket as Duplex & { remoteAddress?: string }).remoteAddress ?? 'unknown';
     this.refusals.refused(code, source, { status, reason: err.code, remote: source });
-    this.budget.charge(source);
+    this.budget.refused(source);
     const body = JSON.stringify({ error: REASONS[status], code, message });
     const head = [
       `HTTP/1.1 ${status} ${STATUS_LINES[status] ?? 'Bad Request'}`,

@@ -281,7 +281,7 @@ export class DeviceSessions {
   private refuseLog(info: ConnInfo | undefined, code: string, reason: string, extra: Record<string, unknown> = {}): void {
     this.mRefusals?.inc({ listener: info?.listener ?? 'unknown', code });
     const source = sourceOf(info?.remote);
-    this.o.budget.charge(source);
+    this.o.budget.refused(source);
     this.o.refusals.refused(code, source, { reason, listener: info?.listener, remote: info?.remote, client_id: info?.clientId, ...extra });
   }
 
@@ -354,6 +354,7 @@ export class DeviceSessions {
           };
           this.sessions.set(client, session);
           this.sessionOf.set(client, session);
+          this.o.budget.succeeded(sourceOf(info.remote)); // the token its admission took, if its source is limited
           done(null, true);
         })
         .catch((err: unknown) => {

@@ -200,15 +200,15 @@ export class DeviceListeners {
   private handshakeFailed(listener: ListenerName, err: Error, s: tls.TLSSocket): void {
     const source = s.remoteAddress ?? 'unknown';
     // a socket turned away at accept fails its handshake too: that refusal is already counted
-    if (this.o.budget.spent(source)) return;
-    this.o.budget.charge(source);
+    if (s.destroyed && this.o.budget.spent(source)) return;
+    this.o.budget.refused(source);
     this.o.refusals.refused('ECONN_TLS_HANDSHAKE', source, { listener, remote: remoteOf(s), reason: err.message.slice(0, 200) });
   }
 
   private onRawConnection(listener: ListenerName, s: net.Socket): void {
     try {
       const source = s.remoteAddress ?? 'unknown';
-      if (!this.o.closing() && !this.o.budget.allow(source)) {
+      if (!this.o.closing() && !this.o.budget.admit(source)) {
         s.destroy();
         this.o.refusals.refused('ECONN_RATE_LIMITED', source, {
           listener,

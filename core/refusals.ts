@@ -11,7 +11,8 @@
  *  - SourceBudget: a token bucket per source address, charged by refusals
  *    only (a source whose clients authenticate is never limited). A source that
  *    has spent its burst is turned away before any expensive work (TLS
- *    handshake, signature check) until the bucket refills at its rate.
+ *    handshake, signature check) until the bucket refills at its rate; once
+ *    limited, its attempts pay when admitted, so those in flight count too.
  *
  * Both are bounded in memory whatever the number of sources (see the limits
  * below) and take their configuration through getters, so a reload applies.
@@ -115,9 +116,16 @@ export interface BudgetLimits {
   burst: number;
 }
 
-/** A token bucket per source address, charged by refusals. */
+/**
+ * A token bucket per source address, charged by refusals. A source that was never refused
+ * has no bucket and is never limited or charged (valid devices behind one address are not
+ * slowed down by their own number). Once a source has a bucket, each attempt it makes takes a
+ * token when it is ADMITTED (before the handshake), and gets it back if it authenticates: so
+ * attempts in flight count too, and a flood with many connections at once gets no more
+ * through than the configured rate.
+ */
 export class SourceBudget {
-  private readonly buckets = new Map<string, { tokens: number; at: number }>();
+  private readonly buckets = new Map<string, { tokens: number; at: number; pending: number }>();
   /** Attempts turned away because their source had no budget left. */
   turnedAway = 0;
 
@@ -127,50 +135,72 @@ export class SourceBudget {
     private readonly maxSources = BUDGET_MAX_SOURCES,
   ) {}
 
-  private refill(source: string): { tokens: number; at: number } | undefined {
+  private refill(source: string): { tokens: number; at: number; pending: number } | undefined {
     const b = this.buckets.get(source);
     if (!b) return undefined;
     const { perS, burst } = this.limits();
     const t = this.now();
     b.tokens = Math.min(burst, b.tokens + ((t - b.at) * perS) / 1000);
     b.at = t;
-    if (b.tokens >= burst) {
-      this.buckets.delete(source); // full again: as good as never seen
+    if (b.tokens >= burst && b.pending === 0) {
+      this.buckets.delete(source); // full again and nothing in flight: as good as never seen
       return undefined;
     }
     return b;
   }
 
-  /** May this source try (again)? False while it has spent its budget; counts the turned-away attempt. */
-  allow(source: string): boolean {
-    if (this.limits().perS <= 0) return true;
-    const b = this.refill(source);
-    if (!b || b.tokens >= 1) return true;
-    this.turnedAway++;
-    return false;
+  /** Most recently used last: eviction takes the least recently used. */
+  private touch(source: string, b: { tokens: number; at: number; pending: number }): void {
+    this.buckets.delete(source);
+    this.buckets.set(source, b);
   }
 
-  /** Has this source spent its budget (no counting: for refusals that follow from turning it away)? */
+  /**
+   * A new attempt (connection) of this source: false while it has spent its budget (counted as
+   * turned away); a source with a bucket pays one token now, given back by succeeded().
+   */
+  admit(source: string): boolean {
+    if (this.limits().perS <= 0) return true;
+    const b = this.refill(source);
+    if (!b) return true;
+    if (b.tokens < 1) {
+      this.turnedAway++;
+      return false;
+    }
+    b.tokens -= 1;
+    b.pending++;
+    this.touch(source, b);
+    return true;
+  }
+
+  /** Has this source spent its budget (no counting, nothing taken)? */
   spent(source: string): boolean {
     if (this.limits().perS <= 0) return false;
     const b = this.refill(source);
     return b !== undefined && b.tokens < 1;
   }
 
-  /** A refusal caused by this source: one token less. */
-  charge(source: string): void {
+  /** An attempt of this source was refused: one token, unless its admission already paid it. */
+  refused(source: string): void {
     const { perS, burst } = this.limits();
     if (perS <= 0) return;
     const b = this.refill(source);
     if (b) {
-      b.tokens = Math.max(0, b.tokens - 1);
-      // most recently used last: the eviction below takes the least recently used
-      this.buckets.delete(source);
-      this.buckets.set(source, b);
+      if (b.pending > 0) b.pending--;
+      else b.tokens = Math.max(0, b.tokens - 1);
+      this.touch(source, b);
       return;
     }
     if (this.buckets.size >= this.maxSources) this.buckets.delete(this.buckets.keys().next().value!);
-    this.buckets.set(source, { tokens: burst - 1, at: this.now() });
+    this.buckets.set(source, { tokens: burst - 1, at: this.now(), pending: 0 });
+  }
+
+  /** An admitted attempt of this source authenticated: the token its admission took is given back. */
+  succeeded(source: string): void {
+    const b = this.buckets.get(source);
+    if (!b || b.pending === 0) return;
+    b.pending--;
+    b.tokens = Math.min(this.limits().burst, b.tokens + 1);
   }
 
   /** The limits in force (they follow a reload). */

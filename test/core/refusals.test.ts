@@ -67,36 +67,44 @@ t.test('SourceBudget: refusals spend a source budget, time refills it, other sou
   let now = 1_000_000;
   const limits = { perS: 2, burst: 5 };
   const b = new SourceBudget(() => limits, () => now);
+  t.ok(b.admit('1.2.3.4'), 'a source never refused is admitted');
+  t.equal(b.tracked, 0, 'and not even tracked');
   for (let i = 0; i < 5; i++) {
-    t.ok(b.allow('1.2.3.4'), `attempt ${i + 1} within the burst`);
-    b.charge('1.2.3.4');
+    t.ok(b.admit('1.2.3.4'), `attempt ${i + 1} within the burst`);
+    b.refused('1.2.3.4');
   }
-  t.notOk(b.allow('1.2.3.4'), 'the burst is spent: turned away');
+  t.notOk(b.admit('1.2.3.4'), 'the burst is spent: turned away');
   t.equal(b.turnedAway, 1);
   t.ok(b.spent('1.2.3.4'), 'spent() says so');
   t.equal(b.turnedAway, 1, 'without counting an attempt');
+  t.ok(b.admit('5.6.7.8'), 'another source is not affected');
   t.notOk(b.spent('5.6.7.8'), 'an unknown source has its budget');
-  t.ok(b.allow('5.6.7.8'), 'another source is not affected');
   now += 400;
-  t.notOk(b.allow('1.2.3.4'), '0.8 of a token after 400 ms: still turned away');
+  t.notOk(b.admit('1.2.3.4'), '0.8 of a token after 400 ms: still turned away');
   now += 100;
-  t.ok(b.allow('1.2.3.4'), 'one token after 500 ms at 2/s');
-  b.charge('1.2.3.4');
-  t.notOk(b.allow('1.2.3.4'), 'and spent again');
+  t.ok(b.admit('1.2.3.4'), 'one token after 500 ms at 2/s');
+  t.notOk(b.admit('1.2.3.4'), 'attempts in flight pay on admission: the next one is turned away before the first is refused');
+  b.refused('1.2.3.4');
+  t.notOk(b.admit('1.2.3.4'), 'the refusal of an admitted attempt costs nothing more, and nothing is left');
+  now += 500;
+  t.ok(b.admit('1.2.3.4'), 'a token later');
+  b.succeeded('1.2.3.4');
+  t.ok(b.admit('1.2.3.4'), 'an attempt that authenticated gives its token back');
+  b.succeeded('1.2.3.4');
   now += 10_000;
-  t.ok(b.allow('1.2.3.4'), 'refilled');
-  t.equal(b.tracked, 0, 'a full bucket is forgotten');
+  t.ok(b.admit('1.2.3.4'), 'refilled');
+  t.equal(b.tracked, 0, 'a full bucket with nothing in flight is forgotten');
   limits.perS = 0;
-  for (let i = 0; i < 100; i++) b.charge('9.9.9.9');
-  t.ok(b.allow('9.9.9.9'), 'perS 0 = no limit');
+  for (let i = 0; i < 100; i++) b.refused('9.9.9.9');
+  t.ok(b.admit('9.9.9.9'), 'perS 0 = no limit');
 });
 
 t.test('SourceBudget: the number of tracked sources is bounded (least recently charged goes)', async (t) => {
   const b = new SourceBudget(() => ({ perS: 1, burst: 1 }), () => 0, 100);
-  for (let i = 0; i < 1000; i++) b.charge(`s${i}`);
+  for (let i = 0; i < 1000; i++) b.refused(`s${i}`);
   t.equal(b.tracked, 100);
-  t.notOk(b.allow('s999'), 'a recent source is still limited');
-  t.ok(b.allow('s0'), 'the oldest was forgotten');
+  t.notOk(b.admit('s999'), 'a recent source is still limited');
+  t.ok(b.admit('s0'), 'the oldest was forgotten');
 });
 
 t.test('sourceOf: the address of ADDRESS:PORT', async (t) => {
