@@ -12,6 +12,8 @@
  *   test.starve_loop {block_ms, every_ms, for_ms} keep blocking it for block_ms every every_ms
  *                                                 during for_ms (a loop that turns, but badly)
  *   test.crash                                    throw an uncaught exception on the next tick (→ exit 70)
+ *   test.gc                                       a full garbage collection, then process.memoryUsage()
+ *                                                 (what is retained, not what the heap has not collected yet)
  * The loop faults are bracketed with STATUS= markers on the notify socket, so a
  * test can tell which datagrams were sent while the loop was unhealthy.
  * --hang-close adds a component whose close() never finishes (→ forced shutdown).
@@ -22,6 +24,8 @@
 import { runDaemon } from '../../dist/daemon/main.js';
 import { ConnectorError } from '../../dist/core/errors.js';
 import { performance } from 'node:perf_hooks';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import { recordSyncs } from './sync-recorder.mjs';
 
 const [configFile, ...flags] = process.argv.slice(2);
@@ -83,6 +87,12 @@ function testHooks({ admin, logger, notifier }) {
     });
     await notifier.status('test: event loop free');
     return { starved_ms: forMs };
+  });
+  admin.register('test.gc', () => {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = vm.runInNewContext('gc');
+    gc();
+    return process.memoryUsage();
   });
   admin.register('test.crash', () => {
     setImmediate(() => {
