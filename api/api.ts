@@ -185,7 +185,9 @@ export class ApiServer implements Component {
       // a socket turned away at accept fails its handshake too: that refusal is already counted
       if (s.destroyed && this.budget.spent(source)) return;
       this.budget.refused(source);
-      this.refusals.refused('ECONN_TLS_HANDSHAKE', source, { remote: source, reason: err.message.slice(0, 200) });
+      // one debug line per attempt (scanners make them all day); at info they show in the interval's summary line
+      this.log.debug({ code: err.code, reason: err.message }, 'TLS handshake failed');
+      this.refusals.count('ECONN_TLS_HANDSHAKE', source);
     });
     server.on('secureConnection', (s: TLSSocket) => {
       s.setNoDelay(true);

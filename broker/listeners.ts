@@ -196,13 +196,15 @@ export class DeviceListeners {
     return this.sockets.tls.size + this.sockets.wss.size + this.sockets.local.size;
   }
 
-  /** A failed TLS handshake: charged to its source, logged through the refusal log. */
+  /** A failed TLS handshake: charged to its source, counted in the refusal log's summary. */
   private handshakeFailed(listener: ListenerName, err: Error, s: tls.TLSSocket): void {
     const source = s.remoteAddress ?? 'unknown';
     // a socket turned away at accept fails its handshake too: that refusal is already counted
     if (s.destroyed && this.o.budget.spent(source)) return;
     this.o.budget.refused(source);
-    this.o.refusals.refused('ECONN_TLS_HANDSHAKE', source, { listener, remote: remoteOf(s), reason: err.message.slice(0, 200) });
+    // one debug line per attempt (scanners make them all day); at info they show in the interval's summary line
+    this.log.debug({ listener, remote: remoteOf(s), err: err.message }, 'TLS handshake failed');
+    this.o.refusals.count('ECONN_TLS_HANDSHAKE', source);
   }
 
   private onRawConnection(listener: ListenerName, s: net.Socket): void {

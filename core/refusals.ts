@@ -66,16 +66,34 @@ export class RefusalLog {
   /** One refusal: logged in full while the interval's detail lines last, else counted for the summary. */
   refused(code: string, source: string, fields: Record<string, unknown> = {}): void {
     this.total++;
-    if (!this.timer) {
-      const set = this.o.setTimer ?? setTimeout;
-      this.timer = set(() => this.flush(), this.intervalMs);
-      this.timer.unref?.();
-    }
+    this.arm();
     if (this.logged < this.detailLines) {
       this.logged++;
       this.o.log.warn({ code, ...fields }, this.o.msg);
       return;
     }
+    this.tally(code, source);
+  }
+
+  /**
+   * A refusal that is only counted, never logged in full here (e.g. a failed TLS handshake:
+   * per attempt it is a debug line, as port scanners make them all day); it appears in the
+   * interval's summary line.
+   */
+  count(code: string, source: string): void {
+    this.total++;
+    this.arm();
+    this.tally(code, source);
+  }
+
+  private arm(): void {
+    if (this.timer) return;
+    const set = this.o.setTimer ?? setTimeout;
+    this.timer = set(() => this.flush(), this.intervalMs);
+    this.timer.unref?.();
+  }
+
+  private tally(code: string, source: string): void {
     this.suppressed++;
     this.byCode.set(code, (this.byCode.get(code) ?? 0) + 1);
     const key = this.bySource.has(source) || this.bySource.size < REFUSAL_MAX_SOURCES ? source : 'other';

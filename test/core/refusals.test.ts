@@ -52,6 +52,19 @@ t.test('RefusalLog: the first refusals of an interval in full, the rest as one s
   t.equal(lines.length, 5, 'no summary when nothing was left out');
 });
 
+t.test('RefusalLog: count() never writes a line of its own, only adds to the summary', async (t) => {
+  const { log, lines } = fakeLog();
+  const timers = manualTimers();
+  const r = new RefusalLog({ log, msg: 'refused', what: 'MQTT connections', detailLines: 3, setTimer: timers.set, clearTimer: () => {} });
+  for (let i = 0; i < 50; i++) r.count('ECONN_TLS_HANDSHAKE', '10.1.1.1');
+  r.refused('ECONN_AUTH_TOKEN', '10.1.1.1');
+  t.equal(lines.length, 1, 'only the refusal is logged in full');
+  timers.fire();
+  t.equal(lines.length, 2);
+  t.same(lines[1]!.obj.codes, { ECONN_TLS_HANDSHAKE: 50 });
+  t.equal(r.total, 51);
+});
+
 t.test('RefusalLog: sources counted per interval are bounded', async (t) => {
   const { log, lines } = fakeLog();
   const timers = manualTimers();
