@@ -67,8 +67,9 @@ t.test(`power cut: ${CYCLES} SIGKILLs with the journal's unsynced writes thrown 
   const cut = { files: 0, restored: 0, truncated: 0, bytesLost: 0 };
   for (let cycle = 0; cycle < CYCLES; cycle++) {
     await Promise.all(pubs.map((p) => p.run(d)));
-    // a random moment: after 20…220 more acknowledgements of the first device
-    const target = pubs[0]!.acked.length + 20 + Math.floor(rnd.next() * 200);
+    // a random moment: after 20…220 more acknowledgements of the first device (20…80 at the fast level: every
+    // acknowledgement waits for a 20 ms sync here, and npm test runs files side by side)
+    const target = pubs[0]!.acked.length + 20 + Math.floor(rnd.next() * (FULL ? 200 : 60));
     await pubs[0]!.waitAcked(target, 30_000);
     // then 0…2·SYNC_LATENCY_MS later: right at an acknowledgement every device's next record is not yet
     // written (the batch waits fsync_max_delay_ms); a random offset into the next batch's write and sync
