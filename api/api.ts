@@ -20,6 +20,7 @@ import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
 import type { Config } from '../core/config/schema.js';
 import { ConfigError, ConnectorError, errorCode } from '../core/errors.js';
+import { RefusalLog, SourceBudget } from '../core/refusals.js';
 import { listen, closeServer } from '../core/net.js';
 import type { UplinkSink } from '../core/ports.js';
 import { CrlStore } from '../identity/auth.js';
@@ -99,6 +100,12 @@ export class ApiServer implements Component {
   private bootstrapFingerprints = new Set<string>();
   private readonly counters = { requests: 0, refused: 0, uploads: 0, uploadBytes: 0, registered: 0, publishedJson: 0, idempotentRepeats: 0, crlReloads: 0 };
   private readonly http: HttpIo;
+  /** Refused requests: logged in full for the first few of an interval, then summarised (a flood is a few lines, not one per request). */
+  private readonly refusals: RefusalLog;
+  /** Per source address, charged by 401s: a source that spent it is turned away before its TLS handshake (api.refused_per_source_*). */
+  private readonly budget: SourceBudget;
+  /** Connections admitted whose first request has not come yet (that request was paid for on admission). */
+  private readonly fresh = new WeakSet<object>();
   private readonly handlers: ApiHandlers;
   private readonly idempotency: IdempotencyCache;
 
@@ -111,7 +118,9 @@ export class ApiServer implements Component {
     this.sinkOpt = opts.sink;
     this.sharedCrls = opts.crls;
     this.crlPollMs = opts.crlPollMs ?? 2000;
-    this.http = new HttpIo(this.log, this.timeouts, this.counters);
+    this.refusals = new RefusalLog({ log: this.log, msg: 'request refused', what: 'HTTP requests and connections' });
+    this.budget = new SourceBudget(() => ({ perS: this.config.api.refused_per_source_per_s, burst: this.config.api.refused_per_source_burst }), this.now);
+    this.http = new HttpIo(this.log, this.timeouts, this.counters, this.refusals, this.budget);
     this.idempotency = new IdempotencyCache({ ...IDEMPOTENCY_DEFAULTS, ...opts.idempotency, now: this.now });
     this.handlers = new ApiHandlers({
       config: () => this.config,
@@ -169,8 +178,27 @@ export class ApiServer implements Component {
     server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => void this.onRequest(req, res, false));
     server.on('checkContinue', (req: http.IncomingMessage, res: http.ServerResponse) => void this.onRequest(req, res, true));
     server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => this.http.onClientError(err, socket));
-    server.on('tlsClientError', (err: NodeJS.ErrnoException) => this.log.debug({ code: err.code, reason: err.message }, 'TLS handshake failed'));
-    server.on('secureConnection', (s: TLSSocket) => s.setNoDelay(true));
+    // a source that spent its budget of refusals is turned away before the TLS handshake (the expensive part of a flood)
+    server.on('connection', (s: Duplex & { remoteAddress?: string }) => {
+      const source = s.remoteAddress ?? 'unknown';
+      if (this.budget.admit(source)) return;
+      this.counters.refused++;
+      this.refusals.refused('ECONN_RATE_LIMITED', source, { remote: source, reason: 'too many refused requests from this address; connection closed before the TLS handshake' });
+      s.destroy();
+    });
+    server.on('tlsClientError', (err: NodeJS.ErrnoException, s: TLSSocket) => {
+      const source = s.remoteAddress ?? 'unknown';
+      // a socket turned away at accept fails its handshake too: that refusal is already counted
+      if (s.destroyed && this.budget.spent(source)) return;
+      this.budget.refused(source);
+      // one debug line per attempt (scanners make them all day); at info they show in the interval's summary line
+      this.log.debug({ code: err.code, reason: err.message }, 'TLS handshake failed');
+      this.refusals.count('ECONN_TLS_HANDSHAKE', source);
+    });
+    server.on('secureConnection', (s: TLSSocket) => {
+      s.setNoDelay(true);
+      this.fresh.add(s);
+    });
     this.boundPort = await listen(server, this.config.api.host, this.config.api.port, 'api', 'api.port');
     this.server = server;
     this.closing = false;
@@ -182,6 +210,7 @@ export class ApiServer implements Component {
   }
 
   async close(): Promise<void> {
+    this.refusals.close();
     const starting = this.starting;
     this.starting = undefined;
     if (starting) await starting.catch(() => {});
@@ -316,6 +345,12 @@ export class ApiServer implements Component {
     }
     const ctx: RequestContext = { req, res, url, route: url.pathname.slice(0, 200), expectContinue, bodyStarted: false };
     res.on('error', () => {});
+    // a later request on a keep-alive connection of a source that spent its budget: refused before any route
+    // runs (the first request of a connection was paid for when the connection was admitted)
+    if (!this.fresh.delete(req.socket) && this.budget.spent(req.socket.remoteAddress ?? 'unknown')) {
+      this.http.refuse(ctx, new ConnectorError('ECONN_RATE_LIMITED', 'too many refused requests from this address; retry later'));
+      return;
+    }
     try {
       // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400 (headers past maxHeadersCount are dropped, Host too)
       if (req.httpVersion === '1.1' && !req.headers.host) {

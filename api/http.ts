@@ -11,6 +11,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from '../core/logger.js';
 import { redactString } from '../core/logger.js';
 import { ConnectorError, errorCode, httpErrorOf, type ErrorCode } from '../core/errors.js';
+import type { RefusalLog, SourceBudget } from '../core/refusals.js';
 
 /**
  * Sent on every response, errors and malformed-request answers included. The first
@@ -37,6 +38,7 @@ const REASONS: Readonly<Record<number, string>> = {
   409: 'conflict',
   413: 'payload_too_large',
   415: 'unsupported_media_type',
+  429: 'too_many_requests',
   431: 'request_header_fields_too_large',
   500: 'internal_error',
   503: 'service_unavailable',
@@ -147,6 +149,10 @@ export class HttpIo {
     private readonly log: Logger,
     private readonly timeouts: HttpTimeouts,
     private readonly counters: { refused: number },
+    /** 4xx refusals are logged through it: the first ones of an interval in full, then one summary line (core/refusals.ts). */
+    private readonly refusals: RefusalLog,
+    /** Charged by every 401 (bad credentials) and malformed request, per source address (api.refused_per_source_*). */
+    private readonly budget: SourceBudget,
   ) {}
 
   setSecurityHeaders(res: http.ServerResponse): void {
@@ -155,6 +161,8 @@ export class HttpIo {
 
   sendJson(res: http.ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
     if (res.headersSent || res.destroyed) return;
+    // an answer other than 401 gives a limited source back the token its connection paid on admission
+    if (status !== 401) this.budget.succeeded(res.req.socket.remoteAddress ?? 'unknown');
     const text = JSON.stringify(body);
     this.setSecurityHeaders(res);
     res.writeHead(status, { ...headers, 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text) });
@@ -177,8 +185,10 @@ export class HttpIo {
       remote: ctx.req.socket.remoteAddress,
       ...(ctx.actor ? { deviceId: ctx.actor } : {}),
     };
+    const source = ctx.req.socket.remoteAddress ?? 'unknown';
     if (status >= 500) this.log.error({ ...fields, err }, 'request failed');
-    else this.log.warn({ ...fields, reason: message }, 'request refused');
+    else this.refusals.refused(publicCode, source, { ...fields, reason: message });
+    if (status === 401) this.budget.refused(source);
 
     const headers: Record<string, string> = {};
     if (status === 401) {
@@ -189,6 +199,7 @@ export class HttpIo {
     }
     if (err instanceof MethodNotAllowedError) headers.allow = err.allow.join(', ');
     if (status === 503) headers['retry-after'] = '5';
+    if (status === 429 && code === 'ECONN_RATE_LIMITED') headers['retry-after'] = String(this.retryAfterS());
     // a body the client is still sending is not read: close the connection after the answer
     const unread = !ctx.req.complete && (hasBody(ctx.req) || ctx.bodyStarted);
     if (unread) headers.connection = 'close';
@@ -229,7 +240,9 @@ export class HttpIo {
     const message =
       code === 'ECONN_REQUEST_TIMEOUT' ? 'the request was not received in time' : code === 'ECONN_HEADERS_TOO_LARGE' ? 'request headers are too large' : 'malformed HTTP request';
     this.counters.refused++;
-    this.log.warn({ code, status, reason: err.code }, 'request refused');
+    const source = (socket as Duplex & { remoteAddress?: string }).remoteAddress ?? 'unknown';
+    this.refusals.refused(code, source, { status, reason: err.code, remote: source });
+    this.budget.refused(source);
     const body = JSON.stringify({ error: REASONS[status], code, message });
     const head = [
       `HTTP/1.1 ${status} ${STATUS_LINES[status] ?? 'Bad Request'}`,
@@ -239,6 +252,12 @@ export class HttpIo {
       ...Object.entries(SECURITY_HEADERS).map(([k, v]) => `${k}: ${v}`),
     ].join('\r\n');
     socket.end(`${head}\r\n\r\n${body}`);
+  }
+
+  /** Seconds until a source that spent its budget may try again (one token at api.refused_per_source_per_s). */
+  private retryAfterS(): number {
+    const perS = this.budget.limitsNow().perS;
+    return perS > 0 ? Math.max(1, Math.ceil(1 / perS)) : 1;
   }
 
   continueIfAsked(ctx: RequestContext): void {

@@ -22,6 +22,7 @@ import { Aedes } from 'aedes';
 import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
 import { ConnectorError } from '../core/errors.js';
+import { RefusalLog, SourceBudget } from '../core/refusals.js';
 import type { CommandTarget, UplinkSink } from '../core/ports.js';
 import { CrlStore, DeviceAuthenticator, type TokenVerifier } from '../identity/auth.js';
 import { SessionTracker, conformanceHooks } from './conformance.js';
@@ -91,6 +92,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   private readonly sessions: DeviceSessions;
   private readonly retained: RetainedLedger;
   private readonly budget: InflightBudget;
+  /** refused connections: the first few of an interval logged in full, then one summary line per interval */
+  private readonly refusals: RefusalLog;
   private aedes: Aedes | undefined;
   private tracker = new SessionTracker();
   private started: Promise<void> | undefined;
@@ -135,6 +138,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     }
     this.auth = new DeviceAuthenticator({ registry: opts.registry, tokens: opts.tokens, crls: this.crls, tls: opts.config.tls, now });
     const closing = (): boolean => this.closing !== undefined;
+    this.refusals = new RefusalLog({ log: this.log, msg: 'MQTT connection refused', what: 'MQTT connections' });
+    const budget = new SourceBudget(() => ({ perS: this.config.limits.refused_per_source_per_s, burst: this.config.limits.refused_per_source_burst }), now);
     this.commands = new CommandSender({
       log: this.log,
       sessionOf: (id) => this.sessions.liveSession(id),
@@ -161,6 +166,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       budget: this.budget,
       mConnects,
       mRefusals,
+      refusals: this.refusals,
+      sourceBudget: budget,
     });
     this.deviceListeners = new DeviceListeners({
       log: this.log,
@@ -169,6 +176,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       maxPacketBytes: () => packetLimit(this.config.limits),
       onStream: (stream: Duplex, origin: StreamOrigin, req?: IncomingMessage) => this.sessions.handleStream(stream, { ...origin }, req),
       onRefused: (listener) => mRefusals?.inc({ listener, code: 'ECONN_BROKER_LIMIT' }),
+      refusals: this.refusals,
+      budget,
       closing,
     });
     this.crlWatch = new CrlWatch({
@@ -256,6 +265,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     this.pki.off?.('server-cert', this.onServerCert);
     this.crlWatch.unwatch();
     this.commands.closeAll();
+    this.refusals.close();
     const serversClosed = this.deviceListeners.stopAccepting();
     const aedes = this.aedes;
     if (aedes && !aedes.closed) {

@@ -38,6 +38,7 @@ import { aedesInternals, clientInternals } from './aedes-internals.js';
 import type { ListenerName } from './listeners.js';
 import type { BridgeRouting, BrokerConfig } from './settings.js';
 import type { InflightBudget } from './inflight-budget.js';
+import { sourceOf, type RefusalLog, type SourceBudget } from '../core/refusals.js';
 
 /** What the broker needs from the device registry (DeviceRegistry satisfies it). */
 export interface BrokerRegistry extends RegistryView {
@@ -72,6 +73,10 @@ export interface SessionsOptions {
   budget: InflightBudget;
   mConnects?: Counter<'listener' | 'via'> | undefined;
   mRefusals?: Counter<'listener' | 'code'> | undefined;
+  /** refused connections are logged through it (core/refusals.ts: the first ones of an interval in full, then a summary) */
+  refusals: RefusalLog;
+  /** charged by every refused authentication, per source address (broker.limits.refused_per_source_*) */
+  sourceBudget: SourceBudget;
 }
 
 export interface ConnInfo {
@@ -292,7 +297,9 @@ export class DeviceSessions {
 
   private refuseLog(info: ConnInfo | undefined, code: string, reason: string, extra: Record<string, unknown> = {}): void {
     this.mRefusals?.inc({ listener: info?.listener ?? 'unknown', code });
-    this.log.warn({ code, reason, listener: info?.listener, remote: info?.remote, client_id: info?.clientId, ...extra }, 'MQTT connection refused');
+    const source = sourceOf(info?.remote);
+    this.o.sourceBudget.refused(source);
+    this.o.refusals.refused(code, source, { reason, listener: info?.listener, remote: info?.remote, client_id: info?.clientId, ...extra });
   }
 
   // ───────────────────────────── aedes hooks ─────────────────────────────
@@ -364,6 +371,7 @@ export class DeviceSessions {
           };
           this.sessions.set(client, session);
           this.sessionOf.set(client, session);
+          this.o.sourceBudget.succeeded(sourceOf(info.remote)); // the token its admission took, if its source is limited
           done(null, true);
         })
         .catch((err: unknown) => {

@@ -10,6 +10,10 @@
  *  - Every accepted socket gets TCP_NODELAY (neither aedes nor mqtt.js sets it; Nagle adds
  *    milliseconds to small packets) and counts against broker.limits.max_connections; over it,
  *    the socket is destroyed at once and the refusal logged at most every 10 s.
+ *  - A source address that caused more refusals (failed handshakes, refused credentials) than
+ *    broker.limits.refused_per_source_burst is closed at accept, before the TLS handshake,
+ *    until its budget refills (core/refusals.ts); refusals are logged in full for the first
+ *    few of an interval, then as one summary line per interval.
  *  - A new TLS context (reload, renewed server certificate) applies to new handshakes; live
  *    sessions keep theirs.
  * Each accepted MQTT byte stream (TLS socket, WebSocket stream, loopback socket) is handed to
@@ -26,6 +30,7 @@ import type { Config } from '../core/config/schema.js';
 import type { Logger } from '../core/logger.js';
 import { listen } from '../core/net.js';
 import { ConnectorError } from '../core/errors.js';
+import type { RefusalLog, SourceBudget } from '../core/refusals.js';
 import type { ListenerAuth } from '../identity/auth.js';
 import { loadServerCredentials } from '../identity/server-cert.js';
 
@@ -57,6 +62,10 @@ export interface ListenersOptions {
   onStream: (stream: Duplex, origin: StreamOrigin, req?: IncomingMessage) => void;
   /** a connection refused over broker.limits.max_connections */
   onRefused?: (listener: ListenerName) => void;
+  /** refused connections (failed handshakes, sources over budget) are logged through it (core/refusals.ts) */
+  refusals: RefusalLog;
+  /** refusals per source address (broker.limits.refused_per_source_*): a source over it is closed before the TLS handshake */
+  budget: SourceBudget;
   /** are we shutting down (new sockets are destroyed) */
   closing: () => boolean;
 }
@@ -102,7 +111,7 @@ export class DeviceListeners {
       this.tlsServer = server;
       server.on('connection', (s: net.Socket) => this.onRawConnection('tls', s));
       server.on('secureConnection', (s: tls.TLSSocket) => this.accept(s, { listener: 'tls', auth: this.auth('tls'), tls: s, remote: remoteOf(s) }));
-      server.on('tlsClientError', (err: Error, s: tls.TLSSocket) => this.log.debug({ listener: 'tls', remote: remoteOf(s), err: err.message }, 'TLS handshake failed'));
+      server.on('tlsClientError', (err: Error, s: tls.TLSSocket) => this.handshakeFailed('tls', err, s));
       server.on('error', (err) => this.log.error({ err }, 'MQTT/TLS listener error'));
       this.ports.set('tls', await listen(server, L.tls.host, L.tls.port, 'MQTT/TLS', 'broker.listeners.tls.port'));
     }
@@ -116,7 +125,7 @@ export class DeviceListeners {
       );
       this.httpsServer = server;
       server.on('connection', (s: net.Socket) => this.onRawConnection('wss', s));
-      server.on('tlsClientError', (err: Error, s: tls.TLSSocket) => this.log.debug({ listener: 'wss', remote: remoteOf(s), err: err.message }, 'TLS handshake failed'));
+      server.on('tlsClientError', (err: Error, s: tls.TLSSocket) => this.handshakeFailed('wss', err, s));
       server.on('error', (err) => this.log.error({ err }, 'MQTT/WSS listener error'));
       const wss = new WebSocketServer({
         server,
@@ -187,8 +196,29 @@ export class DeviceListeners {
     return this.sockets.tls.size + this.sockets.wss.size + this.sockets.local.size;
   }
 
+  /** A failed TLS handshake: charged to its source, counted in the refusal log's summary. */
+  private handshakeFailed(listener: ListenerName, err: Error, s: tls.TLSSocket): void {
+    const source = s.remoteAddress ?? 'unknown';
+    // a socket turned away at accept fails its handshake too: that refusal is already counted
+    if (s.destroyed && this.o.budget.spent(source)) return;
+    this.o.budget.refused(source);
+    // one debug line per attempt (scanners make them all day); at info they show in the interval's summary line
+    this.log.debug({ listener, remote: remoteOf(s), err: err.message }, 'TLS handshake failed');
+    this.o.refusals.count('ECONN_TLS_HANDSHAKE', source);
+  }
+
   private onRawConnection(listener: ListenerName, s: net.Socket): void {
     try {
+      const source = s.remoteAddress ?? 'unknown';
+      if (!this.o.closing() && !this.o.budget.admit(source)) {
+        s.destroy();
+        this.o.refusals.refused('ECONN_RATE_LIMITED', source, {
+          listener,
+          remote: remoteOf(s),
+          reason: 'too many refused attempts from this address (broker.limits.refused_per_source_burst); closed before the TLS handshake',
+        });
+        return;
+      }
       const max = this.o.config().limits.max_connections;
       if (this.o.closing() || this.totalSockets() >= max) {
         s.destroy();

@@ -28,6 +28,8 @@ export const ERROR_CODES = {
   ECONN_INTERNAL: 'an unexpected internal error',
   // device identity and access
   ECONN_AUTH_FAILED: 'a device presented missing or invalid credentials',
+  ECONN_RATE_LIMITED: 'a source address caused too many refused attempts and is turned away until its budget refills',
+  ECONN_TLS_HANDSHAKE: 'a TLS handshake with a client failed (protocol, version, aborted handshake)',
   ECONN_AUTH_CERT: 'a client certificate was refused (chain, validity, revocation, identity)',
   ECONN_AUTH_TOKEN: 'a device token was refused (algorithm, signature, expiry, claims, revocation)',
   ECONN_AUTH_CLIENT_ID: 'the MQTT client id does not equal the authenticated device id',
@@ -94,6 +96,7 @@ export const ERROR_HTTP: Readonly<Partial<Record<ErrorCode, HttpErrorMapping>>> 
   ECONN_IDEMPOTENCY_CONFLICT: { status: 409, clientSafe: true },
   ECONN_PAYLOAD_TOO_LARGE: { status: 413, clientSafe: true },
   ECONN_UNSUPPORTED_MEDIA_TYPE: { status: 415, clientSafe: true },
+  ECONN_RATE_LIMITED: { status: 429, clientSafe: true },
   ECONN_HEADERS_TOO_LARGE: { status: 431, clientSafe: true },
   ECONN_JOURNAL_FULL: { status: 503, clientSafe: true },
   ECONN_UNAVAILABLE: { status: 503, clientSafe: true },

@@ -113,6 +113,13 @@ export const configSchema = obj('edge-connector configuration', {
       connect_timeout_ms: int(10000, 100, 600000, 'time a new connection has to send CONNECT'),
       max_retained_per_device: int(100, 0, 1000000, 'retained messages one device may hold; a retained PUBLISH over it is refused (connection closed, logged); 0 = devices may not retain'),
       max_retained_bytes_per_device: int(1048576, 0, 268435455, 'bytes (payload + topic) of the retained messages one device may hold; a retained PUBLISH over it is refused (connection closed, logged)'),
+      refused_per_source_per_s: int(
+        2,
+        0,
+        100000,
+        'refused connection attempts (failed TLS handshake, refused credentials) one source address may cause per second on average; past its burst, its new connections are closed before the TLS handshake until the budget refills (0 = no limit)',
+      ),
+      refused_per_source_burst: int(30, 1, 1000000, 'refused connection attempts one source address may cause in a burst before refused_per_source_per_s applies'),
     }),
     acl: obj('topic authorization beyond the built-in devices/{id}/... namespace', {
       groups: Type.Record(Type.String({ pattern: '^[A-Za-z0-9_.-]+$' }), aclRules, {
@@ -146,6 +153,13 @@ export const configSchema = obj('edge-connector configuration', {
     max_body_bytes: int(65536, 1024, 16777216, 'largest JSON request body'),
     max_upload_bytes: int(1073741824, 1, 1099511627776, 'largest HTTP upload (POST /api/publish/{device_id})'),
     bootstrap_ca_files: strList('CA certificates whose client certificates may register devices without an enrollment token', [], { 'x-path': true }),
+    refused_per_source_per_s: int(
+      2,
+      0,
+      100000,
+      'requests refused for bad credentials (401: enrollment token, device token, certificate) or malformed HTTP one source address may cause per second on average; past its burst, its requests are answered 429 ECONN_RATE_LIMITED before any check until the budget refills (0 = no limit)',
+    ),
+    refused_per_source_burst: int(30, 1, 1000000, 'requests refused for bad credentials one source address may cause in a burst before refused_per_source_per_s applies'),
   }),
   bridge: obj('the durable uplink of device messages to the cloud', {
     enabled: bool(true, 'forward device messages to the cloud', { 'x-restart': true }),

@@ -5,27 +5,44 @@
  * way `connector start -c FILE` does and adds components through the daemon's
  * seam (runDaemon(file, { extraComponents })); nothing of this ships in dist/.
  *
- *   node test/helpers/daemon-hooks.mjs CONFIG_FILE [--hang-close]
+ *   node test/helpers/daemon-hooks.mjs CONFIG_FILE [--hang-close] [--record-syncs DIR [--sync-latency-ms N]]
  *
  * Admin methods it adds:
  *   test.block_loop  {ms}                         block the event loop synchronously for ms
  *   test.starve_loop {block_ms, every_ms, for_ms} keep blocking it for block_ms every every_ms
  *                                                 during for_ms (a loop that turns, but badly)
  *   test.crash                                    throw an uncaught exception on the next tick (→ exit 70)
+ *   test.gc                                       a full garbage collection, then process.memoryUsage()
+ *                                                 (what is retained, not what the heap has not collected yet)
  * The loop faults are bracketed with STATUS= markers on the notify socket, so a
  * test can tell which datagrams were sent while the loop was unhealthy.
  * --hang-close adds a component whose close() never finishes (→ forced shutdown).
+ * --record-syncs DIR records every successful fsync in DIR (test/helpers/sync-recorder.mjs),
+ * so that a test can cut the power after a SIGKILL (test/helpers/power-cut.ts);
+ * --sync-latency-ms N makes each asynchronous sync report success N ms late (a slow disk).
  */
 import { runDaemon } from '../../dist/daemon/main.js';
 import { ConnectorError } from '../../dist/core/errors.js';
 import { performance } from 'node:perf_hooks';
+import v8 from 'node:v8';
+import vm from 'node:vm';
+import { recordSyncs } from './sync-recorder.mjs';
 
 const [configFile, ...flags] = process.argv.slice(2);
 if (!configFile) {
-  process.stderr.write('usage: node test/helpers/daemon-hooks.mjs CONFIG_FILE [--hang-close]\n');
+  process.stderr.write('usage: node test/helpers/daemon-hooks.mjs CONFIG_FILE [--hang-close] [--record-syncs DIR [--sync-latency-ms N]]\n');
   process.exit(64);
 }
 const hangClose = flags.includes('--hang-close');
+const syncsAt = flags.indexOf('--record-syncs');
+if (syncsAt >= 0) {
+  if (!flags[syncsAt + 1]) {
+    process.stderr.write('--record-syncs needs a directory\n');
+    process.exit(64);
+  }
+  const latAt = flags.indexOf('--sync-latency-ms');
+  await recordSyncs(flags[syncsAt + 1], latAt >= 0 ? Number(flags[latAt + 1]) || 0 : 0);
+}
 
 function busyWait(ms) {
   const end = performance.now() + ms;
@@ -70,6 +87,12 @@ function testHooks({ admin, logger, notifier }) {
     });
     await notifier.status('test: event loop free');
     return { starved_ms: forMs };
+  });
+  admin.register('test.gc', () => {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = vm.runInNewContext('gc');
+    gc();
+    return process.memoryUsage();
   });
   admin.register('test.crash', () => {
     setImmediate(() => {

@@ -118,9 +118,11 @@ export interface StartOptions {
   gid?: number;
   /**
    * Run test/helpers/daemon-hooks.mjs (the daemon with test-only admin methods)
-   * instead of `connector start`; `hangClose` adds a component whose close() never finishes.
+   * instead of `connector start`; `hangClose` adds a component whose close() never finishes;
+   * `recordSyncs` records every successful fsync in that directory (for a simulated power cut),
+   * `syncLatencyMs` makes each asynchronous fsync report success that much later (a slow disk).
    */
-  hooks?: boolean | { hangClose?: boolean };
+  hooks?: boolean | { hangClose?: boolean; recordSyncs?: string; syncLatencyMs?: number };
 }
 
 export function spawnDaemon(t: TestLike, opts: StartOptions = {}): DaemonHandle {
@@ -129,7 +131,10 @@ export function spawnDaemon(t: TestLike, opts: StartOptions = {}): DaemonHandle 
   const configFile = opts.configFile ?? writeConfig(dir, testConfig(stateDir, opts.config ?? {}));
   const hooks = opts.hooks === true ? {} : opts.hooks || undefined;
   const [cmd, argv] = nodeCommand(
-    hooks ? [HOOKED_DAEMON, configFile, ...(hooks.hangClose ? ['--hang-close'] : [])] : [CLI, ...(opts.args ?? ['start', '-c', configFile])],
+    hooks
+      ? [HOOKED_DAEMON, configFile, ...(hooks.hangClose ? ['--hang-close'] : []), ...(hooks.recordSyncs ? ['--record-syncs', hooks.recordSyncs] : []),
+          ...(hooks.syncLatencyMs ? ['--sync-latency-ms', String(hooks.syncLatencyMs)] : []),
+        ] : [CLI, ...(opts.args ?? ['start', '-c', configFile])],
   );
   const proc = spawn(cmd, argv, {
     cwd: dir,

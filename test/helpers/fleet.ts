@@ -11,7 +11,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { stringify } from 'yaml';
 import mqtt, { type MqttClient } from 'mqtt';
-import { CLI, nodeCommand, childEnv, startDaemon, runCli, type DaemonHandle, type Json, type TestLike } from './daemon.js';
+import { CLI, nodeCommand, childEnv, startDaemon, runCli, type DaemonHandle, type Json, type StartOptions, type TestLike } from './daemon.js';
 
 export const CLIENT_SECRET = randomBytes(24).toString('base64url');
 
@@ -90,12 +90,16 @@ export interface Site {
 }
 
 /** Cloud + connector in one temp directory. */
-export async function startSite(t: TestLike, dir: string, opts: { tokenTtlS?: number; over?: Json; ports?: (cloud: Cloud) => Promise<CloudPorts> } = {}): Promise<Site> {
+export async function startSite(
+  t: TestLike,
+  dir: string,
+  opts: { tokenTtlS?: number; over?: Json; ports?: (cloud: Cloud) => Promise<CloudPorts>; hooks?: StartOptions['hooks'] } = {},
+): Promise<Site> {
   const cloud = await startCloud(t, dir, { tokenTtlS: opts.tokenTtlS });
   const secretFile = path.join(dir, 'connector-client.secret');
   writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
   const ports = opts.ports ? await opts.ports(cloud) : {};
-  const d = await startDaemon(t, { dir, config: connectorConfig(cloud, secretFile, opts.over ?? {}, ports) });
+  const d = await startDaemon(t, { dir, config: connectorConfig(cloud, secretFile, opts.over ?? {}, ports), hooks: opts.hooks });
   return { dir, cloud, d, secretFile };
 }
 
