@@ -124,3 +124,15 @@ for (const [heading, fileCol, nameCol] of [
     t.ok(checked >= 10, `checked the names (${checked})`);
   });
 }
+
+t.test("README.md's Layout section lists every top-level folder and links docs/ARCHITECTURE.md", async (t) => {
+  const readme = read('README.md');
+  const section = /^## Layout\n([\s\S]*?)(?=^## )/m.exec(readme)?.[1];
+  if (section === undefined) throw new Error('README.md has no "## Layout" section');
+  t.match(section, '(docs/ARCHITECTURE.md)', 'links docs/ARCHITECTURE.md');
+  const listed = [...section.matchAll(/^\| `([\w-]+)\/` \|/gm)].map((m) => m[1]!).sort();
+  const folders = readdirSync(REPO)
+    .filter((d) => !d.startsWith('.') && !['node_modules', 'dist', 'state', 'cloud-data'].includes(d) && statSync(path.join(REPO, d)).isDirectory())
+    .sort();
+  t.same(listed, folders, 'one row per top-level folder (build output and local state aside)');
+});
