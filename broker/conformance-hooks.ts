@@ -11,6 +11,7 @@
  */
 import type { AedesOptions, AedesPublishPacket, Client, Subscription } from 'aedes';
 import { PLUS, HASH } from './conformance-state.js';
+import { clientInternals } from './aedes-internals.js';
 
 /** MQTT topic matching (3.1.1 section 4.7), without the $ rule. */
 export function topicMatches(filter: string, topic: string): boolean {
@@ -28,9 +29,9 @@ export function topicMatches(filter: string, topic: string): boolean {
 type ForwardHook = NonNullable<AedesOptions['authorizeForward']>;
 type SubscribeHook = NonNullable<AedesOptions['authorizeSubscribe']>;
 
-/** aedes keeps the client's subscriptions (filter → { qos }) on the client object; not in its typings. */
+/** aedes keeps the client's subscriptions (filter → { qos }) on the client object; not in its typings (aedes-internals.ts). */
 function subscriptionsOf(client: Client): Record<string, { qos: number }> | undefined {
-  const subs = (client as unknown as { subscriptions?: unknown }).subscriptions;
+  const subs: unknown = clientInternals(client).subscriptions;
   return subs && typeof subs === 'object' ? (subs as Record<string, { qos: number }>) : undefined;
 }
 

@@ -14,7 +14,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
 import { open, rename, unlink, readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { once } from 'node:events';
+import { EventEmitter, once } from 'node:events';
 import { stringify } from 'yaml';
 import { parseConfigText } from '../../core/config/load.js';
 import type { Config } from '../../core/config/schema.js';
@@ -34,12 +34,17 @@ export interface StoredMessage {
   file: string;
 }
 
-/** UplinkSink test double: streams each payload to a temp file, fsyncs, then renames it into place. */
-export class FileSink implements UplinkSink {
+/**
+ * UplinkSink test double: streams each payload to a temp file, fsyncs, then renames it into place.
+ * Emits 'stream-start' (the temp file) when an append starts, so a test can wait for it.
+ */
+export class FileSink extends EventEmitter implements UplinkSink {
   readonly messages: StoredMessage[] = [];
   /** Temp files currently being written (to check nothing is left behind). */
   readonly inFlight = new Set<string>();
-  constructor(readonly dir: string) {}
+  constructor(readonly dir: string) {
+    super();
+  }
 
   async append(meta: UplinkMessageMeta, payload: Buffer): Promise<AppendResult> {
     return this.appendStream(meta, (async function* () {
@@ -52,6 +57,7 @@ export class FileSink implements UplinkSink {
     const tmp = path.join(this.dir, `.${id}.tmp`);
     const out = createWriteStream(tmp, { flags: 'wx', mode: 0o600 });
     this.inFlight.add(tmp);
+    this.emit('stream-start', tmp);
     const hash = createHash('sha256');
     let size = 0;
     try {

@@ -6,6 +6,7 @@
  */
 import t, { type Test } from 'tap';
 import { readFileSync } from 'node:fs';
+import { once } from 'node:events';
 import path from 'node:path';
 import { Journal } from '../../bridge/journal.js';
 import { silentLogger } from '../../core/logger.js';
@@ -198,10 +199,11 @@ t.test('Idempotency-Key while the first upload is still streaming: 409, then the
     await gate;
     yield Buffer.from('second half');
   }
+  const inSink = once(sink, 'stream-start');
   const first = env.request({ path: '/api/publish/idem-3', bearer: token, body: slow(), headers: { 'idempotency-key': 'k-slow' } });
   await streaming;
   // barrier: the first upload is inside the sink (its key was taken before the sink was called)
-  for (let i = 0; i < 1000 && sink.inFlight.size === 0; i++) await new Promise((r) => setTimeout(r, 10));
+  await inSink;
   t.equal(sink.inFlight.size, 1, 'the first upload is streaming');
   const dup = await env.request({ path: '/api/publish/idem-3', bearer: token, body: 'dup', headers: { 'idempotency-key': 'k-slow' } });
   checkError(t, dup, 409, 'ECONN_IDEMPOTENCY_CONFLICT', /still in progress/);

@@ -583,7 +583,15 @@ t.test('a CRL file that changes is picked up by the API without SIGHUP or reload
   const crlFile = path.join(dir, 'devices.crl');
   // start with a CRL (of another CA) that revokes nothing relevant
   writeFileSync(crlFile, await (await TestCA.create()).crl(['01']));
-  const env = await apiEnv(t, { config: { broker: { tls: { crl_files: [crlFile] } } }, api: { crlPollMs: 20 } });
+  // the API logs each CRL reload: that line is the event the test waits for
+  let onReload: () => void = () => {};
+  const logSink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      if (chunk.toString().includes('API CRLs reloaded')) onReload();
+      cb();
+    },
+  });
+  const env = await apiEnv(t, { config: { broker: { tls: { crl_files: [crlFile] } } }, api: { crlPollMs: 20 }, logger: createLogger({ level: 'info', destination: logSink }) });
   const { csr, key } = await createCsr('crl-watch');
   const reg = await env.register('crl-watch', { csr });
   const cert = String(reg.certificate);
@@ -598,9 +606,14 @@ t.test('a CRL file that changes is picked up by the API without SIGHUP or reload
     signingAlgorithm: signingAlgorithm(caKey),
   });
   const reloads = Number(env.api.status().crlReloads);
+  let timer: NodeJS.Timeout | undefined;
+  const reloaded = Promise.race([
+    new Promise<void>((resolve) => (onReload = resolve)),
+    new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error('no "API CRLs reloaded" within 15 s of the file change')), 15_000))),
+  ]).finally(() => clearTimeout(timer));
   writeFileSync(crlFile, crl.toString('pem'));
-  // barrier: the API's poller saw the change (bounded wait on its counter, no fixed sleep)
-  for (let i = 0; i < 1500 && Number(env.api.status().crlReloads) === reloads; i++) await new Promise((r) => setTimeout(r, 10));
+  // barrier: the API's poller saw the change and reloaded (its log line), bounded in time
+  await reloaded;
   t.ok(Number(env.api.status().crlReloads) > reloads, 'the API reloaded its CRLs on the file change');
   checkError(t, await env.request({ method: 'GET', path: '/api/devices/crl-watch/status', cert, key }), 401, 'ECONN_AUTH_CERT');
   // a broken CRL file keeps the previous set in force

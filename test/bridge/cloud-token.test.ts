@@ -120,7 +120,10 @@ function basic(r: Req): [string, string] | undefined {
 let issued = 0;
 const goodToken = (extra: Record<string, unknown> = {}) => ({ access_token: `at-${++issued}`, token_type: 'Bearer', expires_in: 3600, ...extra });
 
-/** Wait (bounded) for a condition that depends on real I/O. */
+/**
+ * Wait (bounded) for a condition that depends on real I/O. Polling on purpose: the conditions are
+ * the client's token state (hasValidToken, no event) and what the test endpoint has received so far.
+ */
 async function until(cond: () => boolean, what: string, ms = 5000): Promise<void> {
   const end = Date.now() + ms;
   while (!cond()) {
@@ -310,11 +313,17 @@ t.test('concurrent getToken(): one request shared by every caller', async (t) =>
   const { client, requests } = await setup(t, (_r, res) => held.push(res));
   const calls = Array.from({ length: 20 }, () => client.getToken());
   await until(() => held.length === 1, 'the request');
-  await new Promise((r) => setTimeout(r, 20));
-  t.equal(requests.length, 1, 'one request in flight');
   json(held[0]!, 200, goodToken());
-  const tokens = await Promise.all(calls);
+  // no sleep to see whether more requests come: the endpoint answers only the first one, so if any
+  // caller had made its own request it would still be waiting for that answer and this would fail
+  let timer: NodeJS.Timeout | undefined;
+  const tokens = await Promise.race([
+    Promise.all(calls),
+    new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`callers still waiting after the one answer: ${held.length} requests`)), 5000))),
+  ]).finally(() => clearTimeout(timer));
   t.equal(new Set(tokens).size, 1, 'everybody got the same token');
+  t.equal(requests.length, 1, 'from one request');
+  t.equal(held.length, 1);
 });
 
 t.test('malformed endpoint answers are clear errors', async (t) => {

@@ -503,6 +503,10 @@ function ackOf(uplink: Uplink, id: string, ms = 15_000): Promise<void> {
   });
 }
 
+/**
+ * Bounded polling, kept on purpose for the three waits that use it: the uplink's status().last_error
+ * and lines in a captured log have no event of their own (the ack waits above use the 'ack' event).
+ */
 async function until<T>(f: () => T | undefined, what: string, ms = 10_000): Promise<T> {
   const end = Date.now() + ms;
   for (;;) {

@@ -24,6 +24,11 @@ function index(c: CloudHandle): Record<string, unknown>[] {
   return storedEntries(c.cfg.store_dir);
 }
 
+/**
+ * Bounded polling, kept on purpose: the conditions read the store's files on disk (what a restart
+ * would find, not the in-memory state that emits events), a partial's durable offset, and the
+ * journal's counters, none of which has an event of its own. Bounded in time (timeoutMs).
+ */
 async function until(cond: () => boolean, what: string, timeoutMs = 30000): Promise<void> {
   const end = Date.now() + timeoutMs;
   while (!cond()) {
@@ -107,12 +112,35 @@ t.test('short-lived tokens are renewed in band: no 4001, no loss, no duplicate',
   const c = await startCloud(t, { token_ttl_s: 2 });
   const k = await connector(t, c);
   const ids: string[] = [];
-  const start = Date.now();
-  // keep sending for longer than two token lifetimes
-  while (Date.now() - start < 4500) {
-    ids.push(await k.append(randomBytes(2000)));
-    await new Promise((r) => setTimeout(r, 50));
+  // keep sending, each message once the previous one was acknowledged (the round trip paces the
+  // loop, no sleep), until the uplink renewed its token in band twice: messages cross both renewals
+  let renewed = 0;
+  k.uplink.on('token-renewed', () => renewed++);
+  const acked = new Set<string>();
+  let onAck: () => void = () => {};
+  k.uplink.on('ack', (id: string) => {
+    acked.add(id);
+    onAck();
+  });
+  const ackOf = (id: string): Promise<void> =>
+    new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no ACK for ${id} within 10 s (renewals so far: ${renewed})`)), 10_000);
+      onAck = () => {
+        if (acked.has(id)) {
+          clearTimeout(timer);
+          resolve();
+        }
+      };
+      onAck();
+    });
+  const deadline = Date.now() + 30_000;
+  while (renewed < 2) {
+    if (Date.now() > deadline || ids.length >= 50_000) throw new Error(`only ${renewed} token renewals after ${ids.length} messages`);
+    const id = await k.append(randomBytes(2000));
+    ids.push(id);
+    await ackOf(id);
   }
+  t.ok(renewed >= 2, `${ids.length} messages sent across ${renewed} in-band renewals`);
   await until(() => index(c).length === ids.length, 'all stored');
   t.same(index(c).map((e) => e.id), ids, 'each once, in order');
   const m = await k.metrics.metrics();

@@ -188,31 +188,64 @@ t.test('throughput: rates from counter deltas on a clock, a bounded 15-minute ri
   t.equal(await counterValue(registry, 'nope'), null);
 });
 
+/**
+ * `p`, or a failure after `ms`. The bound also keeps the event loop alive while the awaited
+ * event can only come from an unref'd timer (the sampler's).
+ */
+async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 t.test('the sampler is a timer that stops with close(); nothing else runs between requests', async (t) => {
   const registry = new Registry();
   let reads = 0;
   const page = new StatusPage({ registry, status: () => fakeStatus(), intervalMs: 20 });
   const orig = registry.getSingleMetric.bind(registry);
+  // barrier on the reads themselves: the hook resolves the waiter once the count is reached
+  let target = Infinity;
+  let reached: () => void = () => {};
   registry.getSingleMetric = ((name: string) => {
     reads++;
+    if (reads >= target) reached();
     return orig(name);
   }) as typeof registry.getSingleMetric;
   await page.start();
   await page.start();
   const first = reads;
-  await new Promise<void>((resolve) => {
-    const iv = setInterval(() => {
-      if (reads >= first + 6) {
-        clearInterval(iv);
-        resolve();
-      }
-    }, 5);
-  });
+  await within(
+    new Promise<void>((resolve) => {
+      target = first + 6;
+      reached = resolve;
+    }),
+    5000,
+    'six reads by the sampler',
+  );
   await page.close();
   await page.close();
   const after = reads;
-  await new Promise((r) => setTimeout(r, 100));
-  t.equal(reads, after, 'no sampling after close');
+  // proof that time passed without a fixed sleep: a second page with the same interval samples
+  // three more times (its injected clock counts the samples); the closed page would have sampled too
+  let witnessSamples = 0;
+  let witnessed: () => void = () => {};
+  const witness = new StatusPage({
+    registry: new Registry(),
+    status: () => fakeStatus(),
+    intervalMs: 20,
+    now: () => {
+      if (++witnessSamples >= 4) witnessed();
+      return Date.now();
+    },
+  });
+  const threeIntervals = new Promise<void>((resolve) => (witnessed = resolve));
+  await witness.start(); // first sample at start, then one per interval
+  await within(threeIntervals, 5000, 'three samples of the witness page');
+  await witness.close();
+  t.equal(reads, after, 'no sampling after close (three sampling intervals later)');
 });
 
 t.test('check-config warns (and still says ok) when the metrics listener leaves loopback', async (t) => {

@@ -313,12 +313,20 @@ t.test('`connector start` has no test hooks, whatever its environment says', asy
 t.test('WATCHDOG_PID of another process: no pings', async (t) => {
   const { d, ns } = startWithNotify(t, { WATCHDOG_USEC: '200000', WATCHDOG_PID: '1' });
   await ns.waitFor((m) => m.text.startsWith('READY=1'), 'READY=1');
-  // run through several would-be ping intervals (100 ms each): poll until the daemon is 1 s old
-  for (let i = 0; i < 100; i++) {
-    const s = (await adminRequest(adminSocketPath(d.stateDir), 'status')) as { uptime_s: number };
-    if (s.uptime_s >= 1) break;
-    await new Promise((r) => setTimeout(r, 50));
+  // run through several would-be ping intervals (100 ms each) until the daemon is 1 s old. The
+  // watchdog is (rightly) off, so no event marks "ten intervals later": the daemon's own uptime is
+  // the clock, polled over the admin socket (bounded: 100 polls, 50 ms apart).
+  let uptime = 0;
+  for (let i = 0; i < 100 && uptime < 1; i++) {
+    uptime = ((await adminRequest(adminSocketPath(d.stateDir), 'status')) as { uptime_s: number }).uptime_s;
+    if (uptime < 1) await new Promise((r) => setTimeout(r, 50));
   }
+  t.ok(uptime >= 1, `the daemon ran through ten would-be ping intervals (uptime ${uptime} s)`);
+  // a later datagram from the daemon (RELOADING=1 on SIGHUP) proves every datagram sent before it arrived
+  const mark = ns.messages.length;
+  d.proc.kill('SIGHUP');
+  const reloading = await ns.waitFor((m) => m.text.startsWith('RELOADING=1'), 'RELOADING=1', 10000, mark);
   t.equal(ns.messages.filter((m) => m.text === 'WATCHDOG=1').length, 0);
   t.notOk(d.logs.some((l) => l.msg === 'systemd watchdog enabled'));
+  await ns.waitFor((m) => m.text.startsWith('READY=1'), 'READY=1 after the reload', 10000, ns.messages.indexOf(reloading) + 1);
 });

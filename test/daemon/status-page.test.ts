@@ -93,7 +93,11 @@ async function getStatus(d: DaemonHandle): Promise<{ text: string; json: StatusJ
   return { text, json: JSON.parse(text) as StatusJson, headers: r.headers, status: r.status };
 }
 
-/** Poll /status.json until `pred` holds (bounded). */
+/**
+ * Poll /status.json until `pred` holds (bounded). Polling on purpose: the daemon is a child
+ * process and the page is pull-only HTTP (its sampler runs every few seconds), so no event
+ * reaches the test when a number changes.
+ */
 async function waitStatus(d: DaemonHandle, pred: (s: StatusJson) => boolean, what: string, ms = 60000): Promise<StatusJson> {
   const until = Date.now() + ms;
   let last: StatusJson | undefined;

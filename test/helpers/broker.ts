@@ -246,7 +246,12 @@ export async function collect(sub: MqttClient, filter: string, qos: 0 | 1 = 1): 
   return got;
 }
 
-/** Poll `cond` until true, bounded. */
+/**
+ * Poll `cond` until true, bounded in time (`ms`). Kept as polling on purpose: the conditions are
+ * broker state with no event (isConnected, connectedDevices, listener counts), a test sink's
+ * counters, or messages collected by several clients at once (one condition over many emitters);
+ * a test that waits for ONE event uses `once` instead.
+ */
 export async function waitFor(cond: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
   const end = Date.now() + ms;
   while (!cond()) {
