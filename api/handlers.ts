@@ -10,9 +10,9 @@ import type { Logger } from '../core/logger.js';
 import type { Config } from '../core/config/schema.js';
 import { ConnectorError, errorCode } from '../core/errors.js';
 import type { UplinkSink, UplinkMessageMeta, AppendResult } from '../core/ports.js';
-import { x509 } from '../core/x509.js';
+import type { x509 } from '../core/x509.js';
 import { normalizeSerial, type DeviceRegistry, type DeviceMetadata } from '../identity/registry.js';
-import { CrlStore, certDeviceId, certIssuer } from '../identity/auth.js';
+import { CrlStore, certDeviceId } from '../identity/auth.js';
 import type { LocalPki } from '../identity/pki.js';
 import type { TokenService } from '../identity/tokens.js';
 import type { EnrollmentStore } from '../identity/enrollment.js';
@@ -124,7 +124,7 @@ export class ApiHandlers {
         const serial = normalizeSerial(x.serialNumber);
         if (registry.isSerialRevoked(serial)) throw new ConnectorError('ECONN_AUTH_CERT', 'the client certificate is revoked');
         const crls = this.d.crls();
-        if (crls.size > 0 && crls.isRevoked(certIssuer(x.raw), serial)) {
+        if (crls.size > 0 && crls.isRevoked(crls.issuerOf(x.raw), serial)) {
           throw new ConnectorError('ECONN_AUTH_CERT', 'the client certificate is revoked by a CRL (broker.tls.crl_files)');
         }
         const owner = registry.deviceForSerial(serial);
@@ -217,7 +217,7 @@ export class ApiHandlers {
         const serial = normalizeSerial(leaf.serialNumber);
         if (registry.isSerialRevoked(serial)) throw new ConnectorError('ECONN_PKI', 'certificate is revoked');
         const crls = this.d.crls();
-        if (crls.size > 0 && crls.isRevoked(certIssuer(leaf.raw), serial)) throw new ConnectorError('ECONN_PKI', 'certificate is revoked by a CRL (broker.tls.crl_files)');
+        if (crls.size > 0 && crls.isRevoked(crls.issuerOf(leaf.raw), serial)) throw new ConnectorError('ECONN_PKI', 'certificate is revoked by a CRL (broker.tls.crl_files)');
         const owner = registry.deviceForSerial(serial);
         if (owner !== undefined && owner !== deviceId) throw new ConnectorError('ECONN_DEVICE_EXISTS', 'this certificate is already recorded for another device');
         return leaf;
@@ -234,9 +234,11 @@ export class ApiHandlers {
     if (!/-----BEGIN (NEW )?CERTIFICATE REQUEST-----/.test(pem)) {
       throw new ConnectorError('ECONN_PKI', 'csr must be a PEM PKCS#10 request (-----BEGIN CERTIFICATE REQUEST-----)');
     }
+    // loaded here, not at start: only a registration with a CSR needs it (the idle daemon saves ~12 MiB RSS)
+    const lib = (await import('../core/x509.js')).x509;
     let csr: x509.Pkcs10CertificateRequest;
     try {
-      csr = new x509.Pkcs10CertificateRequest(pem);
+      csr = new lib.Pkcs10CertificateRequest(pem);
     } catch (err) {
       throw new ConnectorError('ECONN_PKI', 'csr cannot be parsed as PKCS#10', { cause: err });
     }

@@ -52,7 +52,7 @@ export type PublishBody = Static<typeof publishBodySchema>;
 export const emptyBodySchema = Type.Object({}, { additionalProperties: false });
 export type EmptyBody = Static<typeof emptyBodySchema>;
 
-const ajv = new Ajv({ allErrors: false, strict: true, coerceTypes: false, useDefaults: false });
+let ajv: Ajv | undefined;
 
 export interface Validator<T> {
   (value: unknown): { ok: true; value: T } | { ok: false; message: string; field: string };
@@ -96,9 +96,15 @@ export function describeError(e: ErrorObject, schemaName: string): string {
   }
 }
 
+/**
+ * Compiled on the first request that needs it, not at import: an idle daemon (and every CLI
+ * command, which imports the composition root) would otherwise hold the generated code.
+ */
 function compile<S extends TSchema>(schema: S, name: string): Validator<Static<S>> {
-  const fn: ValidateFunction = ajv.compile(schema);
+  let compiled: ValidateFunction | undefined;
   return (value: unknown) => {
+    ajv ??= new Ajv({ allErrors: false, strict: true, coerceTypes: false, useDefaults: false });
+    const fn = (compiled ??= ajv.compile(schema));
     if (fn(value)) return { ok: true, value: value as Static<S> };
     const e = fn.errors?.[0];
     if (!e) return { ok: false, field: '(body)', message: `${name} body is invalid` };

@@ -28,7 +28,7 @@ import type { Logger } from '../core/logger.js';
 import { AuthorizationError, ConnectorError, ProtocolError, errorCode, type ErrorCode } from '../core/errors.js';
 import type { JournaledPublish, PendingRecords, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
 import { authorizeDelivery, authorizePublish, authorizeSubscribe, DEVICES_PREFIX, deviceRules, expandRules, isBridgedTopic, type Principal, type TopicLimits } from './acl.js';
-import { certIssuer, type AuthenticatedIdentity, type CrlStore, type DeviceAuthenticator, type ListenerAuth, type RegistryView } from '../identity/auth.js';
+import { type AuthenticatedIdentity, type CrlStore, type DeviceAuthenticator, type ListenerAuth, type RegistryView } from '../identity/auth.js';
 import type { DeviceRecord } from '../identity/registry.js';
 import { wrapConnection, type ConformantConnection, type SessionTracker } from './conformance.js';
 import { payloadDigest, type RedeliveryTable } from './redelivery.js';
@@ -245,7 +245,7 @@ export class DeviceSessions {
     for (const s of [...this.sessions.values()]) {
       const c = s.identity?.cert;
       if (!c) continue;
-      if (!c.issuer) c.issuer = certIssuer(c.raw);
+      if (!c.issuer) c.issuer = this.o.crls.issuerOf(c.raw);
       if (this.o.crls.isRevoked(c.issuer, c.serial)) {
         this.dropSession(s, 'ECONN_AUTH_CERT', 'certificate revoked by a reloaded CRL');
         dropped++;

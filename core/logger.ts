@@ -18,7 +18,8 @@
  * per-device children `{ deviceId }`.
  */
 import { pino, type Logger, type DestinationStream, type LevelWithSilent } from 'pino';
-import pinoPretty from 'pino-pretty';
+import { createRequire } from 'node:module';
+import type PinoPretty from 'pino-pretty';
 
 export type { Logger } from 'pino';
 
@@ -159,6 +160,10 @@ export function usesPretty(opts: Pick<LoggerOptions, 'format' | 'destination' | 
 function prettyStream(destination: DestinationStream | undefined, colorize: boolean): DestinationStream {
   // Handed to pino as a plain { write }: pino would otherwise tell pino-pretty its errorKey,
   // which turns `err` back into a multi-line block. Labels and message key are pino's defaults.
+  // loaded only for pretty output (a terminal, or log.format: pretty): a daemon logging JSON to
+  // journald never needs pino-pretty and its dependencies. createRequire: createLogger is
+  // synchronous, and pino-pretty is CommonJS.
+  const pinoPretty = createRequire(import.meta.url)('pino-pretty') as typeof PinoPretty;
   const pretty = pinoPretty({
     destination: destination ?? 1,
     sync: destination !== undefined,

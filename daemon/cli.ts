@@ -3,6 +3,8 @@
  * The `connector` command line. `connector help` lists the commands;
  * `connector COMMAND --help` shows one. Exit codes: see EXIT in core/errors.ts.
  */
+// first: holds the young generation before the other imports allocate (see startup-heap.ts)
+import './startup-heap.js';
 import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
 import { commands } from './commands/index.js';

@@ -22,6 +22,7 @@ import { daemonStatus, statusLine, summarize, type DaemonStatus } from './status
 import { registerRotation } from './rotation.js';
 import { DaemonMetrics } from './metrics.js';
 import { StatusPage, statusPageHtml } from './status-page.js';
+import { releaseYoungGeneration } from './startup-heap.js';
 
 /** Keys marked x-restart keep their running value on reload; returns the merged (frozen) config and what was kept. */
 export function mergeRestartKeys(running: Config, next: Config): { merged: Config; needsRestart: string[] } {
@@ -193,6 +194,7 @@ export async function runDaemon(configFile: string, seam: DaemonSeam = {}): Prom
     return exitCodeFor(err);
   }
   daemon.ctx.health.setReady(true);
+  releaseYoungGeneration(); // start-up is over: traffic grows the young generation as V8 would
   log.info({ ports: Object.fromEntries(daemon.ctx.ports), config: configFile, state_dir: config.daemon.state_dir }, 'ready');
   void notifier.ready();
   const code = await done;

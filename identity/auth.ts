@@ -20,7 +20,7 @@
 import { X509Certificate } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { ConnectorError, errorCode, type ErrorCode } from '../core/errors.js';
-import { x509 } from '../core/x509.js';
+import type { x509 } from '../core/x509.js';
 import { DEVICE_ID_RE, normalizeSerial, type DeviceRecord } from './registry.js';
 
 export type ListenerAuth = 'cert' | 'jwt' | 'cert+jwt' | 'cert|jwt' | 'none';
@@ -84,11 +84,16 @@ const refuse = (returnCode: 2 | 3 | 4 | 5, code: ErrorCode, reason: string, devi
   ...(deviceId !== undefined ? { deviceId } : {}),
 });
 
-/** Certificate revocation lists from files (PEM, possibly several blocks, or DER). */
+/**
+ * Certificate revocation lists from files (PEM, possibly several blocks, or DER).
+ * @peculiar/x509 parses them; it is loaded by the first load() that has a file, so a
+ * gateway without broker.tls.crl_files never loads it (~12 MiB RSS with its dependencies).
+ */
 export class CrlStore {
   /** issuer (RFC 4514 string as @peculiar/x509 renders it) -> revoked serials (normalised) */
   private revoked = new Map<string, Set<string>>();
   private count = 0;
+  private lib: typeof x509 | undefined;
 
   get size(): number {
     return this.count;
@@ -100,6 +105,7 @@ export class CrlStore {
     let crls = 0;
     let entries = 0;
     const stale: string[] = [];
+    if (files.length > 0) this.lib ??= (await import('../core/x509.js')).x509;
     for (const file of files) {
       let data: Buffer;
       try {
@@ -117,7 +123,7 @@ export class CrlStore {
       for (const b of blocks) {
         let crl: x509.X509Crl;
         try {
-          crl = new x509.X509Crl(new Uint8Array(b));
+          crl = new this.lib!.X509Crl(new Uint8Array(b));
         } catch (err) {
           throw new ConnectorError('ECONN_CRL', `CRL file ${file} cannot be parsed as an X.509 CRL (PEM or DER) (broker.tls.crl_files)`, { cause: err });
         }
@@ -139,11 +145,14 @@ export class CrlStore {
   isRevoked(issuer: string, serial: string): boolean {
     return this.revoked.get(issuer)?.has(normalizeSerial(serial)) ?? false;
   }
-}
 
-/** The issuer of a DER certificate as CrlStore keys it. */
-export function certIssuer(raw: Buffer): string {
-  return new x509.X509Certificate(new Uint8Array(raw)).issuer;
+  /**
+   * The issuer of a DER certificate as this store keys it; '' while no CRL file was ever
+   * loaded (no issuer can match then, and a later load() makes the library available).
+   */
+  issuerOf(raw: Buffer): string {
+    return this.lib ? new this.lib.X509Certificate(new Uint8Array(raw)).issuer : '';
+  }
 }
 
 /** Node renders `subject` as lines `KEY=value`; the last CN wins like in most TLS stacks. */
@@ -318,7 +327,7 @@ export class DeviceAuthenticator {
     if (this.registry.isSerialRevoked(serial)) return { refusal: refuse(4, 'ECONN_AUTH_CERT', `client certificate ${serial} is revoked`, ident.id) };
     let issuer = '';
     if (this.crls.size > 0) {
-      issuer = certIssuer(cert.raw);
+      issuer = this.crls.issuerOf(cert.raw);
       if (this.crls.isRevoked(issuer, serial)) {
         return { refusal: refuse(4, 'ECONN_AUTH_CERT', `client certificate ${serial} is revoked by a CRL (broker.tls.crl_files)`, ident.id) };
       }

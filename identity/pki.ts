@@ -28,7 +28,7 @@
  * compute fingerprints exactly as TLS reports them.
  */
 import { EventEmitter } from 'node:events';
-import { X509Certificate, createPrivateKey, createPublicKey } from 'node:crypto';
+import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { readFileSync, existsSync, mkdirSync, readdirSync, unlinkSync } from 'node:fs';
 import { isIP } from 'node:net';
 import path from 'node:path';
@@ -36,7 +36,7 @@ import type { Config } from '../core/config/schema.js';
 import type { Logger } from '../core/logger.js';
 import type { Component } from '../core/component.js';
 import type { InitStep } from '../core/component.js';
-import { ConnectorError, StorageError } from '../core/errors.js';
+import { ConnectorError, StorageError, type ErrorCode } from '../core/errors.js';
 import type { x509, KeyType } from '../core/x509.js';
 
 /**
@@ -137,39 +137,69 @@ async function createCa(cn: string, validityDays: number): Promise<{ cert: strin
   return { cert: ca.certificate.toString('pem'), key: ca.keyPem };
 }
 
+/**
+ * A CA as the running daemon holds it. Validity, subject and serial come from node:crypto,
+ * which the idle daemon has anyway; the @peculiar/x509 certificate and the WebCrypto key
+ * are only needed to sign, so they are built on the first issuance (signerOf): loading
+ * @peculiar/x509 (+ reflect-metadata, asn1js, tsyringe) at start cost ~12 MiB RSS.
+ */
 interface CaMaterial {
   pem: string;
+  cert: X509Certificate;
+  keyPem: string;
+  signer?: Promise<CaSigner>;
+}
+
+interface CaSigner {
   cert: x509.X509Certificate;
   key: CryptoKey;
 }
 
-async function loadCa(certPem: string, keyPem: string): Promise<CaMaterial> {
-  const L = await lib();
-  return { pem: certPem, cert: new L.x509.X509Certificate(certPem), key: await L.importPrivateKeyPem(keyPem) };
+/** Parse both halves with node:crypto so a broken CA still fails the start, not the first issuance. */
+function loadCa(certPem: string, keyPem: string): CaMaterial {
+  const cert = new X509Certificate(certPem);
+  createPrivateKey(keyPem);
+  return { pem: certPem, cert, keyPem };
+}
+
+function signerOf(ca: CaMaterial): Promise<CaSigner> {
+  ca.signer ??= (async () => {
+    const L = await lib();
+    return { cert: new L.x509.X509Certificate(ca.pem), key: await L.importPrivateKeyPem(ca.keyPem) };
+  })().catch((err: unknown) => {
+    ca.signer = undefined; // a later issuance tries again
+    throw pkiError(`device CA key cannot be loaded for signing (${(err as Error).message})`, err);
+  });
+  return ca.signer;
+}
+
+function notAfterOf(ca: CaMaterial): number {
+  return Date.parse(ca.cert.validTo);
 }
 
 async function issueServerCert(ca: CaMaterial, names: readonly string[], validityDays: number): Promise<{ cert: string; key: string }> {
   const L = await lib();
   if (names.length === 0) throw pkiError('identity.pki.server_names is empty: list the DNS names and IP addresses devices use to reach the gateway');
+  const signer = await signerOf(ca);
   const keys = await L.generateKeyPair('ec');
   const now = Date.now();
-  const notAfter = new Date(Math.min(now + validityDays * DAY, ca.cert.notAfter.getTime()));
+  const notAfter = new Date(Math.min(now + validityDays * DAY, notAfterOf(ca)));
   const cert = await L.x509.X509CertificateGenerator.create({
     serialNumber: L.randomSerial(),
     subject: `CN=${names[0]}`,
-    issuer: ca.cert.subject,
+    issuer: signer.cert.subject,
     notBefore: new Date(now - BACKDATE_MS),
     notAfter,
-    signingKey: ca.key,
+    signingKey: signer.key,
     publicKey: keys.publicKey,
-    signingAlgorithm: L.signingAlgorithm(ca.key),
+    signingAlgorithm: L.signingAlgorithm(signer.key),
     extensions: [
       new L.x509.BasicConstraintsExtension(false, undefined, true),
       new L.x509.KeyUsagesExtension(L.x509.KeyUsageFlags.digitalSignature | L.x509.KeyUsageFlags.keyEncipherment, true),
       new L.x509.ExtendedKeyUsageExtension([L.x509.ExtendedKeyUsage.serverAuth]),
       new L.x509.SubjectAlternativeNameExtension(sanOf(names)),
       await L.x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
-      await L.x509.AuthorityKeyIdentifierExtension.create(ca.cert),
+      await L.x509.AuthorityKeyIdentifierExtension.create(signer.cert),
     ],
   });
   return { cert: cert.toString('pem'), key: await L.privateKeyToPem(keys.privateKey) };
@@ -209,13 +239,51 @@ export async function initPki(stateDir: string, cfg: PkiConfig, serverName: stri
     throw pkiError(`${hasSrvCert ? p.serverCert : p.serverKey} exists without ${hasSrvCert ? p.serverKey : p.serverCert}; restore the missing file or move both away`);
   }
   if (!hasSrvCert) {
-    const ca = await loadCa(readFileSync(p.caCert, 'utf8'), readFileSync(p.caKey, 'utf8'));
+    const ca = loadCa(readFileSync(p.caCert, 'utf8'), readFileSync(p.caKey, 'utf8'));
     const srv = await issueServerCert(ca, cfg.server_names, cfg.server_cert_validity_days);
     await writeAtomic(p.serverKey, srv.key, 0o600);
     await writeAtomic(p.serverCert, srv.cert, 0o644);
     created.push(p.serverKey, p.serverCert);
   }
   return created;
+}
+
+export interface PkiInitJob {
+  stateDir: string;
+  cfg: PkiConfig;
+  serverName: string;
+}
+
+/**
+ * initPki, in a worker thread when something must be created. Creating the CA and the server
+ * certificate needs @peculiar/x509, and an ES module stays loaded for the life of the process:
+ * on a fresh state directory the daemon kept ~9 MiB RSS for a library it used once. The worker's
+ * heap goes when it ends. When every file exists there is nothing to create and no worker.
+ */
+export async function initPkiInWorker(stateDir: string, cfg: PkiConfig, serverName: string): Promise<string[]> {
+  const p = pkiPaths(stateDir);
+  if ([p.caCert, p.caKey, p.serverCert, p.serverKey].every((f) => existsSync(f))) return initPki(stateDir, cfg, serverName);
+  const { Worker } = await import('node:worker_threads');
+  // the worker module sits next to this one: pki.js in dist/, pki.ts when run from source (tests)
+  const entry = new URL(`./pki-init-worker${path.extname(new URL(import.meta.url).pathname)}`, import.meta.url);
+  const job: PkiInitJob = { stateDir, cfg, serverName };
+  const worker = new Worker(entry, { workerData: job });
+  type Reply = { created: string[] } | { error: { name: string; code: string | undefined; message: string } };
+  return new Promise<string[]>((resolve, reject) => {
+    let reply: Reply | undefined;
+    worker.once('message', (m: Reply) => (reply = m));
+    worker.once('error', (err) => reject(pkiError(`the PKI could not be initialised (${err.message})`, err)));
+    worker.once('exit', (code) => {
+      if (!reply) return reject(pkiError(`the PKI initialisation worker exited (${code}) without a result`));
+      if ('created' in reply) return resolve(reply.created);
+      const e = reply.error;
+      if (e.code?.startsWith('ECONN_')) {
+        reject(e.name === 'StorageError' ? new StorageError(e.code as ErrorCode, e.message) : new ConnectorError(e.code as ErrorCode, e.message));
+      } else {
+        reject(Object.assign(new Error(e.message), e.code ? { code: e.code } : {}));
+      }
+    });
+  });
 }
 
 type CsrKeyCheck = { type: KeyType };
@@ -259,7 +327,7 @@ export class LocalPki extends EventEmitter implements Component {
   static initStep(): InitStep {
     return {
       name: 'local PKI (device CA, server certificate)',
-      run: (config) => initPki(config.daemon.state_dir, config.identity.pki, config.daemon.server_name),
+      run: (config) => initPkiInWorker(config.daemon.state_dir, config.identity.pki, config.daemon.server_name),
     };
   }
 
@@ -277,8 +345,7 @@ export class LocalPki extends EventEmitter implements Component {
     const caKey = readIf(this.paths.caKey);
     if (!caPem || !caKey) throw pkiError(`device CA ${this.paths.caCert} or its key is missing; run "connector init" to create it`);
     try {
-      this.ca = await loadCa(caPem, caKey);
-      createPublicKey(caPem); // node parses it too
+      this.ca = loadCa(caPem, caKey);
     } catch (err) {
       throw pkiError(`device CA ${this.paths.caCert} / ${this.paths.caKey} cannot be loaded (${(err as Error).message})`, err);
     }
@@ -338,7 +405,7 @@ export class LocalPki extends EventEmitter implements Component {
         if (new Date(new X509Certificate(prev.pem).validTo).getTime() <= minLeft) continue;
         const keyPem = readIf(prev.file.replace(/\.crt$/, '.key'));
         if (!keyPem) continue;
-        return await loadCa(prev.pem, keyPem);
+        return loadCa(prev.pem, keyPem);
       } catch (err) {
         this.log.warn({ err, file: prev.file }, 'previous device CA key cannot be loaded; not used for the server certificate');
       }
@@ -395,7 +462,7 @@ export class LocalPki extends EventEmitter implements Component {
   status(): Record<string, unknown> {
     if (!this.ca || !this.server) return { loaded: false };
     return {
-      ca_not_after: this.ca.cert.notAfter.toISOString(),
+      ca_not_after: new Date(notAfterOf(this.ca)).toISOString(),
       previous_cas: this.previousCas.length,
       rotation_open: this.previousCas.length > 0,
       server_not_after: new Date(new X509Certificate(this.server.cert).validTo).toISOString(),
@@ -435,8 +502,9 @@ export class LocalPki extends EventEmitter implements Component {
     const L = await lib();
     if (!DEVICE_ID_RE.test(deviceId)) throw new ConnectorError('ECONN_BAD_REQUEST', `invalid device id for a certificate`);
     const ca = this.requireCa();
+    const signer = await signerOf(ca);
     const now = Date.now();
-    const notAfter = new Date(Math.min(now + this.config.device_cert_validity_days * DAY, ca.cert.notAfter.getTime()));
+    const notAfter = new Date(Math.min(now + this.config.device_cert_validity_days * DAY, notAfterOf(ca)));
     const serial = L.randomSerial();
     const usage = L.x509.KeyUsageFlags.digitalSignature | (keyType === 'rsa' ? L.x509.KeyUsageFlags.keyEncipherment : 0);
     let cert: x509.X509Certificate;
@@ -444,19 +512,19 @@ export class LocalPki extends EventEmitter implements Component {
       cert = await L.x509.X509CertificateGenerator.create({
         serialNumber: serial,
         subject: `CN=${deviceId}`,
-        issuer: ca.cert.subject,
+        issuer: signer.cert.subject,
         notBefore: new Date(now - BACKDATE_MS),
         notAfter,
-        signingKey: ca.key,
+        signingKey: signer.key,
         publicKey,
-        signingAlgorithm: L.signingAlgorithm(ca.key),
+        signingAlgorithm: L.signingAlgorithm(signer.key),
         extensions: [
           new L.x509.BasicConstraintsExtension(false, undefined, true),
           new L.x509.KeyUsagesExtension(usage, true),
           new L.x509.ExtendedKeyUsageExtension([L.x509.ExtendedKeyUsage.clientAuth]),
           new L.x509.SubjectAlternativeNameExtension([{ type: 'url', value: `${DEVICE_SAN_URI_PREFIX}${deviceId}` }]),
           await L.x509.SubjectKeyIdentifierExtension.create(publicKey as CryptoKey),
-          await L.x509.AuthorityKeyIdentifierExtension.create(ca.cert),
+          await L.x509.AuthorityKeyIdentifierExtension.create(signer.cert),
         ],
       });
     } catch (err) {
@@ -533,7 +601,7 @@ export class LocalPki extends EventEmitter implements Component {
     await writeAtomic(path.join(this.paths.trustedDir, `${oldSerial}.key`), readFileSync(this.paths.caKey, 'utf8'), 0o600);
     await writeAtomic(this.paths.caKey, fresh.key, 0o600);
     await writeAtomic(this.paths.caCert, fresh.cert, 0o644);
-    this.ca = await loadCa(fresh.cert, fresh.key);
+    this.ca = loadCa(fresh.cert, fresh.key);
     this.previousCas = [{ pem: old.pem, file: path.join(this.paths.trustedDir, `${oldSerial}.crt`) }, ...this.previousCas.filter((p) => p.pem !== old.pem)];
     const serial = normalizeSerial(this.ca.cert.serialNumber);
     this.log.info({ serial, previous: oldSerial }, 'device CA rotated');

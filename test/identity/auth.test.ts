@@ -7,7 +7,7 @@ import { brokerFixture, collect, refused, waitEvent, waitFor, type BrokerFixture
 import { TestCA } from '../helpers/certs.js';
 import { tempDir } from '../helpers/daemon.js';
 import { X509Certificate } from 'node:crypto';
-import { CrlStore, DeviceAuthenticator, certCommonName, certDeviceId, certIssuer, certSanUris } from '../../identity/auth.js';
+import { CrlStore, DeviceAuthenticator, certCommonName, certDeviceId, certSanUris } from '../../identity/auth.js';
 import { TokenService } from '../../identity/tokens.js';
 import { ConnectorError } from '../../core/errors.js';
 
@@ -37,19 +37,22 @@ t.test('CrlStore: PEM (several blocks), DER, bad files', async (t) => {
   const both = path.join(dir, 'both.pem');
   writeFileSync(both, (await ca1.crl([x.serial])) + '\n' + (await ca2.crl([y.serial])));
   const store = new CrlStore();
+  t.equal(store.issuerOf(Buffer.from(x.certificate.rawData)), '', 'no CRL loaded yet: no issuer can match (and the parser is not loaded)');
+  t.same(await store.load([]), { crls: 0, entries: 0, stale: [] });
+  t.notOk(store.isRevoked(store.issuerOf(Buffer.from(x.certificate.rawData)), x.serial));
   const r = await store.load([both]);
   t.equal(r.crls, 2);
   t.equal(r.entries, 2);
-  t.ok(store.isRevoked(certIssuer(Buffer.from(x.certificate.rawData)), x.serial));
-  t.ok(store.isRevoked(certIssuer(Buffer.from(y.certificate.rawData)), y.serial.toUpperCase()), 'serial format does not matter');
-  t.notOk(store.isRevoked(certIssuer(Buffer.from(y.certificate.rawData)), x.serial), 'keyed by issuer: same serial under another CA is not revoked');
+  t.ok(store.isRevoked(store.issuerOf(Buffer.from(x.certificate.rawData)), x.serial));
+  t.ok(store.isRevoked(store.issuerOf(Buffer.from(y.certificate.rawData)), y.serial.toUpperCase()), 'serial format does not matter');
+  t.notOk(store.isRevoked(store.issuerOf(Buffer.from(y.certificate.rawData)), x.serial), 'keyed by issuer: same serial under another CA is not revoked');
   // DER
   const der = path.join(dir, 'one.der');
   const pem = await ca1.crl([x.serial]);
   writeFileSync(der, Buffer.from(pem.replace(/-----[^-]+-----/g, '').replace(/\s+/g, ''), 'base64'));
   const s2 = new CrlStore();
   await s2.load([der]);
-  t.ok(s2.isRevoked(certIssuer(Buffer.from(x.certificate.rawData)), x.serial), 'DER CRL');
+  t.ok(s2.isRevoked(s2.issuerOf(Buffer.from(x.certificate.rawData)), x.serial), 'DER CRL');
   // OpenSSL's label
   const osslLabel = path.join(dir, 'x509.pem');
   writeFileSync(osslLabel, pem.replace(/BEGIN CRL/, 'BEGIN X509 CRL').replace(/END CRL/, 'END X509 CRL'));
@@ -61,7 +64,7 @@ t.test('CrlStore: PEM (several blocks), DER, bad files', async (t) => {
   await t.rejects(s2.load([path.join(dir, 'missing.pem')]), { code: 'ECONN_CRL', message: /missing\.pem/ });
   writeFileSync(bad, '-----BEGIN CRL-----\nAAAA\n-----END CRL-----\n');
   await t.rejects(s2.load([bad]), { code: 'ECONN_CRL' });
-  t.ok(s2.isRevoked(certIssuer(Buffer.from(x.certificate.rawData)), x.serial), 'a failed load keeps the previous CRLs');
+  t.ok(s2.isRevoked(s2.issuerOf(Buffer.from(x.certificate.rawData)), x.serial), 'a failed load keeps the previous CRLs');
 });
 
 t.test('DeviceAuthenticator never throws and maps failures to CONNACK codes', async (t) => {

@@ -11,6 +11,7 @@ import { x509, generateKeyPair, signingAlgorithm } from '../../core/x509.js';
 import { createCsr, TestCA } from '../helpers/certs.js';
 import { tempDir } from '../helpers/daemon.js';
 import { normalizeSerial } from '../../identity/registry.js';
+import { ConnectorError } from '../../core/errors.js';
 
 const logger = createLogger({ level: 'silent' });
 const DAY = 86400_000;
@@ -51,6 +52,10 @@ t.test('init creates CA and server certificate (keys 0600) and never overwrites'
   await t.rejects(initPki(stateDir, cfg.identity.pki, 'x'), { code: 'ECONN_PKI', message: /server\.key|server\.crt/ });
   unlinkSync(p.caKey);
   await t.rejects(initPki(stateDir, cfg.identity.pki, 'x'), { code: 'ECONN_PKI', message: /ca\.key/ });
+  // the init step runs initPki in a worker thread when something is missing: same error, same class
+  const fromWorker = await LocalPki.initStep().run(cfg, logger).catch((err: unknown) => err);
+  t.type(fromWorker, ConnectorError);
+  t.match(fromWorker, { code: 'ECONN_PKI', message: /ca\.key/ }, 'the worker reports the error with its code');
   t.equal(readFileSync(p.caCert, 'utf8'), before, 'CA certificate not replaced');
 });
 
