@@ -685,6 +685,27 @@ function checkChunkNumbers(id: string, seq: number, offset: number, total: numbe
 
 // ─── decoding ────────────────────────────────────────────────────────────────
 
+/**
+ * The checks of a frame's header both protocol versions share, in their order: size, magic and
+ * version here; the type (each version has its own table), then frameBody for flags and length.
+ */
+export function frameBuffer(input: Uint8Array, version: number, maxFrame: number): Buffer {
+  const buf = Buffer.isBuffer(input) ? input : Buffer.from(input.buffer, input.byteOffset, input.byteLength);
+  if (buf.length > maxFrame) fail('oversized', `frame of ${buf.length} bytes, the limit is ${maxFrame}`);
+  if (buf.length < HEADER_BYTES) fail('malformed', `truncated header: ${buf.length} of ${HEADER_BYTES} bytes`);
+  if (buf[0] !== FRAME_MAGIC) fail('malformed', `bad magic byte 0x${(buf[0] as number).toString(16)}`);
+  if (buf[1] !== version) fail('unsupported_version', `frame version ${buf[1]}, this codec speaks ${version}`);
+  return buf;
+}
+
+/** A frame's body, after its reserved flags byte and body length are checked (see frameBuffer). */
+export function frameBody(buf: Buffer, type: string): Buffer {
+  if (buf[3] !== 0) fail('malformed', `reserved flags byte is 0x${(buf[3] as number).toString(16)}, must be 0`);
+  const bodyLength = buf.readUInt32BE(4);
+  if (bodyLength !== buf.length - HEADER_BYTES) fail('malformed', `${type} frame: header says ${bodyLength} body bytes, the frame has ${buf.length - HEADER_BYTES}`);
+  return buf.subarray(HEADER_BYTES);
+}
+
 export interface DecodeOptions {
   /** Refuse frames larger than this (default LIMITS.maxFrameBytes). */
   maxFrameBytes?: number;
@@ -707,17 +728,10 @@ export function peekFrameType(buf: Uint8Array): FrameTypeName | undefined {
 export function decodeFrame(input: Uint8Array, opts: DecodeOptions = {}): Frame {
   const maxFrame = opts.maxFrameBytes ?? LIMITS.maxFrameBytes;
   const maxChunk = Math.min(opts.maxChunkBytes ?? LIMITS.maxChunkBytes, LIMITS.maxChunkBytes);
-  const buf = Buffer.isBuffer(input) ? input : Buffer.from(input.buffer, input.byteOffset, input.byteLength);
-  if (buf.length > maxFrame) fail('oversized', `frame of ${buf.length} bytes, the limit is ${maxFrame}`);
-  if (buf.length < HEADER_BYTES) fail('malformed', `truncated header: ${buf.length} of ${HEADER_BYTES} bytes`);
-  if (buf[0] !== FRAME_MAGIC) fail('malformed', `bad magic byte 0x${(buf[0] as number).toString(16)}`);
-  if (buf[1] !== PROTOCOL_VERSION) fail('unsupported_version', `frame version ${buf[1]}, this codec speaks ${PROTOCOL_VERSION}`);
+  const buf = frameBuffer(input, PROTOCOL_VERSION, maxFrame);
   const type = TYPE_BY_CODE.get(buf[2] as number);
   if (!type) fail('unknown_type', `unknown frame type 0x${(buf[2] as number).toString(16)}`);
-  if (buf[3] !== 0) fail('malformed', `reserved flags byte is 0x${(buf[3] as number).toString(16)}, must be 0`);
-  const bodyLength = buf.readUInt32BE(4);
-  if (bodyLength !== buf.length - HEADER_BYTES) fail('malformed', `${type} frame: header says ${bodyLength} body bytes, the frame has ${buf.length - HEADER_BYTES}`);
-  const body = buf.subarray(HEADER_BYTES);
+  const body = frameBody(buf, type);
   if (type === 'CHUNK') return decodeChunk(body, maxChunk);
   if (body.length > LIMITS.maxControlBytes) fail('oversized', `${type} frame body of ${body.length} bytes, the limit is ${LIMITS.maxControlBytes}`);
   let json: unknown;

@@ -24,6 +24,8 @@ import {
   FRAME_MAGIC,
   FRAME_TYPES,
   SERVER_FRAMES,
+  frameBody,
+  frameBuffer,
   HEADER_BYTES,
   LIMITS,
   WireError,
@@ -232,18 +234,11 @@ export function peekVersion(buf: Uint8Array): number | undefined {
 export function decodeFrameV2(input: Uint8Array, opts: DecodeOptionsV2 = {}): FrameV2 {
   const maxFrame = opts.maxFrameBytes ?? LIMITS.maxFrameBytes;
   const maxChunk = Math.min(opts.maxChunkBytes ?? LIMITS.maxChunkBytes, LIMITS.maxChunkBytes);
-  const buf = Buffer.isBuffer(input) ? input : Buffer.from(input.buffer, input.byteOffset, input.byteLength);
-  if (buf.length > maxFrame) fail('oversized', `frame of ${buf.length} bytes, the limit is ${maxFrame}`);
-  if (buf.length < HEADER_BYTES) fail('malformed', `truncated header: ${buf.length} of ${HEADER_BYTES} bytes`);
-  if (buf[0] !== FRAME_MAGIC) fail('malformed', `bad magic byte 0x${(buf[0] as number).toString(16)}`);
-  if (buf[1] !== PROTOCOL_VERSION_2) fail('unsupported_version', `frame version ${buf[1]}, this codec speaks ${PROTOCOL_VERSION_2}`);
+  const buf = frameBuffer(input, PROTOCOL_VERSION_2, maxFrame);
   const code = buf[2] as number;
   const type = TYPE_BY_CODE.get(code);
   if (!type) fail(code === FRAME_TYPES.CHUNK ? 'unexpected' : 'unknown_type', code === FRAME_TYPES.CHUNK ? 'CHUNK frames are not used in version 2 (data travels in BATCH)' : `unknown frame type 0x${code.toString(16)}`);
-  if (buf[3] !== 0) fail('malformed', `reserved flags byte is 0x${(buf[3] as number).toString(16)}, must be 0`);
-  const bodyLength = buf.readUInt32BE(4);
-  if (bodyLength !== buf.length - HEADER_BYTES) fail('malformed', `${type} frame: header says ${bodyLength} body bytes, the frame has ${buf.length - HEADER_BYTES}`);
-  const body = buf.subarray(HEADER_BYTES);
+  const body = frameBody(buf, type);
   if (type === 'BATCH') return decodeBatch(body, maxChunk);
   if (body.length > LIMITS.maxControlBytes) fail('oversized', `${type} frame body of ${body.length} bytes, the limit is ${LIMITS.maxControlBytes}`);
   if (!isUtf8(body)) fail('malformed', `${type} frame: body is not UTF-8 JSON`);
