@@ -8,6 +8,9 @@
  * A profiling aid for the figures of `npm run bench`, not a goal of its own.
  *
  *   node bench/probe.mjs [--rate 500] [--seconds 6] [--size 64] [--strace]
+ *
+ * Profiles: BENCH_DAEMON_NODE_ARGS="--cpu-prof --cpu-prof-dir=DIR" for the connector; for the cloud
+ * too, NODE_OPTIONS="--cpu-prof --cpu-prof-dir=DIR" (both stop gracefully, so both write theirs).
  */
 import fs from 'node:fs';
 import { performance } from 'node:perf_hooks';
@@ -89,6 +92,7 @@ try {
 } finally {
   // a graceful stop, so that a daemon started with --cpu-prof (BENCH_DAEMON_NODE_ARGS) writes its profile
   await conn.stopDaemon().catch(() => undefined);
+  await conn.stopCloud('SIGTERM').catch(() => undefined);
   killAll();
   fs.rmSync(root, { recursive: true, force: true });
 }
