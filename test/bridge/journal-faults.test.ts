@@ -6,13 +6,12 @@
  * inside the cap, a power cut (segment cut back to what was fsynced).
  */
 import t, { type Test } from 'tap';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, statfsSync, closeSync, writeFileSync, writeSync, ftruncateSync } from 'node:fs';
 import path from 'node:path';
 import { tmpdir } from 'node:os';
 import { Writable } from 'node:stream';
-import { pathToFileURL } from 'node:url';
 import { once } from 'node:events';
 import { Registry } from 'prom-client';
 import { Journal, type JournalConfig } from '../../bridge/journal.js';
@@ -20,7 +19,8 @@ import { RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, decodeHeaderV2 } from '../..
 import { createLogger } from '../../core/logger.js';
 import { errorCode } from '../../core/errors.js';
 import type { UplinkMessageMeta } from '../../core/ports.js';
-import { REPO, tempDir } from '../helpers/daemon.js';
+import { tempDir } from '../helpers/daemon.js';
+import { appendUntilKilled } from '../helpers/journal-child.js';
 
 type LogLine = Record<string, unknown> & { msg?: string; code?: string };
 const MiB = 1024 * 1024;
@@ -442,51 +442,17 @@ t.test('a journal written by the previous format (JSON meta, ack.json) is read a
 });
 
 t.test('power cut: after kill -9 the newest segment is cut back to what was acknowledged (fsynced) plus a torn page; nothing acknowledged is lost', async (t) => {
-  const dist = path.join(REPO, 'dist/bridge/journal.js');
-  if (!existsSync(dist)) {
-    t.fail('dist/bridge/journal.js missing: run `npm run build` first');
-    return;
-  }
   const dir = tempDir(t);
-  const script = path.join(dir, 'child.mjs');
-  writeFileSync(
-    script,
-    `
-import { Journal } from ${JSON.stringify(pathToFileURL(dist).href)};
-import { silentLogger } from ${JSON.stringify(pathToFileURL(path.join(REPO, 'dist/core/logger.js')).href)};
-const j = new Journal({ dir: process.argv[2], logger: silentLogger(), config: ${JSON.stringify(config({ segment_bytes: 65536 }))} });
-await j.start();
-let n = 0;
-async function writer(w) {
-  for (;;) {
-    const i = n++;
-    const r = await j.append({ deviceId: 'd' + w, topic: 'devices/d' + w + '/up', qos: 1, receivedAt: i }, Buffer.alloc(40 + (i % 5) * 200, i & 255));
-    process.stdout.write('A ' + r.id + '\\n');
-  }
-}
-for (let w = 0; w < 6; w++) void writer(w);
-`,
-  );
-  const child = spawn(process.execPath, [script, path.join(dir, 'j')], { stdio: ['ignore', 'pipe', 'inherit'] });
-  t.teardown(() => {
-    if (child.exitCode === null) child.kill('SIGKILL');
+  const lines = await appendUntilKilled(t, dir, {
+    writers: 6,
+    base: 40,
+    mod: 5,
+    step: 200,
+    config: config({ segment_bytes: 65536 }),
+    enough: (l) => l.length >= 1200,
   });
-  let buf = '';
-  const acked: string[] = [];
-  await new Promise<void>((resolve, reject) => {
-    child.on('exit', () => reject(new Error('child exited early')));
-    child.stdout.on('data', (d: Buffer) => {
-      buf += d.toString();
-      const parts = buf.split('\n');
-      buf = parts.pop()!;
-      for (const l of parts) if (l.startsWith('A ')) acked.push(l.slice(2));
-      if (acked.length >= 1200) {
-        child.kill('SIGKILL');
-        resolve();
-      }
-    });
-  });
-  await new Promise((r) => child.once('exit', r));
+  if (!lines) return;
+  const acked = lines.filter((l) => l.startsWith('A ')).map((l) => l.slice(2));
   // lose the page cache: cut the newest segment right after the last acknowledged record, then add a torn page
   const jdir = path.join(dir, 'j');
   const ackedSet = new Set(acked);

@@ -1,16 +1,15 @@
 import t, { type Test } from 'tap';
-import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
 import path from 'node:path';
 import { Writable } from 'node:stream';
-import { pathToFileURL } from 'node:url';
 import { Registry } from 'prom-client';
 import { Journal, type JournalConfig, type JournalRecord } from '../../bridge/journal.js';
 import { createLogger } from '../../core/logger.js';
 import { errorCode } from '../../core/errors.js';
 import type { UplinkMessageMeta } from '../../core/ports.js';
-import { REPO, tempDir } from '../helpers/daemon.js';
+import { tempDir } from '../helpers/daemon.js';
+import { appendUntilKilled } from '../helpers/journal-child.js';
 import { DoneSet, SEGMENT_HEADER_BYTES as SEG_HEADER, parseAckRegion } from '../../bridge/journal/format.js';
 
 type Tap = Test;
@@ -590,53 +589,17 @@ t.test('metrics on the registry', async (t) => {
 });
 
 t.test('crash: SIGKILL while appending loses no acknowledged record, keeps order, no duplicates', async (t) => {
-  const dist = path.join(REPO, 'dist/bridge/journal.js');
-  if (!existsSync(dist)) {
-    t.fail('dist/bridge/journal.js missing: run `npm run build` first');
-    return;
-  }
   const dir = tempDir(t);
-  const script = path.join(dir, 'child.mjs');
-  writeFileSync(
-    script,
-    `
-import { Journal } from ${JSON.stringify(pathToFileURL(dist).href)};
-import { silentLogger } from ${JSON.stringify(pathToFileURL(path.join(REPO, 'dist/core/logger.js')).href)};
-const j = new Journal({ dir: process.argv[2], logger: silentLogger(), config: ${JSON.stringify(config({ segment_bytes: 65536 }))} });
-await j.start();
-let n = 0;
-const out = (s) => process.stdout.write(s + '\\n');
-async function writer(w) {
-  for (;;) {
-    const i = n++;
-    const r = await j.append({ deviceId: 'd' + w, topic: 'devices/d' + w + '/up', qos: 1, receivedAt: i }, Buffer.alloc(50 + (i % 7) * 300, i & 255));
-    out('A ' + r.id);
-    if (i % 5 === 0) { await j.ack(r.id); out('K ' + r.id); }
-  }
-}
-for (let w = 0; w < 8; w++) void writer(w);
-`,
-  );
-  const child = spawn(process.execPath, [script, path.join(dir, 'j')], { stdio: ['ignore', 'pipe', 'inherit'] });
-  t.teardown(() => {
-    if (child.exitCode === null) child.kill('SIGKILL');
+  const lines = await appendUntilKilled(t, dir, {
+    writers: 8,
+    base: 50,
+    mod: 7,
+    step: 300,
+    ackEvery: 5,
+    config: config({ segment_bytes: 65536 }),
+    enough: (l) => l.length >= 1500,
   });
-  let buf = '';
-  const lines: string[] = [];
-  await new Promise<void>((resolve, reject) => {
-    child.on('exit', () => reject(new Error('child exited early')));
-    child.stdout.on('data', (d: Buffer) => {
-      buf += d.toString();
-      const parts = buf.split('\n');
-      buf = parts.pop()!;
-      lines.push(...parts);
-      if (lines.length >= 1500) {
-        child.kill('SIGKILL');
-        resolve();
-      }
-    });
-  });
-  await new Promise((r) => child.once('exit', r));
+  if (!lines) return;
   const appended = lines.filter((l) => l.startsWith('A ')).map((l) => l.slice(2));
   const acked = new Set(lines.filter((l) => l.startsWith('K ')).map((l) => l.slice(2)));
   const b = await open(t, path.join(dir, 'j'), { segment_bytes: 65536 });
