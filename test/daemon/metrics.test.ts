@@ -4,32 +4,13 @@
  * follow what happens, and /readyz turns 503 when the uplink backlog goes stale.
  */
 import t from 'tap';
-import https from 'node:https';
 import { EventEmitter } from 'node:events';
 import { Registry, Gauge } from 'prom-client';
-import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
+import { startDaemon, uploadText, type AdminBundle, type DaemonHandle } from '../helpers/daemon.js';
 import { adminRequest, adminSocketPath } from '../../daemon/admin.js';
 import { DaemonMetrics } from '../../daemon/metrics.js';
 
-interface Bundle {
-  id: string;
-  token: string;
-  ca: string;
-}
 
-function upload(port: number, b: Bundle, body: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const req = https.request(
-      { host: '127.0.0.1', port, path: `/api/publish/${b.id}`, method: 'POST', ca: b.ca, headers: { authorization: `Bearer ${b.token}`, 'content-type': 'text/plain' }, agent: false },
-      (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.statusCode ?? 0));
-      },
-    );
-    req.on('error', reject);
-    req.end(body);
-  });
-}
 
 /** Parse the Prometheus text format into name{labels} -> value. */
 async function scrape(d: DaemonHandle): Promise<Map<string, number>> {
@@ -57,13 +38,13 @@ t.test('metrics cover the operations list; values follow events; /readyz judges 
     },
   });
   const sock = adminSocketPath(d.stateDir);
-  const dev = (await adminRequest(sock, 'device.add', { id: 'meter-1' })) as Bundle;
-  t.equal(await upload(d.ports.api!, dev, 'hello'), 202, 'upload accepted into the journal');
+  const dev = (await adminRequest(sock, 'device.add', { id: 'meter-1' })) as AdminBundle;
+  t.equal(await uploadText(d.ports.api!, dev, 'hello'), 202, 'upload accepted into the journal');
   const acceptedAt = Date.now(); // the message was journaled before the 202
 
   // one device session, one refused connection (client id is not the device id)
   const { default: mqtt } = await import('mqtt');
-  const full = dev as Bundle & { key: string; cert: string };
+  const full = dev as AdminBundle & { key: string; cert: string };
   const ok = mqtt.connect(`mqtts://127.0.0.1:${d.ports.mqtt_tls}`, { key: full.key, cert: full.cert, ca: full.ca, clientId: 'meter-1', protocolVersion: 4, reconnectPeriod: 0 });
   t.teardown(() => void ok.end(true));
   await new Promise<void>((resolve, reject) => {

@@ -11,54 +11,19 @@
  * Without chromium the browser part is skipped locally; under CI (CI set) it fails.
  */
 import t from 'tap';
-import https from 'node:https';
-import { existsSync, readFileSync, writeFileSync, copyFileSync } from 'node:fs';
+import { existsSync, readFileSync, copyFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
-import { stringify } from 'yaml';
 import mqtt, { type MqttClient } from 'mqtt';
-import { startDaemon, tempDir, type DaemonHandle, type TestLike, REPO } from '../helpers/daemon.js';
+import { startDaemon, tempDir, uploadText, type AdminBundle, type DaemonHandle, REPO } from '../helpers/daemon.js';
+import { CLIENT_SECRET, startCloud } from '../helpers/fleet.js';
 import { adminRequest, adminSocketPath } from '../../daemon/admin.js';
 import type { StatusJson } from '../../daemon/status-page.js';
 
 const CHROMIUM = ['/usr/bin/chromium', '/usr/bin/chromium-browser'].find((p) => existsSync(p));
-const CLIENT_SECRET = randomBytes(24).toString('base64url');
 
-interface Bundle {
-  id: string;
-  token: string;
-  ca: string;
-  key: string;
-  cert: string;
-}
 
-async function startCloud(t: TestLike, dir: string): Promise<{ port: number; caFile: string; secretFile: string }> {
-  const secretFile = path.join(dir, 'cloud-client.secret');
-  writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
-  const storeDir = path.join(dir, 'cloud-data');
-  const configFile = path.join(dir, 'cloud.yaml');
-  writeFileSync(
-    configFile,
-    stringify({ listen: { host: '127.0.0.1', port: 0 }, store_dir: storeDir, clients: [{ id: 'edge-connector', secret: `file:${secretFile}` }], token_ttl_s: 300, heartbeat_ms: 1000, log_level: 'info' }),
-    { mode: 0o600 },
-  );
-  const proc = await startDaemon(t, { dir, configFile, args: ['cloud', '-c', configFile], readyTimeoutMs: 30000 });
-  return { port: proc.ports.cloud!, caFile: path.join(storeDir, 'tls', 'ca.crt'), secretFile };
-}
 
-function upload(port: number, b: Bundle, body: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const req = https.request(
-      { host: '127.0.0.1', port, path: `/api/publish/${b.id}`, method: 'POST', ca: b.ca, headers: { authorization: `Bearer ${b.token}`, 'content-type': 'text/plain' }, agent: false },
-      (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.statusCode ?? 0));
-      },
-    );
-    req.on('error', reject);
-    req.end(body);
-  });
-}
 
 function connect(url: string, opts: mqtt.IClientOptions): Promise<MqttClient> {
   return new Promise((resolve, reject) => {
@@ -126,8 +91,8 @@ t.test('status page on a daemon carrying traffic: live numbers, no secret, rende
     },
   });
   const sock = adminSocketPath(d.stateDir);
-  const a = (await adminRequest(sock, 'device.add', { id: 'sensor-1' })) as Bundle;
-  const b = (await adminRequest(sock, 'device.add', { id: 'camera-2' })) as Bundle;
+  const a = (await adminRequest(sock, 'device.add', { id: 'sensor-1' })) as AdminBundle;
+  const b = (await adminRequest(sock, 'device.add', { id: 'camera-2' })) as AdminBundle;
   await adminRequest(sock, 'device.add', { id: 'spare-3' });
 
   const mtls = await connect(`mqtts://127.0.0.1:${d.ports.mqtt_tls}`, { key: a.key, cert: a.cert, ca: a.ca, clientId: a.id });
@@ -138,7 +103,7 @@ t.test('status page on a daemon carrying traffic: live numbers, no secret, rende
     mtls.end(true);
     jwt.end(true);
   });
-  t.equal(await upload(d.ports.api!, b, 'an upload with a bearer token'), 202, 'upload accepted');
+  t.equal(await uploadText(d.ports.api!, b, 'an upload with a bearer token'), 202, 'upload accepted');
 
   // a forged token in flight: refused, logged as a warning (redacted), shown on the page
   const forged = `eyJhbGciOiJFUzI1NiIsImtpZCI6ImZvcmdlZCJ9.${Buffer.from(JSON.stringify({ sub: 'camera-2', exp: 4102444800 })).toString('base64url')}.${randomBytes(64).toString('base64url')}`;

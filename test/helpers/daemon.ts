@@ -5,6 +5,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import net from 'node:net';
+import https from 'node:https';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -269,5 +270,29 @@ export function freePort(): Promise<number> {
       const p = (s.address() as net.AddressInfo).port;
       s.close(() => resolve(p));
     });
+  });
+}
+
+/** What the admin socket's device.add answers (the device's credentials, PEM). */
+export interface AdminBundle {
+  id: string;
+  token: string;
+  ca: string;
+  key: string;
+  cert: string;
+}
+
+/** POST a text body to the API's upload route with the device's bearer token; resolves with the HTTP status. */
+export function uploadText(port: number, b: AdminBundle, body: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = https.request(
+      { host: '127.0.0.1', port, path: `/api/publish/${b.id}`, method: 'POST', ca: b.ca, headers: { authorization: `Bearer ${b.token}`, 'content-type': 'text/plain' }, agent: false },
+      (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
   });
 }
