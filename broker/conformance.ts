@@ -207,6 +207,8 @@ export class ConformantConnection extends Duplex {
    * The caller releases the returned ticket once the publish is answered.
    */
   takeLargeTicket(topic: string, payloadBytes: number): BudgetTicket | undefined {
+    // every PUBLISH asks; almost none is large: no search (and no closure) when no ticket is held
+    if (this.tickets.length === 0) return undefined;
     const i = this.tickets.findIndex((t) => t.payloadBytes === payloadBytes && t.topic === topic);
     if (i < 0) return undefined;
     const stale = this.tickets.splice(0, i + 1);
