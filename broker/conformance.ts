@@ -125,6 +125,18 @@ export class ConformantConnection extends Duplex {
 
   private graceTimer: NodeJS.Timeout | undefined;
   private graceful = false;
+  /**
+   * Writes of one event-loop turn go out together: the socket stays corked until the next tick. The
+   * PUBACKs of a journal group commit are all written in the same turn (the commit resolves every
+   * append at once), so a device with several publishes in the commit gets them in one TLS record
+   * and one write syscall instead of one each — on loopback each write also pays the peer's TCP
+   * receive path. Measured at 5 000 msg/s over 10 devices: ~1.8 PUBACKs per device per commit.
+   */
+  private corkedTick = false;
+  private readonly uncorkTick = (): void => {
+    this.corkedTick = false;
+    this.socket.uncork();
+  };
 
   private readonly onData = (chunk: Buffer): void => this.inbound.inbound(chunk);
 
@@ -299,6 +311,11 @@ export class ConformantConnection extends Duplex {
       return;
     }
     let ok = true;
+    if (!this.corkedTick) {
+      this.corkedTick = true;
+      this.socket.cork();
+      process.nextTick(this.uncorkTick);
+    }
     if (out.length === 1) ok = this.socket.write(out[0]);
     else {
       let total = 0;
