@@ -63,7 +63,7 @@ import type { Logger } from '../core/logger.js';
 import { syncDir, writeAtomic } from '../core/fs.js';
 import { RequestError, StorageError, errorCode } from '../core/errors.js';
 import type { AppendResult, JournaledPublish, PendingRecords, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
-import { LIMITS, parseMeta as parseWireMeta } from '../protocol/codec.js';
+import { LIMITS, parseMeta as parseWireMeta, sha256 } from '../protocol/codec.js';
 import {
   ACK_FLOOR,
   ACK_RANGE,
@@ -567,7 +567,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       // it does not count against max_uploads_per_device (a device pipelining QoS 1 frames is bounded by the
       // broker's in-flight budget instead, and a 429 has no MQTT equivalent but closing the connection)
       if (payload.length > INLINE_MAX) return this.receiveStream(meta, [payload], { maxBytes: this.cfg.max_message_bytes }, t0);
-      const sha = createHash('sha256').update(payload).digest();
+      const sha = sha256(payload);
       return this.enqueue(meta, payload, sha, undefined, 0, t0);
     } catch (err) {
       return Promise.reject(err as Error);

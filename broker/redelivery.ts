@@ -41,7 +41,7 @@
  * than `perDevice` newer unacknowledged messages of the same device, or (across a restart) of a
  * record followed by more than SEED_MAX_RECORDS newer records in the journal.
  */
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 
 export interface RedeliveryOptions {
   /** entries kept per device (most recent packet ids); default 64 */
@@ -67,7 +67,7 @@ export interface RedeliveryEntry {
 export const REDELIVERY_DEFAULTS = { perDevice: 64, maxAgeMs: 10 * 60_000, maxDevices: 10_000 } as const;
 
 export function payloadDigest(payload: Buffer): string {
-  return createHash('sha256').update(payload).digest('hex');
+  return hash('sha256', payload, 'hex');
 }
 
 export class RedeliveryTable {
