@@ -57,11 +57,28 @@ function messageText(e: StoredEntry, payload: Buffer | undefined): string {
   return JSON.stringify(msg);
 }
 
+/**
+ * ws writes every frame to its socket at once: one TLS record and one write syscall per message
+ * (on loopback the write also runs the subscriber's TCP receive path). A group commit stores many
+ * messages in one turn of the event loop, so the subscriber's socket is corked for that turn and
+ * its frames leave in one writev. ws keeps its socket as `_socket` (test/cloud/subscribers.test.ts
+ * checks it is there).
+ */
+function socketOf(ws: WebSocket): { cork(): void; uncork(): void } | undefined {
+  const s = (ws as unknown as { _socket?: { cork?: unknown; uncork?: unknown } })._socket;
+  return s && typeof s.cork === 'function' && typeof s.uncork === 'function' ? (s as { cork(): void; uncork(): void }) : undefined;
+}
+
 class Subscriber {
   private queue: StoredEntry[] = [];
   private head = 0;
   private running = false;
   private closed = false;
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    socketOf(this.ws)?.uncork();
+  };
   private replaying: boolean;
   private readonly replayUpTo: number;
 
@@ -147,6 +164,14 @@ class Subscriber {
   private send(text: string): Promise<void> {
     if (this.closed || this.ws.readyState !== this.ws.OPEN) return Promise.resolve();
     if (this.ws.bufferedAmount < HIGH_WATER_BYTES) {
+      if (!this.corked) {
+        const sock = socketOf(this.ws);
+        if (sock) {
+          this.corked = true;
+          sock.cork();
+          process.nextTick(this.uncork);
+        }
+      }
       this.ws.send(text, (err) => {
         if (err) this.close(1011, 'send failed');
       });

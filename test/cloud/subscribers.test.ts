@@ -88,3 +88,50 @@ t.test('subscribers: replay streams every segment, live messages follow with no 
   t.same(Object.keys(got[0]!), ['type', 'seq', 'id', 'gateway_id', 'device_id', 'topic', 'qos', 'size', 'sha256', 'received_at', 'stored_at', 'payload'], 'the fields subscribers always got, no store internals');
   t.same(odd.msgs.map((m) => m.id), Array.from({ length: 50 }, (_, i) => `m-${121 + 2 * i}`), 'live only, filtered');
 });
+
+t.test('subscribers: the messages of one group commit leave in few socket writes, all of them, in order', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const store = new CloudStore(dir, silentLogger());
+  await store.open();
+  const hub = new SubscriberHub(store, silentLogger());
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await new Promise<void>((r) => wss.once('listening', () => r()));
+  const port = (wss.address() as AddressInfo).port;
+  let writes = 0;
+  wss.on('connection', (ws) => {
+    // ws keeps its socket as `_socket`: the hub corks it for a turn of the event loop
+    const sock = (ws as unknown as { _socket: { cork: unknown; _write: (...a: unknown[]) => unknown; _writev: (...a: unknown[]) => unknown } })._socket;
+    t.type(sock.cork, 'function', 'ws exposes its socket as _socket');
+    const w = sock._write.bind(sock);
+    const wv = sock._writev.bind(sock);
+    sock._write = (...a: unknown[]) => (writes++, w(...a));
+    sock._writev = (...a: unknown[]) => (writes++, wv(...a));
+    hub.attach(ws, ['#'], false, 'test');
+  });
+  t.teardown(async () => {
+    hub.close();
+    wss.close();
+    await store.close();
+  });
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/`);
+  t.teardown(() => ws.terminate());
+  const msgs: Record<string, unknown>[] = [];
+  const N = 300;
+  const done = new Promise<void>((r) =>
+    ws.on('message', (d) => {
+      msgs.push(JSON.parse(d.toString()) as Record<string, unknown>);
+      if (msgs.length === N) r();
+    }),
+  );
+  await new Promise((r) => ws.once('open', r));
+  for (let i = 0; i < 100 && hub.size === 0; i++) await new Promise((r) => setImmediate(r)); // attach runs on the server's connection event
+  writes = 0;
+  // one burst: the store commits them in a few rounds
+  await Promise.all(Array.from({ length: N }, (_, i) => {
+    const p = Buffer.from(`p${i}`);
+    return store.commitData(`m-${i}`, 'gw', { device_id: 'd', topic: 'a/b', qos: 1, received_at: i }, p, sha256Hex(p));
+  }));
+  await done;
+  t.same(msgs.map((m) => m.id), Array.from({ length: N }, (_, i) => `m-${i}`), 'every message once, in order');
+  t.ok(writes > 0 && writes <= N / 10, `${N} messages in ${writes} socket writes`);
+});
