@@ -9,8 +9,8 @@
  *
  *   node bench/probe.mjs [--rate 500] [--seconds 6] [--size 64] [--strace]
  *
- * Profiles: BENCH_DAEMON_NODE_ARGS="--cpu-prof --cpu-prof-dir=DIR" for the connector; for the cloud
- * too, NODE_OPTIONS="--cpu-prof --cpu-prof-dir=DIR" (both stop gracefully, so both write theirs).
+ * Profiles: BENCH_DAEMON_NODE_ARGS="--cpu-prof --cpu-prof-dir=DIR" for the connector and
+ * BENCH_CLOUD_NODE_ARGS (same form) for the reference cloud; both stop gracefully, so both write theirs.
  */
 import fs from 'node:fs';
 import { performance } from 'node:perf_hooks';

@@ -94,8 +94,9 @@ export class ConnectorStack {
     writeFileSync(this.cfg, doc.toString(), { mode: 0o600 });
   }
 
-  async startCloud() {
-    this.cloud = spawnChild(process.execPath, [this.CLI, 'cloud', '-c', this.cloudCfg], { cwd: this.root });
+  /** BENCH_CLOUD_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the reference cloud (written when it stops gracefully). */
+  async startCloud(nodeArgs = (process.env.BENCH_CLOUD_NODE_ARGS ?? '').split(' ').filter(Boolean)) {
+    this.cloud = spawnChild(process.execPath, [...nodeArgs, this.CLI, 'cloud', '-c', this.cloudCfg], { cwd: this.root });
     await logLine(this.cloud, 'ready', 60_000);
     return this.cloud;
   }
