@@ -823,22 +823,27 @@ export class MessageAssembly {
   readonly meta: MessageMeta;
   private nextSeqValue: number;
   private nextOffsetValue: number;
-  private readonly hash: Hash;
+  /** Created on the first chunk that needs it: a whole message in one chunk is hashed one-shot instead. */
+  private hashState: Hash | undefined;
   private done = false;
 
-  private constructor(id: string, total: number, meta: MessageMeta, nextSeq: number, nextOffset: number, hash: Hash) {
+  private constructor(id: string, total: number, meta: MessageMeta, nextSeq: number, nextOffset: number, hash: Hash | undefined) {
     this.id = id;
     this.total = total;
     this.meta = meta;
     this.nextSeqValue = nextSeq;
     this.nextOffsetValue = nextOffset;
-    this.hash = hash;
+    this.hashState = hash;
+  }
+
+  private get hash(): Hash {
+    return (this.hashState ??= createHash('sha256'));
   }
 
   /** Start from a first chunk (seq 0). Does not consume it: call accept(first) next. */
   static begin(first: ChunkFrame): MessageAssembly {
     if (first.seq !== 0 || !first.meta) fail('out_of_order', `message ${first.id}: first chunk seen has seq ${first.seq}, expected 0`, first.id);
-    return new MessageAssembly(first.id, first.total, first.meta, 0, 0, createHash('sha256'));
+    return new MessageAssembly(first.id, first.total, first.meta, 0, 0, undefined);
   }
 
   /**
