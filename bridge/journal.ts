@@ -60,7 +60,7 @@ import type { Registry } from 'prom-client';
 import type { Config } from '../core/config/schema.js';
 import type { Component } from '../core/component.js';
 import type { Logger } from '../core/logger.js';
-import { syncDir, writeAtomic } from '../core/fs.js';
+import { pwriteAllSync, syncDir, writeAtomic } from '../core/fs.js';
 import { RequestError, StorageError, errorCode } from '../core/errors.js';
 import type { AppendResult, JournaledPublish, PendingRecords, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
 import { LIMITS, parseMeta as parseWireMeta, sha256 } from '../protocol/codec.js';
@@ -84,7 +84,7 @@ import { RecentCache } from './journal/cache.js';
 import { JournalClock, type Clocks } from './journal/clock.js';
 import { createJournalMetrics, type JournalMetrics } from './journal/metrics.js';
 import { loadSegment, removeSegmentFiles, writeIndex, type ReplayContext } from './journal/replay.js';
-import { Segment, preadExact, pwriteAllSync, syncDirSync } from './journal/segment.js';
+import { Segment, preadExact, syncDirSync } from './journal/segment.js';
 import { GroupWriter, type QueuedRecord, type WriterHost } from './journal/writer.js';
 
 export type JournalConfig = Config['bridge']['journal'];

@@ -96,3 +96,13 @@ export function writeAtomicSync(file: string, data: string | Uint8Array, mode = 
   }
   syncDirSync(dir);
 }
+
+/** Write all of `buf` at explicit position `pos` (never at the file's current offset: issue 9 #3). */
+export function pwriteAllSync(fd: number, buf: Buffer, pos: number): void {
+  let off = 0;
+  while (off < buf.length) {
+    const n = writeSync(fd, buf, off, buf.length - off, pos + off);
+    if (n <= 0) throw Object.assign(new Error('write returned 0 bytes'), { code: 'EIO' });
+    off += n;
+  }
+}

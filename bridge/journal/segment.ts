@@ -220,16 +220,6 @@ export function preadExact(fd: number, len: number, pos: number, into?: Buffer):
   return got === len ? buf : buf.subarray(0, got);
 }
 
-/** Write all of `buf` at explicit position `pos` (never at the file's current offset: issue 9 #3). */
-export function pwriteAllSync(fd: number, buf: Buffer, pos: number): void {
-  let off = 0;
-  while (off < buf.length) {
-    const n = fs.writeSync(fd, buf, off, buf.length - off, pos + off);
-    if (n <= 0) throw Object.assign(new Error('write returned 0 bytes'), { code: 'EIO' });
-    off += n;
-  }
-}
-
 /** fsync a directory (sync: used at segment creation, once per segment). */
 export function syncDirSync(dir: string): void {
   const fd = fs.openSync(dir, 'r');

@@ -20,7 +20,8 @@ import fs from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import type { UplinkMessageMeta } from '../../core/ports.js';
 import { encodeRecordInto } from './format.js';
-import { pwriteAllSync, type Segment } from './segment.js';
+import { pwriteAllSync } from '../../core/fs.js';
+import type { Segment } from './segment.js';
 
 /**
  * Write a batch without waiting for the delay once it holds this much: the page rewritten by
