@@ -40,8 +40,8 @@ const T_START = performance.now();
 // the whole run (after the build) must fit: quick ≤ 2 min including `npm run build`, full ≤ 10 min
 const BUDGET_S = QUICK ? 95 : 540;
 const P = QUICK
-  ? { warm: 0.5, measure: 1.5, drainMs: 3000, closedWindow: 100, closedMax: 60_000, outageN: 30_000, outageS: 10, drainBoundS: 6, liveBacklogN: 20_000, liveBuildS: 3, liveS: 6, liveAfterS: 1, uploadMiB: 64, rawMiB: 64, regSeconds: 3 }
-  : { warm: 1, measure: 6, drainMs: 20_000, closedWindow: 100, closedMax: 300_000, outageN: 1_000_000, outageS: 120, drainBoundS: 30, liveBacklogN: 200_000, liveBuildS: 10, liveS: 30, liveAfterS: 3, uploadMiB: 1024, rawMiB: 1024, regSeconds: 10 };
+  ? { warm: 0.5, measure: 1.5, drainMs: 3000, closedWindow: 100, closedMax: 60_000, outageN: 30_000, outageS: 10, drainBoundS: 6, liveBacklogN: 20_000, liveBuildS: 3, liveS: 6, liveAfterS: 1, reconnectS: 10, uploadMiB: 64, rawMiB: 64, regSeconds: 3 }
+  : { warm: 1, measure: 6, drainMs: 20_000, closedWindow: 100, closedMax: 300_000, outageN: 1_000_000, outageS: 120, drainBoundS: 30, liveBacklogN: 200_000, liveBuildS: 10, liveS: 30, liveAfterS: 3, reconnectS: 30, uploadMiB: 1024, rawMiB: 1024, regSeconds: 10 };
 const DEVICES = 10;
 
 const left = () => BUDGET_S - (performance.now() - T_START) / 1000;
@@ -712,8 +712,11 @@ async function drainWithLive(earlier) {
   const queued = (await conn.metric('connector_journal_depth_messages')) || 0;
   const acked0 = (await conn.metric('connector_uplink_messages_acked_total')) || 0;
 
+  // live publishing: at most P.liveS from the first ack, after at most P.reconnectS for the uplink to come back (its
+  // reconnect backoff grew while the cloud was down), within what is left of the run's budget
+  const cap = Math.min(P.liveS + P.reconnectS, Math.max(P.liveS, left() - (QUICK ? 5 : 15)));
   // the subscriber sees backlog messages (both cases) and live ones; per device: its last backlog and first live receipt
-  const live = newCase(Math.ceil(LIVE_RATE * P.liveS * 1.05) + 100);
+  const live = newCase(Math.ceil(LIVE_RATE * cap * 1.05) + 100);
   const lastBacklog = new Float64Array(DEVICES);
   const firstLive = new Float64Array(DEVICES);
   let seenBacklog = 0;
@@ -731,10 +734,15 @@ async function drainWithLive(earlier) {
   receiverC.current = live;
   receiverC.also = [earlier, cb];
 
-  // live traffic first, then the cloud comes back under it; the loop ends P.liveAfterS after the backlog is gone (or at P.liveS)
+  // live traffic first, then the cloud comes back under it; the loop ends P.liveAfterS after the backlog is gone,
+  // P.liveS after the first ack, or at the cap
   let tFirst;
   let tDone;
-  const gen = openLoop(live, devC, { rate: LIVE_RATE, size: 64, qos: 1, seconds: P.liveS, stop: () => tDone !== undefined && performance.now() - tDone >= P.liveAfterS * 1000 });
+  const stop = () => {
+    const now = performance.now();
+    return tDone !== undefined ? now - tDone >= P.liveAfterS * 1000 : tFirst !== undefined && now - tFirst >= P.liveS * 1000;
+  };
+  const gen = openLoop(live, devC, { rate: LIVE_RATE, size: 64, qos: 1, seconds: cap, stop });
   const tLive0 = performance.now();
   await conn.startCloud();
   const tCloud = performance.now();
@@ -812,7 +820,7 @@ async function drainWithLive(earlier) {
     verdict: verdict(rate >= 5 * liveRate && rate >= 5000 && flowing),
     note: [
       `${f0(queued)} queued (${f0(Math.max(0, before))} left by the previous row, ${f0(cb.acked)} added with the cloud down); cloud back ${sec(tCloud - tLive0)} after live publishing started, first ack ${tFirst === undefined ? 'never' : `${sec(tFirst - tCloud)} later`}`,
-      tDone === undefined ? `backlog NOT drained within the ${P.liveS} s bound` : `backlog acknowledged in ${f2(drainS)} s (uplink ack counter, 50 ms polls; live acks come after it in journal order)`,
+      tDone === undefined ? `backlog NOT drained within the bound (${tFirst === undefined ? `no ack within ${f0(cap)} s of live publishing` : `${P.liveS} s from the first ack`})` : `backlog acknowledged in ${f2(drainS)} s (uplink ack counter, 50 ms polls; live acks come after it in journal order)`,
       `during the drain (${f1(winS)} s): live PUBACKs ${f0(ackRate)}/s for ${f0(sentRate)}/s published, PUBACK p50 / p99 ${ms(pct(ackLat, 50))} / ${ms(pct(ackLat, 99))}${unacked ? `, ${f0(unacked)} not PUBACKed` : ''}${g.skipped ? `; load generator skipped ${f0(g.skipped)}` : ''}`,
       `live publish → subscriber: published during the drain p50 ${sec(pct(e2eDuring, 50))}, max ${sec(e2eDuring[e2eDuring.length - 1] ?? NaN)} (behind the backlog); published after it p50 / p99 ${ms(pct(e2eAfter, 50))} / ${ms(pct(e2eAfter, 99))} (${f0(e2eAfter.length)} messages); first live message at the subscriber ${!Number.isFinite(firstLiveAt) ? 'never' : Number.isFinite(lastBacklogAt) ? `${ms(firstLiveAt - lastBacklogAt)} after the last backlog message` : `${sec(firstLiveAt - tCloud)} after the cloud was back`}`,
       `${arrived ? 'every live message arrived' : `${f0(live.sent - live.received)} of ${f0(live.sent)} live messages had not arrived ${tDone === undefined ? 'when publishing stopped (still behind the backlog)' : `${P.drainMs / 1000} s after publishing stopped`}`}; ${outOfOrder ? `${outOfOrder} devices had live messages before their backlog` : 'per device, live after backlog'}`,
