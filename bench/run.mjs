@@ -41,7 +41,7 @@ const T_START = performance.now();
 const BUDGET_S = QUICK ? 95 : 540;
 const P = QUICK
   ? { warm: 0.5, measure: 1.5, drainMs: 3000, closedWindow: 100, closedMax: 60_000, outageN: 30_000, outageS: 10, drainBoundS: 6, liveBacklogN: 20_000, liveBuildS: 3, liveS: 6, liveAfterS: 1, reconnectS: 10, uploadMiB: 64, rawMiB: 64, regSeconds: 3 }
-  : { warm: 1, measure: 6, drainMs: 20_000, closedWindow: 100, closedMax: 300_000, outageN: 1_000_000, outageS: 120, drainBoundS: 30, liveBacklogN: 200_000, liveBuildS: 10, liveS: 30, liveAfterS: 3, reconnectS: 30, uploadMiB: 1024, rawMiB: 1024, regSeconds: 10 };
+  : { warm: 1, measure: 6, drainMs: 20_000, closedWindow: 100, closedMax: 300_000, outageN: 1_000_000, outageS: 120, drainBoundS: 30, liveBacklogN: 200_000, liveBuildS: 10, liveS: 25, liveAfterS: 3, reconnectS: 10, uploadMiB: 1024, rawMiB: 1024, regSeconds: 10 };
 const DEVICES = 10;
 
 const left = () => BUDGET_S - (performance.now() - T_START) / 1000;
