@@ -108,7 +108,8 @@ export async function runDaemon(configFile: string, seam: DaemonSeam = {}): Prom
   daemon.ctx.health.setStatusPage({ ...statusPageHtml(), json: () => statusPage.json() });
   const lifecycle = new Lifecycle([...components, daemonMetrics, statusPage], logger, config.daemon.shutdown_timeout_ms);
   const startedAt = Date.now();
-  const statusOf = () => daemonStatus(daemon.ctx, lifecycle, { startedAt, watchdog: notifier.active ? notifier.watchdog() : undefined });
+  // the drain rate shown by `connector status` is the status page's (one sampler, one computation)
+  const statusOf = () => daemonStatus(daemon.ctx, lifecycle, { startedAt, watchdog: notifier.active ? notifier.watchdog() : undefined, rates: () => statusPage.rates() });
 
   let stopping: Promise<number> | undefined;
   const stop = (signal: string): Promise<number> => {

@@ -172,15 +172,28 @@ export class StatusPage implements Component {
     };
   }
 
+  /**
+   * Drain rate (messages acknowledged by the cloud per second) and arrival rate (messages in per
+   * second): the mean over the last minute of samples; null until one interval has been sampled.
+   * The one place both are computed: the page's journal card and `connector status` (through
+   * daemonStatus) read them from here.
+   */
+  rates(): { drain_per_s: number | null; in_per_s: number | null } {
+    const recent = Math.max(1, Math.round(60000 / this.intervalMs));
+    const mean = (r: SampleRing): number | null => {
+      const a = r.toArray().slice(-recent);
+      return a.length === 0 ? null : round2(a.reduce((x, y) => x + y.v, 0) / a.length);
+    };
+    return { drain_per_s: mean(this.outRates), in_per_s: mean(this.inRates) };
+  }
+
   /** The page's data: named facts only, redacted. */
   json(): StatusJson {
     const now = this.now();
     const s = this.opts.status();
     const sum = s.summary;
     const tp = this.throughput();
-    // drain and arrival rate: mean over the last minute of samples
-    const recent = Math.max(1, Math.round(60000 / this.intervalMs));
-    const mean = (a: number[]): number | null => (a.length === 0 ? null : round2(a.slice(-recent).reduce((x, y) => x + y, 0) / Math.min(recent, a.length)));
+    const rates = this.rates();
     const token = sum.expiries.find((e) => e.what === 'cloud token');
     const certs: (Expiry & { warn: boolean })[] = [
       ...sum.expiries.filter((e) => e !== token),
@@ -194,7 +207,7 @@ export class StatusPage implements Component {
       devices: { connected: sum.devices_connected, registered: sum.devices_registered },
       throughput: tp,
       journal: sum.journal
-        ? { messages: sum.journal.messages, bytes: sum.journal.bytes, oldest_age_s: sum.journal.oldest_unacked_age_s, drain_per_s: mean(tp.delivered_per_s), in_per_s: mean(tp.in_per_s) }
+        ? { messages: sum.journal.messages, bytes: sum.journal.bytes, oldest_age_s: sum.journal.oldest_unacked_age_s, drain_per_s: rates.drain_per_s, in_per_s: rates.in_per_s }
         : null,
       uplink: sum.uplink
         ? {

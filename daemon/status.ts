@@ -27,7 +27,17 @@ export interface StatusSummary {
   devices_registered: number | null;
   /** Bound ports by listener name. */
   listeners: Record<string, number>;
-  journal: { messages: number | null; bytes: number | null; oldest_unacked_age_s: number | null } | null;
+  journal: {
+    messages: number | null;
+    bytes: number | null;
+    oldest_unacked_age_s: number | null;
+    /**
+     * Messages the cloud acknowledged per second, mean over the last minute (the status page's
+     * sampler, daemon/status-page.ts `rates()`); 0 when nothing was acknowledged in that minute,
+     * null while unknown (less than one sampling interval since start, or no sampler).
+     */
+    drain_rate_msg_s: number | null;
+  } | null;
   uplink: { state: string | null; last_ack_age_s: number | null; reconnects: number | null } | null;
   expiries: Expiry[];
 }
@@ -87,9 +97,10 @@ function toExpiry(what: string, v: unknown, now: number): Expiry | undefined {
  *  uplink:   state, last_ack_age_s (or last_ack_at as epoch ms), reconnects;
  *            token_expires_at | token.expires_at
  *  pki:      server_not_after | server_cert_not_after, ca_not_after
+ * The drain rate is not a component fact: it comes from `rates` (the status page's sampler).
  * Device certificates come from the registry (identity), see deviceCertExpiries().
  */
-export function summarize(components: Obj, ports: Record<string, number>, now = Date.now()): StatusSummary {
+export function summarize(components: Obj, ports: Record<string, number>, now = Date.now(), rates: { drain_per_s: number | null } = { drain_per_s: null }): StatusSummary {
   const broker = components.broker;
   const registry = components.registry;
   const journal = components.journal;
@@ -125,6 +136,7 @@ export function summarize(components: Obj, ports: Record<string, number>, now = 
           bytes: numAt(journal, 'pendingBytes', 'bytes', 'backlog_bytes') ?? numAt(uplink, 'backlog_bytes'),
           oldest_unacked_age_s:
             oldestMs !== null ? Math.round(oldestMs / 1000) : (ageFrom(journal, ['oldest_unacked_age_s'], ['oldest_unacked_at']) ?? numAt(uplink, 'oldest_unacked_age_s')),
+          drain_rate_msg_s: rates.drain_per_s,
         }
       : null,
     uplink: isObj(uplink)
@@ -190,7 +202,11 @@ export function packageVersion(): string {
   return version;
 }
 
-export function daemonStatus(ctx: DaemonContext, lifecycle: Lifecycle, extra: { startedAt: number; watchdog?: WatchdogState }): DaemonStatus {
+export function daemonStatus(
+  ctx: DaemonContext,
+  lifecycle: Lifecycle,
+  extra: { startedAt: number; watchdog?: WatchdogState; rates?: () => { drain_per_s: number | null } },
+): DaemonStatus {
   const components = lifecycle.status();
   const ports = Object.fromEntries(ctx.ports);
   let deviceCerts: DaemonStatus['device_certificates'];
@@ -208,7 +224,7 @@ export function daemonStatus(ctx: DaemonContext, lifecycle: Lifecycle, extra: { 
     state_dir: ctx.config.daemon.state_dir,
     ready: ctx.health.readiness(),
     ports,
-    summary: summarize(components, ports),
+    summary: summarize(components, ports, Date.now(), extra.rates?.()),
     ...(deviceCerts ? { device_certificates: deviceCerts } : {}),
     ...(extra.watchdog ? { watchdog: extra.watchdog } : {}),
     components,

@@ -67,23 +67,28 @@ export function newCase(max) {
     recvT: new Float64Array(max), // receive time per sequence number (0 = not yet)
     acked: 0,
     ackT: [], // PUBACK (or write, QoS 0) times
+    ackAt: new Float64Array(max), // PUBACK time per sequence number (0 = not acknowledged); open and closed loop only
     received: 0,
     duplicates: 0,
     onReceive: undefined,
   };
 }
 
-/** Route a received payload to the case it belongs to. */
+/**
+ * Route a received payload to the case it belongs to: `current`, or one of
+ * `also` (earlier cases whose messages may still arrive, e.g. a backlog).
+ */
 export function makeReceiver() {
   const r = {
     current: undefined,
+    also: [],
     stray: 0,
     receive(buf) {
       const now = performance.now();
       if (buf.length < HEADER) return void r.stray++;
-      const c = r.current;
       const caseId = buf.readUInt32LE(8);
-      if (!c || caseId !== c.id) return void r.stray++;
+      const c = r.current?.id === caseId ? r.current : r.also.find((x) => x.id === caseId);
+      if (!c) return void r.stray++;
       const seq = buf.readUInt32LE(16);
       if (seq >= c.max) return void r.stray++;
       if (c.recvT[seq] !== 0) return void c.duplicates++;
@@ -112,8 +117,10 @@ function publishOne(c, d, size, qos) {
   d.client.publish(d.topic, payloadFor(c, size, d.idx, seq), { qos }, (err) => {
     d.inflight--;
     if (!err) {
+      const t = performance.now();
       c.acked++;
-      c.ackT.push(performance.now());
+      c.ackT.push(t);
+      c.ackAt[seq] = t;
     }
   });
 }
@@ -124,8 +131,9 @@ function publishOne(c, d, size, qos) {
  * `maxInflight` unacknowledged publishes is skipped (the load generator does not
  * queue without bound); a schedule more than 250 ms behind drops what is older.
  * Both show up as an achieved rate below the asked one — reported, never hidden.
+ * `stop()` (optional, asked every tick) ends it before `seconds`.
  */
-export function openLoop(c, devices, { rate, size, qos, seconds, maxInflight = 5000 }) {
+export function openLoop(c, devices, { rate, size, qos, seconds, maxInflight = 5000, stop }) {
   return new Promise((resolve) => {
     const t0 = performance.now();
     let due = 0; // messages the schedule asked for so far
@@ -133,7 +141,7 @@ export function openLoop(c, devices, { rate, size, qos, seconds, maxInflight = 5
     let rr = 0;
     const timer = setInterval(() => {
       const el = performance.now() - t0;
-      if (el >= seconds * 1000 || c.sent >= c.max) {
+      if (el >= seconds * 1000 || c.sent >= c.max || stop?.()) {
         clearInterval(timer);
         resolve({ t0, t1: performance.now(), skipped });
         return;

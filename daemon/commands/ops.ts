@@ -40,6 +40,12 @@ function bytes(n: number | null): string {
   return `${i === 0 ? v : v.toFixed(1)} ${units[i]}`;
 }
 
+/** "15000 msg/s", "2.5 msg/s", "—" when unknown. */
+function rate(n: number | null): string {
+  if (n === null) return '—';
+  return `${n >= 10 ? Math.round(n) : n.toFixed(1)} msg/s`;
+}
+
 function expiryLine(e: Expiry): string {
   const left = e.seconds_left <= 0 ? `EXPIRED ${duration(-e.seconds_left)} ago` : `in ${duration(e.seconds_left)}`;
   return `${e.what.padEnd(30)} ${e.expires_at}  (${left})`;
@@ -61,7 +67,7 @@ export function formatStatus(s: DaemonStatus): string {
   rows.push(['listeners', listeners.length ? listeners.map(([k, p]) => `${k}:${p}`).join('  ') : 'none']);
   if (sum.journal) {
     const oldest = sum.journal.oldest_unacked_age_s ? `oldest unacknowledged ${duration(sum.journal.oldest_unacked_age_s)} old` : 'nothing waiting';
-    rows.push(['journal', `backlog ${sum.journal.messages ?? '?'} messages (${bytes(sum.journal.bytes)}), ${oldest}`]);
+    rows.push(['journal', `backlog ${sum.journal.messages ?? '?'} messages (${bytes(sum.journal.bytes)}), ${oldest}, draining ${rate(sum.journal.drain_rate_msg_s)}`]);
   } else rows.push(['journal', 'off (bridge.enabled: false)']);
   if (sum.uplink) {
     const ack = sum.uplink.last_ack_age_s !== null ? `last ack ${duration(sum.uplink.last_ack_age_s)} ago` : 'no ack yet';
@@ -82,7 +88,7 @@ export const opsCommands: Command[] = [
     path: ['status'],
     summary: 'show what the running daemon is doing (--json for scripts)',
     usage:
-      'connector status [-c FILE] [--json]\n\nDevices, listeners, journal backlog, uplink state and last ack, certificate and token expiries.\nExit 0 when ready, 1 when running but not ready, 69 when the daemon is not running.',
+      'connector status [-c FILE] [--json]\n\nDevices, listeners, journal backlog and drain rate (acknowledged by the cloud, msg/s over the last minute), uplink state and last ack, certificate and token expiries.\nExit 0 when ready, 1 when running but not ready, 69 when the daemon is not running.',
     options: { ...CONFIG_OPTION, json: { type: 'boolean' } },
     run: async ({ values }) => {
       const s = (await adminCall(values, 'status')) as DaemonStatus;

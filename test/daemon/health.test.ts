@@ -31,7 +31,7 @@ function fakeStatus(over: Partial<DaemonStatus['summary']> = {}, now = Date.now(
       devices_connected: 4,
       devices_registered: 7,
       listeners: {},
-      journal: { messages: 12, bytes: 3456, oldest_unacked_age_s: 300 },
+      journal: { messages: 12, bytes: 3456, oldest_unacked_age_s: 300, drain_rate_msg_s: null },
       uplink: { state: 'backoff', last_ack_age_s: 310, reconnects: 5 },
       expiries: [
         { what: 'server certificate', expires_at: new Date(now + 5 * 86400e3).toISOString(), seconds_left: 5 * 86400 },
@@ -151,6 +151,7 @@ t.test('throughput: rates from counter deltas on a clock, a bounded 15-minute ri
   const page = new StatusPage({ registry, status: () => fakeStatus(), now: () => now, intervalMs: 5000 });
   await page.sample();
   t.same(page.throughput().in_per_s, [], 'one sample is no rate yet');
+  t.same(page.rates(), { drain_per_s: null, in_per_s: null }, 'rates unknown until one interval was sampled');
   inC.inc({ direction: 'in' }, 50);
   outC.inc(25);
   now += 5000;
@@ -167,6 +168,7 @@ t.test('throughput: rates from counter deltas on a clock, a bounded 15-minute ri
   const s = page.json();
   t.equal(s.journal!.drain_per_s, 2.5, 'drain rate: mean delivered/s over the last minute');
   t.equal(s.journal!.in_per_s, 6);
+  t.same(page.rates(), { drain_per_s: 2.5, in_per_s: 6 }, 'rates(): the same figures, for `connector status`');
 
   for (let i = 0; i < 500; i++) {
     now += 5000;

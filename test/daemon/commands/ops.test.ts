@@ -6,6 +6,7 @@ import t from 'tap';
 import https from 'node:https';
 import { X509Certificate } from 'node:crypto';
 import { startDaemon, runCli, tempDir, testConfig, writeConfig, type Json } from '../../helpers/daemon.js';
+import { addDevice, mqttConnect, startSite } from '../../helpers/fleet.js';
 import { adminRequest, adminSocketPath } from '../../../daemon/admin.js';
 import { formatStatus } from '../../../daemon/commands/ops.js';
 import { normalizeSerial } from '../../../identity/registry.js';
@@ -92,9 +93,39 @@ t.test('connector status with the bridge on: journal backlog and uplink state', 
   t.ok(s.summary.uplink, 'uplink facts');
   t.not(s.summary.uplink?.state, 'connected', `uplink state ${s.summary.uplink?.state} (the cloud does not exist)`);
   t.equal(s.summary.uplink?.last_ack_age_s, null);
+  // nothing was acknowledged: 0 msg/s once the status page sampled an interval, unknown (null, "—") before
+  t.ok(s.summary.journal?.drain_rate_msg_s === null || s.summary.journal?.drain_rate_msg_s === 0, `drain rate ${s.summary.journal?.drain_rate_msg_s}`);
   const human = formatStatus(s);
-  t.match(human, /^journal +backlog 0 messages \(0 B\), nothing waiting$/m);
+  t.match(human, new RegExp(`^journal +backlog 0 messages \\(0 B\\), nothing waiting, draining ${s.summary.journal?.drain_rate_msg_s === null ? '—' : '0\\.0 msg/s'}$`, 'm'));
   t.match(human, /^uplink +\S+, no ack yet, \d+ reconnects$/m);
+});
+
+t.test('connector status with messages acknowledged by the cloud: the drain rate of the status page, text and --json', async (t) => {
+  const { d } = await startSite(t, tempDir(t));
+  const dev = await addDevice(d, 'sensor-1');
+  const c = await mqttConnect(d, dev);
+  t.teardown(() => c.end(true));
+  const N = 50;
+  await Promise.all(Array.from({ length: N }, (_, i) => c.publishAsync(`devices/sensor-1/telemetry`, `m${i}`, { qos: 1 })));
+  // polling on purpose: the rate is a sample of the status page's timer (every 5 s) in the daemon child
+  // process; no event reaches the test when it changes. Bounded in time.
+  const sock = adminSocketPath(d.stateDir);
+  const until = Date.now() + 30_000;
+  let s = (await adminRequest(sock, 'status')) as DaemonStatus;
+  while (!(s.summary.journal?.drain_rate_msg_s && s.summary.journal.messages === 0) && Date.now() < until) {
+    await new Promise((r) => setTimeout(r, 250));
+    s = (await adminRequest(sock, 'status')) as DaemonStatus;
+  }
+  const rate = s.summary.journal?.drain_rate_msg_s;
+  t.ok(typeof rate === 'number' && rate > 0, `drain rate ${rate} msg/s after ${N} messages were acknowledged`);
+  // the status page shows the same figure (one computation)
+  const page = (await (await fetch(`http://127.0.0.1:${d.ports.metrics}/status.json`)).json()) as { journal: { drain_per_s: number | null } };
+  t.ok(typeof page.journal.drain_per_s === 'number' && page.journal.drain_per_s > 0, `status page drain rate ${page.journal.drain_per_s}`);
+
+  const json = JSON.parse((await runCli(['status', '--json', '-c', d.configFile])).stdout) as DaemonStatus;
+  t.ok(typeof json.summary.journal?.drain_rate_msg_s === 'number' && json.summary.journal.drain_rate_msg_s > 0, '--json: summary.journal.drain_rate_msg_s');
+  const human = await runCli(['status', '-c', d.configFile]);
+  t.match(human.stdout, /^journal +backlog \d+ messages \([^)]*\), [^,]+, draining (?!0\.0 )\d+(\.\d)? msg\/s$/m, 'text: draining N msg/s');
 });
 
 t.test('connector status without a daemon: exit 69 and what to do', async (t) => {
@@ -118,7 +149,7 @@ t.test('formatStatus: not ready reasons, expired certificates, watchdog', async 
       devices_connected: 12,
       devices_registered: 40,
       listeners: { mqtt_tls: 8883 },
-      journal: { messages: 5, bytes: 5 * 1024 * 1024, oldest_unacked_age_s: 300 },
+      journal: { messages: 5, bytes: 5 * 1024 * 1024, oldest_unacked_age_s: 300, drain_rate_msg_s: 15234.5 },
       uplink: { state: 'connecting', last_ack_age_s: 400, reconnects: 7 },
       expiries: [{ what: 'server certificate', expires_at: '2020-01-01T00:00:00.000Z', seconds_left: -86400 * 3 }],
     },
@@ -129,7 +160,11 @@ t.test('formatStatus: not ready reasons, expired certificates, watchdog', async 
   t.match(out, /up 1d1h, NOT READY/);
   t.match(out, /not ready: uplink: oldest unacknowledged message is 300 s old/);
   t.match(out, /12 connected, 40 registered/);
-  t.match(out, /backlog 5 messages \(5\.0 MiB\), oldest unacknowledged 5m old/);
+  t.match(out, /backlog 5 messages \(5\.0 MiB\), oldest unacknowledged 5m old, draining 15235 msg\/s$/m);
+  const slow = formatStatus({ ...s, summary: { ...s.summary, journal: { ...s.summary.journal!, drain_rate_msg_s: 2.5 } } });
+  t.match(slow, /, draining 2\.5 msg\/s$/m, 'under 10 msg/s: one decimal');
+  const unknown = formatStatus({ ...s, summary: { ...s.summary, journal: { ...s.summary.journal!, drain_rate_msg_s: null } } });
+  t.match(unknown, /, draining —$/m, 'unknown drain rate: a dash, never 0');
   t.match(out, /connecting, last ack 6m ago, 7 reconnects/);
   t.match(out, /EXPIRED 3d ago/);
   t.match(out, /ping every 15s, 10 sent, 1 withheld/);
