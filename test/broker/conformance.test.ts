@@ -1572,6 +1572,38 @@ t.test('wrapper: outbound bytes pass unchanged whatever the chunk boundaries', a
   }
 });
 
+t.test('wrapper: the packets written in one turn of the event loop reach the socket in one write', async (t) => {
+  class VSocket extends FakeSocket {
+    readonly calls: number[] = [];
+    override _write(chunk: Buffer, e: BufferEncoding, cb: (err?: Error | null) => void): void {
+      this.calls.push(1);
+      super._write(chunk, e, cb);
+    }
+    override _writev(chunks: Array<{ chunk: Buffer }>, cb: (err?: Error | null) => void): void {
+      this.calls.push(chunks.length);
+      for (const c of chunks) this.written.push(c.chunk);
+      cb();
+    }
+  }
+  const sock = new VSocket();
+  const conn = wrapConnection(sock, { logger: silent, sessions: new SessionTracker() });
+  sock.push(mqtt.generate(connectPacket()));
+  await new Promise((resolve) => setImmediate(resolve));
+  readAll(conn);
+  sock.calls.length = 0;
+  // the PUBACKs of one journal group commit: written one after the other in the same turn
+  const acks = [1, 2, 3, 4, 5].map((id) => mqtt.generate({ cmd: 'puback', messageId: id }));
+  for (const a of acks) conn.write(a);
+  await new Promise((resolve) => setImmediate(resolve));
+  t.same(sock.calls, [5], 'one writev of the five PUBACKs');
+  t.ok(sock.bytes().equals(Buffer.concat(acks)), 'bytes unchanged, in order');
+  // the next turn's packet is written on its own, without waiting for more
+  sock.calls.length = 0;
+  conn.write(acks[0]!);
+  await new Promise((resolve) => setImmediate(resolve));
+  t.same(sock.calls, [1], 'a lone packet goes out at the end of its turn');
+});
+
 t.test('wrapper: back-pressure both ways', async (t) => {
   // inbound: aedes does not read -> the socket is paused; reading resumes it
   const sock = new FakeSocket();
