@@ -430,7 +430,7 @@ t.test('reload: new limits apply without dropping the link; a new URL reconnects
     { checkSecrets: false },
   ).config;
   const changes = await s.uplink.reconfigure(uplinkSettings(next));
-  t.match(changes.join('\n'), /window_messages 256 -> 7/);
+  t.match(changes.join('\n'), /window_messages 4096 -> 7/);
   t.equal(s.cloud.conns.length, 1, 'link kept');
   const other = await MiniCloud.start(t, {}, 0);
   const moved = parseConfigText(
