@@ -7,7 +7,10 @@
  * --strace, `strace -c -f` syscall counts per message over the same window.
  * A profiling aid for the figures of `npm run bench`, not a goal of its own.
  *
- *   node bench/probe.mjs [--rate 500] [--seconds 6] [--size 64] [--strace]
+ *   node bench/probe.mjs [--rate 500 | --closed 100] [--seconds 6] [--size 64] [--strace]
+ *
+ * --closed N: a closed loop instead (N messages per device published and not yet at the subscriber,
+ * as the bench's closed-loop row); CPU is then per message delivered at whatever rate that reaches.
  *
  * Profiles: BENCH_DAEMON_NODE_ARGS="--cpu-prof --cpu-prof-dir=DIR" for the connector and
  * BENCH_CLOUD_NODE_ARGS (same form) for the reference cloud; both stop gracefully, so both write theirs.
@@ -18,7 +21,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { connectDevices, endDevices, newCase, makeReceiver, openLoop, drain } from './lib/load.mjs';
+import { connectDevices, endDevices, newCase, makeReceiver, openLoop, closedLoop, drain } from './lib/load.mjs';
 import { ConnectorStack } from './lib/stacks.mjs';
 import { killAll } from './lib/procs.mjs';
 
@@ -28,6 +31,7 @@ const opt = (f, d) => (args.includes(f) ? args[args.indexOf(f) + 1] : d);
 const RATE = Number(opt('--rate', 500));
 const SECONDS = Number(opt('--seconds', 6));
 const SIZE = Number(opt('--size', 64));
+const CLOSED = args.includes('--closed') ? Number(opt('--closed', 100)) : 0;
 const STRACE = args.includes('--strace');
 const TICK_US = 1e6 / 100; // USER_HZ
 
@@ -56,7 +60,7 @@ try {
   const warm = newCase(RATE * 2 + 100);
   recv.current = warm;
   await openLoop(warm, devs, { rate: RATE, size: SIZE, qos: 1, seconds: 1 });
-  const c = newCase(RATE * (SECONDS + 1) + 100);
+  const c = newCase(CLOSED ? 100_000 * (SECONDS + 1) : RATE * (SECONDS + 1) + 100);
   recv.current = c;
   const pids = { connector: conn.daemon.pid, cloud: conn.cloud.pid };
   const st = STRACE ? Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, { p: straceStart(pid, path.join(root, `${k}.strace`)), file: path.join(root, `${k}.strace`) }])) : {};
@@ -67,14 +71,15 @@ try {
   const a = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpu(pid)]));
   const r0 = c.received;
   const t0 = performance.now();
-  await openLoop(c, devs, { rate: RATE, size: SIZE, qos: 1, seconds: SECONDS });
+  if (CLOSED) await closedLoop(c, devs, { window: CLOSED, size: SIZE, qos: 1, seconds: SECONDS });
+  else await openLoop(c, devs, { rate: RATE, size: SIZE, qos: 1, seconds: SECONDS });
   const b = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpu(pid)]));
   const m1 = await metricsNow();
   const secs = (performance.now() - t0) / 1000;
   const n = c.received - r0;
   for (const s of Object.values(st)) s.p.kill('SIGINT');
   await Promise.all(Object.values(st).map((s) => new Promise((r) => s.p.once('exit', r))));
-  console.log(`rate ${RATE} msg/s, ${SIZE} B: sent ${c.sent}, delivered in window ${n} (${(n / secs).toFixed(0)}/s)`);
+  console.log(`${CLOSED ? `closed loop ${CLOSED}/device` : `rate ${RATE} msg/s`}, ${SIZE} B: sent ${c.sent}, delivered in window ${n} (${(n / secs).toFixed(0)}/s)`);
   console.log(`in the window: ${M.map((m) => `${m.replace(/^connector_/, '')} ${m1[m] - m0[m]}`).join(', ')}`);
   for (const k of Object.keys(pids)) {
     const u = (b[k].user - a[k].user) / n;
