@@ -352,3 +352,50 @@ t.test('the change log: a bad line in the middle refuses start-up; a log of an o
   t.equal(r2.get('a'), undefined, 'an older log is not replayed over a newer file');
   t.notOk(existsSync(`${file}.wal`), 'and removed');
 });
+
+t.test('change log group commit: concurrent changes share one append + fdatasync; a failed append rejects its changes and the next commit rewrites the file', async (t) => {
+  const fsp = await import('node:fs/promises');
+  let syncs = 0;
+  let failNext = false;
+  const { DeviceRegistry: Reg } = await t.mockImport<typeof import('../../identity/registry.js')>('../../identity/registry.js', {
+    'node:fs/promises': {
+      ...fsp,
+      open: async (...a: Parameters<typeof fsp.open>) => {
+        const fh = await fsp.open(...a);
+        if (!String(a[0]).endsWith('.wal')) return fh;
+        const datasync = fh.datasync.bind(fh);
+        fh.datasync = async () => {
+          syncs++;
+          if (failNext) {
+            failNext = false;
+            throw Object.assign(new Error('disk gone'), { code: 'EIO' });
+          }
+          return datasync();
+        };
+        return fh;
+      },
+    },
+  });
+  const dir = tempDir(t);
+  const file = path.join(dir, 'registry.json');
+  const r = new Reg({ file, logger });
+  t.teardown(() => r.close());
+  await r.start();
+  await Promise.all(Array.from({ length: 150 }, (_, i) => r.create(`big-${i}`, { description: 'x'.repeat(600) })));
+  await r.create('first', {}); // opens the log
+  const before = syncs;
+  const ids = Array.from({ length: 50 }, (_, i) => `wal-${i}`);
+  await Promise.all(ids.map((id) => r.create(id, {})));
+  const used = syncs - before;
+  t.ok(used >= 1 && used < ids.length / 5, `50 concurrent creates took ${used} log syncs`);
+  t.equal(readFileSync(`${file}.wal`, 'utf8').split('\n').filter((l) => l.includes('"wal-')).length, 50, 'each in the log once');
+
+  failNext = true;
+  const fileBefore = readFileSync(file, 'utf8');
+  await t.rejects(r.create('lost', {}), { code: 'ECONN_STATE_DIR' }, 'the failed commit rejects its change');
+  await r.create('after', {});
+  const onDisk = JSON.parse(readFileSync(file, 'utf8')) as RegistryData;
+  t.not(readFileSync(file, 'utf8'), fileBefore, 'the next commit rewrote the whole file');
+  t.ok(onDisk.devices.after && onDisk.devices.lost && onDisk.devices['wal-49'], 'with every change in memory, the rejected one included');
+  t.notOk(existsSync(`${file}.wal`), 'and dropped the log');
+});
