@@ -1,15 +1,20 @@
 /**
- * Worker thread entry of initPkiInWorker (identity/pki.ts): creates the device CA and the
- * server certificate, then the thread ends and @peculiar/x509 goes with it.
+ * Child-process entry of initPkiInChild (identity/pki.ts): receives one job over IPC,
+ * creates the device CA and the server certificate, replies, and exits — @peculiar/x509
+ * and everything the creation allocated go with the process.
  */
-import { parentPort, workerData } from 'node:worker_threads';
 import { errorCode } from '../core/errors.js';
 import { initPki, type PkiInitJob } from './pki.js';
 
-const job = workerData as PkiInitJob;
-try {
-  parentPort!.postMessage({ created: await initPki(job.stateDir, job.cfg, job.serverName) });
-} catch (err) {
-  const e = err as Error;
-  parentPort!.postMessage({ error: { name: e.name, code: errorCode(err), message: e.message } });
-}
+process.once('message', (job: PkiInitJob) => {
+  void (async () => {
+    let reply: unknown;
+    try {
+      reply = { created: await initPki(job.stateDir, job.cfg, job.serverName) };
+    } catch (err) {
+      const e = err as Error;
+      reply = { error: { name: e.name, code: errorCode(err), message: e.message } };
+    }
+    process.send!(reply, () => process.disconnect());
+  })();
+});
