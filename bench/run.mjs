@@ -535,7 +535,7 @@ async function registration() {
   // 1. fill the registry to 10 000 devices through the API itself (16 concurrent clients), bounded in time
   const TARGET = 10_000;
   const before = await count();
-  const fillS = Math.max(0, Math.min(QUICK ? 30 : 45, left() - 25));
+  const fillS = Math.max(0, Math.min(QUICK ? 15 : 45, left() - 25));
   const fill = await phase({ clients: 16, seconds: fillS, max: TARGET - (Number.isFinite(before) ? before : DEVICES) });
   log(`registration: ${f0(fill.n)} devices registered to fill the registry in ${f1(fill.s)} s (${f0(fill.n / Math.max(fill.s, 0.001))} /s, 16 concurrent)${fill.failed ? `, ${fill.failed} failed: ${fill.lastErr}` : ''}`);
   // 2. the measured window: 4 concurrent clients, token only
