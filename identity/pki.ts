@@ -281,7 +281,8 @@ export async function initPkiInChild(stateDir: string, cfg: PkiConfig, serverNam
     let reply: Reply | undefined;
     child.once('message', (m: Reply) => (reply = m));
     child.once('error', (err) => reject(pkiError(`the PKI could not be initialised (${err.message})`, err)));
-    child.once('exit', (code, signal) => {
+    // 'close', not 'exit': it comes after the IPC channel has delivered every message
+    child.once('close', (code, signal) => {
       if (!reply) return reject(pkiError(`the PKI initialisation process exited (${signal ?? code}) without a result`));
       if ('created' in reply) return resolve(reply.created);
       const e = reply.error;
