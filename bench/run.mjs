@@ -478,58 +478,85 @@ async function registration() {
     return;
   }
   const ca = readFileSync(path.join(conn.stateDir, 'pki/ca.crt'));
-  const agent = new https.Agent({ keepAlive: true, maxSockets: 4, ca });
-  const before = await conn.metric('connector_devices_registered');
-  let n = 0;
-  let failed = 0;
-  let lastErr = '';
-  const t0 = performance.now();
-  const stopAt = t0 + P.regSeconds * 1000;
-  const one = (i) =>
-    new Promise((resolve) => {
-      const body = JSON.stringify({ device_id: `reg-${i}`, metadata: { description: 'bench' } });
-      const req = https.request(
-        `https://127.0.0.1:${conn.ports.api}/api/register`,
-        { method: 'POST', agent, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } },
-        (res) => {
-          let b = '';
-          res.setEncoding('utf8').on('data', (x) => (b += x));
-          res.on('end', () => {
-            if (res.statusCode === 201) {
-              n++;
-              try {
-                registered.push({ id: `reg-${i}`, token: JSON.parse(b).token });
-              } catch {}
-            }
-            else {
-              failed++;
-              lastErr = `${res.statusCode} ${b.slice(0, 120)}`;
-            }
-            resolve();
-          });
-        },
-      );
-      req.on('error', (e) => {
-        failed++;
-        lastErr = e.message;
-        resolve();
-      });
-      req.end(body);
-    });
   let next = 0;
-  await Promise.all(
-    Array.from({ length: 4 }, async () => {
-      while (performance.now() < stopAt && next < 20_000) await one(next++);
-    }),
-  );
-  const s = (performance.now() - t0) / 1000;
-  agent.destroy();
-  const rate = n / s;
-  const reached = (Number.isFinite(before) ? before : DEVICES) + n;
+  // one phase: `clients` concurrent keep-alive clients register new ids until the time or count bound
+  const phase = async ({ clients, seconds, max = Infinity, csr }) => {
+    const agent = new https.Agent({ keepAlive: true, maxSockets: clients, ca });
+    const res = { n: 0, failed: 0, lastErr: '', s: 0 };
+    const one = (i) =>
+      new Promise((resolve) => {
+        const body = JSON.stringify({ device_id: `reg-${i}`, metadata: { description: 'bench' }, ...(csr ? { csr } : {}) });
+        const req = https.request(
+          `https://127.0.0.1:${conn.ports.api}/api/register`,
+          { method: 'POST', agent, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } },
+          (resp) => {
+            let b = '';
+            resp.setEncoding('utf8').on('data', (x) => (b += x));
+            resp.on('end', () => {
+              if (resp.statusCode === 201) {
+                res.n++;
+                try {
+                  registered.push({ id: `reg-${i}`, token: JSON.parse(b).token });
+                } catch {}
+              } else {
+                res.failed++;
+                res.lastErr = `${resp.statusCode} ${b.slice(0, 120)}`;
+              }
+              resolve();
+            });
+          },
+        );
+        req.on('error', (e) => {
+          res.failed++;
+          res.lastErr = e.message;
+          resolve();
+        });
+        req.end(body);
+      });
+    const t0 = performance.now();
+    const stopAt = t0 + seconds * 1000;
+    let started = 0;
+    await Promise.all(
+      Array.from({ length: clients }, async () => {
+        while (performance.now() < stopAt && started < max) {
+          started++;
+          await one(next++);
+        }
+      }),
+    );
+    res.s = (performance.now() - t0) / 1000;
+    agent.destroy();
+    return res;
+  };
+  const count = async () => {
+    const v = await conn.metric('connector_devices_registered');
+    return Number.isFinite(v) ? v : NaN;
+  };
+  // 1. fill the registry to 10 000 devices through the API itself (16 concurrent clients), bounded in time
+  const TARGET = 10_000;
+  const before = await count();
+  const fillS = Math.max(0, Math.min(QUICK ? 15 : 45, left() - 25));
+  const fill = await phase({ clients: 16, seconds: fillS, max: TARGET - (Number.isFinite(before) ? before : DEVICES) });
+  log(`registration: ${f0(fill.n)} devices registered to fill the registry in ${f1(fill.s)} s (${f0(fill.n / Math.max(fill.s, 0.001))} /s, 16 concurrent)${fill.failed ? `, ${fill.failed} failed: ${fill.lastErr}` : ''}`);
+  // 2. the measured window: 4 concurrent clients, token only
+  const at = await count();
+  const m = await phase({ clients: 4, seconds: P.regSeconds });
+  const rate = m.n / m.s;
+  const reached = at + m.n;
   row('registration', 'registration over the API (token only, 4 concurrent)', `${f0(rate)} /s`, {
     goal: '≥ 200 /s at 10 000 registered',
-    verdict: rate < 200 ? 'MISS' : reached >= 10_000 ? 'PASS' : 'n/a',
-    note: `measured from ${f0(reached - n)} to ${f0(reached)} registered devices in ${f1(s)} s (not at 10 000${rate < 200 ? '; slower than the goal already at this size' : ''})${failed ? `; ${failed} failed, last: ${lastErr}` : ''}`,
+    verdict: rate < 200 ? 'MISS' : at >= TARGET ? 'PASS' : 'n/a',
+    note: `measured from ${f0(at)} to ${f0(reached)} registered devices in ${f1(m.s)} s${at >= TARGET ? '' : ` (not at 10 000: the fill reached ${f0(at)} in its ${f0(fillS)} s bound)`}; filled before through the same API, 16 concurrent: ${f0(fill.n)} in ${f1(fill.s)} s${m.failed + fill.failed ? `; ${m.failed + fill.failed} failed, last: ${m.lastErr || fill.lastErr}` : ''}`,
+  });
+  // 3. with a CSR (EC P-256, no CN: one request serves every id), signed by the local CA
+  if (left() < 20) return void row('registration', 'registration over the API with a CSR (4 concurrent)', 'not measured', { note: 'time budget' });
+  const { x509, generateKeyPair } = await import(path.join(DIST, 'core/x509.js'));
+  const keys = await generateKeyPair('ec');
+  const csr = (await x509.Pkcs10CertificateRequestGenerator.create({ keys, signingAlgorithm: { name: 'ECDSA', hash: 'SHA-256' } })).toString('pem');
+  const atC = await count();
+  const c = await phase({ clients: 4, seconds: QUICK ? 2 : 5, csr });
+  row('registration', 'registration over the API with a CSR (EC P-256, 4 concurrent)', `${f0(c.n / c.s)} /s`, {
+    note: `certificate signed by the device CA; from ${f0(atC)} to ${f0(atC + c.n)} registered devices in ${f1(c.s)} s${c.failed ? `; ${c.failed} failed, last: ${c.lastErr}` : ''}`,
   });
 }
 
@@ -893,7 +920,6 @@ function caseTable() {
 const NOT_YET = [
   'a 64 MiB MQTT publish (above the bundled max_payload_bytes of 16 MiB; test/bridge/large-mqtt.test.ts covers it functionally)',
   '10 000 idle mTLS connections: memory per connection (goal ≤ 40 KiB; the run measures TLS + JWT connections of the devices it registered) and the reconnect storm after a restart (all back within 60 s)',
-  'registration at 10 000 registered devices (the run measures at the count it reaches)',
 ];
 
 function write(status) {

@@ -22,7 +22,7 @@ import { daemonStatus, statusLine, summarize, type DaemonStatus } from './status
 import { registerRotation } from './rotation.js';
 import { DaemonMetrics } from './metrics.js';
 import { StatusPage, statusPageHtml } from './status-page.js';
-import { releaseYoungGeneration } from './startup-heap.js';
+import { releaseOptimizingCompiler, releaseYoungGeneration } from './startup-heap.js';
 
 /** Keys marked x-restart keep their running value on reload; returns the merged (frozen) config and what was kept. */
 export function mergeRestartKeys(running: Config, next: Config): { merged: Config; needsRestart: string[] } {
@@ -186,6 +186,7 @@ export async function runDaemon(configFile: string, seam: DaemonSeam = {}): Prom
   process.on('SIGHUP', () => void reload());
 
   notifier.start();
+  releaseOptimizingCompiler(); // modules and configuration are loaded: the components' work (journal replay) is optimized as before
   try {
     await lifecycle.start();
   } catch (err) {

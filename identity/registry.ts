@@ -17,10 +17,11 @@
  *   credential.
  */
 import { EventEmitter } from 'node:events';
-import { readFile } from 'node:fs/promises';
+import { readFile, open, stat, unlink, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
 import { Low, type Adapter } from 'lowdb';
 import type { Logger } from '../core/logger.js';
-import { writeAtomic } from '../core/fs.js';
+import { writeAtomic, syncDir } from '../core/fs.js';
 import type { Component } from '../core/component.js';
 import { ConnectorError, StorageError } from '../core/errors.js';
 
@@ -78,6 +79,11 @@ export interface RegistryData {
   version: 1;
   devices: Record<string, DeviceRecord>;
   enrollments: StoredEnrollment[];
+  /**
+   * Which change log belongs to this file: `<file>.wal` is replayed over it only
+   * when its first line names this generation (absent: 0). Raised by every full write.
+   */
+  wal_generation?: number;
 }
 
 const MAX_METADATA_STRING = 2048;
@@ -85,6 +91,12 @@ const MAX_CAPABILITIES = 64;
 /** Token entries are kept this long after their exp (longer than the largest renew_grace_s), then pruned. */
 const TOKEN_RETENTION_S = 31 * 86400;
 const TOUCH_FLUSH_MS = 5000;
+/**
+ * Below this size the whole file is rewritten on every commit (cheap, and no
+ * second file). Above it, commits append to the change log and the file is
+ * rewritten only once the log has grown as large as the file.
+ */
+const WAL_MIN_FILE_BYTES = 64 * 1024;
 
 function isObj(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
@@ -223,6 +235,14 @@ function checkShape(data: unknown): string | undefined {
   return undefined;
 }
 
+async function fileSize(file: string): Promise<number> {
+  try {
+    return (await stat(file)).size;
+  } catch {
+    return 0;
+  }
+}
+
 function clone<T>(v: T): T {
   return structuredClone(v);
 }
@@ -248,10 +268,25 @@ export class DeviceRegistry extends EventEmitter implements Component {
   private revokedJtis = new Set<string>();
   private touchTimer: NodeJS.Timeout | undefined;
   private touchDirty = false;
+  /** the change log next to the file: `<file>.wal` */
+  readonly walFile: string;
+  // group commit state: ids (and the enrollment list) changed since the last commit started
+  private dirtyIds = new Set<string>();
+  private enrollmentsDirty = false;
+  private waiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
+  private writing = false;
+  /** the next commit rewrites the whole file (start-up after a log replay, close, after a failed append) */
+  private compactNext = false;
+  private wal: FileHandle | undefined;
+  private walBytes = 0;
+  /** bytes of the last full write (or of the file loaded) */
+  private fileBytes = 0;
+  private generation = 0;
 
   constructor(opts: { file: string; logger: Logger; now?: () => number }) {
     super();
     this.file = opts.file;
+    this.walFile = `${opts.file}.wal`;
     this.log = opts.logger.child({ component: 'registry' });
     this.now = opts.now ?? Date.now;
   }
@@ -277,7 +312,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
         cause: err,
       });
     }
-    const problem = checkShape(db.data);
+    let problem = checkShape(db.data);
     if (problem) {
       throw new StorageError(
         'ECONN_REGISTRY_CORRUPT',
@@ -285,9 +320,81 @@ export class DeviceRegistry extends EventEmitter implements Component {
       );
     }
     db.data.enrollments ??= [];
+    const gen = db.data.wal_generation;
+    this.generation = typeof gen === 'number' && Number.isSafeInteger(gen) && gen >= 0 ? gen : 0;
+    this.fileBytes = await fileSize(this.file);
+    const replayed = await this.replayWal(db.data);
+    if (replayed > 0) {
+      problem = checkShape(db.data);
+      if (problem) {
+        throw new StorageError(
+          'ECONN_REGISTRY_CORRUPT',
+          `device registry change log ${this.walFile} is corrupt: ${problem}; both files were left untouched: restore them from a backup or move them away`,
+        );
+      }
+    }
     this.db = db;
     this.reindex();
-    this.log.info({ file: this.file, devices: Object.keys(db.data.devices).length }, 'registry loaded');
+    this.log.info({ file: this.file, devices: Object.keys(db.data.devices).length, replayed }, 'registry loaded');
+    // a log that was there (replayed, torn or stale) is folded into the file now, so appends start clean
+    if (this.compactNext) await this.persist();
+  }
+
+  /**
+   * Apply `<file>.wal` over the loaded document. Its first line names the file
+   * generation it continues; each further line is one change: a device's whole
+   * record (`{"device":ID,"record":{…}|null}`) or the enrollment list
+   * (`{"enrollments":[…]}`), newest last. A last line without its newline is a
+   * write that never completed (never acknowledged): dropped. A log of another
+   * generation is older than the file (the file was rewritten after it): ignored.
+   * Returns how many changes were applied.
+   */
+  private async replayWal(data: RegistryData): Promise<number> {
+    let text: string;
+    try {
+      text = await readFile(this.walFile, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+      throw new StorageError('ECONN_REGISTRY_CORRUPT', `device registry change log ${this.walFile} cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {
+        cause: err,
+      });
+    }
+    this.compactNext = true;
+    const lines = text.split('\n');
+    lines.pop(); // '' after the last newline, or a torn last line
+    const corrupt = (why: string): StorageError =>
+      new StorageError('ECONN_REGISTRY_CORRUPT', `device registry change log ${this.walFile} is corrupt (${why}); both files were left untouched: restore them from a backup or move them away`);
+    const parse = (line: string, n: number): Record<string, unknown> => {
+      let v: unknown;
+      try {
+        v = JSON.parse(line);
+      } catch {
+        throw corrupt(`line ${n} is not JSON`);
+      }
+      if (!isObj(v)) throw corrupt(`line ${n} is not an object`);
+      return v;
+    };
+    if (lines.length === 0) return 0;
+    const head = parse(lines[0]!, 1);
+    if (head.wal_generation !== this.generation) {
+      this.log.warn({ file: this.walFile, log: head.wal_generation, registry: this.generation }, 'registry change log is of another generation than the registry file: ignored');
+      return 0;
+    }
+    let applied = 0;
+    for (let i = 1; i < lines.length; i++) {
+      const e = parse(lines[i]!, i + 1);
+      if (typeof e.device === 'string' && 'record' in e) {
+        if (e.record === null) delete data.devices[e.device];
+        else if (isObj(e.record)) data.devices[e.device] = e.record as unknown as DeviceRecord;
+        else throw corrupt(`line ${i + 1}: record is not an object`);
+      } else if (Array.isArray(e.enrollments)) {
+        data.enrollments = e.enrollments as StoredEnrollment[];
+      } else {
+        throw corrupt(`line ${i + 1} is not a known change`);
+      }
+      applied++;
+    }
+    return applied;
   }
 
   private reindex(): void {
@@ -315,14 +422,122 @@ export class DeviceRegistry extends EventEmitter implements Component {
     return this.db.data;
   }
 
-  private async persist(): Promise<void> {
+  /**
+   * Make the changes to the given devices (and the enrollment list) durable.
+   *
+   * Group commit: changes made while a commit is in flight share the next one,
+   * and every caller resolves only after a commit that holds its change is on
+   * disk (what a commit holds is taken when it starts, after the change).
+   * A commit is either one append of the changed records to `<file>.wal` and
+   * one fdatasync — its cost does not grow with the registry — or, when the
+   * file is small or the log has grown as large as the file, a full atomic
+   * rewrite of the file (tmp + fsync + rename + directory fsync) with a new
+   * generation, after which the log is deleted. The file stays lowdb's
+   * human-readable JSON; at most a file's worth of recent changes live only
+   * in the log, which close() and the next start() fold back in.
+   */
+  private async persist(ids: readonly string[] = [], enrollments = false): Promise<void> {
     if (!this.db) throw new ConnectorError('ECONN_CLOSED', 'device registry is not started');
-    this.touchDirty = false;
+    for (const id of ids) this.dirtyIds.add(id);
+    if (enrollments) this.enrollmentsDirty = true;
     try {
-      await this.db.write();
+      await new Promise<void>((resolve, reject) => {
+        this.waiters.push({ resolve, reject });
+        this.flush();
+      });
     } catch (err) {
       this.log.error({ err, file: this.file }, 'registry write failed');
       throw new StorageError('ECONN_STATE_DIR', `device registry ${this.file} could not be written (${(err as NodeJS.ErrnoException).code ?? 'error'}); check free space and permissions of the state directory`, { cause: err });
+    }
+  }
+
+  private flush(): void {
+    if (this.writing || this.waiters.length === 0) return;
+    const data = this.data();
+    const waiters = this.waiters;
+    const ids = this.dirtyIds;
+    const enrollments = this.enrollmentsDirty;
+    this.waiters = [];
+    this.dirtyIds = new Set();
+    this.enrollmentsDirty = false;
+    this.touchDirty = false;
+    let job: () => Promise<void>;
+    try {
+      let lines = '';
+      for (const id of ids) lines += JSON.stringify({ device: id, record: Object.hasOwn(data.devices, id) ? data.devices[id] : null }) + '\n';
+      if (enrollments) lines += JSON.stringify({ enrollments: data.enrollments }) + '\n';
+      const bytes = Buffer.byteLength(lines);
+      if (this.compactNext || this.fileBytes < WAL_MIN_FILE_BYTES || this.walBytes + bytes > this.fileBytes) {
+        // everything in memory, serialised now (so it holds every change of this batch)
+        const generation = this.generation + 1;
+        const text = JSON.stringify({ ...data, wal_generation: generation }, null, 2) + '\n';
+        job = () => this.rewrite(text, generation);
+      } else if (bytes > 0) {
+        job = () => this.append(lines, bytes);
+      } else {
+        job = () => Promise.resolve();
+      }
+    } catch (err) {
+      for (const w of waiters) w.reject(err);
+      this.flush();
+      return;
+    }
+    this.writing = true;
+    job().then(
+      () => this.settle(waiters, undefined),
+      (err: unknown) => {
+        // the changes are still in memory: the next commit rewrites the whole file
+        this.compactNext = true;
+        for (const id of ids) this.dirtyIds.add(id);
+        if (enrollments) this.enrollmentsDirty = true;
+        this.settle(waiters, err ?? new Error('registry write failed'));
+      },
+    );
+  }
+
+  private settle(waiters: Array<{ resolve: () => void; reject: (err: unknown) => void }>, err: unknown): void {
+    this.writing = false;
+    for (const w of waiters) if (err === undefined) w.resolve(); else w.reject(err);
+    this.flush();
+  }
+
+  private async append(lines: string, bytes: number): Promise<void> {
+    if (!this.wal) {
+      const fh = await open(this.walFile, 'w', 0o600);
+      try {
+        const head = JSON.stringify({ wal_generation: this.generation }) + '\n';
+        await fh.write(head);
+        await fh.write(lines);
+        await fh.datasync();
+        await syncDir(path.dirname(this.walFile)); // the new log's name is durable too
+      } catch (err) {
+        await fh.close().catch(() => {});
+        throw err;
+      }
+      this.wal = fh;
+      this.walBytes = Buffer.byteLength(lines);
+      return;
+    }
+    await this.wal.write(lines);
+    await this.wal.datasync();
+    this.walBytes += bytes;
+  }
+
+  private async rewrite(text: string, generation: number): Promise<void> {
+    await writeAtomic(this.file, text);
+    // from here the log (of the previous generation) is ignored by a start-up: remove it
+    this.generation = generation;
+    this.fileBytes = Buffer.byteLength(text);
+    this.compactNext = false;
+    this.walBytes = 0;
+    const wal = this.wal;
+    this.wal = undefined;
+    if (wal) await wal.close().catch(() => {});
+    try {
+      await unlink(this.walFile);
+      await syncDir(path.dirname(this.walFile));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') this.log.warn({ err, file: this.walFile }, 'stale registry change log could not be removed (it is ignored)');
     }
   }
 
@@ -335,13 +550,18 @@ export class DeviceRegistry extends EventEmitter implements Component {
   async close(): Promise<void> {
     if (this.touchTimer) clearTimeout(this.touchTimer);
     this.touchTimer = undefined;
-    if (this.db && this.touchDirty) {
+    if (this.db && (this.touchDirty || this.wal)) {
+      // last_seen values, and the change log folded back into the file so it alone is the registry
+      this.compactNext = true;
       try {
         await this.persist();
       } catch {
-        // logged in persist; last_seen is best effort
+        // logged in persist; last_seen is best effort, and a log left behind is replayed by the next start
       }
     }
+    const wal = this.wal;
+    this.wal = undefined;
+    if (wal) await wal.close().catch(() => {});
   }
 
   status(): Record<string, unknown> {
@@ -391,7 +611,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
     };
     devices[id] = rec;
     this.indexRecord(rec);
-    await this.persist();
+    await this.persist([id]);
     this.log.info({ deviceId: id, reinstated: Boolean(existing) }, existing ? 'revoked device reinstated by the operator' : 'device registered');
     this.emit('created', id);
     return clone(rec);
@@ -427,14 +647,14 @@ export class DeviceRegistry extends EventEmitter implements Component {
     delete devices[id];
     for (const c of r.certificates) this.serialOwner.delete(normalizeSerial(c.serial));
     for (const tk of r.tokens) this.jtiOwner.delete(tk.jti);
-    await this.persist();
+    await this.persist([id]);
     this.log.info({ deviceId: id }, 'half-registered device discarded');
   }
 
   async updateMetadata(id: string, metadata: DeviceMetadata): Promise<DeviceRecord> {
     const r = this.record(id);
     r.metadata = validateMetadata(metadata);
-    await this.persist();
+    await this.persist([id]);
     return clone(r);
   }
 
@@ -446,7 +666,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
     for (const c of r.certificates) c.revoked = true;
     for (const tk of r.tokens) tk.revoked = true;
     this.indexRecord(r);
-    await this.persist();
+    await this.persist([id]);
     if (!already) this.log.info({ deviceId: id }, 'device revoked');
     // emitted even when already revoked: listeners drop any session that slipped in
     this.emit('revoked', id);
@@ -464,7 +684,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
     if (r.certificates.some((c) => normalizeSerial(c.serial) === serial)) return;
     r.certificates.push({ serial, fingerprint256: cert.fingerprint256, not_after: cert.not_after, revoked: false });
     this.serialOwner.set(serial, id);
-    await this.persist();
+    await this.persist([id]);
   }
 
   /** Revoke one certificate of a device (the device stays active). */
@@ -475,7 +695,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
     const r = this.record(owner);
     for (const c of r.certificates) if (normalizeSerial(c.serial) === s) c.revoked = true;
     this.revokedSerials.add(s);
-    await this.persist();
+    await this.persist([owner]);
     this.emit('certificate-revoked', owner, s);
   }
 
@@ -494,7 +714,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
     r.tokens = keep;
     if (!r.tokens.some((tk) => tk.jti === t.jti)) r.tokens.push({ jti: t.jti, exp: t.exp, revoked: false });
     this.jtiOwner.set(t.jti, id);
-    await this.persist();
+    await this.persist([id]);
   }
 
   async revokeToken(jti: string): Promise<void> {
@@ -503,7 +723,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
     const r = this.record(owner);
     for (const tk of r.tokens) if (tk.jti === jti) tk.revoked = true;
     this.revokedJtis.add(jti);
-    await this.persist();
+    await this.persist([owner]);
     this.emit('token-revoked', owner, jti);
   }
 
@@ -534,7 +754,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
     if (owner === undefined) return; // not recorded (older than the retention): refused in memory, nothing to write
     const r = this.record(owner);
     for (const tk of r.tokens) if (tk.jti === jti) tk.revoked = true;
-    await this.persist();
+    await this.persist([owner]);
   }
 
   isTokenRevoked(jti: string): boolean {
@@ -550,6 +770,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
     const devices = this.db?.data.devices;
     if (!devices || !Object.hasOwn(devices, id)) return;
     devices[id]!.last_seen_at = new Date(this.now()).toISOString();
+    this.dirtyIds.add(id);
     this.touchDirty = true;
     if (this.touchTimer) return;
     this.touchTimer = setTimeout(() => {
@@ -567,7 +788,7 @@ export class DeviceRegistry extends EventEmitter implements Component {
     const { list, result } = fn(data.enrollments);
     if (list === data.enrollments) return result; // unchanged: no write (an unknown token costs no disk I/O)
     data.enrollments = list;
-    await this.persist();
+    await this.persist([], true);
     return result;
   }
 }

@@ -52,10 +52,10 @@ t.test('init creates CA and server certificate (keys 0600) and never overwrites'
   await t.rejects(initPki(stateDir, cfg.identity.pki, 'x'), { code: 'ECONN_PKI', message: /server\.key|server\.crt/ });
   unlinkSync(p.caKey);
   await t.rejects(initPki(stateDir, cfg.identity.pki, 'x'), { code: 'ECONN_PKI', message: /ca\.key/ });
-  // the init step runs initPki in a worker thread when something is missing: same error, same class
+  // the init step runs initPki in a child process when something is missing: same error, same class
   const fromWorker = await LocalPki.initStep().run(cfg, logger).catch((err: unknown) => err);
   t.type(fromWorker, ConnectorError);
-  t.match(fromWorker, { code: 'ECONN_PKI', message: /ca\.key/ }, 'the worker reports the error with its code');
+  t.match(fromWorker, { code: 'ECONN_PKI', message: /ca\.key/ }, 'the child process reports the error with its code');
   t.equal(readFileSync(p.caCert, 'utf8'), before, 'CA certificate not replaced');
 });
 

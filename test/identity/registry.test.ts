@@ -1,5 +1,5 @@
 import t, { type Test } from 'tap';
-import { readFileSync, writeFileSync, statSync, readdirSync, mkdirSync } from 'node:fs';
+import { readFileSync, writeFileSync, statSync, readdirSync, mkdirSync, existsSync, copyFileSync, appendFileSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../../core/logger.js';
 import { DeviceRegistry, normalizeSerial, validateMetadata, DEVICE_ID_RE, type RegistryData } from '../../identity/registry.js';
@@ -289,4 +289,113 @@ t.test('group commit: concurrent changes share durable writes; each resolves onl
   const adapter = new failing.AtomicJsonFile<{ n: number }>(path.join(tempDir(t), 'x.json'));
   await t.rejects(Promise.all([adapter.write({ n: 1 }), adapter.write({ n: 2 })]), /disk gone/);
   await t.rejects(adapter.write({ n: 3 }), /disk gone/, 'a later write is attempted (and fails) on its own');
+});
+
+t.test('a large registry commits by appending to its change log; a copy taken at any resolved change holds it; close folds the log in', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'registry.json');
+  const wal = `${file}.wal`;
+  const r = await open(t, file);
+  // > 64 KiB of file: from here commits append instead of rewriting the whole file
+  await Promise.all(Array.from({ length: 150 }, (_, i) => r.create(`big-${i}`, { description: 'x'.repeat(600) })));
+  const fileBefore = readFileSync(file, 'utf8');
+  t.ok(fileBefore.length > 64 * 1024, 'file is past the full-rewrite size');
+  t.notOk(existsSync(wal), 'no change log yet');
+
+  // what a power cut right after each resolved change leaves: a copy of the state directory
+  const snapshot = (): string => {
+    const copy = tempDir(t);
+    for (const f of readdirSync(dir)) copyFileSync(path.join(dir, f), path.join(copy, f));
+    return path.join(copy, 'registry.json');
+  };
+  await r.create('late', { description: 'after' });
+  await r.addToken('late', { jti: 'j-late', exp: Math.floor(Date.now() / 1000) + 3600 });
+  await r.revoke('big-3');
+  await r.discard('big-4');
+  t.equal(readFileSync(file, 'utf8'), fileBefore, 'the file itself was not rewritten');
+  t.ok(existsSync(wal), 'the changes went to the change log');
+  t.equal(statSync(wal).mode & 0o777, 0o600, 'change log mode 0600');
+  const crashed = snapshot();
+  // a torn last line (a write that never completed) is dropped
+  appendFileSync(`${crashed}.wal`, '{"device":"torn","rec');
+  const back = await open(t, crashed);
+  t.equal(back.get('late')?.metadata.description, 'after', 'created device replayed');
+  t.equal(back.deviceForToken('j-late'), 'late', 'token replayed and indexed');
+  t.equal(back.get('big-3')?.status, 'revoked', 'revocation replayed');
+  t.ok(back.isTokenRevoked('j-late') === false && back.get('big-4') === undefined, 'discard replayed');
+  t.equal(back.get('torn'), undefined);
+  t.equal(back.list().length, 150, '150 - 1 discarded + 1 created');
+  t.notOk(existsSync(`${crashed}.wal`), 'start-up folded the log into the file');
+  t.ok((JSON.parse(readFileSync(crashed, 'utf8')) as RegistryData).devices.late, 'and the file holds the replayed change');
+
+  await r.close();
+  t.notOk(existsSync(wal), 'close folded the log into the file');
+  const data = JSON.parse(readFileSync(file, 'utf8')) as RegistryData;
+  t.equal(data.devices['big-3']!.status, 'revoked');
+  t.ok(data.devices.late && !data.devices['big-4']);
+});
+
+t.test('the change log: a bad line in the middle refuses start-up; a log of an older generation is ignored', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'registry.json');
+  writeFileSync(file, JSON.stringify({ version: 1, devices: {}, enrollments: [], wal_generation: 4 }), { mode: 0o600 });
+  const rec = { id: 'a', status: 'active', metadata: {}, certificates: [], tokens: [], created_at: '2030-01-01T00:00:00.000Z', last_seen_at: null };
+  const bad = `{"wal_generation":4}\n{"device":"a","rec\n${JSON.stringify({ device: 'a', record: rec })}\n`;
+  writeFileSync(`${file}.wal`, bad);
+  const r = new DeviceRegistry({ file, logger });
+  await t.rejects(r.start(), { code: 'ECONN_REGISTRY_CORRUPT', message: /left untouched/ });
+  t.equal(readFileSync(`${file}.wal`, 'utf8'), bad, 'log left untouched');
+  await r.close();
+
+  writeFileSync(`${file}.wal`, `{"wal_generation":3}\n${JSON.stringify({ device: 'a', record: rec })}\n`);
+  const r2 = await open(t, file);
+  t.equal(r2.get('a'), undefined, 'an older log is not replayed over a newer file');
+  t.notOk(existsSync(`${file}.wal`), 'and removed');
+});
+
+t.test('change log group commit: concurrent changes share one append + fdatasync; a failed append rejects its changes and the next commit rewrites the file', async (t) => {
+  const fsp = await import('node:fs/promises');
+  let syncs = 0;
+  let failNext = false;
+  const { DeviceRegistry: Reg } = await t.mockImport<typeof import('../../identity/registry.js')>('../../identity/registry.js', {
+    'node:fs/promises': {
+      ...fsp,
+      open: async (...a: Parameters<typeof fsp.open>) => {
+        const fh = await fsp.open(...a);
+        if (!String(a[0]).endsWith('.wal')) return fh;
+        const datasync = fh.datasync.bind(fh);
+        fh.datasync = async () => {
+          syncs++;
+          if (failNext) {
+            failNext = false;
+            throw Object.assign(new Error('disk gone'), { code: 'EIO' });
+          }
+          return datasync();
+        };
+        return fh;
+      },
+    },
+  });
+  const dir = tempDir(t);
+  const file = path.join(dir, 'registry.json');
+  const r = new Reg({ file, logger });
+  t.teardown(() => r.close());
+  await r.start();
+  await Promise.all(Array.from({ length: 150 }, (_, i) => r.create(`big-${i}`, { description: 'x'.repeat(600) })));
+  await r.create('first', {}); // opens the log
+  const before = syncs;
+  const ids = Array.from({ length: 50 }, (_, i) => `wal-${i}`);
+  await Promise.all(ids.map((id) => r.create(id, {})));
+  const used = syncs - before;
+  t.ok(used >= 1 && used < ids.length / 5, `50 concurrent creates took ${used} log syncs`);
+  t.equal(readFileSync(`${file}.wal`, 'utf8').split('\n').filter((l) => l.includes('"wal-')).length, 50, 'each in the log once');
+
+  failNext = true;
+  const fileBefore = readFileSync(file, 'utf8');
+  await t.rejects(r.create('lost', {}), { code: 'ECONN_STATE_DIR' }, 'the failed commit rejects its change');
+  await r.create('after', {});
+  const onDisk = JSON.parse(readFileSync(file, 'utf8')) as RegistryData;
+  t.not(readFileSync(file, 'utf8'), fileBefore, 'the next commit rewrote the whole file');
+  t.ok(onDisk.devices.after && onDisk.devices.lost && onDisk.devices['wal-49'], 'with every change in memory, the rejected one included');
+  t.notOk(existsSync(`${file}.wal`), 'and dropped the log');
 });
