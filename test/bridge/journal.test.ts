@@ -712,3 +712,15 @@ t.test('DoneSet.noneIn: whether any seq of a span is acknowledged', async (t) =>
   t.ok(d.noneIn(31, 1e9), 'above every range');
   t.ok(new DoneSet(0, []).noneIn(0, 5), 'nothing acknowledged');
 });
+
+t.test('appendStream: a body of many small pieces is staged in runs and kept byte for byte', async (t) => {
+  const dir = tempDir(t);
+  const a = await open(t, dir);
+  // 3 MiB + 7 in 100-byte pieces: runs close on the piece count as well as on bytes
+  const total = 3 * MiB + 7;
+  const r = await a.j.appendStream(meta(), chunks(total, 100), { maxBytes: 10 * MiB, expectedSha256: sha(total, 100) });
+  t.equal(r.size, total);
+  const back = await a.j.readPayload(a.j.get(r.id)!, 0, total);
+  t.equal(createHash('sha256').update(back).digest('hex'), r.sha256, 'the staged blob holds the body');
+  t.equal(readdirSync(path.join(dir, 'tmp')).length, 0, 'no staging file left');
+});
