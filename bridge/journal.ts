@@ -123,6 +123,18 @@ export interface JournalRecord {
   readonly createdAt: number;
 }
 
+/**
+ * Reads one record's payload into the caller's buffers (Journal.openPayload keeps a blob file open from
+ * the first read to close()). read() rejects like readPayload: ECONN_NOT_FOUND once the record left the
+ * queue, ECONN_JOURNAL_CORRUPT when its bytes are not all there, ECONN_JOURNAL_IO on a read error.
+ */
+export interface PayloadReader {
+  /** Payload bytes [start, start + length) into target[targetOffset …]. */
+  read(target: Buffer, targetOffset: number, start: number, length: number): Promise<void>;
+  /** Release the file; waits for reads in flight; idempotent. Reads after it reject ECONN_CLOSED. */
+  close(): Promise<void>;
+}
+
 export type RemovalReason = 'overflow' | 'ttl' | 'corrupt' | 'quarantine';
 
 export interface JournalStats {
@@ -1359,6 +1371,56 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     const d = this.decodeAt(seg, slot, buf, 0);
     if (!d?.payload) throw new StorageError('ECONN_JOURNAL_CORRUPT', `message ${rec.id} failed its checksum when read back from ${seg.name}; it was dropped and its bytes kept in journal/quarantine`);
     return d.payload.subarray(start, end);
+  }
+
+  /**
+   * A reader of one record's payload into buffers the caller owns (PayloadReader):
+   * the uplink reads a large message chunk by chunk straight into the frames it sends. A blob is opened at
+   * the first read and stays open until close() (readPayload opens and closes it for every chunk); every
+   * read first checks that the record is still in the queue, so an acknowledged, dropped or quarantined
+   * record is not read from a file that is already unlinked. An inline record is served by readPayload.
+   */
+  openPayload(rec: JournalRecord): PayloadReader {
+    let fh: Promise<FileHandle> | undefined;
+    let closed = false;
+    const read = async (target: Buffer, targetOffset: number, start: number, length: number): Promise<void> => {
+      if (closed) throw new StorageError('ECONN_CLOSED', `the payload reader of ${rec.id} is closed`);
+      if (!Number.isSafeInteger(targetOffset) || !Number.isSafeInteger(length) || targetOffset < 0 || length < 0 || targetOffset + length > target.length) {
+        throw new RangeError(`bad target range [${targetOffset}, ${targetOffset + length}) of a ${target.length}-byte buffer`);
+      }
+      const f = this.find(rec.id);
+      if (!f) throw this.gone(rec);
+      const blob = f.seg.blobOf(f.slot);
+      if (!blob) {
+        const b = await this.readPayload(rec, start, start + length);
+        b.copy(target, targetOffset);
+        return;
+      }
+      if (!Number.isSafeInteger(start) || start < 0 || start + length > blob.size) throw new RangeError(`bad payload range [${start}, ${start + length}) of a ${blob.size}-byte message`);
+      try {
+        fh ??= fsp.open(path.join(this.blobDir, blob.name), 'r');
+        const h = await fh;
+        let got = 0;
+        while (got < length) {
+          const { bytesRead } = await h.read(target, targetOffset + got, length - got, start + got);
+          if (bytesRead === 0) break;
+          got += bytesRead;
+        }
+        if (got !== length) throw new StorageError('ECONN_JOURNAL_CORRUPT', `blob of ${rec.id} is shorter than its record says (${start + got} of ${start + length} bytes)`);
+      } catch (err) {
+        if (errorCode(err) && !(err as NodeJS.ErrnoException).syscall) throw err;
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw this.gone(rec);
+        throw ioError(`read of message ${rec.id}`, err);
+      }
+    };
+    const close = async (): Promise<void> => {
+      closed = true;
+      const p = fh;
+      fh = undefined;
+      // FileHandle.close waits for the reads still in flight on it
+      if (p) await p.then((h) => h.close(), () => undefined).catch(() => undefined);
+    };
+    return { read, close };
   }
 
   /** The payload from `start` to its end as a stream of chunks. */

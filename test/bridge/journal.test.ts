@@ -724,3 +724,35 @@ t.test('appendStream: a body of many small pieces is staged in runs and kept byt
   t.equal(createHash('sha256').update(back).digest('hex'), r.sha256, 'the staged blob holds the body');
   t.equal(readdirSync(path.join(dir, 'tmp')).length, 0, 'no staging file left');
 });
+
+t.test('openPayload: reads a blob into the caller\'s buffer through one open file; refuses once the record is gone or the reader closed', async (t) => {
+  const dir = tempDir(t);
+  const a = await open(t, dir);
+  const total = 2 * MiB + 5;
+  const r = await a.j.appendStream(meta(), chunks(total, 65536), { maxBytes: 10 * MiB });
+  const rec = a.j.get(r.id)!;
+  const reader = a.j.openPayload(rec);
+  const target = Buffer.alloc(20, 0xee);
+  await reader.read(target, 4, 65530, 12);
+  t.same(target.subarray(4, 16), Buffer.concat([Buffer.alloc(6, 1), Buffer.alloc(6, 2)]), 'range across a piece boundary, at the target offset');
+  t.same(target.subarray(0, 4), Buffer.alloc(4, 0xee), 'nothing written before the target offset');
+  t.same(target.subarray(16), Buffer.alloc(4, 0xee), 'nothing written after the range');
+  const whole = Buffer.alloc(total);
+  await Promise.all([reader.read(whole, 0, 0, MiB), reader.read(whole, MiB, MiB, total - MiB)]);
+  t.equal(createHash('sha256').update(whole).digest('hex'), r.sha256, 'concurrent reads of one reader');
+  await t.rejects(reader.read(target, 0, total - 4, 8), RangeError, 'a range past the end is refused');
+  // an inline record is served too
+  const small = await a.j.append(meta(), Buffer.from('hello world'));
+  const sr = a.j.openPayload(a.j.get(small.id)!);
+  const sb = Buffer.alloc(5);
+  await sr.read(sb, 0, 6, 5);
+  t.equal(sb.toString(), 'world', 'inline record');
+  await sr.close();
+  await rejectsCode(t, sr.read(sb, 0, 0, 1), 'ECONN_CLOSED', 'read after close');
+  // acknowledged: the open file is not read any more
+  await a.j.ack(r.id);
+  await rejectsCode(t, reader.read(target, 0, 0, 8), 'ECONN_NOT_FOUND', 'the record left the queue');
+  await reader.close();
+  await reader.close();
+  t.pass('close is idempotent');
+});
