@@ -628,6 +628,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     let memLen = 0;
     let total = 0;
     let staged = 0;
+    let counted = 0;
     let staging: { fh: FileHandle; path: string } | undefined;
     let blobPath: string | undefined;
     let reserved = 0;
@@ -641,7 +642,6 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       const bufs = run;
       const at = staged;
       staged += runLen;
-      this.stagingBytes += runLen;
       run = [];
       runLen = 0;
       if (writing) await writing;
@@ -666,11 +666,16 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
           staging = { fh: await io('create of a staging file', fsp.open(p, 'wx', 0o600)), path: p };
           run = mem;
           runLen = memLen;
+          counted += memLen;
+          this.stagingBytes += memLen;
           mem = [];
           memLen = 0;
         }
         run.push(b);
         runLen += b.length;
+        // counted as staged (disk) from the moment it is taken, not only once its run is written
+        counted += b.length;
+        this.stagingBytes += b.length;
         if (runLen >= STAGE_WRITE_BYTES || run.length >= STAGE_WRITE_BUFFERS) await writeRun();
       }
       if (staging && runLen > 0) await writeRun();
@@ -696,7 +701,8 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       await io('rename of a staged payload', fsp.rename(staging.path, path.join(this.blobDir, blob)));
       blobPath = path.join(this.blobDir, blob);
       staging = undefined;
-      this.stagingBytes -= staged;
+      this.stagingBytes -= counted;
+      counted = 0;
       staged = 0;
       this.blobDiskBytes += total;
       if (this.cfg.fsync !== 'never') {
@@ -714,7 +720,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       if (staging) {
         await staging.fh.close().catch(() => {});
         await fsp.rm(staging.path, { force: true }).catch(() => {});
-        this.stagingBytes -= staged;
+        this.stagingBytes -= counted;
       }
       if (blobPath) {
         await fsp.rm(blobPath, { force: true }).catch(() => {});
