@@ -100,6 +100,12 @@ export const STREAM_INLINE_MAX = 64 * 1024;
 const STAGE_WRITE_BYTES = 1024 * 1024;
 /** …or of this many pieces, whichever comes first (a body of tiny pieces must not gather a huge iovec). */
 const STAGE_WRITE_BUFFERS = 256;
+/**
+ * A staged body is fdatasynced every this many bytes while it still arrives (fsync policy not `never`):
+ * the kernel would otherwise start writing back only at the final sync (dirty_background_ratio is 10 %
+ * of RAM), and the 202 would wait for the whole body to reach the disk.
+ */
+const STAGE_SYNC_BYTES = 32 * 1024 * 1024;
 const MAX_READ_BYTES = 64 * 1024 * 1024;
 /**
  * Acks are gathered this long before one ack-log write + fdatasync: 20 flushes/s cost
@@ -637,6 +643,9 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     let run: Buffer[] = [];
     let runLen = 0;
     let writing: Promise<void> | undefined;
+    let syncing: Promise<void> | undefined;
+    let syncedUpTo = 0;
+    let syncFailed: unknown;
     const writeRun = async (): Promise<void> => {
       const st = staging as { fh: FileHandle };
       const bufs = run;
@@ -647,6 +656,22 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       if (writing) await writing;
       writing = io('write of a staging file', writevAt(st.fh, bufs, at));
       writing.catch(() => undefined); // seen by the next await of it; never an unhandled rejection meanwhile
+      // every STAGE_SYNC_BYTES an fdatasync of what is written so far, while the body goes on arriving: the
+      // final one, which the 202 waits for, then has only the tail to write back (one sync at a time)
+      if (this.cfg.fsync !== 'never' && staged - syncedUpTo >= STAGE_SYNC_BYTES && !syncing) {
+        const w = writing;
+        syncedUpTo = staged;
+        syncing = (async () => {
+          await w;
+          await io('fsync of a staging file', st.fh.datasync());
+          this.m.fsyncs.inc({ kind: 'blob' });
+        })().finally(() => {
+          syncing = undefined;
+        });
+        syncing.catch((err: unknown) => {
+          syncFailed ??= err; // a failed fdatasync may have dropped dirty pages: the upload fails, even if a later sync passes
+        });
+      }
     };
     try {
       for await (const c of body) {
@@ -681,6 +706,8 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       if (staging && runLen > 0) await writeRun();
       if (writing) await writing;
       writing = undefined;
+      if (syncing) await syncing.catch(() => undefined);
+      if (syncFailed !== undefined) throw syncFailed;
       const digest = hash.digest();
       if (opts.expectedSha256 && (opts.expectedSha256.length !== digest.length || !timingSafeEqual(opts.expectedSha256, digest))) {
         throw new RequestError(400, 'ECONN_DIGEST_MISMATCH', `payload SHA-256 ${digest.toString('hex')} does not match the expected digest ${opts.expectedSha256.toString('hex')}; nothing was kept`);
@@ -717,6 +744,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     } catch (err) {
       this.reservedBytes -= reserved;
       if (writing) await writing.catch(() => {});
+      if (syncing) await syncing.catch(() => {});
       if (staging) {
         await staging.fh.close().catch(() => {});
         await fsp.rm(staging.path, { force: true }).catch(() => {});

@@ -725,6 +725,21 @@ t.test('appendStream: a body of many small pieces is staged in runs and kept byt
   t.equal(readdirSync(path.join(dir, 'tmp')).length, 0, 'no staging file left');
 });
 
+t.test('appendStream: a long body is fdatasynced while it arrives, not only at its end', async (t) => {
+  const dir = tempDir(t);
+  const a = await open(t, dir, { max_message_bytes: 128 * MiB });
+  const before = await counter(a.registry, 'connector_journal_fsyncs_total', { kind: 'blob' });
+  const total = 70 * MiB;
+  const r = await a.j.appendStream(meta(), chunks(total, 65536), { maxBytes: 100 * MiB, expectedSha256: sha(total, 65536) });
+  t.equal(r.size, total);
+  const syncs = (await counter(a.registry, 'connector_journal_fsyncs_total', { kind: 'blob' })) - before;
+  t.ok(syncs >= 2 && syncs <= 3, `every 32 MiB and at the end (${syncs} fdatasyncs of the staged body)`);
+  const n = await open(t, tempDir(t), { fsync: 'never', max_message_bytes: 128 * MiB });
+  const b0 = await counter(n.registry, 'connector_journal_fsyncs_total', { kind: 'blob' });
+  await n.j.appendStream(meta(), chunks(40 * MiB, 65536), { maxBytes: 100 * MiB });
+  t.equal((await counter(n.registry, 'connector_journal_fsyncs_total', { kind: 'blob' })) - b0, 0, 'fsync never: none');
+});
+
 t.test('openPayload: reads a blob into the caller\'s buffer through one open file; refuses once the record is gone or the reader closed', async (t) => {
   const dir = tempDir(t);
   const a = await open(t, dir);
