@@ -26,6 +26,8 @@ const PREFETCH_MSGS = 256;
 const PREFETCH_BYTES = 4 * 1024 * 1024;
 /** Bytes of a large message read ahead of the socket. */
 const READ_AHEAD_BYTES = 1024 * 1024;
+/** Most bytes of the fields of a BATCH entry before its data (id 128, digests, metadata 4621, position). */
+const ENTRY_FIELDS_MAX = 1 + 128 + 4 + 8 + 8 + 4 + 32 + 4621 + 32 + 8;
 /** A BATCH is handed to the socket once it holds this many bytes (or nothing more is ready to send). */
 const BATCH_TARGET_BYTES = 64 * 1024;
 type ChunkRead = Promise<{ data?: Buffer; err?: unknown }>;
@@ -205,7 +207,7 @@ export class Sender {
   }
 
   /** Hand one BATCH frame to the socket; resolves at once unless the socket buffer is above the high-water mark. */
-  private write(s: Session, frame: Buffer): Promise<void> {
+  private write(s: Session, frame: Buffer, onWritten?: () => void): Promise<void> {
     if (s.ws.readyState !== WebSocket.OPEN) return Promise.resolve();
     const up = this.up;
     up.counts.batches++;
@@ -213,7 +215,8 @@ export class Sender {
     return new Promise((resolve) => {
       const hwm = Math.max(4 * 1024 * 1024, 4 * s.chunkSize);
       let waited = false;
-      s.ws.send(frame, { binary: true }, () => {
+      s.ws.send(frame, { binary: true }, (err) => {
+        if (!err) onWritten?.();
         if (waited) resolve();
       });
       if (s.ws.bufferedAmount > hwm) waited = true;
@@ -343,25 +346,30 @@ export class Sender {
     try {
       const depth = Math.max(2, Math.min(16, Math.ceil(READ_AHEAD_BYTES / s.chunkSize)));
       const ranges = chunkRanges(rec.size, s.chunkSize, startOffset, startSeq);
-      const ahead: Array<{ range: ChunkRange; frame: Buffer; at: number; read: Promise<{ err?: unknown }> }> = [];
+      const ahead: Array<{ range: ChunkRange; frame: Buffer; base: Buffer; at: number; read: Promise<{ err?: unknown }> }> = [];
+      // frame buffers of this message are used again once the socket has written them (fewer 256 KiB
+      // allocations for the GC to find); the entry fields are at most ENTRY_FIELDS_MAX bytes
+      const cap = HEADER_BYTES + ENTRY_FIELDS_MAX + s.chunkSize;
+      const free: Buffer[] = [];
       const fill = (): void => {
         while (ahead.length < depth) {
           const step = ranges.next();
           if (step.done) return;
           const r = step.value;
           const at = HEADER_BYTES + batchEntryHeaderBytes({ id: rec.id, seq: r.seq, offset: r.offset, total: rec.size, ...(r.first ? { meta } : {}) }, r.length);
-          const frame = Buffer.allocUnsafe(at + r.length);
+          const base = at + r.length <= cap ? (free.pop() ?? Buffer.allocUnsafe(cap)) : Buffer.allocUnsafe(at + r.length);
+          const frame = base.subarray(0, at + r.length);
           // never rejects: an abandoned read (the message was dropped or rewound) cannot go unhandled
           const read = reader.read(frame, at, r.offset, r.length).then(
             () => ({}),
             (err: unknown) => ({ err }),
           );
-          ahead.push({ range: r, frame, at, read });
+          ahead.push({ range: r, frame, base, at, read });
         }
       };
       fill();
       while (ahead.length > 0) {
-        const { range, frame, at, read } = ahead[0]!;
+        const { range, frame, base, at, read } = ahead[0]!;
         while (
           up.live(s, epoch) &&
           s.inflight.get(rec.id) === o &&
@@ -420,7 +428,9 @@ export class Sender {
         }
         // what is batched goes first (entries and positions keep their order), then this frame, in the same turn
         const before = this.flush(s);
-        const mine = this.write(s, frame);
+        const mine = this.write(s, frame, () => {
+          if (base.length === cap && free.length < depth + 2) free.push(base);
+        });
         await Promise.all([before, mine]);
       }
     } finally {
