@@ -282,6 +282,9 @@ async function uploadBench(pair) {
   const baseRss = rssMiB(pid);
   const sampler = setInterval(() => rss.push(rssMiB(pid)), 50);
   const before = await acked(pair);
+  const cloudPid = pair.cloud?.pid;
+  const cpu = () => ({ conn: cpuUs(pid), cloud: cloudPid ? cpuUs(cloudPid) : NaN, self: process.cpuUsage() });
+  const c0 = cpu();
   const t0 = performance.now();
   const res = await new Promise((resolve, reject) => {
     const req = https.request(`https://127.0.0.1:${pair.ports.api}/api/publish/bench-dev`, {
@@ -306,10 +309,12 @@ async function uploadBench(pair) {
     pump();
   });
   const t1 = performance.now();
+  const c1 = cpu();
   if (res.status !== 202) throw new Error(`upload answered ${res.status}: ${res.body}`);
   if (JSON.parse(res.body).sha256 !== sha.toString('hex')) throw new Error('digest mismatch at the connector');
   await waitFor('the cloud to acknowledge the upload', async () => (await acked(pair)) > before, 30 * 60_000, 20);
   const t2 = performance.now();
+  const c2 = cpu();
   clearInterval(sampler);
   const ok = rss.filter((x) => !Number.isNaN(x));
   return {
@@ -320,6 +325,13 @@ async function uploadBench(pair) {
     rssBase: baseRss,
     rssMax: Math.max(...ok),
     rssP50: ok.sort((a, b) => a - b)[Math.floor(ok.length / 2)],
+    // CPU ms per MiB: steadier than MB/s on a busy machine (the bench's own /metrics polling every 20 ms included)
+    cpuMsPerMiB: {
+      connUpload: (c1.conn - c0.conn) / 1000 / (SIZE / 2 ** 20),
+      connUplink: (c2.conn - c1.conn) / 1000 / (SIZE / 2 ** 20),
+      cloud: (c2.cloud - c0.cloud) / 1000 / (SIZE / 2 ** 20),
+      client: (c1.self.user + c1.self.system - c0.self.user - c0.self.system) / 1000 / (SIZE / 2 ** 20),
+    },
   };
 }
 
@@ -422,6 +434,8 @@ for (const kind of kinds) {
           `upload ${SIZE / 1024 / 1024} MiB: ${up.seconds.toFixed(1)} s end to end; HTTP upload → journal (durable) ${up.uploadMBs.toFixed(0)} MB/s, ` +
             `journal → cloud ACK ${up.uplinkMBs.toFixed(0)} MB/s (${((up.uplinkMBs / raw) * 100).toFixed(0)} % of raw ws/TLS), end to end ${up.e2eMBs.toFixed(0)} MB/s`,
         );
+        const c = up.cpuMsPerMiB;
+        console.log(`CPU ms per MiB: connector ${(c.connUpload + c.connUplink).toFixed(2)} (while the body arrived ${c.connUpload.toFixed(2)}, after the 202 until the cloud ACK ${c.connUplink.toFixed(2)}), cloud ${c.cloud.toFixed(2)}, HTTP client ${c.client.toFixed(2)}`);
         console.log(`connector RSS during the upload: ${up.rssBase.toFixed(0)} MiB before, median ${up.rssP50.toFixed(0)} MiB, max ${up.rssMax.toFixed(0)} MiB`);
       }
       const m = PHASES.has('mqtt') ? await mqttBench(pair) : undefined;

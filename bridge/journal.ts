@@ -93,6 +93,19 @@ export type JournalConfig = Config['bridge']['journal'];
 export const INLINE_MAX = 1024 * 1024;
 /** appendStream keeps up to this much in memory; a longer body spills to a staging file. */
 export const STREAM_INLINE_MAX = 64 * 1024;
+/**
+ * A staged body goes to its file in runs of this many bytes (one writev each): an HTTPS body arrives in
+ * pieces of 16-64 KiB, and one awaited write per piece cost a syscall and a pause of the body each.
+ */
+const STAGE_WRITE_BYTES = 1024 * 1024;
+/** …or of this many pieces, whichever comes first (a body of tiny pieces must not gather a huge iovec). */
+const STAGE_WRITE_BUFFERS = 256;
+/**
+ * A staged body is fdatasynced every this many bytes while it still arrives (fsync policy not `never`):
+ * the kernel would otherwise start writing back only at the final sync (dirty_background_ratio is 10 %
+ * of RAM), and the 202 would wait for the whole body to reach the disk.
+ */
+const STAGE_SYNC_BYTES = 32 * 1024 * 1024;
 const MAX_READ_BYTES = 64 * 1024 * 1024;
 /**
  * Acks are gathered this long before one ack-log write + fdatasync: 20 flushes/s cost
@@ -114,6 +127,18 @@ export interface JournalRecord {
   readonly size: number;
   readonly sha256: string;
   readonly createdAt: number;
+}
+
+/**
+ * Reads one record's payload into the caller's buffers (Journal.openPayload keeps a blob file open from
+ * the first read to close()). read() rejects like readPayload: ECONN_NOT_FOUND once the record left the
+ * queue, ECONN_JOURNAL_CORRUPT when its bytes are not all there, ECONN_JOURNAL_IO on a read error.
+ */
+export interface PayloadReader {
+  /** Payload bytes [start, start + length) into target[targetOffset …]. */
+  read(target: Buffer, targetOffset: number, start: number, length: number): Promise<void>;
+  /** Release the file; waits for reads in flight; idempotent. Reads after it reject ECONN_CLOSED. */
+  close(): Promise<void>;
 }
 
 export type RemovalReason = 'overflow' | 'ttl' | 'corrupt' | 'quarantine';
@@ -609,9 +634,45 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     let memLen = 0;
     let total = 0;
     let staged = 0;
+    let counted = 0;
     let staging: { fh: FileHandle; path: string } | undefined;
     let blobPath: string | undefined;
     let reserved = 0;
+    // staged bytes are written in runs of STAGE_WRITE_BYTES (one writev of the received buffers, no copy),
+    // one run on its way to the disk while the next is received: the body is not held up by each write
+    let run: Buffer[] = [];
+    let runLen = 0;
+    let writing: Promise<void> | undefined;
+    let syncing: Promise<void> | undefined;
+    let syncedUpTo = 0;
+    let syncFailed: unknown;
+    const writeRun = async (): Promise<void> => {
+      const st = staging as { fh: FileHandle };
+      const bufs = run;
+      const at = staged;
+      staged += runLen;
+      run = [];
+      runLen = 0;
+      if (writing) await writing;
+      writing = io('write of a staging file', writevAt(st.fh, bufs, at));
+      writing.catch(() => undefined); // seen by the next await of it; never an unhandled rejection meanwhile
+      // every STAGE_SYNC_BYTES an fdatasync of what is written so far, while the body goes on arriving: the
+      // final one, which the 202 waits for, then has only the tail to write back (one sync at a time)
+      if (this.cfg.fsync !== 'never' && staged - syncedUpTo >= STAGE_SYNC_BYTES && !syncing) {
+        const w = writing;
+        syncedUpTo = staged;
+        syncing = (async () => {
+          await w;
+          await io('fsync of a staging file', st.fh.datasync());
+          this.m.fsyncs.inc({ kind: 'blob' });
+        })().finally(() => {
+          syncing = undefined;
+        });
+        syncing.catch((err: unknown) => {
+          syncFailed ??= err; // a failed fdatasync may have dropped dirty pages: the upload fails, even if a later sync passes
+        });
+      }
+    };
     try {
       for await (const c of body) {
         const b = Buffer.isBuffer(c) ? c : Buffer.from(c.buffer, c.byteOffset, c.byteLength);
@@ -628,16 +689,25 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
         if (!staging) {
           const p = path.join(this.tmpDir, `${randomBytes(8).toString('hex')}.part`);
           staging = { fh: await io('create of a staging file', fsp.open(p, 'wx', 0o600)), path: p };
-          if (memLen) await io('write of a staging file', writeAt(staging.fh, Buffer.concat(mem, memLen), 0));
-          staged += memLen;
+          run = mem;
+          runLen = memLen;
+          counted += memLen;
           this.stagingBytes += memLen;
           mem = [];
           memLen = 0;
         }
-        await io('write of a staging file', writeAt(staging.fh, b, staged));
-        staged += b.length;
+        run.push(b);
+        runLen += b.length;
+        // counted as staged (disk) from the moment it is taken, not only once its run is written
+        counted += b.length;
         this.stagingBytes += b.length;
+        if (runLen >= STAGE_WRITE_BYTES || run.length >= STAGE_WRITE_BUFFERS) await writeRun();
       }
+      if (staging && runLen > 0) await writeRun();
+      if (writing) await writing;
+      writing = undefined;
+      if (syncing) await syncing.catch(() => undefined);
+      if (syncFailed !== undefined) throw syncFailed;
       const digest = hash.digest();
       if (opts.expectedSha256 && (opts.expectedSha256.length !== digest.length || !timingSafeEqual(opts.expectedSha256, digest))) {
         throw new RequestError(400, 'ECONN_DIGEST_MISMATCH', `payload SHA-256 ${digest.toString('hex')} does not match the expected digest ${opts.expectedSha256.toString('hex')}; nothing was kept`);
@@ -658,7 +728,8 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       await io('rename of a staged payload', fsp.rename(staging.path, path.join(this.blobDir, blob)));
       blobPath = path.join(this.blobDir, blob);
       staging = undefined;
-      this.stagingBytes -= staged;
+      this.stagingBytes -= counted;
+      counted = 0;
       staged = 0;
       this.blobDiskBytes += total;
       if (this.cfg.fsync !== 'never') {
@@ -672,10 +743,12 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       return result;
     } catch (err) {
       this.reservedBytes -= reserved;
+      if (writing) await writing.catch(() => {});
+      if (syncing) await syncing.catch(() => {});
       if (staging) {
         await staging.fh.close().catch(() => {});
         await fsp.rm(staging.path, { force: true }).catch(() => {});
-        this.stagingBytes -= staged;
+        this.stagingBytes -= counted;
       }
       if (blobPath) {
         await fsp.rm(blobPath, { force: true }).catch(() => {});
@@ -1334,6 +1407,56 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     return d.payload.subarray(start, end);
   }
 
+  /**
+   * A reader of one record's payload into buffers the caller owns (PayloadReader):
+   * the uplink reads a large message chunk by chunk straight into the frames it sends. A blob is opened at
+   * the first read and stays open until close() (readPayload opens and closes it for every chunk); every
+   * read first checks that the record is still in the queue, so an acknowledged, dropped or quarantined
+   * record is not read from a file that is already unlinked. An inline record is served by readPayload.
+   */
+  openPayload(rec: JournalRecord): PayloadReader {
+    let fh: Promise<FileHandle> | undefined;
+    let closed = false;
+    const read = async (target: Buffer, targetOffset: number, start: number, length: number): Promise<void> => {
+      if (closed) throw new StorageError('ECONN_CLOSED', `the payload reader of ${rec.id} is closed`);
+      if (!Number.isSafeInteger(targetOffset) || !Number.isSafeInteger(length) || targetOffset < 0 || length < 0 || targetOffset + length > target.length) {
+        throw new RangeError(`bad target range [${targetOffset}, ${targetOffset + length}) of a ${target.length}-byte buffer`);
+      }
+      const f = this.find(rec.id);
+      if (!f) throw this.gone(rec);
+      const blob = f.seg.blobOf(f.slot);
+      if (!blob) {
+        const b = await this.readPayload(rec, start, start + length);
+        b.copy(target, targetOffset);
+        return;
+      }
+      if (!Number.isSafeInteger(start) || start < 0 || start + length > blob.size) throw new RangeError(`bad payload range [${start}, ${start + length}) of a ${blob.size}-byte message`);
+      try {
+        fh ??= fsp.open(path.join(this.blobDir, blob.name), 'r');
+        const h = await fh;
+        let got = 0;
+        while (got < length) {
+          const { bytesRead } = await h.read(target, targetOffset + got, length - got, start + got);
+          if (bytesRead === 0) break;
+          got += bytesRead;
+        }
+        if (got !== length) throw new StorageError('ECONN_JOURNAL_CORRUPT', `blob of ${rec.id} is shorter than its record says (${start + got} of ${start + length} bytes)`);
+      } catch (err) {
+        if (errorCode(err) && !(err as NodeJS.ErrnoException).syscall) throw err;
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw this.gone(rec);
+        throw ioError(`read of message ${rec.id}`, err);
+      }
+    };
+    const close = async (): Promise<void> => {
+      closed = true;
+      const p = fh;
+      fh = undefined;
+      // FileHandle.close waits for the reads still in flight on it
+      if (p) await p.then((h) => h.close(), () => undefined).catch(() => undefined);
+    };
+    return { read, close };
+  }
+
   /** The payload from `start` to its end as a stream of chunks. */
   createPayloadStream(rec: JournalRecord, start = 0): Readable {
     const f = this.find(rec.id);
@@ -1616,5 +1739,27 @@ async function writeAt(fh: FileHandle, buf: Buffer, pos: number): Promise<void> 
     const { bytesWritten } = await fh.write(buf, off, buf.length - off, pos + off);
     if (bytesWritten <= 0) throw Object.assign(new Error('write returned 0 bytes'), { code: 'EIO' });
     off += bytesWritten;
+  }
+}
+
+/** Write `bufs` back to back at `pos`, whatever the kernel takes per call. */
+async function writevAt(fh: FileHandle, bufs: Buffer[], pos: number): Promise<void> {
+  let total = 0;
+  for (const b of bufs) total += b.length;
+  const { bytesWritten } = await fh.writev(bufs, pos);
+  if (bytesWritten === total) return;
+  if (bytesWritten < 0) throw Object.assign(new Error('writev returned a negative count'), { code: 'EIO' });
+  // a short write (rare on a regular file): the rest one buffer after the other
+  let skip = bytesWritten;
+  let at = pos + bytesWritten;
+  for (const b of bufs) {
+    if (skip >= b.length) {
+      skip -= b.length;
+      continue;
+    }
+    const rest = skip > 0 ? b.subarray(skip) : b;
+    skip = 0;
+    await writeAt(fh, rest, at);
+    at += rest.length;
   }
 }

@@ -483,9 +483,10 @@ export class IngestSession {
         const done = p;
         this.touched.delete(done); // no longer in progress: its file belongs to the commit now
         this.commit(id, done.meta.device_id, (onFail) => store.commit(done, (c.payload_sha256 as Buffer).toString('hex'), undefined, onFail));
-      } else if (p.dirty >= cfg.progress_bytes) {
-        await store.persist(p);
-        this.send({ type: 'ACK', ids: [], progress: [{ id, offset: p.durableOffset, next_seq: p.durableNextSeq }] });
+      } else if (p.dirty >= cfg.progress_bytes && !p.persisting) {
+        // in the background: the next chunks are received and written while the fsync runs (the frame
+        // queue stood still for every persist: ~20 ms per 4 MiB on the bench, a quarter of a large upload)
+        this.persistInBackground(p);
       }
     } catch (err) {
       this.log.error({ err, id }, 'cloud store failed: asking for a resend');
@@ -493,6 +494,31 @@ export class IngestSession {
       this.touched.delete(p);
       this.reject(id, 'retry', 'storage error', undefined, p.meta.device_id);
     }
+  }
+
+  /**
+   * Persist a partial without holding up the frame queue; its progress ACK goes out when it is durable, if
+   * the message is still in progress then. A failure is handled in the frame queue, in order, like a
+   * failed write: the partial is dropped and the message REJECTed for retry.
+   */
+  private persistInBackground(p: Partial): void {
+    const { store } = this.ctx;
+    const id = p.id;
+    const current = (): boolean => store.getPartial(id) === p && p.asm !== undefined && !p.asm.complete;
+    store.persist(p).then(
+      () => {
+        if (current() && !this.isClosed()) this.send({ type: 'ACK', ids: [], progress: [{ id, offset: p.durableOffset, next_seq: p.durableNextSeq }] });
+      },
+      (err: unknown) => {
+        this.chain = this.chain.then(async () => {
+          if (!current()) return;
+          this.log.error({ err, id }, 'cloud store failed: asking for a resend');
+          await store.discard(id).catch(() => undefined);
+          this.touched.delete(p);
+          this.reject(id, 'retry', 'storage error', undefined, p.meta.device_id);
+        }).catch((e: unknown) => this.log.error({ err: e, id }, 'ingest: handling a failed persist failed'));
+      },
+    );
   }
 
   /** A position is settled: the cumulative ACK covering it goes out on the next turn of the event loop. */

@@ -70,8 +70,10 @@ export interface Partial {
   /** Loaded state: the open .part file and the receive state (may be ahead of the durable prefix). */
   fh?: FileHandle;
   asm?: MessageAssembly;
-  /** Bytes written since the last persist. */
+  /** Bytes written since the last persist started. */
   dirty: number;
+  /** The persist in progress, if any (persists of one partial run one after the other). */
+  persisting?: Promise<void>;
   /** Last time a chunk of it arrived (ms); partials loaded from disk start at load time. */
   lastTouched: number;
 }
@@ -435,6 +437,7 @@ export class CloudStore extends EventEmitter {
 
   /** Unload a partial so that the next use resumes from its durable prefix (after a failed write or a bad chunk). */
   async unload(p: Partial): Promise<void> {
+    await p.persisting?.catch(() => undefined);
     const fh = p.fh;
     delete p.fh;
     delete p.asm;
@@ -451,22 +454,48 @@ export class CloudStore extends EventEmitter {
     p.dirty += data.length;
   }
 
-  /** Make everything received of a partial durable and record it. */
-  async persist(p: Partial): Promise<void> {
-    if (!p.fh || !p.asm) return;
-    if (p.asm.offset === p.durableOffset && p.asm.nextSeq === p.durableNextSeq) return;
-    await p.fh.sync();
-    const json = path.join(this.partialDir, `${p.id}.json`);
-    const body = JSON.stringify({ id: p.id, gateway_id: p.gatewayId, meta: p.meta, total: p.total, offset: p.asm.offset, next_seq: p.asm.nextSeq });
-    await writeAtomic(json, body, 0o600);
-    p.durableOffset = p.asm.offset;
-    p.durableNextSeq = p.asm.nextSeq;
+  /**
+   * Make everything received of a partial so far durable and record it. Writes may go on while it runs
+   * (the ingest does not wait for a periodic persist): it records the offset reached when it was called,
+   * whose bytes were all written by then. Persists of one partial run one after the other; a commit
+   * round, discard() and unload() wait for the one in progress (so its record is never written after
+   * the message was stored or dropped).
+   */
+  persist(p: Partial): Promise<void> {
+    const prev = p.persisting;
+    // what to record is fixed now: every byte the assembly accepted so far has been written (callers await store.write)
+    const fh = p.fh;
+    const asm = p.asm;
+    if (!fh || !asm) return prev ?? Promise.resolve();
+    const at = { offset: asm.offset, nextSeq: asm.nextSeq };
     p.dirty = 0;
+    const run = (async () => {
+      await prev?.catch(() => undefined);
+      await this.persistNow(p, fh, at);
+    })();
+    const clear = (): void => {
+      if (p.persisting === run) delete p.persisting;
+    };
+    run.then(clear, clear);
+    p.persisting = run;
+    return run;
+  }
+
+  private async persistNow(p: Partial, fh: FileHandle, at: { offset: number; nextSeq: number }): Promise<void> {
+    const { offset, nextSeq } = at;
+    if (offset <= p.durableOffset) return;
+    await fh.sync();
+    const json = path.join(this.partialDir, `${p.id}.json`);
+    const body = JSON.stringify({ id: p.id, gateway_id: p.gatewayId, meta: p.meta, total: p.total, offset, next_seq: nextSeq });
+    await writeAtomic(json, body, 0o600);
+    p.durableOffset = offset;
+    p.durableNextSeq = nextSeq;
   }
 
   async discard(id: string): Promise<void> {
     const p = this.partials.get(id);
     this.partials.delete(id);
+    await p?.persisting?.catch(() => undefined);
     if (p) await this.unload(p);
     await rm(path.join(this.partialDir, `${id}.json`), { force: true });
     await rm(path.join(this.partialDir, `${id}.part`), { force: true });
@@ -616,6 +645,8 @@ export class CloudStore extends EventEmitter {
     // multi-chunk messages: their files are durable and in blobs/ before their records are written
     const blobs = batch.filter((b) => b.fh);
     if (blobs.length > 0) {
+      // a periodic persist still running: its record must be written before the message's files move
+      await Promise.all(blobs.map((b) => b.p?.persisting?.catch(() => undefined)));
       await Promise.all(
         blobs.map(async (b) => {
           const bfh = b.fh!;

@@ -160,9 +160,22 @@ function writeMeta(buf: Buffer, p: number, m: MessageMeta): number {
  * with the rules the decoder applies, so nothing a peer must refuse is sent.
  */
 export function encodeBatchChunk(c: BatchChunk): Buffer {
+  const len = c.data.length;
+  const size = batchEntryHeaderBytes(c, len) + len;
+  const buf = Buffer.allocUnsafe(size);
+  let p = writeBatchEntryHeader(buf, 0, c, len);
+  p += c.data.copy(buf, p);
+  if (p !== size) throw new RangeError(`BATCH entry encoded to ${p} bytes, expected ${size}`);
+  return buf;
+}
+
+/** A BATCH entry without its data: what the fields before the data depend on. */
+export type BatchChunkHead = Omit<BatchChunk, 'data'>;
+
+/** Validate an entry of `len` data bytes (the rules of encodeBatchChunk); throws WireError. */
+function checkEntry(c: BatchChunkHead, len: number): void {
   const id = c.id;
   if (!isValidMessageId(id)) fail('malformed', 'BATCH: invalid message id');
-  const len = c.data.length;
   checkNumbers(id, c.seq, c.offset, c.total, len, LIMITS.maxChunkBytes);
   const first = c.seq === 0;
   const last = c.offset + len === c.total;
@@ -174,9 +187,23 @@ export function encodeBatchChunk(c: BatchChunk): Buffer {
   if (c.payload_sha256 && c.payload_sha256.length !== DIGEST_BYTES) fail('malformed', 'BATCH: payload_sha256 must be 32 bytes', id);
   if (c.pos !== undefined && (!Number.isSafeInteger(c.pos) || c.pos < 1)) fail('malformed', 'BATCH: pos must be an integer ≥ 1', id);
   if (c.meta) checkMeta(c.meta, id);
-  const size = 1 + id.length + 4 + 8 + 8 + 4 + (single ? 0 : DIGEST_BYTES) + (c.meta ? metaBytes(c.meta) : 0) + (last ? DIGEST_BYTES + 8 : 0) + len;
-  const buf = Buffer.allocUnsafe(size);
-  let p = 0;
+}
+
+/**
+ * Bytes of an entry before its `len` data bytes. Depends only on the id, whether the entry is the
+ * first and/or the last chunk, and the metadata — not on the digest values — so a sender can size a
+ * frame, read the data into place, and write the fields (digests included) afterwards.
+ */
+export function batchEntryHeaderBytes(c: Pick<BatchChunkHead, 'id' | 'seq' | 'offset' | 'total' | 'meta'>, len: number): number {
+  const first = c.seq === 0;
+  const last = c.offset + len === c.total;
+  return 1 + c.id.length + 4 + 8 + 8 + 4 + (first && last ? 0 : DIGEST_BYTES) + (c.meta ? metaBytes(c.meta) : 0) + (last ? DIGEST_BYTES + 8 : 0);
+}
+
+/** Validate an entry of `len` data bytes and write its fields before the data at `buf[p…]`; returns the offset of its data. */
+export function writeBatchEntryHeader(buf: Buffer, p: number, c: BatchChunkHead, len: number): number {
+  checkEntry(c, len);
+  const id = c.id;
   buf[p++] = id.length;
   p += buf.write(id, p, 'latin1');
   p = buf.writeUInt32BE(c.seq, p);
@@ -189,9 +216,27 @@ export function encodeBatchChunk(c: BatchChunk): Buffer {
     p += c.payload_sha256.copy(buf, p);
     p = buf.writeBigUInt64BE(BigInt(c.pos as number), p);
   }
-  p += c.data.copy(buf, p);
-  if (p !== size) throw new RangeError(`BATCH entry encoded to ${p} bytes, expected ${size}`);
-  return buf;
+  return p;
+}
+
+/**
+ * A BATCH frame of ONE entry whose data already sits at its end: `frame` is
+ * HEADER_BYTES + batchEntryHeaderBytes(c, len) + len bytes, the last `len` of them the data (read
+ * there directly by the sender: a large chunk is never copied to be framed). Writes the frame header
+ * and the entry's fields in front of the data; the bytes equal encodeBatch([encodeBatchChunk(c + data)]).
+ */
+export function sealBatchFrame(frame: Buffer, c: BatchChunkHead, len: number): Buffer {
+  const start = frame.length - len;
+  const at = HEADER_BYTES + batchEntryHeaderBytes(c, len);
+  if (len < 0 || start !== at) throw new RangeError(`BATCH frame of ${frame.length} bytes cannot hold an entry of ${len} data bytes at ${at}`);
+  frame.writeUInt8(FRAME_MAGIC, 0);
+  frame.writeUInt8(PROTOCOL_VERSION_2, 1);
+  frame.writeUInt8(BATCH_TYPE, 2);
+  frame.writeUInt8(0, 3);
+  frame.writeUInt32BE(frame.length - HEADER_BYTES, 4);
+  const p = writeBatchEntryHeader(frame, HEADER_BYTES, c, len);
+  if (p !== start) throw new RangeError(`BATCH entry fields encoded to ${p - HEADER_BYTES} bytes, expected ${start - HEADER_BYTES}`);
+  return frame;
 }
 
 /** A BATCH frame from entries made by encodeBatchChunk (1..maxChunksPerBatch of them). */

@@ -16,9 +16,9 @@ import { WebSocket } from 'ws';
 import { ConnectorError, errorCode } from '../../core/errors.js';
 import type { UplinkMessageMeta } from '../../core/ports.js';
 import { CLOSE_CODES, HEADER_BYTES, WireError, chunkRanges, sha256, type ChunkRange, type MessageMeta } from '../../protocol/codec.js';
-import { LIMITS_V2, encodeBatch, encodeBatchChunk, type BatchChunk } from '../../protocol/v2.js';
+import { LIMITS_V2, batchEntryHeaderBytes, encodeBatch, encodeBatchChunk, sealBatchFrame, type BatchChunk, type BatchChunkHead } from '../../protocol/v2.js';
 import type { UplinkCore } from './core.js';
-import type { OutMsg, OutboundRecord, Session } from './types.js';
+import type { OutMsg, OutboundRecord, PayloadReader, Session } from './types.js';
 
 const EMPTY = Buffer.alloc(0);
 /** Small messages read ahead of the socket, and their byte budget. */
@@ -26,6 +26,8 @@ const PREFETCH_MSGS = 256;
 const PREFETCH_BYTES = 4 * 1024 * 1024;
 /** Bytes of a large message read ahead of the socket. */
 const READ_AHEAD_BYTES = 1024 * 1024;
+/** Most bytes of the fields of a BATCH entry before its data (id 128, digests, metadata 4621, position). */
+const ENTRY_FIELDS_MAX = 1 + 128 + 4 + 8 + 8 + 4 + 32 + 4621 + 32 + 8;
 /** A BATCH is handed to the socket once it holds this many bytes (or nothing more is ready to send). */
 const BATCH_TARGET_BYTES = 64 * 1024;
 type ChunkRead = Promise<{ data?: Buffer; err?: unknown }>;
@@ -201,14 +203,20 @@ export class Sender {
     s.batch = [];
     s.batchBytes = 0;
     if (s.ws.readyState !== WebSocket.OPEN) return Promise.resolve();
+    return this.write(s, encodeBatch(entries));
+  }
+
+  /** Hand one BATCH frame to the socket; resolves at once unless the socket buffer is above the high-water mark. */
+  private write(s: Session, frame: Buffer, onWritten?: () => void): Promise<void> {
+    if (s.ws.readyState !== WebSocket.OPEN) return Promise.resolve();
     const up = this.up;
     up.counts.batches++;
     up.m.batches.inc();
-    const frame = encodeBatch(entries);
     return new Promise((resolve) => {
       const hwm = Math.max(4 * 1024 * 1024, 4 * s.chunkSize);
       let waited = false;
-      s.ws.send(frame, { binary: true }, () => {
+      s.ws.send(frame, { binary: true }, (err) => {
+        if (!err) onWritten?.();
         if (waited) resolve();
       });
       if (s.ws.bufferedAmount > hwm) waited = true;
@@ -240,6 +248,7 @@ export class Sender {
     s.inflight.set(rec.id, o);
     const meta = wireMeta(rec.meta);
     const payloadSha = Buffer.from(rec.sha256, 'hex');
+    if (up.journal.openPayload && rec.size > s.chunkSize) return this.sendFrames(s, epoch, o, meta, payloadSha, startOffset, startSeq);
     // reads in flight ahead of the socket: READ_AHEAD_BYTES worth of chunks (at least two)
     const depth = Math.max(2, Math.min(16, Math.ceil(READ_AHEAD_BYTES / s.chunkSize)));
     const ranges = chunkRanges(rec.size, s.chunkSize, startOffset, startSeq);
@@ -314,6 +323,118 @@ export class Sender {
         up.m.messagesSent.inc();
       }
       await this.append(s, entry);
+    }
+  }
+
+  /**
+   * A message of several chunks, each chunk its own BATCH frame: the frame is sized first (its fields
+   * before the data do not depend on the digests), the journal reads the chunk straight into it through
+   * one open payload reader, then the chunk digest and the fields are written in front of the data. So a
+   * large payload is read once per chunk into the buffer that goes to the socket — no open/close per chunk,
+   * no copy into an entry and again into a frame. Same order, window, positions and failure handling as
+   * the general path of sendMessage.
+   */
+  private async sendFrames(s: Session, epoch: number, o: OutMsg, meta: MessageMeta, payloadSha: Buffer, startOffset: number, startSeq: number): Promise<void> {
+    const up = this.up;
+    const u = up.settings.uplink;
+    const rec = o.rec;
+    const reader = (up.journal.openPayload as (r: OutboundRecord) => PayloadReader)(rec);
+    const drop = (): void => {
+      s.inflight.delete(rec.id);
+      s.unackedBytes = Math.max(0, s.unackedBytes - (o.sentOffset - o.ackedOffset));
+    };
+    try {
+      const depth = Math.max(2, Math.min(16, Math.ceil(READ_AHEAD_BYTES / s.chunkSize)));
+      const ranges = chunkRanges(rec.size, s.chunkSize, startOffset, startSeq);
+      const ahead: Array<{ range: ChunkRange; frame: Buffer; base: Buffer; at: number; read: Promise<{ err?: unknown }> }> = [];
+      // frame buffers of this message are used again once the socket has written them (fewer 256 KiB
+      // allocations for the GC to find); the entry fields are at most ENTRY_FIELDS_MAX bytes
+      const cap = HEADER_BYTES + ENTRY_FIELDS_MAX + s.chunkSize;
+      const free: Buffer[] = [];
+      const fill = (): void => {
+        while (ahead.length < depth) {
+          const step = ranges.next();
+          if (step.done) return;
+          const r = step.value;
+          const at = HEADER_BYTES + batchEntryHeaderBytes({ id: rec.id, seq: r.seq, offset: r.offset, total: rec.size, ...(r.first ? { meta } : {}) }, r.length);
+          const base = at + r.length <= cap ? (free.pop() ?? Buffer.allocUnsafe(cap)) : Buffer.allocUnsafe(at + r.length);
+          const frame = base.subarray(0, at + r.length);
+          // never rejects: an abandoned read (the message was dropped or rewound) cannot go unhandled
+          const read = reader.read(frame, at, r.offset, r.length).then(
+            () => ({}),
+            (err: unknown) => ({ err }),
+          );
+          ahead.push({ range: r, frame, base, at, read });
+        }
+      };
+      fill();
+      while (ahead.length > 0) {
+        const { range, frame, base, at, read } = ahead[0]!;
+        while (
+          up.live(s, epoch) &&
+          s.inflight.get(rec.id) === o &&
+          ((s.unackedBytes > 0 && s.unackedBytes + range.length > u.window_bytes) || up.conn.holdForToken(s))
+        ) {
+          await this.idle(s, up.conn.holdForToken(s) ? 50 : u.heartbeat_ms);
+        }
+        if (!up.live(s, epoch) || s.inflight.get(rec.id) !== o) return;
+        const got = await read;
+        ahead.shift();
+        fill();
+        if (!up.live(s, epoch) || s.inflight.get(rec.id) !== o) return;
+        if (got.err !== undefined) {
+          const code = errorCode(got.err);
+          if (code === 'ECONN_NOT_FOUND') return drop(); // the record left the journal meanwhile: nothing to send
+          if (code === 'ECONN_JOURNAL_CORRUPT') {
+            up.log.error({ err: got.err, id: rec.id }, 'uplink: a journal record cannot be read back: quarantined');
+            drop();
+            up.quarantine(rec.id, `unreadable in the journal: ${(got.err as Error).message}`);
+            return;
+          }
+          throw got.err;
+        }
+        const c: BatchChunkHead = { id: rec.id, seq: range.seq, offset: range.offset, total: rec.size };
+        if (!(range.first && range.last)) c.chunk_sha256 = sha256(frame.subarray(at));
+        if (range.first) c.meta = meta;
+        if (range.last) {
+          c.payload_sha256 = payloadSha;
+          c.pos = s.lastPos + 1;
+        }
+        try {
+          sealBatchFrame(frame, c, range.length);
+        } catch (err) {
+          if (!(err instanceof WireError)) throw err;
+          drop();
+          up.log.error(
+            { code: err.code, reason: err.reason, id: rec.id, deviceId: rec.meta.deviceId, size: rec.size },
+            `uplink: a journal record cannot be encoded (${err.message}): quarantined, the records behind it go on`,
+          );
+          up.quarantine(rec.id, `cannot be encoded: ${err.message}`);
+          up.emit('quarantined', { id: rec.id, reason: err.message });
+          return;
+        }
+        if (range.last) {
+          s.lastPos = c.pos as number;
+          o.pos = s.lastPos;
+        }
+        s.unackedBytes += range.length;
+        o.sentOffset = range.offset + range.length;
+        up.counts.bytesSent += range.length;
+        up.m.bytesSent.inc(range.length);
+        if (range.last) {
+          o.doneAt = performance.now();
+          up.counts.messagesSent++;
+          up.m.messagesSent.inc();
+        }
+        // what is batched goes first (entries and positions keep their order), then this frame, in the same turn
+        const before = this.flush(s);
+        const mine = this.write(s, frame, () => {
+          if (base.length === cap && free.length < depth + 2) free.push(base);
+        });
+        await Promise.all([before, mine]);
+      }
+    } finally {
+      void reader.close();
     }
   }
 

@@ -4,7 +4,9 @@
  */
 import type { WebSocket } from 'ws';
 import type { Config } from '../../core/config/schema.js';
-import type { JournalRecord } from '../journal.js';
+import type { JournalRecord, PayloadReader } from '../journal.js';
+
+export type { PayloadReader };
 
 // ─── what the uplink needs from the journal ─────────────────────────────────
 
@@ -19,6 +21,8 @@ export interface UplinkJournal {
   readPayload(rec: OutboundRecord, start?: number, end?: number): Promise<Buffer>;
   /** The whole payload when it is still in memory (written recently, not acknowledged); undefined otherwise. Never reads the disk. */
   cachedPayload?(rec: OutboundRecord): Buffer | undefined;
+  /** A reader for a large payload read chunk by chunk into buffers the caller owns (no open per chunk, no copy). */
+  openPayload?(rec: OutboundRecord): PayloadReader;
   /** Selective ack; unknown ids are ignored. */
   ack(id: string): Promise<void> | void;
   quarantine(id: string, reason: string): Promise<void> | void;

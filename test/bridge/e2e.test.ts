@@ -9,7 +9,7 @@
 import t from 'tap';
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync, existsSync, createReadStream } from 'node:fs';
+import { readFileSync, readdirSync, writeFileSync, existsSync, createReadStream } from 'node:fs';
 import https from 'node:https';
 import http from 'node:http';
 import path from 'node:path';
@@ -185,6 +185,43 @@ t.test('device → broker → journal → uplink → cloud → subscriber: mqtt.
   const stored = path.join(cloud.storeDir, 'payloads', `${b.id}.bin`);
   if (existsSync(stored)) t.equal(createHash('sha256').update(readFileSync(stored)).digest('hex'), big.sha256, 'stored payload bytes');
   t.equal(got.length, 5, 'nothing else, nothing twice');
+});
+
+t.test('uploads that fail midway (client gone, wrong digest) leave nothing at the cloud; the full upload after them arrives with its digest', async (t) => {
+  const { dir, cloud, d } = await setup(t);
+  const dev = await addDevice(d, 'e2e-abort');
+  const url = `https://127.0.0.1:${d.ports.api}/api/publish/${dev.id}`;
+  const ca = readFileSync(dev.ca);
+  // 1. the client goes away after 3 of the 8 MiB it announced (staged in runs on disk by then)
+  const mark = d.logs.length;
+  const cut = https.request(url, { method: 'POST', ca, headers: { authorization: `Bearer ${dev.token}`, 'content-type': 'application/octet-stream', 'content-length': String(8 * 1024 * 1024) } });
+  cut.on('error', () => undefined);
+  cut.on('response', (res) => res.resume());
+  for (let i = 0; i < 3; i++) cut.write(randomBytes(1024 * 1024));
+  await new Promise<void>((r) => cut.write(Buffer.alloc(0), () => r()));
+  await new Promise((r) => setTimeout(r, 200));
+  cut.destroy();
+  await logAfter(d, mark, (l) => l.msg === 'upload cut off by the client; nothing kept', 'the daemon saw the upload cut off');
+  // 2. a whole body that does not match its Content-Digest
+  const wrong = bigFile(dir, 3 * 1024 * 1024 + 5000);
+  const bad = await new Promise<number>((resolve, reject) => {
+    const req = https.request(url, { method: 'POST', ca, headers: { authorization: `Bearer ${dev.token}`, 'content-type': 'application/octet-stream', 'content-digest': `sha-256=:${Buffer.alloc(32).toString('base64')}:` } }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode ?? 0));
+    });
+    req.on('error', reject);
+    createReadStream(wrong.file).pipe(req);
+  });
+  t.equal(bad, 400, 'wrong digest: 400');
+  // 3. a full upload of several chunks
+  const good = bigFile(dir, 8 * 1024 * 1024 + 1000);
+  const up = await upload(d, dev, good.file, `devices/${dev.id}/good`);
+  t.equal(up.status, 202, JSON.stringify(up.body));
+  const got = await throughMarker(t, d, cloud, dev, 'the full upload');
+  t.same(got.map((m) => m.topic), [`devices/${dev.id}/good`], 'only the full upload reached the cloud: nothing of the failed ones');
+  t.equal(got[0]?.size, 8 * 1024 * 1024 + 1000);
+  t.equal(got[0]?.sha256, good.sha256, 'with the digest of its body');
+  t.equal(readdirSync(path.join(d.stateDir, 'journal', 'tmp')).length, 0, 'no staging file left at the connector');
 });
 
 t.test('cloud down at start, then started: the journal holds the message and the uplink delivers it', async (t) => {

@@ -80,6 +80,14 @@ t.test('uplink → reference cloud: 0 B, small, multi-chunk, in order, stored on
 
 t.test('cloud restarted mid-stream: the large message resumes, every message stored exactly once', async (t) => {
   let c = await startCloud(t, { progress_bytes: 256 * 1024 });
+  // the first cloud takes its time over each chunk (10 ms), so the big message is still in progress when it
+  // restarts: it does not wait for its periodic persists any more, and could take all 16 MiB before the restart
+  const first = c.server.cloudStore;
+  const write = first.write.bind(first);
+  first.write = async (...args: Parameters<typeof first.write>) => {
+    await new Promise((r) => setTimeout(r, 10));
+    return write(...args);
+  };
   const k = await connector(t, c);
   const big = randomBytes(16 * 1024 * 1024);
   const bigId = await k.append(big);

@@ -215,3 +215,49 @@ t.test('commitData: a one-chunk message from memory shares the round with assemb
   await prepare(s, 'busy', Buffer.from('b'));
   await t.rejects(s.commitData('busy', 'gw', META, Buffer.from('b'), sha256Hex(Buffer.from('b'))), { code: 'ECONN_JOURNAL_IO' }, 'refused while a partial of the id is in progress');
 });
+
+t.test('persist in the background: it records the offset reached when it was called while writes go on; a commit and a discard wait for it', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const payload = randomBytes(60_000);
+  const chunks = chunkMessage('bg', META, payload, 10_000);
+  const s = await open(t, dir);
+  const p = await s.begin('bg', 'gw', META, payload.length, MessageAssembly.begin(chunks[0]!));
+  for (const c of chunks.slice(0, 2)) {
+    p.asm!.accept(c);
+    await s.write(p, c.offset, c.data);
+  }
+  const first = s.persist(p);
+  t.ok(p.persisting, 'a persist is in progress');
+  // the ingest goes on receiving while it runs
+  for (const c of chunks.slice(2, 4)) {
+    p.asm!.accept(c);
+    await s.write(p, c.offset, c.data);
+  }
+  await first;
+  t.same([p.durableOffset, p.durableNextSeq], [20_000, 2], 'the offset of the call, not of the writes that followed');
+  const rec = JSON.parse(readFileSync(path.join(dir, 'partials', 'bg.json'), 'utf8')) as { offset: number; next_seq: number };
+  t.same([rec.offset, rec.next_seq], [20_000, 2], 'and so on disk');
+  await new Promise((r) => setImmediate(r));
+  t.equal(p.persisting, undefined, 'none in progress once it resolved');
+  // a persist still running when the message completes: its record is written before the commit, never after
+  const second = s.persist(p);
+  for (const c of chunks.slice(4)) {
+    p.asm!.accept(c);
+    await s.write(p, c.offset, c.data);
+  }
+  const e = await s.commit(p, sha256Hex(payload));
+  await second;
+  t.ok((await s.readPayload(e)).equals(payload), 'stored whole');
+  t.notOk(existsSync(path.join(dir, 'partials', 'bg.json')), 'no partial record left behind the stored message');
+  t.equal(s.getPartial('bg'), undefined);
+  // a discard waits for the persist in progress: no record reappears after it
+  const c0 = chunkMessage('gone', META, payload, 10_000)[0]!;
+  const q = await s.begin('gone', 'gw', META, payload.length, MessageAssembly.begin(c0));
+  q.asm!.accept(c0);
+  await s.write(q, c0.offset, c0.data);
+  const third = s.persist(q);
+  await s.discard('gone');
+  await third;
+  t.notOk(existsSync(path.join(dir, 'partials', 'gone.json')), 'discarded: no record');
+  t.notOk(existsSync(path.join(dir, 'partials', 'gone.part')), 'discarded: no data');
+});

@@ -4,6 +4,7 @@ import { FRAME_TYPES, HEADER_BYTES, LIMITS, MessageAssembly, WireError, encodeFr
 import {
   AckFrontier,
   BATCH_TYPE,
+  batchEntryHeaderBytes,
   LIMITS_V2,
   PROTOCOL_VERSION_2,
   SUBPROTOCOL_V2,
@@ -13,6 +14,7 @@ import {
   encodeBatchChunk,
   encodeFrameV2,
   peekVersion,
+  sealBatchFrame,
   toChunkFrame,
   type BatchChunk,
   type FrameV2,
@@ -267,4 +269,24 @@ t.test('AckFrontier: positions in order, settled in any order, upto = contiguous
   tt.equal(f.settle(4), true);
   tt.equal(f.upto, 5);
   tt.equal(f.unsettled, 0);
+});
+
+t.test('sealBatchFrame: a chunk read into place frames to the same bytes as encodeBatch of encodeBatchChunk, without a copy', async (t) => {
+  const payload = randomBytes(3000);
+  for (const c of multi('gw-1:big', payload, 1024, 7)) {
+    const { data, ...head } = c;
+    const at = HEADER_BYTES + batchEntryHeaderBytes(head, data.length);
+    const frame = Buffer.alloc(at + data.length, 0xaa);
+    data.copy(frame, at);
+    const sealed = sealBatchFrame(frame, head, data.length);
+    t.equal(sealed, frame, `seq ${c.seq}: the frame itself, filled in front of the data`);
+    t.ok(sealed.equals(encodeBatch([encodeBatchChunk(c)])), `seq ${c.seq}: same bytes`);
+    const back = decodeFrameV2(sealed);
+    t.ok(back.type === 'BATCH' && back.chunks[0]!.data.equals(data), `seq ${c.seq}: decodes to its data`);
+  }
+  const first = multi('gw-1:x', payload, 1024, 1)[0]!;
+  const { data, ...head } = first;
+  t.throws(() => sealBatchFrame(Buffer.alloc(HEADER_BYTES + data.length), head, data.length), RangeError, 'a frame of the wrong size is refused');
+  const at = HEADER_BYTES + batchEntryHeaderBytes(head, data.length);
+  throwsWire(t, () => sealBatchFrame(Buffer.alloc(at + data.length), { ...head, chunk_sha256: undefined }, data.length), 'malformed', 'the rules of encodeBatchChunk apply');
 });
