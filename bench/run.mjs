@@ -23,6 +23,7 @@ import { spawnChild, stopChild, snapshot, diff, rssMiB, waitFor, killAll } from 
 import { connectDevices, endDevices, newCase, makeReceiver, openLoop, closedLoop, ackLoop, drain, stats } from './lib/load.mjs';
 import { ConnectorStack, MosquittoStack, haveMosquitto, startBareAedes, startNullCloud, cli } from './lib/stacks.mjs';
 import { rivalCerts } from './lib/certs.mjs';
+import { stormCase } from './storm.mjs';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const DIST = path.join(REPO, 'dist');
@@ -230,7 +231,10 @@ async function main() {
     if (left() > 40) await registration();
     else row('registration', 'registration rate over the API', 'not measured', { note: 'time budget' });
   }
-  if (only.has('connections')) await idleConnections();
+  if (only.has('connections')) {
+    await idleConnections();
+    await storm();
+  }
   if (only.has('broker')) await brokerOnly();
   if (only.has('outage')) await outage();
   if (only.has('upload')) await upload();
@@ -574,6 +578,18 @@ async function idleConnections() {
     verdict: per > 40 ? 'MISS' : 'n/a',
     note: `RSS ${f0(before)} → ${f0(after)} MiB; connected at ${f0(clients.length / s)} /s, ${f1(cpu / 1000 / Math.max(1, clients.length))} ms daemon CPU per connect${failed ? `; ${failed} refused` : ''}; TLS + JWT (registered over the API, token only), not mTLS, and not 10 000`,
   });
+}
+
+// ─── issue 11: 10 000 idle mTLS devices and the reconnect storm after a restart (bench/storm.mjs) ──
+async function storm() {
+  const N = Number(process.env.BENCH_STORM_N) > 0 ? Math.floor(Number(process.env.BENCH_STORM_N)) : QUICK ? 1000 : 10_000;
+  const name = `idle mTLS device connections and the reconnect storm after a restart (${f0(N)} devices)`;
+  if (left() < (QUICK ? 45 : 150)) return void row('connections', name, 'not measured', { note: 'time budget' });
+  try {
+    await stormCase({ repo: REPO, dist: DIST, dir: path.join(root, 'storm'), N, bareN: Math.min(N, QUICK ? 1000 : 2000), workers: QUICK ? 2 : 4, row, log, left, f0, f1 });
+  } catch (err) {
+    row('connections', name, 'not measured', { note: `failed: ${err.message}` });
+  }
 }
 
 // ─── broker only: connector (mTLS, auth, ACL, journal, uplink to a cloud that acks at once) vs bare aedes ──
