@@ -10,12 +10,18 @@
  * served, until a handshake ends. The handshake timeout starts when a connection leaves the
  * queue, so waiting is never a failure.
  *
- * While it waits, a connection is read (its ClientHello is kept, at most MAX_BUFFERED bytes) so
- * that a client which gives up (its own connect timeout) is noticed at once and dropped from the
- * queue without costing a handshake; the bytes read are put back (`unshift`) before TLS takes the
- * socket. A connection waiting longer than `broker.limits.handshake_queue_timeout_ms` is closed
- * (counted, never charged to its source). Bounded: every queued connection is a socket counted
- * against `broker.limits.max_connections`.
+ * Every connection is read first (its ClientHello is kept, at most MAX_BUFFERED bytes, and put
+ * back with `unshift` before TLS takes the socket) and joins the queue only once its first bytes
+ * arrived, so:
+ *  - a client that gives up while it waits (its own connect timeout), or connects and closes
+ *    without a word, is dropped at once without costing a handshake and without being charged;
+ *  - a connection that stays silent for `connect_timeout_ms` after accept is closed and reported
+ *    through `silent` (the listener charges it to its source, as the TLS handshake timeout it
+ *    replaces would have been);
+ *  - a connection whose ClientHello waited longer than `handshake_queue_timeout_ms` for a slot is
+ *    closed (counted, never charged: the wait was the gateway's doing).
+ * Bounded: every waiting connection is a socket counted against `broker.limits.max_connections`.
+ * Cost: a connection reaches TLS one event-loop turn later than it would straight from accept.
  */
 import type net from 'node:net';
 
@@ -27,6 +33,8 @@ export interface GateLimits {
   maxHandshakes: number;
   /** longest a connection waits for its handshake to start */
   queueTimeoutMs: number;
+  /** longest a connection may stay silent after accept */
+  silentTimeoutMs: number;
 }
 
 /** What the gate asks before a waiting connection starts its handshake (the source budget). */
@@ -36,13 +44,18 @@ export interface HandshakeGateOptions {
   limits: () => GateLimits;
   /** may this connection start its handshake now ('wait': leave it queued, try the next one) */
   admit: (source: string) => AdmitAnswer;
+  /** a connection closed for staying silent for silentTimeoutMs (the gate destroyed it) */
+  silent?: (sock: net.Socket, source: string) => void;
   now?: () => number;
 }
 
 interface Waiting {
   sock: net.Socket;
   source: string;
+  /** accepted at */
   at: number;
+  /** its first bytes arrived at (queued for a slot since) */
+  readyAt: number;
   chunks: Buffer[];
   bytes: number;
   onData: (b: Buffer) => void;
@@ -53,21 +66,30 @@ interface Waiting {
 
 export interface GateStatus {
   in_progress: number;
+  /** connections whose ClientHello waits for a slot */
   queued: number;
+  /** connections accepted that have not sent a byte yet */
+  silent: number;
   /** connections that waited longer than handshake_queue_timeout_ms (closed) */
   queue_timeouts: number;
-  /** connections whose client left while they waited */
+  /** connections closed for staying silent connect_timeout_ms */
+  silent_timeouts: number;
+  /** connections whose client left before their handshake started */
   left_while_queued: number;
-  /** the longest any connection waited, ms */
+  /** the longest any connection waited for its slot, ms */
   max_wait_ms: number;
 }
 
 export class HandshakeGate {
+  /** accepted, nothing received yet (in accept order) */
+  private readonly silentSet = new Set<Waiting>();
+  /** ClientHello received, waiting for a slot (in arrival order) */
   private readonly queue = new Set<Waiting>();
   /** raw sockets whose handshake is in progress, by remote ADDRESS:PORT (how the TLS socket names them too) */
   private readonly running = new Map<string, net.Socket>();
   private sweepTimer: ReturnType<typeof setInterval> | undefined;
   private queueTimeouts = 0;
+  private silentTimeouts = 0;
   private left = 0;
   private maxWait = 0;
   private closed = false;
@@ -78,24 +100,20 @@ export class HandshakeGate {
   }
 
   /**
-   * A new connection: `start` is called with it once it may begin its TLS handshake (at once when a
-   * slot is free), `refused` when its source is turned away by the budget meanwhile; the gate
-   * closes the socket itself when the client leaves or the wait times out.
+   * A new connection: `start` is called with it (its first bytes put back) once it may begin its
+   * TLS handshake, `refused` when its source is turned away by the budget meanwhile; the gate
+   * closes the socket itself when the client leaves, stays silent or waits too long.
    */
   submit(sock: net.Socket, source: string, start: (sock: net.Socket) => void, refused: (sock: net.Socket) => void): void {
     if (this.closed) {
       sock.destroy();
       return;
     }
-    if (this.queue.size === 0 && this.running.size < this.o.limits().maxHandshakes) {
-      const a = this.o.admit(source);
-      if (a === 'admit') return this.begin(sock, start);
-      if (a === 'refuse') return refused(sock);
-    }
     const w: Waiting = {
       sock,
       source,
       at: this.now(),
+      readyAt: 0,
       chunks: [],
       bytes: 0,
       start,
@@ -104,14 +122,19 @@ export class HandshakeGate {
         w.chunks.push(b);
         w.bytes += b.length;
         if (w.bytes >= MAX_BUFFERED) sock.pause(); // the rest stays in the kernel until the handshake
+        if (this.silentSet.delete(w)) {
+          w.readyAt = this.now();
+          this.queue.add(w);
+          this.pump();
+        }
       },
       onClose: () => {
-        if (this.queue.delete(w)) this.left++;
+        if (this.silentSet.delete(w) || this.queue.delete(w)) this.left++;
       },
     };
     sock.on('data', w.onData);
     sock.once('close', w.onClose);
-    this.queue.add(w);
+    this.silentSet.add(w);
     this.armSweep();
   }
 
@@ -147,17 +170,18 @@ export class HandshakeGate {
         w.refused(w.sock);
         continue;
       }
-      this.maxWait = Math.max(this.maxWait, this.now() - w.at);
+      this.maxWait = Math.max(this.maxWait, this.now() - w.readyAt);
       const { sock } = w;
-      if (w.chunks.length > 0) sock.unshift(w.chunks.length === 1 ? w.chunks[0]! : Buffer.concat(w.chunks));
+      sock.unshift(w.chunks.length === 1 ? w.chunks[0]! : Buffer.concat(w.chunks));
       this.begin(sock, w.start);
     }
-    if (this.queue.size === 0) this.disarmSweep();
+    this.maybeDisarm();
   }
 
   /** Stop reading for the gate: TLS takes the socket (paused, the bytes read put back by the caller). */
   private unqueue(w: Waiting): void {
     this.queue.delete(w);
+    this.silentSet.delete(w);
     w.sock.off('data', w.onData);
     w.sock.off('close', w.onClose);
     w.sock.pause();
@@ -165,21 +189,31 @@ export class HandshakeGate {
 
   private armSweep(): void {
     if (this.sweepTimer) return;
-    const every = Math.max(100, Math.min(1000, Math.floor(this.o.limits().queueTimeoutMs / 4)));
+    const l = this.o.limits();
+    const every = Math.max(100, Math.min(1000, Math.floor(Math.min(l.queueTimeoutMs, l.silentTimeoutMs) / 4)));
     this.sweepTimer = setInterval(() => this.sweep(), every);
     this.sweepTimer.unref();
   }
 
-  private disarmSweep(): void {
-    if (this.sweepTimer) clearInterval(this.sweepTimer);
+  private maybeDisarm(): void {
+    if (this.queue.size > 0 || this.silentSet.size > 0 || !this.sweepTimer) return;
+    clearInterval(this.sweepTimer);
     this.sweepTimer = undefined;
   }
 
-  /** Close the connections that waited too long (oldest first: the queue is in arrival order). */
+  /** Close the connections that stayed silent or waited too long (oldest first: both sets are in time order). */
   sweep(): void {
-    const limit = this.now() - this.o.limits().queueTimeoutMs;
+    const { queueTimeoutMs, silentTimeoutMs } = this.o.limits();
+    const t = this.now();
+    for (const w of this.silentSet) {
+      if (w.at > t - silentTimeoutMs) break;
+      this.unqueue(w);
+      this.silentTimeouts++;
+      w.sock.destroy();
+      this.o.silent?.(w.sock, w.source);
+    }
     for (const w of this.queue) {
-      if (w.at > limit) break;
+      if (w.readyAt > t - queueTimeoutMs) break;
       this.unqueue(w);
       this.queueTimeouts++;
       w.sock.destroy();
@@ -189,14 +223,23 @@ export class HandshakeGate {
   }
 
   status(): GateStatus {
-    return { in_progress: this.running.size, queued: this.queue.size, queue_timeouts: this.queueTimeouts, left_while_queued: this.left, max_wait_ms: this.maxWait };
+    return {
+      in_progress: this.running.size,
+      queued: this.queue.size,
+      silent: this.silentSet.size,
+      queue_timeouts: this.queueTimeouts,
+      silent_timeouts: this.silentTimeouts,
+      left_while_queued: this.left,
+      max_wait_ms: this.maxWait,
+    };
   }
 
   /** Shutdown: every waiting connection is closed; no new one is taken. */
   close(): void {
     this.closed = true;
-    this.disarmSweep();
-    for (const w of [...this.queue]) {
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.sweepTimer = undefined;
+    for (const w of [...this.silentSet, ...this.queue]) {
       this.unqueue(w);
       w.sock.destroy();
     }

@@ -81,6 +81,17 @@ export function remoteOf(s: net.Socket | undefined): string {
   return `${s.remoteAddress ?? '?'}:${s.remotePort ?? '?'}`;
 }
 
+/**
+ * Listen backlog of a device listener: connections the kernel completes before the daemon accepts
+ * them. Node's default (511) overflows in a reconnect storm while the event loop is busy with
+ * handshakes, and a SYN dropped there is retried by the client only after 1, 3, 7, 15 s: devices
+ * pass their connect timeout without ever reaching the gate. The kernel caps it at
+ * net.core.somaxconn (4096 on current kernels).
+ */
+export function listenBacklog(maxConnections: number): number {
+  return Math.max(511, Math.min(65535, maxConnections));
+}
+
 export class DeviceListeners {
   private tlsServer: tls.Server | undefined;
   private httpsServer: https.Server | undefined;
@@ -100,9 +111,15 @@ export class DeviceListeners {
     this.gate = new HandshakeGate({
       limits: () => {
         const l = this.o.config().limits;
-        return { maxHandshakes: l.max_handshakes, queueTimeoutMs: l.handshake_queue_timeout_ms };
+        return { maxHandshakes: l.max_handshakes, queueTimeoutMs: l.handshake_queue_timeout_ms, silentTimeoutMs: l.connect_timeout_ms };
       },
       admit: (source) => (this.o.closing() ? 'refuse' : this.o.budget.tryAdmit(source)),
+      // silent for connect_timeout_ms after accept: charged like the handshake timeout it stands for
+      silent: (sock, source) => {
+        this.o.budget.refused(source);
+        this.log.debug({ remote: remoteOf(sock) }, 'TLS handshake failed: nothing received within broker.limits.connect_timeout_ms');
+        this.o.refusals.count('ECONN_TLS_HANDSHAKE', source);
+      },
     });
   }
 
@@ -136,7 +153,7 @@ export class DeviceListeners {
       const front = net.createServer((s) => this.onRawConnection('tls', s, server));
       this.tlsFront = front;
       front.on('error', (err) => this.log.error({ err }, 'MQTT/TLS listener error'));
-      this.ports.set('tls', await listen(front, L.tls.host, L.tls.port, 'MQTT/TLS', 'broker.listeners.tls.port'));
+      this.ports.set('tls', await listen(front, L.tls.host, L.tls.port, 'MQTT/TLS', 'broker.listeners.tls.port', listenBacklog(b.limits.max_connections)));
     }
     if (L.wss.enabled) {
       const server = https.createServer(
@@ -173,7 +190,7 @@ export class DeviceListeners {
       const front = net.createServer((s) => this.onRawConnection('wss', s, server));
       this.wssFront = front;
       front.on('error', (err) => this.log.error({ err }, 'MQTT/WSS listener error'));
-      this.ports.set('wss', await listen(front, L.wss.host, L.wss.port, 'MQTT/WSS', 'broker.listeners.wss.port'));
+      this.ports.set('wss', await listen(front, L.wss.host, L.wss.port, 'MQTT/WSS', 'broker.listeners.wss.port', listenBacklog(b.limits.max_connections)));
       // the https server itself never listens: 'listening' starts its request-timeout checks as listen() would
       server.emit('listening');
     }
