@@ -60,6 +60,7 @@ interface Waiting {
   bytes: number;
   onData: (b: Buffer) => void;
   onClose: () => void;
+  onEnd: () => void;
   start: (sock: net.Socket) => void;
   refused: (sock: net.Socket) => void;
 }
@@ -93,6 +94,7 @@ export class HandshakeGate {
   private left = 0;
   private maxWait = 0;
   private closed = false;
+  private pumpScheduled = false;
   private readonly now: () => number;
 
   constructor(private readonly o: HandshakeGateOptions) {
@@ -125,15 +127,26 @@ export class HandshakeGate {
         if (this.silentSet.delete(w)) {
           w.readyAt = this.now();
           this.queue.add(w);
-          this.pump();
+          this.schedulePump();
         }
       },
       onClose: () => {
         if (this.silentSet.delete(w) || this.queue.delete(w)) this.left++;
       },
+      // the client closed (FIN or reset) before its turn: gone, whatever it sent (the pump runs a turn later so
+      // that a ClientHello read together with its client's FIN — a client that gave up in the kernel's accept
+      // queue — is dropped here instead of costing a handshake that fails and is charged to its source)
+      onEnd: () => {
+        if (!this.silentSet.has(w) && !this.queue.has(w)) return;
+        this.unqueue(w);
+        this.left++;
+        w.sock.destroy();
+      },
     };
     sock.on('data', w.onData);
     sock.once('close', w.onClose);
+    sock.once('end', w.onEnd);
+    sock.once('error', w.onEnd);
     this.silentSet.add(w);
     this.armSweep();
   }
@@ -152,6 +165,16 @@ export class HandshakeGate {
     if (s === undefined || (sock !== undefined && s !== sock)) return;
     this.running.delete(remote);
     this.pump();
+  }
+
+  /** One pump per event-loop turn, after this turn's reads (and the FINs that came with them). */
+  private schedulePump(): void {
+    if (this.pumpScheduled) return;
+    this.pumpScheduled = true;
+    setImmediate(() => {
+      this.pumpScheduled = false;
+      this.pump();
+    });
   }
 
   private pump(): void {
@@ -184,6 +207,8 @@ export class HandshakeGate {
     this.silentSet.delete(w);
     w.sock.off('data', w.onData);
     w.sock.off('close', w.onClose);
+    w.sock.off('end', w.onEnd);
+    w.sock.off('error', w.onEnd);
     w.sock.pause();
   }
 
