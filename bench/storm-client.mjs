@@ -13,7 +13,8 @@
  *   refused (CONNACK code ≠ 0: the daemon refused a valid device), tls (TCP connected, handshake
  *   failed or closed before it finished), noConnack (handshake done, closed before CONNACK),
  *   down (connection refused / reset at connect: no daemon listening), timeout (30 s bound),
- *   dropped (a connected device's connection ended).
+ *   dropped (a connected device's connection ended); timeouts split by where they were stuck
+ *   (stuckTcp: TCP not connected, stuckTls: handshake not done, stuckConnack: no CONNACK).
  */
 import tls from 'node:tls';
 
@@ -22,6 +23,8 @@ let port = 0;
 let stopped = false;
 let connected = 0;
 const counts = { refused: 0, tls: 0, noConnack: 0, down: 0, timeout: 0, dropped: 0, attempts: 0 };
+/** where the attempts over ATTEMPT_MS were: TCP not connected, TLS handshake not done, no CONNACK */
+const stuck = { tcp: 0, tls: 0, connack: 0 };
 const lastErr = {};
 
 function connectPacket(id) {
@@ -40,7 +43,10 @@ function attempt(dev) {
   let ended = false;
   let buf = Buffer.alloc(0);
   const sock = tls.connect({ host: '127.0.0.1', port, secureContext: dev.ctx, servername: 'localhost', rejectUnauthorized: true });
-  const timer = setTimeout(() => end('timeout'), ATTEMPT_MS);
+  const timer = setTimeout(() => {
+    stuck[sock.connecting ? 'tcp' : secure ? 'connack' : 'tls']++;
+    end('timeout');
+  }, ATTEMPT_MS);
   const end = (why, err) => {
     if (ended) return;
     ended = true;
@@ -92,5 +98,5 @@ process.on('message', (m) => {
     process.exit(0);
   }
 });
-setInterval(() => process.send?.({ connected, counts, lastErr }), 200);
+setInterval(() => process.send?.({ connected, counts: { ...counts, stuckTcp: stuck.tcp, stuckTls: stuck.tls, stuckConnack: stuck.connack }, lastErr }), 200);
 process.on('disconnect', () => process.exit(0));

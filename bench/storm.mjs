@@ -248,7 +248,14 @@ export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, 
   log(`storm: after the restart ${tBack ? `all ${f0(N)} back ${f1(backS)} s after ready (${f1(afterTermS)} s after SIGTERM)` : `${f0(fleet.connected)} of ${f0(N)} back at the bound`}; attempts ${JSON.stringify(during)}${gate}`);
   const lastErrors = fleet.lastErrors();
   await fleet.stop();
-  await stack.stopDaemon();
+  await stack.stopDaemon(); // its refusal log writes its last summary line as it closes
+  // what the restarted daemon refused, by code: its refusal lines (the first of each 10 s in full, then summaries)
+  const codes = {};
+  for (const l of stack.daemon.logs) {
+    if (l.msg === 'MQTT connection refused' && typeof l.code === 'string') codes[l.code] = (codes[l.code] ?? 0) + 1;
+    else if (l.code === 'ECONN_RATE_LIMITED' && l.codes && typeof l.codes === 'object') for (const [k, v] of Object.entries(l.codes)) codes[k] = (codes[k] ?? 0) + v;
+  }
+  if (Object.keys(codes).length) gate += ` (by code, from its log: ${JSON.stringify(codes)})`;
 
   // ── bare aedes, same certificates, `bareN` devices: its RSS per connection
   let bare;
@@ -281,7 +288,7 @@ export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, 
     goal: 'all 10 000 within 60 s, no valid device refused',
     verdict: !ok ? 'MISS' : full ? 'PASS' : 'n/a',
     note:
-      `${f1(afterTermS)} s after SIGTERM (ready ${f0(readyMs)} ms after spawn), ${f1(cpuStorm)} ms daemon CPU per reconnect; valid devices saw ${during.refused ?? 0} CONNACK refusals, ${during.tls ?? 0} failed or closed TLS handshakes, ${during.noConnack ?? 0} closed before CONNACK, ${during.timeout ?? 0} attempts over 30 s, ${during.down ?? 0} refused TCP connects while the daemon was down; devices back off 1–8 s with jitter` +
+      `${f1(afterTermS)} s after SIGTERM (ready ${f0(readyMs)} ms after spawn), ${f1(cpuStorm)} ms daemon CPU per reconnect; valid devices saw ${during.refused ?? 0} CONNACK refusals, ${during.tls ?? 0} failed or closed TLS handshakes, ${during.noConnack ?? 0} closed before CONNACK, ${during.timeout ?? 0} attempts over 30 s (stuck in TCP connect ${during.stuckTcp ?? 0}, TLS handshake ${during.stuckTls ?? 0}, waiting for CONNACK ${during.stuckConnack ?? 0}), ${during.down ?? 0} refused TCP connects while the daemon was down; devices back off 1–8 s with jitter` +
       `${validRefused ? `; last errors ${JSON.stringify(lastErrors)}` : ''}${gate}`,
   });
 }
