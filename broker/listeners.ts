@@ -249,8 +249,8 @@ export class DeviceListeners {
   private handshakeFailed(listener: ListenerName, err: Error, s: tls.TLSSocket): void {
     this.gate.done(remoteOf(s));
     const source = s.remoteAddress ?? 'unknown';
-    // a socket turned away at accept fails its handshake too: that refusal is already counted
-    if (s.destroyed && this.o.budget.spent(source)) return;
+    // every handshake here was admitted by the gate (a connection turned away never reaches TLS): its refusal
+    // gives back what the admission took (an attempt in flight) or spends a token
     this.o.budget.refused(source);
     // one debug line per attempt (scanners make them all day); at info they show in the interval's summary line
     this.log.debug({ listener, remote: remoteOf(s), err: err.message }, 'TLS handshake failed');
