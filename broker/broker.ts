@@ -94,6 +94,8 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
   private readonly budget: InflightBudget;
   /** refused connections: the first few of an interval logged in full, then one summary line per interval */
   private readonly refusals: RefusalLog;
+  /** refused attempts per source address (broker.limits.refused_per_source_*) */
+  private readonly sourceBudget: SourceBudget;
   private aedes: Aedes | undefined;
   private tracker = new SessionTracker();
   private started: Promise<void> | undefined;
@@ -140,6 +142,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     const closing = (): boolean => this.closing !== undefined;
     this.refusals = new RefusalLog({ log: this.log, msg: 'MQTT connection refused', what: 'MQTT connections' });
     const budget = new SourceBudget(() => ({ perS: this.config.limits.refused_per_source_per_s, burst: this.config.limits.refused_per_source_burst }), now);
+    this.sourceBudget = budget;
     this.commands = new CommandSender({
       log: this.log,
       sessionOf: (id) => this.sessions.liveSession(id),
@@ -286,6 +289,10 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       max_connections: this.config.limits.max_connections,
       crl_entries: this.crls.size,
       refused_over_limit: l.refused_over_limit,
+      refused_total: this.refusals.total,
+      sources_over_budget: this.sourceBudget.tracked,
+      turned_away: this.sourceBudget.turnedAway,
+      handshakes: l.handshakes,
       retained_by_devices: this.retained.size,
       large_publishes: this.budget.status(),
       bridge: this.sink ? { topics: this.bridge.topics, qos0: this.bridge.qos0 } : 'not attached',

@@ -10,10 +10,15 @@
  *  - Every accepted socket gets TCP_NODELAY (neither aedes nor mqtt.js sets it; Nagle adds
  *    milliseconds to small packets) and counts against broker.limits.max_connections; over it,
  *    the socket is destroyed at once and the refusal logged at most every 10 s.
+ *  - TLS handshakes are paced (handshake-gate.ts): each TLS listener is a plain net.Server that
+ *    accepts every connection at once and hands at most broker.limits.max_handshakes of them to
+ *    its tls.Server / https.Server (`emit('connection')`, never listening itself) at a time; the
+ *    rest wait in arrival order, and their handshake timeout starts when they leave the queue.
  *  - A source address that caused more refusals (failed handshakes, refused credentials) than
  *    broker.limits.refused_per_source_burst is closed at accept, before the TLS handshake,
- *    until its budget refills (core/refusals.ts); refusals are logged in full for the first
- *    few of an interval, then as one summary line per interval.
+ *    until its budget refills (core/refusals.ts); a waiting connection asks its source's budget
+ *    again when its turn comes. Refusals are logged in full for the first few of an interval,
+ *    then as one summary line per interval.
  *  - A new TLS context (reload, renewed server certificate) applies to new handshakes; live
  *    sessions keep theirs.
  * Each accepted MQTT byte stream (TLS socket, WebSocket stream, loopback socket) is handed to
@@ -33,6 +38,7 @@ import { ConnectorError } from '../core/errors.js';
 import type { RefusalLog, SourceBudget } from '../core/refusals.js';
 import type { ListenerAuth } from '../identity/auth.js';
 import { loadServerCredentials } from '../identity/server-cert.js';
+import { HandshakeGate, type GateStatus } from './handshake-gate.js';
 
 export type ListenerName = 'tls' | 'wss' | 'local';
 export const PORT_KEYS: Record<ListenerName, string> = { tls: 'mqtt_tls', wss: 'mqtt_wss', local: 'mqtt_local' };
@@ -75,9 +81,24 @@ export function remoteOf(s: net.Socket | undefined): string {
   return `${s.remoteAddress ?? '?'}:${s.remotePort ?? '?'}`;
 }
 
+/**
+ * Listen backlog of a device listener: connections the kernel completes before the daemon accepts
+ * them. Node's default (511) overflows in a reconnect storm while the event loop is busy with
+ * handshakes, and a SYN dropped there is retried by the client only after 1, 3, 7, 15 s: devices
+ * pass their connect timeout without ever reaching the gate. The kernel caps it at
+ * net.core.somaxconn (4096 on current kernels).
+ */
+export function listenBacklog(maxConnections: number): number {
+  return Math.max(511, Math.min(65535, maxConnections));
+}
+
 export class DeviceListeners {
   private tlsServer: tls.Server | undefined;
   private httpsServer: https.Server | undefined;
+  /** the listening fronts of tlsServer and httpsServer (they take their connections from the gate) */
+  private tlsFront: net.Server | undefined;
+  private wssFront: net.Server | undefined;
+  private readonly gate: HandshakeGate;
   private wss: WebSocketServer | undefined;
   private localServer: net.Server | undefined;
   private readonly sockets: Record<ListenerName, Set<net.Socket>> = { tls: new Set(), wss: new Set(), local: new Set() };
@@ -86,7 +107,21 @@ export class DeviceListeners {
   private limitRefusals = 0;
   private lastLimitLog = 0;
 
-  constructor(private readonly o: ListenersOptions) {}
+  constructor(private readonly o: ListenersOptions) {
+    this.gate = new HandshakeGate({
+      limits: () => {
+        const l = this.o.config().limits;
+        return { maxHandshakes: l.max_handshakes, queueTimeoutMs: l.handshake_queue_timeout_ms, silentTimeoutMs: l.connect_timeout_ms };
+      },
+      admit: (source) => (this.o.closing() ? 'refuse' : this.o.budget.tryAdmit(source)),
+      // silent for connect_timeout_ms after accept: charged like the handshake timeout it stands for
+      silent: (sock, source) => {
+        this.o.budget.refused(source);
+        this.log.debug({ remote: remoteOf(sock) }, 'TLS handshake failed: nothing received within broker.limits.connect_timeout_ms');
+        this.o.refusals.count('ECONN_TLS_HANDSHAKE', source);
+      },
+    });
+  }
 
   private get log(): Logger {
     return this.o.log;
@@ -109,11 +144,16 @@ export class DeviceListeners {
         handshakeTimeout: b.limits.connect_timeout_ms,
       });
       this.tlsServer = server;
-      server.on('connection', (s: net.Socket) => this.onRawConnection('tls', s));
-      server.on('secureConnection', (s: tls.TLSSocket) => this.accept(s, { listener: 'tls', auth: this.auth('tls'), tls: s, remote: remoteOf(s) }));
+      server.on('secureConnection', (s: tls.TLSSocket) => {
+        this.gate.done(remoteOf(s));
+        this.accept(s, { listener: 'tls', auth: this.auth('tls'), tls: s, remote: remoteOf(s) });
+      });
       server.on('tlsClientError', (err: Error, s: tls.TLSSocket) => this.handshakeFailed('tls', err, s));
       server.on('error', (err) => this.log.error({ err }, 'MQTT/TLS listener error'));
-      this.ports.set('tls', await listen(server, L.tls.host, L.tls.port, 'MQTT/TLS', 'broker.listeners.tls.port'));
+      const front = net.createServer((s) => this.onRawConnection('tls', s, server));
+      this.tlsFront = front;
+      front.on('error', (err) => this.log.error({ err }, 'MQTT/TLS listener error'));
+      this.ports.set('tls', await listen(front, L.tls.host, L.tls.port, 'MQTT/TLS', 'broker.listeners.tls.port', listenBacklog(b.limits.max_connections)));
     }
     if (L.wss.enabled) {
       const server = https.createServer(
@@ -124,7 +164,7 @@ export class DeviceListeners {
         },
       );
       this.httpsServer = server;
-      server.on('connection', (s: net.Socket) => this.onRawConnection('wss', s));
+      server.on('secureConnection', (s: tls.TLSSocket) => this.gate.done(remoteOf(s)));
       server.on('tlsClientError', (err: Error, s: tls.TLSSocket) => this.handshakeFailed('wss', err, s));
       server.on('error', (err) => this.log.error({ err }, 'MQTT/WSS listener error'));
       const wss = new WebSocketServer({
@@ -147,12 +187,18 @@ export class DeviceListeners {
         }
       });
       wss.on('error', (err) => this.log.error({ err }, 'WebSocket server error'));
-      this.ports.set('wss', await listen(server as unknown as net.Server, L.wss.host, L.wss.port, 'MQTT/WSS', 'broker.listeners.wss.port'));
+      const front = net.createServer((s) => this.onRawConnection('wss', s, server));
+      this.wssFront = front;
+      front.on('error', (err) => this.log.error({ err }, 'MQTT/WSS listener error'));
+      this.ports.set('wss', await listen(front, L.wss.host, L.wss.port, 'MQTT/WSS', 'broker.listeners.wss.port', listenBacklog(b.limits.max_connections)));
+      // the https server itself never listens: 'listening' starts its request-timeout checks as listen() would
+      server.emit('listening');
     }
     if (L.local.enabled) {
-      const server = net.createServer((s) => this.accept(s, { listener: 'local', auth: this.auth('local'), tls: undefined, remote: remoteOf(s) }));
+      const server = net.createServer((s) => {
+        if (this.onRawConnection('local', s)) this.accept(s, { listener: 'local', auth: this.auth('local'), tls: undefined, remote: remoteOf(s) });
+      });
       this.localServer = server;
-      server.on('connection', (s: net.Socket) => this.onRawConnection('local', s));
       server.on('error', (err) => this.log.error({ err }, 'local MQTT listener error'));
       this.ports.set('local', await listen(server, L.local.host, L.local.port, 'local MQTT', 'broker.listeners.local.port'));
       if (L.local.auth === 'none') {
@@ -166,9 +212,12 @@ export class DeviceListeners {
 
   /** Stop accepting; resolves when the servers closed (bounded by the caller). */
   stopAccepting(): Promise<void> {
-    const servers = [this.tlsServer, this.httpsServer, this.localServer].filter((s): s is net.Server => s !== undefined && s.listening);
+    const servers = [this.tlsFront, this.wssFront, this.localServer].filter((s): s is net.Server => s !== undefined && s.listening);
     const closed = Promise.all(servers.map((s) => new Promise<void>((r) => s.close(() => r())))).then(() => {});
+    this.gate.close();
     this.wss?.close();
+    // stops the https server's request-timeout checks (it never listened itself, so the callback gets ERR_SERVER_NOT_RUNNING)
+    this.httpsServer?.close(() => {});
     return closed;
   }
 
@@ -177,10 +226,10 @@ export class DeviceListeners {
     for (const set of Object.values(this.sockets)) for (const s of set) s.destroy();
   }
 
-  status(): { listeners: Record<string, unknown>; refused_over_limit: number } {
+  status(): { listeners: Record<string, unknown>; refused_over_limit: number; handshakes: GateStatus } {
     const listeners: Record<string, unknown> = {};
     for (const [name, port] of this.ports) listeners[name] = { port, connections: this.sockets[name].size, auth: this.auth(name) };
-    return { listeners, refused_over_limit: this.limitRefusals };
+    return { listeners, refused_over_limit: this.limitRefusals, handshakes: this.gate.status() };
   }
 
   private accept(stream: Duplex, origin: StreamOrigin, req?: IncomingMessage): void {
@@ -198,31 +247,44 @@ export class DeviceListeners {
 
   /** A failed TLS handshake: charged to its source, counted in the refusal log's summary. */
   private handshakeFailed(listener: ListenerName, err: Error, s: tls.TLSSocket): void {
+    this.gate.done(remoteOf(s));
     const source = s.remoteAddress ?? 'unknown';
-    // a socket turned away at accept fails its handshake too: that refusal is already counted
-    if (s.destroyed && this.o.budget.spent(source)) return;
+    // every handshake here was admitted by the gate (a connection turned away never reaches TLS): its refusal
+    // gives back what the admission took (an attempt in flight) or spends a token
     this.o.budget.refused(source);
     // one debug line per attempt (scanners make them all day); at info they show in the interval's summary line
     this.log.debug({ listener, remote: remoteOf(s), err: err.message }, 'TLS handshake failed');
     this.o.refusals.count('ECONN_TLS_HANDSHAKE', source);
   }
 
-  private onRawConnection(listener: ListenerName, s: net.Socket): void {
+  /** A source over its budget of refusals is turned away before the TLS handshake (logged through the refusal log). */
+  private turnAway(listener: ListenerName, s: net.Socket, source: string): void {
+    s.destroy();
+    this.o.refusals.refused('ECONN_RATE_LIMITED', source, {
+      listener,
+      remote: remoteOf(s),
+      reason: 'too many refused attempts from this address (broker.limits.refused_per_source_burst); closed before the TLS handshake',
+    });
+  }
+
+  /**
+   * A new TCP connection: limits first (source budget, max_connections); a TLS listener's then waits in
+   * the handshake gate for its turn with `tlsServer`. True when it is admitted (the local listener's).
+   */
+  private onRawConnection(listener: ListenerName, s: net.Socket, tlsServer?: tls.Server): boolean {
     try {
       const source = s.remoteAddress ?? 'unknown';
-      if (!this.o.closing() && !this.o.budget.admit(source)) {
-        s.destroy();
-        this.o.refusals.refused('ECONN_RATE_LIMITED', source, {
-          listener,
-          remote: remoteOf(s),
-          reason: 'too many refused attempts from this address (broker.limits.refused_per_source_burst); closed before the TLS handshake',
-        });
-        return;
+      // a TLS connection asks its budget again when its handshake may start (the gate); at accept it is only
+      // turned away when its source spent its budget and has nothing in flight that could give a token back
+      const over = this.o.closing() ? false : tlsServer ? this.o.budget.turnAway(source) : !this.o.budget.admit(source);
+      if (over) {
+        this.turnAway(listener, s, source);
+        return false;
       }
       const max = this.o.config().limits.max_connections;
       if (this.o.closing() || this.totalSockets() >= max) {
         s.destroy();
-        if (this.o.closing()) return;
+        if (this.o.closing()) return false;
         this.limitRefusals++;
         this.o.onRefused?.(listener);
         const t = Date.now();
@@ -233,15 +295,26 @@ export class DeviceListeners {
             'connection refused: broker.limits.max_connections reached (logged at most every 10 s)',
           );
         }
-        return;
+        return false;
       }
       s.setNoDelay(true);
       const set = this.sockets[listener];
       set.add(s);
       s.once('close', () => set.delete(s));
+      s.on('error', () => {}); // a reset while waiting for the handshake; TLS reports its own errors
+      if (tlsServer) {
+        this.gate.submit(
+          s,
+          source,
+          (sock) => tlsServer.emit('connection', sock),
+          (sock) => this.turnAway(listener, sock, source),
+        );
+      }
+      return true;
     } catch (err) {
       this.log.error({ err }, 'error accepting a connection');
       s.destroy();
+      return false;
     }
   }
 

@@ -1,8 +1,8 @@
 import type { Server } from 'node:net';
 import { StartupError } from './errors.js';
 
-/** Bind a server, turning bind errors into a clear ECONN_LISTEN error that names the listener and the port. */
-export function listen(server: Server, host: string, port: number, listenerName: string, configKey: string): Promise<number> {
+/** Bind a server (`backlog`: the kernel's accept queue, capped by net.core.somaxconn; Node's default 511 without it), turning bind errors into a clear ECONN_LISTEN error that names the listener and the port. */
+export function listen(server: Server, host: string, port: number, listenerName: string, configKey: string, backlog?: number): Promise<number> {
   return new Promise((resolve, reject) => {
     const onError = (err: NodeJS.ErrnoException): void => {
       server.off('listening', onListening);
@@ -23,7 +23,7 @@ export function listen(server: Server, host: string, port: number, listenerName:
     };
     server.once('error', onError);
     server.once('listening', onListening);
-    server.listen({ host, port, exclusive: true });
+    server.listen({ host, port, exclusive: true, ...(backlog !== undefined ? { backlog } : {}) });
   });
 }
 

@@ -191,6 +191,40 @@ export class SourceBudget {
     return true;
   }
 
+  /**
+   * admit() for an attempt that may wait (the broker's handshake queue): 'wait' while the source
+   * is short of budget only because attempts of its own are still in flight (each gives its token
+   * back if it authenticates), so valid devices behind one address wait for their neighbours'
+   * outcome instead of being turned away; 'refuse' once its budget is spent by refusals.
+   */
+  tryAdmit(source: string): 'admit' | 'wait' | 'refuse' {
+    if (this.limits().perS <= 0) return 'admit';
+    const b = this.refill(source);
+    if (!b) return 'admit';
+    if (b.tokens < 1) {
+      if (b.pending > 0) return 'wait';
+      this.turnedAway++;
+      return 'refuse';
+    }
+    b.tokens -= 1;
+    b.pending++;
+    this.touch(source, b);
+    return 'admit';
+  }
+
+  /**
+   * At accept, before an attempt waits for its turn (tryAdmit() decides when it comes): true
+   * (counted as turned away) when the source spent its budget on refusals and has no attempt in
+   * flight that could give a token back.
+   */
+  turnAway(source: string): boolean {
+    if (this.limits().perS <= 0) return false;
+    const b = this.refill(source);
+    if (b === undefined || b.tokens >= 1 || b.pending > 0) return false;
+    this.turnedAway++;
+    return true;
+  }
+
   /** Has this source spent its budget (no counting, nothing taken)? */
   spent(source: string): boolean {
     if (this.limits().perS <= 0) return false;

@@ -111,6 +111,13 @@ export const configSchema = obj('edge-connector configuration', {
       keepalive_min_s: int(0, 0, 65535, 'smallest keepalive accepted (0 = any)'),
       keepalive_max_s: int(1200, 0, 65535, 'largest keepalive accepted (0 disables the check)'),
       connect_timeout_ms: int(10000, 100, 600000, 'time a new connection has to send CONNECT'),
+      max_handshakes: int(
+        256,
+        1,
+        100000,
+        'TLS handshakes in progress at once (MQTT/TLS and MQTT/WSS together); further new connections are accepted and wait their turn in arrival order, so a reconnect storm is paced instead of timing out (each handshake costs ~1-3 ms of CPU); their handshake timeout (connect_timeout_ms) starts when their turn comes. A handshake holds its slot for its round trips too: on slow links (cellular) fewer slots leave the CPU idle, so keep it above the handshakes per second the gateway can do times the round-trip time',
+      ),
+      handshake_queue_timeout_ms: int(60000, 1000, 600000, 'longest a new TLS connection waits for its handshake to start (max_handshakes); after it the connection is closed (not counted as a refusal of its source)'),
       max_retained_per_device: int(100, 0, 1000000, 'retained messages one device may hold; a retained PUBLISH over it is refused (connection closed, logged); 0 = devices may not retain'),
       max_retained_bytes_per_device: int(1048576, 0, 268435455, 'bytes (payload + topic) of the retained messages one device may hold; a retained PUBLISH over it is refused (connection closed, logged)'),
       refused_per_source_per_s: int(

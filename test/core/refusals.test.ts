@@ -112,6 +112,26 @@ t.test('SourceBudget: refusals spend a source budget, time refills it, other sou
   t.ok(b.admit('9.9.9.9'), 'perS 0 = no limit');
 });
 
+t.test('SourceBudget: tryAdmit() waits while attempts in flight may give tokens back; turnAway() only when nothing is in flight', async (t) => {
+  let now = 1_000_000;
+  const b = new SourceBudget(() => ({ perS: 1, burst: 2 }), () => now);
+  t.equal(b.tryAdmit('9.9.9.9'), 'admit', 'a source never refused is admitted');
+  t.notOk(b.turnAway('9.9.9.9'), 'and never turned away at accept');
+  b.refused('9.9.9.9'); // one refusal: a bucket with 1 token left
+  t.equal(b.tryAdmit('9.9.9.9'), 'admit', 'the last token, paid on admission');
+  t.equal(b.tryAdmit('9.9.9.9'), 'wait', 'no token, but one attempt in flight: wait for its outcome');
+  t.notOk(b.turnAway('9.9.9.9'), 'not turned away at accept while an attempt is in flight');
+  t.equal(b.turnedAway, 0, 'waiting is not turning away');
+  b.succeeded('9.9.9.9');
+  t.equal(b.tryAdmit('9.9.9.9'), 'admit', 'the attempt authenticated: its token came back');
+  b.refused('9.9.9.9');
+  t.equal(b.tryAdmit('9.9.9.9'), 'refuse', 'the attempt in flight was refused: budget spent, nothing in flight');
+  t.ok(b.turnAway('9.9.9.9'), 'turned away at accept too');
+  t.equal(b.turnedAway, 2);
+  now += 1000;
+  t.equal(b.tryAdmit('9.9.9.9'), 'admit', 'refilled');
+});
+
 t.test('SourceBudget: the number of tracked sources is bounded (least recently charged goes)', async (t) => {
   const b = new SourceBudget(() => ({ perS: 1, burst: 1 }), () => 0, 100);
   for (let i = 0; i < 1000; i++) b.refused(`s${i}`);
