@@ -2,7 +2,7 @@ import t from 'tap';
 import path from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { WebSocket, WebSocketServer } from 'ws';
-import { topicMatches, filterError, SubscriberHub } from '../../cloud/subscribers.js';
+import { topicMatches, filterError, SubscriberHub, messageText } from '../../cloud/subscribers.js';
 import { CloudStore } from '../../cloud/store.js';
 import { silentLogger } from '../../core/logger.js';
 import { sha256Hex } from '../../protocol/codec.js';
@@ -134,4 +134,23 @@ t.test('subscribers: the messages of one group commit leave in few socket writes
   await done;
   t.same(msgs.map((m) => m.id), Array.from({ length: N }, (_, i) => `m-${i}`), 'every message once, in order');
   t.ok(writes > 0 && writes <= N / 10, `${N} messages in ${writes} socket writes`);
+});
+
+t.test('messageText: the JSON a subscriber gets, payload last, as JSON.stringify would write it', async (t) => {
+  // the fields in the order subscribers always got them (storedFields)
+  const entry = (topic: string, size: number) => ({ seq: 7, id: 'gw-1-7', gateway_id: 'gw "1"', device_id: 'dév\\1', topic, qos: 1 as const, size, sha256: 'ab'.repeat(32), received_at: 1, stored_at: 2 });
+  for (const [topic, payload] of [
+    ['a/b', Buffer.from('hello')],
+    ['ü/"quoted"/\u2028/\n', Buffer.alloc(4096, 0xff)],
+    ['empty', Buffer.alloc(0)],
+  ] as const) {
+    const e = entry(topic, payload.length);
+    const want = JSON.stringify({ type: 'message', ...e, payload: payload.toString('base64') });
+    const text = messageText(e, payload);
+    t.equal(text, want, `topic of ${topic.length} characters, ${payload.length} B payload: same text`);
+  }
+  const big = entry('big', 70 * 1024);
+  t.equal(messageText(big, Buffer.alloc(70 * 1024)), JSON.stringify({ type: 'message', ...big }), 'above INLINE_PAYLOAD_MAX: no payload field');
+  const none = entry('t', 3);
+  t.equal(messageText(none, undefined), JSON.stringify({ type: 'message', ...none }), 'no payload: no payload field');
 });
