@@ -21,7 +21,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { connectDevices, endDevices, newCase, makeReceiver, openLoop, closedLoop, drain } from './lib/load.mjs';
+import { connectDevices, endDevices, newCase, makeReceiver, openLoop, closedLoop, drain, stats } from './lib/load.mjs';
 import { ConnectorStack } from './lib/stacks.mjs';
 import { killAll } from './lib/procs.mjs';
 
@@ -93,6 +93,13 @@ try {
     }
   }
   await drain(c, 10_000);
+  // latency, and the longest pause in deliveries to the subscriber (a stall anywhere on the path shows here)
+  const lat = stats(c, t0, t0 + secs * 1000);
+  const times = Array.from(c.recvT.subarray(0, c.sent)).filter((x) => x >= t0 && x < t0 + secs * 1000).sort((x, y) => x - y);
+  let gap = 0;
+  let gapAt = 0;
+  for (let i = 1; i < times.length; i++) if (times[i] - times[i - 1] > gap) [gap, gapAt] = [times[i] - times[i - 1], times[i - 1] - t0];
+  console.log(`publish → subscriber p50 / p99 ${lat.p50.toFixed(1)} / ${lat.p99.toFixed(1)} ms; longest pause in deliveries ${gap.toFixed(1)} ms (at ${(gapAt / 1000).toFixed(2)} s)`);
   endDevices(devs);
 } finally {
   // a graceful stop, so that a daemon started with --cpu-prof (BENCH_DAEMON_NODE_ARGS) writes its profile

@@ -224,19 +224,46 @@ export function fingerprint(key: string): [number, number] {
   return [h1 >>> 0, h2 >>> 0];
 }
 
-/** Encode a fingerprint sidecar for a sealed segment. */
-export function encodeFingerprints(entries: { hi: number; lo: number; pos: number }[], segmentSize: number): Buffer {
-  const sorted = [...entries].sort((a, b) => a.hi - b.hi || a.lo - b.lo);
-  const buf = Buffer.allocUnsafe(FP_HEADER_BYTES + sorted.length * FP_ENTRY_BYTES);
+/**
+ * Encode a fingerprint sidecar for a sealed segment from flat (hi, lo, pos) triples, sorted by (hi, lo).
+ * Sorted with a stable LSD radix sort of indices (four 16-bit passes) rather than objects and a
+ * comparator: sealing a full segment (131 072 records) blocked the cloud's event loop — and every
+ * commit round — for ~120 ms that way (measured: a 150 ms pause in deliveries at each roll); this
+ * takes a few ms. Equal keys keep their order, as the comparator sort kept them.
+ */
+export function encodeFingerprints(flat: ArrayLike<number>, segmentSize: number): Buffer {
+  const n = Math.floor(flat.length / 3);
+  const his = new Uint32Array(n);
+  const los = new Uint32Array(n);
+  for (let i = 0; i < n; i++) {
+    his[i] = flat[3 * i]!;
+    los[i] = flat[3 * i + 1]!;
+  }
+  let idx = new Uint32Array(n);
+  let tmp = new Uint32Array(n);
+  for (let i = 0; i < n; i++) idx[i] = i;
+  const count = new Uint32Array(65537);
+  for (const [keys, shift] of [[los, 0], [los, 16], [his, 0], [his, 16]] as const) {
+    count.fill(0);
+    for (let i = 0; i < n; i++) count[((keys[idx[i]!]! >>> shift) & 0xffff) + 1]!++;
+    for (let d = 0; d < 65536; d++) count[d + 1]! += count[d]!;
+    for (let i = 0; i < n; i++) {
+      const j = idx[i]!;
+      tmp[count[(keys[j]! >>> shift) & 0xffff]!++] = j;
+    }
+    [idx, tmp] = [tmp, idx];
+  }
+  const buf = Buffer.allocUnsafe(FP_HEADER_BYTES + n * FP_ENTRY_BYTES);
   buf.writeUInt32BE(FP_MAGIC, 0);
-  buf.writeUInt32BE(sorted.length, 4);
+  buf.writeUInt32BE(n, 4);
   buf.writeUInt32BE(segmentSize, 8);
   buf.writeUInt32BE(0, 12);
   let o = FP_HEADER_BYTES;
-  for (const e of sorted) {
-    buf.writeUInt32BE(e.hi, o);
-    buf.writeUInt32BE(e.lo, o + 4);
-    buf.writeUInt32BE(e.pos, o + 8);
+  for (let k = 0; k < n; k++) {
+    const j = idx[k]!;
+    buf.writeUInt32BE(his[j]!, o);
+    buf.writeUInt32BE(los[j]!, o + 4);
+    buf.writeUInt32BE(flat[3 * j + 2]!, o + 8);
     o += FP_ENTRY_BYTES;
   }
   return buf;

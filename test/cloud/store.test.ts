@@ -6,7 +6,7 @@ import { silentLogger } from '../../core/logger.js';
 import { CloudStore, type Partial, type StoredEntry } from '../../cloud/store.js';
 import { MessageAssembly, chunkMessage, sha256Hex, type MessageMeta } from '../../protocol/codec.js';
 import { tempDir } from '../helpers/daemon.js';
-import { decodeSegment, encodeRecord, segmentName } from '../../cloud/store/format.js';
+import { checkFingerprints, decodeSegment, encodeFingerprints, encodeRecord, segmentName } from '../../cloud/store/format.js';
 
 const META: MessageMeta = { device_id: 'd1', topic: 'devices/d1/x', qos: 1, received_at: 1 };
 
@@ -260,4 +260,24 @@ t.test('persist in the background: it records the offset reached when it was cal
   await third;
   t.notOk(existsSync(path.join(dir, 'partials', 'gone.json')), 'discarded: no record');
   t.notOk(existsSync(path.join(dir, 'partials', 'gone.part')), 'discarded: no data');
+});
+
+t.test('fingerprint sidecar: entries sorted by (hi, lo), equal keys in insertion order, as a comparator sort gives them', async (t) => {
+  let seed = 12345;
+  const rnd = (): number => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0);
+  const flat: number[] = [];
+  for (let i = 0; i < 5000; i++) {
+    // few distinct values in some fields so that every radix digit and equal keys are exercised
+    const hi = i % 7 === 0 ? 0xffffffff : i % 5 === 0 ? rnd() & 0xffff : rnd();
+    const lo = i % 3 === 0 ? 0x10000 * (rnd() % 4) : rnd();
+    flat.push(hi, lo, i);
+  }
+  flat.push(flat[0]!, flat[1]!, 5000, flat[3]!, flat[4]!, 5001); // exact duplicates of keys seen earlier
+  const triples = Array.from({ length: flat.length / 3 }, (_, i) => ({ hi: flat[3 * i]!, lo: flat[3 * i + 1]!, pos: flat[3 * i + 2]! }));
+  const want = [...triples].sort((a, b) => a.hi - b.hi || a.lo - b.lo);
+  const buf = encodeFingerprints(flat, 123_456);
+  t.equal(checkFingerprints(buf, 123_456), triples.length, 'a valid sidecar of every entry');
+  const got = Array.from({ length: triples.length }, (_, i) => ({ hi: buf.readUInt32BE(16 + 12 * i), lo: buf.readUInt32BE(20 + 12 * i), pos: buf.readUInt32BE(24 + 12 * i) }));
+  t.same(got, want, 'same order as the comparator sort');
+  t.equal(encodeFingerprints([], 0).length, 16, 'an empty segment: the header alone');
 });
