@@ -767,10 +767,12 @@ export class CloudStore extends EventEmitter {
     if (entry.size === 0) return Buffer.alloc(0);
     const active = this.active;
     if (active && entry.seq >= active.first && entry.seq < active.first + active.count) {
+      // the position is taken before any await: a roll meanwhile starts the next segment's positions afresh
+      const pos = this.activePayloadPos[entry.seq - active.first]!;
       const fh = await open(active.file, 'r');
       try {
         const buf = Buffer.alloc(entry.size);
-        const { bytesRead } = await fh.read(buf, 0, entry.size, this.activePayloadPos[entry.seq - active.first]!);
+        const { bytesRead } = await fh.read(buf, 0, entry.size, pos);
         if (bytesRead !== entry.size) throw new StorageError('ECONN_JOURNAL_IO', `message seq ${entry.seq}: payload short`);
         return buf;
       } finally {
