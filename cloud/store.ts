@@ -287,8 +287,10 @@ export class CloudStore extends EventEmitter {
     const fp = encodeFingerprints(flat, seg.size);
     seg.bloom = new Bloom(flat.length / 3);
     for (let i = 0; i < flat.length; i += 3) seg.bloom.add(flat[i]!, flat[i + 1]!);
+    // the sealed segment's handle stays the active one until the next segment is created: commits arriving
+    // meanwhile are queued for the next round, not refused (leaving it unset made them fail with "cloud store is
+    // closed" and the connector resend them after a second: a 1 s stall in deliveries at every roll)
     const sealedFh = this.activeFh!;
-    this.activeFh = undefined;
     await this.createSegment(seg.first + seg.count);
     // The sidecar is an index of records already durable: a crash before it is written costs a rebuild at open
     // (open() rebuilds a missing one), so commit rounds do not wait for its write, fsync and rename (~75 ms of

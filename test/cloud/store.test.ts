@@ -281,3 +281,23 @@ t.test('fingerprint sidecar: entries sorted by (hi, lo), equal keys in insertion
   t.same(got, want, 'same order as the comparator sort');
   t.equal(encodeFingerprints([], 0).length, 16, 'an empty segment: the header alone');
 });
+
+t.test('commits that arrive while a segment is being rolled wait for the next round; none is refused', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const s = new CloudStore(dir, silentLogger(), { segmentRecords: 5 });
+  await s.open();
+  t.teardown(() => s.close());
+  // one commit per turn of the event loop, without waiting for the earlier ones, as frames from the network
+  // arrive: many land while a round is rolling the segment over (every 5 records) and waits for the disk
+  const results: Promise<unknown>[] = [];
+  for (let i = 0; i < 300; i++) {
+    const p = Buffer.from(`m${i}`);
+    results.push(s.commitData(`m${i}`, 'gw', META, p, sha256Hex(p)));
+    await new Promise((r) => setImmediate(r));
+  }
+  const settled = await Promise.allSettled(results);
+  const refused = settled.filter((r) => r.status === 'rejected').map((r) => String((r as PromiseRejectedResult).reason?.message));
+  t.same(refused.slice(0, 3), [], `no commit refused (${refused.length} were)`);
+  t.equal(s.count, 300, 'all stored');
+  t.ok(s.stats().sealedSegments >= 3, `rolled ${s.stats().sealedSegments} times meanwhile`);
+});
