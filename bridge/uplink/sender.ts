@@ -196,6 +196,35 @@ export class Sender {
     return this.appendSync(s, entry);
   }
 
+  /** A record the encoder refuses can never be sent: quarantined (logged, counted), the records behind it go on. */
+  private unencodable(rec: OutboundRecord, err: WireError): void {
+    const up = this.up;
+    up.log.error(
+      { code: err.code, reason: err.reason, id: rec.id, deviceId: rec.meta.deviceId, size: rec.size },
+      `uplink: a journal record cannot be encoded (${err.message}): quarantined, the records behind it go on`,
+    );
+    up.quarantine(rec.id, `cannot be encoded: ${err.message}`);
+    up.emit('quarantined', { id: rec.id, reason: err.message });
+  }
+
+  /** Account a chunk handed to the socket; its message's last chunk takes the position `pos` and counts it as sent. */
+  private chunkSent(s: Session, o: OutMsg, range: ChunkRange, pos: number | undefined): void {
+    const up = this.up;
+    if (range.last) {
+      s.lastPos = pos as number;
+      o.pos = s.lastPos;
+    }
+    s.unackedBytes += range.length;
+    o.sentOffset = range.offset + range.length;
+    up.counts.bytesSent += range.length;
+    up.m.bytesSent.inc(range.length);
+    if (range.last) {
+      o.doneAt = performance.now();
+      up.counts.messagesSent++;
+      up.m.messagesSent.inc();
+    }
+  }
+
   /** Send the batched entries as one BATCH frame; resolves at once unless the socket buffer is above the high-water mark. */
   flush(s: Session): Promise<void> {
     if (s.batch.length === 0) return Promise.resolve();
@@ -301,27 +330,10 @@ export class Sender {
         // the record breaks the protocol's limits (e.g. metadata over the frame limit): it can never be sent
         s.inflight.delete(rec.id);
         s.unackedBytes = Math.max(0, s.unackedBytes - (o.sentOffset - o.ackedOffset));
-        up.log.error(
-          { code: err.code, reason: err.reason, id: rec.id, deviceId: rec.meta.deviceId, size: rec.size },
-          `uplink: a journal record cannot be encoded (${err.message}): quarantined, the records behind it go on`,
-        );
-        up.quarantine(rec.id, `cannot be encoded: ${err.message}`);
-        up.emit('quarantined', { id: rec.id, reason: err.message });
+        this.unencodable(rec, err);
         return;
       }
-      if (range.last) {
-        s.lastPos = c.pos as number;
-        o.pos = s.lastPos;
-      }
-      s.unackedBytes += range.length;
-      o.sentOffset = range.offset + range.length;
-      up.counts.bytesSent += range.length;
-      up.m.bytesSent.inc(range.length);
-      if (range.last) {
-        o.doneAt = performance.now();
-        up.counts.messagesSent++;
-        up.m.messagesSent.inc();
-      }
+      this.chunkSent(s, o, range, c.pos);
       await this.append(s, entry);
     }
   }
@@ -405,27 +417,10 @@ export class Sender {
         } catch (err) {
           if (!(err instanceof WireError)) throw err;
           drop();
-          up.log.error(
-            { code: err.code, reason: err.reason, id: rec.id, deviceId: rec.meta.deviceId, size: rec.size },
-            `uplink: a journal record cannot be encoded (${err.message}): quarantined, the records behind it go on`,
-          );
-          up.quarantine(rec.id, `cannot be encoded: ${err.message}`);
-          up.emit('quarantined', { id: rec.id, reason: err.message });
+          this.unencodable(rec, err);
           return;
         }
-        if (range.last) {
-          s.lastPos = c.pos as number;
-          o.pos = s.lastPos;
-        }
-        s.unackedBytes += range.length;
-        o.sentOffset = range.offset + range.length;
-        up.counts.bytesSent += range.length;
-        up.m.bytesSent.inc(range.length);
-        if (range.last) {
-          o.doneAt = performance.now();
-          up.counts.messagesSent++;
-          up.m.messagesSent.inc();
-        }
+        this.chunkSent(s, o, range, c.pos);
         // what is batched goes first (entries and positions keep their order), then this frame, in the same turn
         const before = this.flush(s);
         const mine = this.write(s, frame, () => {
