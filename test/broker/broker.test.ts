@@ -478,24 +478,31 @@ t.test('QoS 1 redelivery (DUP 1) after a lost PUBACK is acknowledged but not jou
   t.same(sink.appended.slice(5).map((x) => x.payload.toString()), ['reading-5', 'reading-5'], 'failed original, then the redelivery appended');
 });
 
-t.test('after a restart, the journal seeds the redelivery table: a DUP 1 resend of a journaled message is not journaled again', async (t) => {
-  const topic = 'devices/dev-k/telemetry/t';
-  const before = Buffer.from('journaled-before-the-crash');
+/** A journal that records appends and offers `recent` to the broker's redelivery seeding at start. */
+function seededSink(recent: PendingRecords['recentPublishes']): UplinkSink & PendingRecords & { appended: Buffer[] } {
   const appended: Buffer[] = [];
-  // the journal as the restarted daemon finds it: one unacknowledged QoS 1 record that carries its packet id
-  const sink: UplinkSink & PendingRecords = {
-    append: async (meta, payload) => {
+  return {
+    appended,
+    append: async (_meta, payload) => {
       appended.push(payload);
       return { id: `new-${appended.length}`, size: payload.length, sha256: payloadDigest(payload) };
     },
     appendStream: async () => {
       throw new Error('not used');
     },
-    recentPublishes: (_opts, visit) => {
-      visit({ id: 'old-1', deviceId: 'dev-k', packetId: 9, topic, size: before.length, sha256: payloadDigest(before) });
-      return 1;
-    },
+    recentPublishes: recent,
   };
+}
+
+t.test('after a restart, the journal seeds the redelivery table: a DUP 1 resend of a journaled message is not journaled again', async (t) => {
+  const topic = 'devices/dev-k/telemetry/t';
+  const before = Buffer.from('journaled-before-the-crash');
+  // the journal as the restarted daemon finds it: one unacknowledged QoS 1 record that carries its packet id
+  const sink = seededSink((_opts, visit) => {
+    visit({ id: 'old-1', deviceId: 'dev-k', packetId: 9, topic, size: before.length, sha256: payloadDigest(before) });
+    return 1;
+  });
+  const appended = sink.appended;
   const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
   const d = await fx.addDevice('dev-k');
   const { send, acked } = await rawDevice(t, fx, d, 'dev-k');
@@ -511,29 +518,20 @@ t.test('after a restart, the journal seeds the redelivery table: a DUP 1 resend 
 t.test('the seeding reads only what the table holds: the newest 64 packet ids of a device, within the stated bounds', async (t) => {
   const topic = 'devices/dev-q/telemetry/t';
   const body = (pid: number): Buffer => Buffer.from(`journaled-${pid}`);
-  const appended: Buffer[] = [];
   let asked: { maxAgeMs: number; maxRecords: number } | undefined;
   let visited = 0;
-  const sink: UplinkSink & PendingRecords = {
-    append: async (meta, payload) => {
-      appended.push(payload);
-      return { id: `new-${appended.length}`, size: payload.length, sha256: payloadDigest(payload) };
-    },
-    appendStream: async () => {
-      throw new Error('not used');
-    },
-    // newest first: packet ids 100 down to 1, then an older record reusing packet id 100 (a different payload)
-    recentPublishes: (opts, visit) => {
-      asked = { maxAgeMs: opts.maxAgeMs, maxRecords: opts.maxRecords };
-      const recs = [...Array.from({ length: 100 }, (_, i) => ({ pid: 100 - i, payload: body(100 - i) })), { pid: 100, payload: Buffer.from('older') }];
-      for (const r of recs) {
-        if (opts.wanted && !opts.wanted('dev-q', r.pid)) continue;
-        visited++;
-        if (!visit({ id: `old-${r.pid}`, deviceId: 'dev-q', packetId: r.pid, topic, size: r.payload.length, sha256: payloadDigest(r.payload) })) break;
-      }
-      return recs.length;
-    },
-  };
+  // newest first: packet ids 100 down to 1, then an older record reusing packet id 100 (a different payload)
+  const sink = seededSink((opts, visit) => {
+    asked = { maxAgeMs: opts.maxAgeMs, maxRecords: opts.maxRecords };
+    const recs = [...Array.from({ length: 100 }, (_, i) => ({ pid: 100 - i, payload: body(100 - i) })), { pid: 100, payload: Buffer.from('older') }];
+    for (const r of recs) {
+      if (opts.wanted && !opts.wanted('dev-q', r.pid)) continue;
+      visited++;
+      if (!visit({ id: `old-${r.pid}`, deviceId: 'dev-q', packetId: r.pid, topic, size: r.payload.length, sha256: payloadDigest(r.payload) })) break;
+    }
+    return recs.length;
+  });
+  const appended = sink.appended;
   const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
   t.same(asked, { maxAgeMs: 10 * 60_000, maxRecords: 65_536 }, 'bounded by the table age and the record cap');
   t.equal(visited, 64, 'records the table could not hold are skipped before they are decoded');
@@ -616,20 +614,11 @@ t.test('a DUP 1 publish that reuses an ACKNOWLEDGED packet id with the same topi
 t.test('journal-seeded redelivery entries are honoured on the first connection after a start only', async (t) => {
   const topic = 'devices/dev-s/telemetry/t';
   const before = Buffer.from('journaled-before-the-crash');
-  const appended: Buffer[] = [];
-  const sink: UplinkSink & PendingRecords = {
-    append: async (meta, payload) => {
-      appended.push(payload);
-      return { id: `new-${appended.length}`, size: payload.length, sha256: '' };
-    },
-    appendStream: async () => {
-      throw new Error('not used');
-    },
-    recentPublishes: (_opts, visit) => {
-      visit({ id: 'old-1', deviceId: 'dev-s', packetId: 3, topic, size: before.length, sha256: payloadDigest(before) });
-      return 1;
-    },
-  };
+  const sink = seededSink((_opts, visit) => {
+    visit({ id: 'old-1', deviceId: 'dev-s', packetId: 3, topic, size: before.length, sha256: payloadDigest(before) });
+    return 1;
+  });
+  const appended = sink.appended;
   const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] } } });
   const d = await fx.addDevice('dev-s');
   const c1 = await rawDevice(t, fx, d, 'dev-s');
