@@ -162,6 +162,18 @@ function fuzzOnce(transport: Transport, port: number, creds: { ca: Buffer; cert:
     }
     return out;
   };
+  // both transports: the bytes split at random points (the parser must handle any fragmentation), counted
+  const sendAll = (write: (piece: Buffer) => void): void => {
+    tally.connections++;
+    const all = Buffer.concat(out);
+    tally.packets += out.length;
+    tally.bytes += all.length;
+    for (const piece of pieces(all)) write(piece);
+  };
+  const ended = (opened: boolean, gaveUp: boolean): void => {
+    if (!opened) tally.handshakeFailed++;
+    else if (!gaveUp) tally.closedByServer++;
+  };
   if (transport === 'wss') {
     return new Promise((resolve) => {
       let open = false;
@@ -174,17 +186,12 @@ function fuzzOnce(transport: Transport, port: number, creds: { ca: Buffer; cert:
       }, holdMs);
       ws.on('open', () => {
         open = true;
-        tally.connections++;
-        const all = Buffer.concat(out);
-        tally.packets += out.length;
-        tally.bytes += all.length;
-        for (const piece of pieces(all)) ws.send(piece);
+        sendAll((piece) => ws.send(piece));
       });
       ws.on('error', () => undefined);
       ws.on('close', () => {
         clearTimeout(timer);
-        if (!open) tally.handshakeFailed++;
-        else if (!gaveUp) tally.closedByServer++;
+        ended(open, gaveUp);
         resolve();
       });
     });
@@ -193,12 +200,7 @@ function fuzzOnce(transport: Transport, port: number, creds: { ca: Buffer; cert:
     let secure = false;
     const s = tls.connect({ host: '127.0.0.1', port, ca: creds.ca, cert: creds.cert, key: creds.key, servername: 'localhost' }, () => {
       secure = true;
-      tally.connections++;
-      // split the bytes at random points: the parser must handle any fragmentation
-      const all = Buffer.concat(out);
-      tally.packets += out.length;
-      tally.bytes += all.length;
-      for (const piece of pieces(all)) s.write(piece);
+      sendAll((piece) => s.write(piece));
     });
     let gaveUp = false;
     const timer = setTimeout(() => {
@@ -210,8 +212,7 @@ function fuzzOnce(transport: Transport, port: number, creds: { ca: Buffer; cert:
     s.on('error', () => undefined);
     s.on('close', () => {
       clearTimeout(timer);
-      if (!secure) tally.handshakeFailed++;
-      else if (!gaveUp) tally.closedByServer++;
+      ended(secure, gaveUp);
       resolve();
     });
     s.on('end', () => s.end());
