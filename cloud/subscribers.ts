@@ -15,6 +15,7 @@
  */
 import type { WebSocket } from 'ws';
 import type { Logger } from '../core/logger.js';
+import { corkUntilNextTick } from '../core/net.js';
 import type { CloudStore, StoredEntry } from './store.js';
 import { storedFields } from './store/format.js';
 
@@ -65,9 +66,9 @@ export function messageText(e: StoredEntry, payload: Buffer | undefined): string
 /**
  * ws writes every frame to its socket at once: one TLS record and one write syscall per message
  * (on loopback the write also runs the subscriber's TCP receive path). A group commit stores many
- * messages in one turn of the event loop, so the subscriber's socket is corked for that turn and
- * its frames leave in one writev. ws keeps its socket as `_socket` (test/cloud/subscribers.test.ts
- * checks it is there).
+ * messages in one turn of the event loop, so the subscriber's socket is corked for that turn
+ * (corkUntilNextTick) and its frames leave in one writev. ws keeps its socket as `_socket`
+ * (test/cloud/subscribers.test.ts checks it is there).
  */
 function socketOf(ws: WebSocket): { cork(): void; uncork(): void } | undefined {
   const s = (ws as unknown as { _socket?: { cork?: unknown; uncork?: unknown } })._socket;
@@ -79,11 +80,6 @@ class Subscriber {
   private head = 0;
   private running = false;
   private closed = false;
-  private corked = false;
-  private readonly uncork = (): void => {
-    this.corked = false;
-    socketOf(this.ws)?.uncork();
-  };
   private replaying: boolean;
   private readonly replayUpTo: number;
 
@@ -169,14 +165,8 @@ class Subscriber {
   private send(text: string): Promise<void> {
     if (this.closed || this.ws.readyState !== this.ws.OPEN) return Promise.resolve();
     if (this.ws.bufferedAmount < HIGH_WATER_BYTES) {
-      if (!this.corked) {
-        const sock = socketOf(this.ws);
-        if (sock) {
-          this.corked = true;
-          sock.cork();
-          process.nextTick(this.uncork);
-        }
-      }
+      const sock = socketOf(this.ws);
+      if (sock) corkUntilNextTick(sock);
       this.ws.send(text, (err) => {
         if (err) this.close(1011, 'send failed');
       });

@@ -44,3 +44,20 @@ export function closeServer(server: Server, graceMs = 2000): Promise<void> {
     s.closeIdleConnections?.();
   });
 }
+
+const corkedForTick = new WeakSet<object>();
+
+/**
+ * Hold a socket's writes until the next tick, so that everything written to it in this turn of the
+ * event loop leaves in one writev (one TLS record, one syscall): the PUBACKs or subscriber frames of
+ * one group commit are all written in the same turn. Idempotent within a turn.
+ */
+export function corkUntilNextTick(socket: { cork(): void; uncork(): void }): void {
+  if (corkedForTick.has(socket)) return;
+  corkedForTick.add(socket);
+  socket.cork();
+  process.nextTick(() => {
+    corkedForTick.delete(socket);
+    socket.uncork();
+  });
+}
