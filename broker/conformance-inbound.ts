@@ -11,6 +11,7 @@
  * GuardState (`failure`) and reported through `onFail`; the connection does the rest.
  */
 import { isUtf8 } from 'node:buffer';
+import { transientBytes } from '../core/reclaim.js';
 import type { StatementId } from './conformance-statements.js';
 import {
   CONNECT,
@@ -200,6 +201,7 @@ export class InboundValidator {
         const a = this.assembly;
         const k = Math.min(a.length - this.assemblyOff, n - off);
         c.copy(a, this.assemblyOff, off, off + k);
+        transientBytes(k); // the chunk is garbage once copied (core/reclaim.ts)
         this.assemblyOff += k;
         off += k;
         runStart = off;
