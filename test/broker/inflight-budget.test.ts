@@ -44,6 +44,35 @@ t.test('InflightBudget: FIFO grants, one request larger than the budget passes a
   t.ok(b.acquire(5, () => {}).granted, 'a new limit applies to the next requests');
 });
 
+t.test('InflightBudget with reclaim: bytes given back reach a waiter on the next turn, after one collection; nobody waiting, no collection', async (t) => {
+  let collections = 0;
+  const b = new InflightBudget(100, () => collections++);
+  const granted: string[] = [];
+  const a = b.acquire(60, () => granted.push('a'));
+  const c = b.acquire(60, () => granted.push('c'));
+  const d = b.acquire(30, () => granted.push('d'));
+  a.release();
+  await Promise.resolve();
+  t.same(granted, [], 'not from a microtask: aedes may still hold the released packet');
+  t.equal(collections, 0);
+  await new Promise((r) => setImmediate(r));
+  await Promise.resolve();
+  t.equal(collections, 1, 'one collection before the grant');
+  t.same(granted, ['c', 'd'], 'then the waiters, in order');
+  c.release();
+  d.release();
+  await new Promise((r) => setImmediate(r));
+  t.equal(collections, 1, 'nobody waiting: no collection');
+  const e = b.acquire(100, () => granted.push('e'));
+  t.ok(e.granted, 'granted at once when it fits and nobody waits');
+  const f = b.acquire(10, () => granted.push('f'));
+  f.release();
+  e.release();
+  await new Promise((r) => setImmediate(r));
+  t.equal(collections, 1, 'a waiter that left before the release: no collection');
+  t.match(b.status(), { in_flight_bytes: 0, in_flight: 0, waiting: 0 });
+});
+
 /** An in-process socket: exact control over chunk boundaries. */
 class FakeSocket extends Duplex {
   override _read(): void {}
