@@ -34,7 +34,7 @@ import { CommandSender } from './commands.js';
 import { DeviceSessions, packetLimit, topicLimits, type BestEffortForward, type BrokerRegistry } from './hooks.js';
 import { aedesInternals } from './aedes-internals.js';
 import { InflightBudget } from './inflight-budget.js';
-import { collectNow } from '../core/reclaim.js';
+import { RECLAIM_EVERY_BYTES, collectNow } from '../core/reclaim.js';
 import type { BridgeRouting, BrokerConfig, BrokerSettings } from './settings.js';
 
 export { PORT_KEYS, type ListenerName } from './listeners.js';
@@ -114,7 +114,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
     const now = opts.now ?? Date.now;
     this.closeTimeoutMs = opts.closeTimeoutMs ?? 3000;
     this.retained = new RetainedLedger(retainedLimits(opts.config.limits));
-    this.budget = new InflightBudget(opts.config.limits.large_inflight_budget_bytes, collectNow);
+    this.budget = new InflightBudget(opts.config.limits.large_inflight_budget_bytes, collectNow, RECLAIM_EVERY_BYTES);
     let mConnects: Counter<'listener' | 'via'> | undefined;
     let mRefusals: Counter<'listener' | 'code'> | undefined;
     if (opts.metrics) {

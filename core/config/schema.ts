@@ -103,7 +103,7 @@ export const configSchema = obj('edge-connector configuration', {
     limits: obj('limits with safe defaults', {
       max_payload_bytes: int(16777216, 1, 268435455, 'largest MQTT publish payload accepted (up to the MQTT maximum 268435455); a payload over 1 MiB is journaled as a blob and sent upstream in chunks; a device announcing a larger packet is disconnected'),
       large_publish_bytes: int(262144, 1024, 268435455, 'a PUBLISH whose remaining length is above this is a large publish: it needs room in large_inflight_budget_bytes before the broker reads its body'),
-      large_inflight_budget_bytes: int(67108864, 1048576, 4294967296, 'bytes of large publishes held in memory at once, across all devices (aedes holds a whole packet); when spent, the broker stops reading from the sockets sending large publishes until room frees (they wait, they do not fail); one publish larger than the budget is read alone'),
+      large_inflight_budget_bytes: int(67108864, 1048576, 4294967296, 'bytes of large publishes held in memory at once, across all devices (aedes holds a whole packet); when spent, the broker stops reading from the sockets sending large publishes until room frees (they wait, they do not fail); one publish larger than the budget is read alone; 2 MiB of it is kept for the decrypted chunks being copied into those publishes'),
       max_connections: int(10000, 1, 1000000, 'concurrent device connections across all listeners'),
       max_topic_depth: int(16, 1, 128, 'most topic levels in a topic name or filter'),
       max_topic_bytes: int(1024, 16, 65535, 'longest topic name or filter in bytes'),

@@ -73,6 +73,20 @@ t.test('InflightBudget with reclaim: bytes given back reach a waiter on the next
   t.match(b.status(), { in_flight_bytes: 0, in_flight: 0, waiting: 0 });
 });
 
+t.test('InflightBudget with a reserve: the reserve is kept free of grants, except for a request alone', async (t) => {
+  const b = new InflightBudget(100, undefined, 10);
+  const a = b.acquire(60, () => {});
+  t.ok(a.granted);
+  const c = b.acquire(31, () => {});
+  t.notOk(c.granted, '60 + 31 + the 10 reserved > 100: waits');
+  c.release();
+  const d = b.acquire(30, () => {});
+  t.ok(d.granted, '60 + 30 + 10 = 100: fits');
+  a.release();
+  d.release();
+  t.ok(b.acquire(100, () => {}).granted, 'alone, a request of the whole limit still passes');
+});
+
 /** An in-process socket: exact control over chunk boundaries. */
 class FakeSocket extends Duplex {
   override _read(): void {}
