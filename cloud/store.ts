@@ -55,6 +55,7 @@ import {
 } from './store/format.js';
 import { scanSegment, readRecordAt } from './store/segments.js';
 import { importLegacyStore } from './store/legacy.js';
+import { PayloadRing } from './store/ring.js';
 
 export type { StoredEntry } from './store/format.js';
 
@@ -141,8 +142,7 @@ export class CloudStore extends EventEmitter {
   private activePayloadPos: number[] = [];
   private readonly fpCache = new Map<number, Buffer>();
   /** Recent payloads by seq (FIFO, bounded). */
-  private readonly ring = new Map<number, Buffer>();
-  private ringUsed = 0;
+  private readonly ring: PayloadRing;
   private seq = 0;
   /** Highest seq whose record is durable and announced ('stored' emitted). */
   private committed = 0;
@@ -167,6 +167,7 @@ export class CloudStore extends EventEmitter {
     this.segmentRecords = opts.segmentRecords ?? 131_072;
     this.ringMessages = opts.ringMessages ?? 65_536;
     this.ringBytes = opts.ringBytes ?? 32 * 1024 * 1024;
+    this.ring = new PayloadRing(this.ringMessages, this.ringBytes);
   }
 
   /** Messages stored so far (= the seq of the last durable record). */
@@ -398,8 +399,8 @@ export class CloudStore extends EventEmitter {
       sealedSegments: this.segments.filter((x) => x.bloom).length,
       activeKeys: this.activeKeys.size,
       bloomBytes,
-      ringMessages: this.ring.size,
-      ringBytes: this.ringUsed,
+      ringMessages: this.ring.stats().messages,
+      ringBytes: this.ring.stats().bytes,
     };
   }
 
@@ -742,17 +743,13 @@ export class CloudStore extends EventEmitter {
   }
 
   private remember(seq: number, data: Buffer): void {
-    if (data.length > this.ringBytes) return;
-    this.ring.set(seq, data);
-    this.ringUsed += data.length;
-    while (this.ring.size > this.ringMessages || this.ringUsed > this.ringBytes) {
-      const [s, b] = this.ring.entries().next().value as [number, Buffer];
-      this.ring.delete(s);
-      this.ringUsed -= b.length;
-    }
+    this.ring.put(seq, data);
   }
 
-  /** The payload of a recently stored message, from memory (undefined: not in the ring; use readPayload). */
+  /**
+   * The payload of a recently stored message, from memory (undefined: not in the ring; use
+   * readPayload). A view into the ring, valid until the next commit round: use it at once.
+   */
   cachedPayload(entry: Pick<StoredEntry, 'seq'>): Buffer | undefined {
     return this.ring.get(entry.seq);
   }
@@ -764,7 +761,8 @@ export class CloudStore extends EventEmitter {
 
   async readPayload(entry: StoredEntry): Promise<Buffer> {
     const cached = this.ring.get(entry.seq);
-    if (cached) return cached;
+    // a copy: the caller gets it after an await, when the ring may have been written again
+    if (cached) return Buffer.from(cached);
     if (entry.payload_file !== undefined) return readFile(path.join(this.dir, entry.payload_file));
     if (entry.size === 0) return Buffer.alloc(0);
     const active = this.active;
