@@ -56,6 +56,7 @@ import {
 import { scanSegment, readRecordAt } from './store/segments.js';
 import { importLegacyStore } from './store/legacy.js';
 import { PayloadRing } from './store/ring.js';
+import { ActiveIndex } from './store/active-index.js';
 
 export type { StoredEntry } from './store/format.js';
 
@@ -98,6 +99,8 @@ interface PendingCommit {
   /** … a whole payload in memory (a message of one chunk), written inline into the segment. */
   data?: Buffer;
   entry: StoredEntry;
+  /** the fingerprint of `key`, once computed (round) */
+  fp?: [number, number];
   resolve: () => void;
   reject: (e: Error) => void;
   onFail?: ((e: Error) => void) | undefined;
@@ -130,10 +133,8 @@ export class CloudStore extends EventEmitter {
   private readonly segments: Segment[] = [];
   private active?: Segment;
   private activeFh?: FileHandle;
-  /** Exact dedup keys of the active segment → record position. */
-  private activeKeys = new Map<string, number>();
-  /** Fingerprints of the active segment (flat: hi, lo, pos per record), for its sidecar when sealed. */
-  private activeFps: number[] = [];
+  /** The active segment's records by the fingerprint of their dedup key (and its sidecar's input when sealed). */
+  private activeIdx = new ActiveIndex(0);
   /** Fingerprint files of segments sealed but not yet written (lookups read them from here meanwhile). */
   private readonly unwrittenFps = new Map<number, Buffer>();
   /** The writes of those files, one after the other; close() waits for them. */
@@ -205,10 +206,8 @@ export class CloudStore extends EventEmitter {
       } else {
         const size = (await stat(file)).size;
         const r = await scanSegment(file, (rec) => {
-          const key = dedupKey(rec.entry.gateway_id, rec.entry.id);
-          const [hi, lo] = fingerprint(key);
-          this.activeKeys.set(key, rec.pos);
-          this.activeFps.push(hi, lo, rec.pos);
+          const [hi, lo] = fingerprint(dedupKey(rec.entry.gateway_id, rec.entry.id));
+          this.activeIdx.add(hi, lo, rec.pos);
           this.activePayloadPos.push(rec.payloadPos);
           seg.count++;
         }, { expectSeq: first });
@@ -276,15 +275,14 @@ export class CloudStore extends EventEmitter {
     this.segments.push(seg);
     this.active = seg;
     this.activeFh = fh;
-    this.activeKeys = new Map();
-    this.activeFps = [];
+    this.activeIdx = new ActiveIndex(this.segmentRecords);
     this.activePayloadPos = [];
   }
 
   /** Seal the active segment (fingerprint file, Bloom) and start the next one. */
   private async roll(): Promise<void> {
     const seg = this.active!;
-    const flat = this.activeFps;
+    const flat = this.activeIdx.fps;
     const fp = encodeFingerprints(flat, seg.size);
     seg.bloom = new Bloom(flat.length / 3);
     for (let i = 0; i < flat.length; i += 3) seg.bloom.add(flat[i]!, flat[i + 1]!);
@@ -349,8 +347,26 @@ export class CloudStore extends EventEmitter {
    */
   async isStored(gatewayId: string, id: string): Promise<boolean> {
     const key = dedupKey(gatewayId, id);
-    if (this.activeKeys.has(key)) return true;
+    const [hi, lo] = fingerprint(key);
+    if (await this.inActive(gatewayId, id, hi, lo)) return true;
     return this.inSealed(key, gatewayId, id);
+  }
+
+  /** In the active segment: a fingerprint match confirmed against the record itself (rare: duplicates only). */
+  private async inActive(gatewayId: string, id: string, hi: number, lo: number): Promise<boolean> {
+    const positions = this.activeIdx.positions(hi, lo);
+    if (positions.length === 0 || !this.activeFh) return false;
+    for (const pos of positions) {
+      const r = await readRecordAt(this.activeFh, pos);
+      if (r && r.entry.gateway_id === gatewayId && r.entry.id === id) return true;
+    }
+    return false;
+  }
+
+  /** Whether a sealed segment's Bloom filter holds this fingerprint (synchronous; inSealed confirms). */
+  private mayBeSealed(hi: number, lo: number): boolean {
+    for (let i = this.segments.length - 2; i >= 0; i--) if (this.segments[i]!.bloom?.has(hi, lo)) return true;
+    return false;
   }
 
   private async inSealed(key: string, gatewayId: string, id: string): Promise<boolean> {
@@ -397,7 +413,7 @@ export class CloudStore extends EventEmitter {
       stored: this.committed,
       segments: this.segments.length,
       sealedSegments: this.segments.filter((x) => x.bloom).length,
-      activeKeys: this.activeKeys.size,
+      activeKeys: this.activeIdx.size,
       bloomBytes,
       ringMessages: this.ring.stats().messages,
       ringBytes: this.ring.stats().bytes,
@@ -656,8 +672,12 @@ export class CloudStore extends EventEmitter {
     const inRound = new Set<string>();
     const storing: PendingCommit[] = [];
     for (const b of batch) {
-      if (this.activeKeys.has(b.key) || inRound.has(b.key)) continue;
-      if (this.segments.length > 1 && (await this.inSealed(b.key, b.entry.gateway_id, b.id))) continue;
+      if (inRound.has(b.key)) continue;
+      const [hi, lo] = fingerprint(b.key);
+      b.fp = [hi, lo];
+      // no promise per message: only a fingerprint match (a duplicate, or a rare collision) awaits a read
+      if (this.activeIdx.has(hi, lo) && (await this.inActive(b.entry.gateway_id, b.id, hi, lo))) continue;
+      if (this.mayBeSealed(hi, lo) && (await this.inSealed(b.key, b.entry.gateway_id, b.id))) continue;
       inRound.add(b.key);
       b.entry.seq = ++this.seq;
       if (b.p) b.entry.payload_file = path.join('blobs', `${b.entry.seq}.bin`);
@@ -714,9 +734,8 @@ export class CloudStore extends EventEmitter {
     // durable: index, announce, acknowledge
     seg.size = pos;
     for (const [i, b] of storing.entries()) {
-      const [hi, lo] = fingerprint(b.key);
-      this.activeKeys.set(b.key, positions[i]!);
-      this.activeFps.push(hi, lo, positions[i]!);
+      const [hi, lo] = b.fp ?? fingerprint(b.key);
+      this.activeIdx.add(hi, lo, positions[i]!);
       this.activePayloadPos.push(payloadPositions[i]!);
       seg.count++;
       if (b.data) this.remember(b.entry.seq, b.data);
