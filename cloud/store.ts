@@ -17,12 +17,13 @@
  * The segment is rolled at `segmentBytes` or `segmentRecords`; a new segment's
  * name is made durable (directory fsync) before anything is written to it.
  *
- * Duplicates are dropped by (gateway, message id). Bounded memory: the exact
- * keys of the active segment only (≤ segmentRecords), and per sealed segment a
- * Bloom filter (20 bits ≈ 2.5 B per message) backed by its on-disk sorted
- * fingerprint file; a Bloom hit is confirmed by reading the record itself.
- * Recently stored payloads stay in a bounded ring for subscribers; older ones
- * are read back from the segment.
+ * Duplicates are dropped by (gateway, message id). Bounded memory: the 64-bit
+ * key fingerprints of the active segment only (≤ segmentRecords, in typed
+ * arrays: store/active-index.ts), and per sealed segment a Bloom filter (20 bits
+ * ≈ 2.5 B per message) backed by its on-disk sorted fingerprint file; any match
+ * is confirmed by reading the record itself. Recently stored payloads stay in a
+ * bounded ring of bytes for subscribers (store/ring.ts); older ones are read back
+ * from the segment.
  *
  * On open: a store in the old format (index.jsonl + payloads/) is imported
  * (cloud/store/legacy.ts); the last segment is scanned (streamed, CRC and seq
@@ -83,7 +84,7 @@ export interface Partial {
 export interface CloudStoreOptions {
   /** Roll the active segment once it holds this many bytes (default 64 MiB). */
   segmentBytes?: number;
-  /** … or this many records (default 131 072; bounds the exact in-memory index). */
+  /** … or this many records (default 131 072; bounds the active segment's in-memory index). */
   segmentRecords?: number;
   /** Recent payloads kept in memory for subscribers: count and bytes (defaults 65 536 and 32 MiB). */
   ringMessages?: number;
