@@ -15,7 +15,10 @@
  *  - `AedesInternals.queueLimit` / `connectTimeout`: changed on reload (broker.ts).
  *  - `AedesInternals.persistence` (aedes-persistence 11 API): what a revoked device leaves
  *    behind is removed (hooks.ts).
+ *  - `MqttPacketInternals.writeToStream` (the mqtt-packet module aedes writes with, found from
+ *    aedes' own location): its 2-byte number cache is turned off (broker.ts).
  */
+import { createRequire } from 'node:module';
 import type { EventEmitter } from 'node:events';
 import type { Aedes, Client } from 'aedes';
 
@@ -54,4 +57,18 @@ export function takeNextPacketId(c: Client): number {
   const id = ci._nextId;
   ci._nextId = id >= 65535 ? 1 : id + 1;
   return id;
+}
+
+/** The mqtt-packet module aedes generates every outgoing packet with. */
+export interface MqttPacketInternals {
+  /** `cacheNumbers`: true (its default) writes 2-byte numbers from a cache of all 65 536 made on first use */
+  writeToStream: { cacheNumbers: boolean };
+}
+
+/**
+ * The very mqtt-packet instance aedes imports: resolved from aedes' own location, so a copy nested
+ * under aedes (another version) is the one configured, not one hoisted next to it.
+ */
+export function aedesMqttPacket(): MqttPacketInternals {
+  return createRequire(import.meta.resolve('aedes'))('mqtt-packet') as MqttPacketInternals;
 }

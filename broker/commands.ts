@@ -18,8 +18,8 @@ const CMD_BROKER_ID = 'edge-connector:command';
 /** What the commands need from a live device session. */
 export interface CommandSession {
   client: Client;
-  /** pending commands of this session by packet id */
-  commands: Map<number, PendingCommand>;
+  /** pending commands of this session by packet id; made by the first command (most sessions never get one) */
+  commands: Map<number, PendingCommand> | undefined;
 }
 
 export interface PendingCommand {
@@ -97,19 +97,19 @@ export class CommandSender {
     if (!p || p.session !== s || p.messageId !== undefined) return packet;
     const messageId = takeNextPacketId(s.client);
     p.messageId = messageId;
-    s.commands.set(messageId, p);
+    (s.commands ??= new Map()).set(messageId, p);
     return { ...packet, messageId } as AedesPublishPacket;
   }
 
   /** The device sent a PUBACK. */
   acked(s: CommandSession, messageId: number): void {
-    const p = s.commands.get(messageId);
+    const p = s.commands?.get(messageId);
     if (p) this.finish(p, true);
   }
 
   /** The session ended: its pending commands were not delivered. */
   sessionEnded(s: CommandSession): void {
-    for (const p of [...s.commands.values()]) this.finish(p, false, 'the device disconnected before acknowledging');
+    if (s.commands) for (const p of [...s.commands.values()]) this.finish(p, false, 'the device disconnected before acknowledging');
   }
 
   /** The broker is closing. */
@@ -120,7 +120,7 @@ export class CommandSender {
   private finish(p: PendingCommand, delivered: boolean, reason?: string): void {
     if (!this.pending.delete(p.counter)) return;
     clearTimeout(p.timer);
-    if (p.messageId !== undefined) p.session.commands.delete(p.messageId);
+    if (p.messageId !== undefined) p.session.commands?.delete(p.messageId);
     p.resolve(reason === undefined ? { delivered } : { delivered, reason });
   }
 }

@@ -131,8 +131,11 @@ export class InboundValidator {
   private need = 0;
   /** payload bytes of the current PUBLISH still to pass through */
   private streamLeft = 0;
-  /** packet ids of incoming QoS>0 PUBLISHes that carried DUP 1 (the flag itself is cleared), not yet taken */
-  private readonly dupIn = new Map<number, number>();
+  /**
+   * packet ids of incoming QoS>0 PUBLISHes that carried DUP 1 (the flag itself is cleared), not yet
+   * taken; made on the first DUP 1 (rare: an empty Map costs ~200 B on every idle connection)
+   */
+  private dupIn: Map<number, number> | undefined;
   /** bytes from the start of a large PUBLISH waiting for the budget (plus whatever arrived after it) */
   private held: Buffer[] | undefined;
   /** the next large PUBLISH examined was already admitted (it waited, then was granted) */
@@ -382,10 +385,10 @@ export class InboundValidator {
    * flag before aedes sees it, MQTT-3.3.1-3). Call once per PUBLISH, in receive order: it consumes.
    */
   takeIncomingDup(packetId: number): boolean {
-    const n = this.dupIn.get(packetId);
+    const n = this.dupIn?.get(packetId);
     if (n === undefined) return false;
-    if (n <= 1) this.dupIn.delete(packetId);
-    else this.dupIn.set(packetId, n - 1);
+    if (n <= 1) this.dupIn!.delete(packetId);
+    else this.dupIn!.set(packetId, n - 1);
     return true;
   }
 
@@ -422,7 +425,8 @@ export class InboundValidator {
       if (flags & 0x08) {
         b[s] = b[s]! & ~0x08;
         const id = u16(b, t0 + topicLen);
-        if (this.dupIn.size < 65536) this.dupIn.set(id, (this.dupIn.get(id) ?? 0) + 1);
+        const dupIn = (this.dupIn ??= new Map());
+        if (dupIn.size < 65536) dupIn.set(id, (dupIn.get(id) ?? 0) + 1);
       }
     }
     if (avail >= total) return s + total;
@@ -551,7 +555,8 @@ export class InboundValidator {
         index.push(k);
         lastRequested[k] = requested[i]!;
       });
-      if (this.st.fixups.size < MAX_FIXUPS) this.st.fixups.set(id, { requested, index, lastRequested });
+      const fixups = (this.st.fixups ??= new Map());
+      if (fixups.size < MAX_FIXUPS) fixups.set(id, { requested, index, lastRequested });
     }
     return true;
   }

@@ -47,7 +47,7 @@ export class OutboundFixups {
   private outboundMode(b0: number): number {
     const type = b0 >> 4;
     if (type === CONNACK) return HOLD;
-    if (type === SUBACK) return this.st.fixups.size > 0 ? HOLD : PASS;
+    if (type === SUBACK) return this.st.fixups !== undefined && this.st.fixups.size > 0 ? HOLD : PASS;
     if (type === PUBLISH && this.st.session !== undefined && (b0 & 0x06) !== 0) return this.redeliver ? HOLD : PEEK;
     return PASS;
   }
@@ -203,9 +203,9 @@ export class OutboundFixups {
     if (type === CONNACK) return this.resolveConnack(held, h, total);
     // SUBACK
     const id = u16(held, h);
-    const fix = this.st.fixups.get(id);
+    const fix = this.st.fixups?.get(id);
     if (!fix) return this.release(held, held.length, total);
-    this.st.fixups.delete(id);
+    this.st.fixups!.delete(id);
     const codes = held.subarray(h + 2, total);
     if (codes.length !== fix.lastRequested.length) return this.release(held, held.length, total);
     const expanded = fix.index.map((k, i) => {

@@ -12,7 +12,8 @@ import { Aedes, type AedesOptions, type Client } from 'aedes';
 import mqtt from 'mqtt-packet';
 import type { Packet } from 'mqtt-packet';
 import { readFileSync } from 'node:fs';
-import { aedesInternals, clientInternals, takeNextPacketId } from '../../broker/aedes-internals.js';
+import { createRequire } from 'node:module';
+import { aedesInternals, aedesMqttPacket, clientInternals, takeNextPacketId } from '../../broker/aedes-internals.js';
 
 /** `Interface.member` of every internal a case below checked against the installed aedes. */
 const exercised = new Set<string>();
@@ -261,6 +262,30 @@ t.test('aedes.persistence: subscriptions, offline queue, retained messages, will
   for (const m of ['subscriptionsByClient', 'cleanSubscriptions', 'cleanIncoming', 'outgoingStream', 'outgoingClearMessageId', 'delWill', 'createRetainedStream', 'storeRetained']) {
     exercised.add(`PersistenceInternals.${m}`);
   }
+});
+
+t.test('the mqtt-packet aedes writes with: its number cache turned off, packet ids and topics still go out right', async (t) => {
+  const mp = aedesMqttPacket();
+  t.equal(mp, createRequire(import.meta.url)('mqtt-packet'), 'the module aedes resolves (the hoisted one here)');
+  t.equal(typeof mp.writeToStream.cacheNumbers, 'boolean');
+  const before = mp.writeToStream.cacheNumbers;
+  t.teardown(() => {
+    mp.writeToStream.cacheNumbers = before;
+  });
+  mp.writeToStream.cacheNumbers = false;
+  t.equal(mp.writeToStream.cacheNumbers, false, 'turned off');
+  const h = await harness(t);
+  const { c: sub } = await connected(t, h, 'numbers-sub');
+  sub.send({ cmd: 'subscribe', messageId: 300, subscriptions: [{ topic: 'n/#', qos: 1 }] });
+  t.match(await sub.next((p) => p.cmd === 'suback'), { cmd: 'suback', messageId: 300 });
+  const { c: pub } = await connected(t, h, 'numbers-pub');
+  pub.send({ cmd: 'publish', topic: 'n/x', payload: Buffer.from('hi'), qos: 1, messageId: 4242, retain: false, dup: false });
+  t.match(await pub.next((p) => p.cmd === 'puback'), { cmd: 'puback', messageId: 4242 }, 'PUBACK carries the packet id');
+  const got = (await sub.next((p) => p.cmd === 'publish')) as mqtt.IPublishPacket;
+  t.equal(got.topic, 'n/x', 'topic length written right');
+  t.equal(got.payload.toString(), 'hi');
+  t.type(got.messageId, 'number');
+  exercised.add('MqttPacketInternals.writeToStream');
 });
 
 t.test('every member of broker/aedes-internals.ts was exercised above', async (t) => {
