@@ -371,6 +371,42 @@ function report(k, rc, rm, backlog) {
   }
 }
 
+/** One QoS 1 publish: 'PUBACK', or why not (refused, connection closed, no PUBACK within `seconds`). */
+function publishOnce(client, topic, payload, seconds) {
+  return new Promise((resolve) => {
+    const t = setTimeout(() => resolve(`no PUBACK within ${seconds} s`), seconds * 1000);
+    client.publish(topic, payload, { qos: 1 }, (err) => {
+      clearTimeout(t);
+      resolve(err ? `refused: ${err.message}` : 'PUBACK');
+    });
+    client.once('close', () => {
+      clearTimeout(t);
+      resolve('refused: the broker closed the connection');
+    });
+  });
+}
+
+/**
+ * Track a process's peak RSS from now on; the returned function stops and reads it. The kernel's
+ * peak (VmHWM) after a reset is exact; sampling every 20 ms is the fallback where clear_refs is refused.
+ */
+function peakRss(pid, before) {
+  let hwmReset = false;
+  try {
+    writeFileSync(`/proc/${pid}/clear_refs`, '5');
+    hwmReset = true;
+  } catch {}
+  let sampled = before;
+  const sampler = setInterval(() => {
+    const r = rssMiB(pid);
+    if (r > sampled) sampled = r;
+  }, 20);
+  return () => {
+    clearInterval(sampler);
+    return { peak: hwmReset ? rssMiB(pid, 'VmHWM') : sampled, hwmReset };
+  };
+}
+
 // ─── issue 11: a camera frame over MQTT on the bundled config ────────────────
 async function bigPublish() {
   const size = 3 * 1024 * 1024;
@@ -390,17 +426,7 @@ async function bigPublish() {
   };
   conn.sub?.on('message', onMsg);
   const t0 = performance.now();
-  const outcome = await new Promise((resolve) => {
-    const t = setTimeout(() => resolve('no PUBACK within 30 s'), 30_000);
-    d.client.publish(topic, payload, { qos: 1 }, (err) => {
-      clearTimeout(t);
-      resolve(err ? `refused: ${err.message}` : 'PUBACK');
-    });
-    d.client.once('close', () => {
-      clearTimeout(t);
-      resolve('refused: the broker closed the connection');
-    });
-  });
+  const outcome = await publishOnce(d.client, topic, payload, 30);
   const pubackMs = performance.now() - t0;
   if (outcome === 'PUBACK') await waitFor('the frame at the cloud subscriber', () => stored, 30_000, 50).catch(() => undefined);
   conn.sub?.off('message', onMsg);
@@ -448,36 +474,14 @@ async function bigBudget() {
     };
     conn.sub?.on('message', onMsg);
     const before = rssMiB(pid);
-    // the kernel's peak RSS (VmHWM) since a reset is exact; sampling is the fallback where clear_refs is refused
-    let hwmReset = false;
-    try {
-      writeFileSync(`/proc/${pid}/clear_refs`, '5');
-      hwmReset = true;
-    } catch {}
-    let sampled = before;
-    const sampler = setInterval(() => {
-      const r = rssMiB(pid);
-      if (r > sampled) sampled = r;
-    }, 20);
+    const peakOf = peakRss(pid, before);
     const t0 = performance.now();
-    const results = await Promise.all(
-      devs.map(
-        (d, i) =>
-          new Promise((resolve) => {
-            const t = setTimeout(() => resolve('no PUBACK within 60 s'), 60_000);
-            d.client.publish(`devices/${devIds[i]}/frame`, payloads[i], { qos: 1 }, (err) => {
-              clearTimeout(t);
-              resolve(err ? `refused: ${err.message}` : 'PUBACK');
-            });
-          }),
-      ),
-    );
+    const results = await Promise.all(devs.map((d, i) => publishOnce(d.client, `devices/${devIds[i]}/frame`, payloads[i], 60)));
     const pubackS = (performance.now() - t0) / 1000;
     const acked = results.every((r) => r === 'PUBACK');
     if (acked) await waitFor('the frames at the cloud subscriber', () => got.size === n, 60_000, 50).catch(() => undefined);
     const storedS = (performance.now() - t0) / 1000;
-    clearInterval(sampler);
-    const peak = hwmReset ? rssMiB(pid, 'VmHWM') : sampled;
+    const { peak, hwmReset } = peakOf();
     conn.sub?.off('message', onMsg);
     const digestsOk = got.size === n && [...want].every(([topic, sha]) => got.get(topic) === sha.toString('hex') || got.get(topic) === sha.toString('base64'));
     return { results, acked, got, digestsOk, pubackS, storedS, before, peak, hwmReset, ok: acked && digestsOk && peak <= before + budgetMiB };
@@ -528,33 +532,13 @@ async function bigSingle() {
   conn.sub?.on('message', onMsg);
   const pid = conn.daemon.pid;
   const before = rssMiB(pid);
-  let hwmReset = false;
-  try {
-    writeFileSync(`/proc/${pid}/clear_refs`, '5');
-    hwmReset = true;
-  } catch {}
-  let sampled = before;
-  const sampler = setInterval(() => {
-    const r = rssMiB(pid);
-    if (r > sampled) sampled = r;
-  }, 20);
+  const peakOf = peakRss(pid, before);
   const t0 = performance.now();
-  const outcome = await new Promise((resolve) => {
-    const t = setTimeout(() => resolve('no PUBACK within 60 s'), 60_000);
-    d.client.publish(topic, payload, { qos: 1 }, (err) => {
-      clearTimeout(t);
-      resolve(err ? `refused: ${err.message}` : 'PUBACK');
-    });
-    d.client.once('close', () => {
-      clearTimeout(t);
-      resolve('refused: the broker closed the connection');
-    });
-  });
+  const outcome = await publishOnce(d.client, topic, payload, 60);
   const pubackS = (performance.now() - t0) / 1000;
   if (outcome === 'PUBACK') await waitFor('the 64 MiB message at the cloud subscriber', () => stored, 60_000, 50).catch(() => undefined);
   const storedS = (performance.now() - t0) / 1000;
-  clearInterval(sampler);
-  const peak = hwmReset ? rssMiB(pid, 'VmHWM') : sampled;
+  const { peak, hwmReset } = peakOf();
   conn.sub?.off('message', onMsg);
   d.client.end(true);
   const digestOk = stored && (stored.sha256 === sha.toString('hex') || stored.sha256 === sha.toString('base64'));
