@@ -9,7 +9,9 @@
  * Phases (real processes on loopback, like production):
  *  1. raw: one `ws` client → a `ws` server in another process over TLS, 64 KiB binary
  *     frames (the BASELINES.md "ws over TLS" figure);
- *  2. upload: one HTTP upload of --size-mib (streamed, Content-Digest) to POST /api/publish/ID;
+ *  2. upload: one HTTP upload of --size-mib (streamed, Content-Digest, Content-Length — the
+ *     connector forwards it upstream while it arrives; --chunked sends it without a length,
+ *     which the connector stores whole and then sends) to POST /api/publish/ID;
  *     reports upload MB/s (journal durable), uplink MB/s (journal → cloud stored, from the
  *     cloud's index), end-to-end MB/s, and the connector's RSS sampled every 50 ms;
  *  3. mqtt: --clients mqtt.js devices publish --msgs QoS 1 messages of --msg-bytes in total;
@@ -37,6 +39,7 @@ const { values: args } = parseArgs({
     clients: { type: 'string', default: '10' },
     'raw-mib': { type: 'string', default: '512' },
     'chunk-kib': { type: 'string', default: '256' },
+    chunked: { type: 'boolean', default: false },
     cloud: { type: 'string', default: 'both' },
     phases: { type: 'string', default: 'raw,upload,mqtt,drain' },
     'drain-msgs': { type: 'string', default: '20000' },
@@ -290,7 +293,12 @@ async function uploadBench(pair) {
     const req = https.request(`https://127.0.0.1:${pair.ports.api}/api/publish/bench-dev`, {
       method: 'POST',
       ca,
-      headers: { authorization: `Bearer ${token}`, 'content-digest': `sha-256=:${sha.toString('base64')}:`, 'content-type': 'application/octet-stream' },
+      headers: {
+        authorization: `Bearer ${token}`,
+        'content-digest': `sha-256=:${sha.toString('base64')}:`,
+        'content-type': 'application/octet-stream',
+        ...(args.chunked ? {} : { 'content-length': String(SIZE) }),
+      },
     }, (r) => {
       let body = '';
       r.setEncoding('utf8').on('data', (s) => (body += s));
