@@ -442,6 +442,13 @@ for (const kind of kinds) {
           `upload ${SIZE / 1024 / 1024} MiB: ${up.seconds.toFixed(1)} s end to end; HTTP upload → journal (durable) ${up.uploadMBs.toFixed(0)} MB/s, ` +
             `journal → cloud ACK ${up.uplinkMBs.toFixed(0)} MB/s (${((up.uplinkMBs / raw) * 100).toFixed(0)} % of raw ws/TLS), end to end ${up.e2eMBs.toFixed(0)} MB/s`,
         );
+        // with Content-Length the connector sends the upload while it arrives: what was already upstream at the 202
+        const took = pair.conn.logs.find((l) => l.msg === 'uplink: an upload sent while it arrived is committed: sending the rest');
+        const streamedMiB = took ? took.streamedBytes / 2 ** 20 : 0;
+        console.log(
+          `upload streamed upstream before the 202: ${streamedMiB.toFixed(0)} of ${SIZE / 2 ** 20} MiB; after the 202 until the cloud ACK ${(SIZE / MB / up.uplinkMBs).toFixed(2)} s; ` +
+            `end to end ${(up.e2eMBs / raw).toFixed(2)}× raw ws/TLS`,
+        );
         const c = up.cpuMsPerMiB;
         console.log(`CPU ms per MiB: connector ${(c.connUpload + c.connUplink).toFixed(2)} (while the body arrived ${c.connUpload.toFixed(2)}, after the 202 until the cloud ACK ${c.connUplink.toFixed(2)}), cloud ${c.cloud.toFixed(2)}, HTTP client ${c.client.toFixed(2)}`);
         console.log(`connector RSS during the upload: ${up.rssBase.toFixed(0)} MiB before, median ${up.rssP50.toFixed(0)} MiB, max ${up.rssMax.toFixed(0)} MiB`);

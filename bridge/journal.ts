@@ -731,7 +731,11 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
         // counted as staged (disk) from the moment it is taken, not only once its run is written
         counted += b.length;
         this.stagingBytes += b.length;
-        if (runLen >= STAGE_WRITE_BYTES || run.length >= STAGE_WRITE_BUFFERS) await writeRun();
+        if (runLen >= STAGE_WRITE_BYTES || run.length >= STAGE_WRITE_BUFFERS) {
+          await writeRun();
+          // streamed upstream while it arrives: no further ahead of the link than the uplink allows
+          if (upload?.streaming) await upload.linkCaughtUp(staged);
+        }
       }
       if (staging && runLen > 0) await writeRun();
       if (writing) await writing;

@@ -33,6 +33,15 @@ export class IncomingUpload extends EventEmitter {
   /** Bytes [0, written) are in the staging file and can be read. */
   written = 0;
   state: UploadState = 'receiving';
+  /**
+   * While the uplink streams it: bytes handed to the link so far, and how far the body may run ahead of
+   * them. The journal stops reading the body beyond that (linkCaughtUp), so that the two go at the pace of
+   * the slower: a body received faster than the link takes it would otherwise leave most of itself to be
+   * sent after the 202, one phase after the other again (and take the event loop from the link meanwhile).
+   */
+  streaming = false;
+  sent = 0;
+  window = 0;
   private reads = 0;
   private fh: FileHandle | undefined;
 
@@ -68,6 +77,32 @@ export class IncomingUpload extends EventEmitter {
     }
   }
 
+  /** The uplink starts streaming it; the body may run `window` bytes ahead of what the link took. */
+  startStreaming(window: number): void {
+    this.streaming = true;
+    this.window = window;
+  }
+
+  /** The link took the upload up to `n` bytes. */
+  noteSent(n: number): void {
+    this.sent = n;
+    this.emit('sent');
+  }
+
+  /** The uplink stopped streaming it (committed, link gone, refused): the body is no longer held back. */
+  stopStreaming(): void {
+    if (!this.streaming) return;
+    this.streaming = false;
+    this.emit('sent');
+  }
+
+  /** Resolves once the body may go on past `staged` bytes: the link is close enough behind, or no longer streaming it. */
+  async linkCaughtUp(staged: number): Promise<void> {
+    while (this.streaming && this.state === 'receiving' && staged - this.sent > this.window) {
+      await new Promise<void>((resolve) => this.once('sent', resolve));
+    }
+  }
+
   /** The journal wrote up to `n` bytes. */
   progress(n: number): void {
     if (this.state !== 'receiving' || n <= this.written) return;
@@ -81,6 +116,7 @@ export class IncomingUpload extends EventEmitter {
     this.state = state;
     if (this.reads === 0) this.closeFile();
     this.emit('end', state);
+    this.emit('sent');
   }
 
   private closeFile(): void {

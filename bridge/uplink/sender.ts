@@ -272,6 +272,7 @@ export class Sender {
     if (streamed) {
       startOffset = streamed.offset;
       startSeq = streamed.nextSeq;
+      up.log.info({ id: rec.id, streamedBytes: streamed.offset, total: rec.size }, 'uplink: an upload sent while it arrived is committed: sending the rest');
     } else if (r && r.total === rec.size && r.offset > 0 && r.offset <= rec.size && r.next_seq > 0) {
       startOffset = r.offset;
       startSeq = r.next_seq;

@@ -29,6 +29,11 @@ import type { Session, StreamState } from './types.js';
 
 /** Aborted uploads remembered for a DISCARD after the next WELCOME (bounded: the cloud expires the rest). */
 const MAX_REMEMBERED = 1024;
+/**
+ * How far the body of a streamed upload may run ahead of the link (at least 4 chunks): enough to keep the
+ * link busy across the journal's 1 MiB writes, small enough that little is left to send after the 202.
+ */
+const LEAD_BYTES = 16 * 1024 * 1024;
 
 export { FEATURE_STREAM };
 
@@ -112,9 +117,18 @@ export class Streamer {
   }
 
   private async run(s: Session, u: IncomingUpload): Promise<void> {
-    const up = this.up;
     const st: StreamState = { id: u.id, total: u.total, sentOffset: 0, nextSeq: 0, stop: false };
     s.streams.set(u.id, st);
+    u.startStreaming(Math.max(LEAD_BYTES, 4 * s.chunkSize));
+    try {
+      await this.send(s, u, st);
+    } finally {
+      u.stopStreaming();
+    }
+  }
+
+  private async send(s: Session, u: IncomingUpload, st: StreamState): Promise<void> {
+    const up = this.up;
     const meta = wireMeta(u.meta);
     const live = (): boolean => !st.stop && up.session === s && !s.closing && s.ws.readyState === WebSocket.OPEN && u.state === 'receiving';
     for (const r of chunkRanges(u.total, s.chunkSize)) {
@@ -140,6 +154,7 @@ export class Streamer {
       up.m.bytesSent.inc(r.length);
       // what is batched goes first, then this frame, in the same turn (as Sender.sendFrames does)
       await Promise.all([up.sender.flush(s), up.sender.writeFrame(s, frame)]);
+      u.noteSent(st.sentOffset);
     }
   }
 
