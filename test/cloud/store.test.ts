@@ -302,3 +302,25 @@ t.test('commits that arrive while a segment is being rolled wait for the next ro
   t.equal(s.count, results.length, `all ${results.length} stored`);
   t.ok(s.stats().sealedSegments >= 10, `rolled ${s.stats().sealedSegments} times meanwhile`);
 });
+
+t.test('partial expiry: a partial no chunk reached for the TTL is dropped with its files; its age survives a reopen', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  let s = await open(t, dir);
+  await feed(s, 'old-1', randomBytes(300_000), 100_000, 2);
+  await s.persist(s.getPartial('old-1')!);
+  t.same(await s.expirePartials(60_000), [], 'young: kept');
+  t.ok(s.getPartial('old-1'), 'still held');
+  await s.close();
+  s = await open(t, dir);
+  const p = s.getPartial('old-1');
+  t.ok(p, 'held after a reopen');
+  t.ok(p!.lastTouched <= Date.now() && p!.lastTouched > Date.now() - 60_000, 'its age comes from its durable state, not from the reopen');
+  await feed(s, 'new-1', randomBytes(300_000), 100_000, 1);
+  const later = p!.lastTouched + 10_000;
+  s.getPartial('new-1')!.lastTouched = later; // a chunk of it arrived "later"
+  t.same(await s.expirePartials(5_000, later + 1), ['old-1'], 'only the one idle longer than the TTL goes');
+  t.notOk(s.getPartial('old-1'));
+  t.notOk(existsSync(path.join(dir, 'partials', 'old-1.part')), 'its data file is gone');
+  t.notOk(existsSync(path.join(dir, 'partials', 'old-1.json')), 'its state file is gone');
+  t.ok(s.getPartial('new-1'), 'the recent one stays');
+});
