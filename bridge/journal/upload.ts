@@ -96,9 +96,15 @@ export class IncomingUpload extends EventEmitter {
     this.emit('sent');
   }
 
-  /** Resolves once the body may go on past `staged` bytes: the link is close enough behind, or no longer streaming it. */
+  /**
+   * Resolves once the body may go on past `staged` bytes: the link is close enough behind, or no longer
+   * streaming it. Once held, the body waits until the link is within half the window, not one chunk
+   * less: resuming for every chunk the link takes would stop and start the device's connection (and wake
+   * this loop) for every chunk.
+   */
   async linkCaughtUp(staged: number): Promise<void> {
-    while (this.streaming && this.state === 'receiving' && staged - this.sent > this.window) {
+    if (!(this.streaming && staged - this.sent > this.window)) return;
+    while (this.streaming && this.state === 'receiving' && staged - this.sent > this.window / 2) {
       await new Promise<void>((resolve) => this.once('sent', resolve));
     }
   }

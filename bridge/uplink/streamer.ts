@@ -34,6 +34,10 @@ const MAX_REMEMBERED = 1024;
  * link busy across the journal's 1 MiB writes, small enough that little is left to send after the 202.
  */
 const LEAD_BYTES = 16 * 1024 * 1024;
+/** Most bytes of a BATCH entry's fields before its data (as in sender.ts): id, numbers, digests, metadata. */
+const ENTRY_FIELDS_MAX = 1 + 128 + 4 + 8 + 8 + 4 + 32 + 4621 + 32 + 8;
+/** Frame buffers kept for reuse. */
+const FREE_FRAMES = 8;
 
 export { FEATURE_STREAM };
 
@@ -130,6 +134,10 @@ export class Streamer {
   private async send(s: Session, u: IncomingUpload, st: StreamState): Promise<void> {
     const up = this.up;
     const meta = wireMeta(u.meta);
+    // frame buffers are used again once the socket has written them (as in Sender.sendFrames): a 1 GiB upload
+    // would otherwise allocate 4 096 of 256 KiB for the GC to find
+    const cap = HEADER_BYTES + ENTRY_FIELDS_MAX + s.chunkSize;
+    const free: Buffer[] = [];
     const live = (): boolean => !st.stop && up.session === s && !s.closing && s.ws.readyState === WebSocket.OPEN && u.state === 'receiving';
     for (const r of chunkRanges(u.total, s.chunkSize)) {
       if (r.last) return; // waits for the commit; the sender sends it from the record
@@ -137,7 +145,8 @@ export class Streamer {
       while (live() && up.conn.holdForToken(s)) await up.waitWake(50);
       if (!live()) return;
       const at = HEADER_BYTES + batchEntryHeaderBytes({ id: u.id, seq: r.seq, offset: r.offset, total: u.total, ...(r.first ? { meta } : {}) }, r.length);
-      const frame = Buffer.allocUnsafe(at + r.length);
+      const base = at + r.length <= cap ? (free.pop() ?? Buffer.allocUnsafe(cap)) : Buffer.allocUnsafe(at + r.length);
+      const frame = base.subarray(0, at + r.length);
       await u.read(frame, at, r.offset, r.length);
       if (!live()) return; // committed (the sender goes on from sentOffset), aborted, or the link went
       const c: BatchChunkHead = { id: u.id, seq: r.seq, offset: r.offset, total: u.total, chunk_sha256: sha256(frame.subarray(at)) };
@@ -153,7 +162,10 @@ export class Streamer {
       up.counts.bytesSent += r.length;
       up.m.bytesSent.inc(r.length);
       // what is batched goes first, then this frame, in the same turn (as Sender.sendFrames does)
-      await Promise.all([up.sender.flush(s), up.sender.writeFrame(s, frame)]);
+      const written = (): void => {
+        if (base.length === cap && free.length < FREE_FRAMES) free.push(base);
+      };
+      await Promise.all([up.sender.flush(s), up.sender.writeFrame(s, frame, written)]);
       u.noteSent(st.sentOffset);
     }
   }

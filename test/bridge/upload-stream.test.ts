@@ -191,3 +191,41 @@ t.test('daemon killed (SIGKILL) midway through an upload: after the restart the 
   t.same(got.map((m) => m.topic), [`devices/${dev.id}/after`], 'nothing of the killed upload was delivered');
   t.equal(got[0]?.sha256, good.sha256.toString('hex'));
 });
+
+t.test('the link stalls mid-upload: the 202 still comes (the body is no longer held for the link); the daemon is killed before the cloud stored it; after the restart it arrives once, under its id', async (t) => {
+  const { dir, cloud, d, dev } = await setup(t);
+  const total = 6 * MiB;
+  const b = body(total);
+  const up = startUpload(d, dev, total, b.sha256, `devices/${dev.id}/stalled`);
+  up.write(b.data.subarray(0, 3 * MiB));
+  await until('chunks of the upload at the cloud', () => partBytes(cloud) >= CHUNK);
+  cloud.proc.proc.kill('SIGSTOP'); // the cloud freezes: no ACK, no read; the connector judges the link dead
+  t.teardown(() => void cloud.proc.proc.kill('SIGCONT'));
+  up.write(b.data.subarray(3 * MiB));
+  up.end();
+  const res = await up.answer;
+  t.equal(res.status, 202, 'acknowledged once durable in the journal, link or not');
+  await d.stop('SIGKILL');
+  cloud.proc.proc.kill('SIGCONT');
+  const d2 = await startDaemon(t, { dir, configFile: d.configFile });
+  const got = await throughMarker(t, d2, cloud, dev, 'the acknowledged upload after the restart');
+  t.same(got.map((m) => [m.id, m.size, m.sha256]), [[res.body.message_id, total, b.sha256.toString('hex')]], 'stored once, whole, under the id of its 202');
+  await until('the cloud to drop the partial state', () => partBytes(cloud) === 0);
+});
+
+t.test('an upload declared larger than api.max_upload_bytes: 413 before anything is read or sent', async (t) => {
+  const dir = tempDir(t, 'ec-stream-');
+  const cloud = await startCloud(t, dir);
+  const secretFile = path.join(dir, 'connector-client.secret');
+  writeFileSync(secretFile, CLIENT_SECRET, { mode: 0o600 });
+  const d = await startDaemon(t, { dir, config: connectorConfig(cloud, secretFile, { api: { max_upload_bytes: 4 * MiB }, bridge: { uplink: { chunk_size: CHUNK } } }) });
+  const dev = await addDevice(d, 'cam-2');
+  const b = body(5 * MiB);
+  const up = startUpload(d, dev, b.data.length, b.sha256, `devices/${dev.id}/big`);
+  up.write(b.data.subarray(0, MiB));
+  const res = await up.answer;
+  t.equal(res.status, 413);
+  t.equal(partBytes(cloud), 0, 'nothing of it reached the cloud');
+  const got = await throughMarker(t, d, cloud, dev, 'after the refused upload');
+  t.same(got, [], 'nothing delivered');
+});
