@@ -20,7 +20,7 @@
  * once committed, is sent from its first chunk like any other.
  */
 import { WebSocket } from 'ws';
-import { HEADER_BYTES, WireError, chunkRanges, sha256 } from '../../protocol/codec.js';
+import { HEADER_BYTES, WireError, chunkRanges, sha256, type ChunkRange } from '../../protocol/codec.js';
 import { FEATURE_STREAM, batchEntryHeaderBytes, sealBatchFrame, type BatchChunkHead } from '../../protocol/v2.js';
 import type { IncomingUpload } from '../journal/upload.js';
 import type { UplinkCore } from './core.js';
@@ -36,8 +36,10 @@ const MAX_REMEMBERED = 1024;
 const LEAD_BYTES = 16 * 1024 * 1024;
 /** Most bytes of a BATCH entry's fields before its data (as in sender.ts): id, numbers, digests, metadata. */
 const ENTRY_FIELDS_MAX = 1 + 128 + 4 + 8 + 8 + 4 + 32 + 4621 + 32 + 8;
-/** Frame buffers kept for reuse. */
-const FREE_FRAMES = 8;
+/** Bytes of frame buffers kept for reuse (at least two buffers, whatever the chunk size). */
+const FREE_BYTES = 8 * 1024 * 1024;
+/** Bytes of chunks read ahead of the socket (as in sender.ts). */
+const READ_AHEAD_BYTES = 1024 * 1024;
 
 export { FEATURE_STREAM };
 
@@ -138,17 +140,44 @@ export class Streamer {
     // would otherwise allocate 4 096 of 256 KiB for the GC to find
     const cap = HEADER_BYTES + ENTRY_FIELDS_MAX + s.chunkSize;
     const free: Buffer[] = [];
+    const keep = Math.max(2, Math.floor(FREE_BYTES / cap));
     const live = (): boolean => !st.stop && up.session === s && !s.closing && s.ws.readyState === WebSocket.OPEN && u.state === 'receiving';
-    for (const r of chunkRanges(u.total, s.chunkSize)) {
-      if (r.last) return; // waits for the commit; the sender sends it from the record
-      while (live() && u.written < r.offset + r.length) await this.progress(u);
+    // reads of written chunks in flight ahead of the socket (as Sender.sendFrames does): one read at a time left
+    // the link waiting for a thread-pool round trip per chunk, which a busy machine makes long
+    const depth = Math.max(2, Math.min(16, Math.ceil(READ_AHEAD_BYTES / s.chunkSize)));
+    const ranges = chunkRanges(u.total, s.chunkSize);
+    let next = ranges.next();
+    const ahead: Array<{ r: ChunkRange; base: Buffer; frame: Buffer; at: number; read: Promise<{ err?: unknown }> }> = [];
+    const fill = (): void => {
+      // never the last chunk: it waits for the commit, and the sender sends it from the record
+      while (ahead.length < depth && !next.done && !next.value.last && u.written >= next.value.offset + next.value.length) {
+        const r = next.value;
+        next = ranges.next();
+        const at = HEADER_BYTES + batchEntryHeaderBytes({ id: u.id, seq: r.seq, offset: r.offset, total: u.total, ...(r.first ? { meta } : {}) }, r.length);
+        const base = at + r.length <= cap ? (free.pop() ?? Buffer.allocUnsafe(cap)) : Buffer.allocUnsafe(at + r.length);
+        const frame = base.subarray(0, at + r.length);
+        // never rejects: an abandoned read (the upload ended, the link went) cannot go unhandled
+        const read = u.read(frame, at, r.offset, r.length).then(
+          () => ({}),
+          (err: unknown) => ({ err }),
+        );
+        ahead.push({ r, base, frame, at, read });
+      }
+    };
+    for (;;) {
+      fill();
+      if (ahead.length === 0) {
+        if (next.done || next.value.last || !live()) return;
+        await this.progress(u); // the journal has not written the next chunk yet
+        continue;
+      }
       while (live() && up.conn.holdForToken(s)) await up.waitWake(50);
       if (!live()) return;
-      const at = HEADER_BYTES + batchEntryHeaderBytes({ id: u.id, seq: r.seq, offset: r.offset, total: u.total, ...(r.first ? { meta } : {}) }, r.length);
-      const base = at + r.length <= cap ? (free.pop() ?? Buffer.allocUnsafe(cap)) : Buffer.allocUnsafe(at + r.length);
-      const frame = base.subarray(0, at + r.length);
-      await u.read(frame, at, r.offset, r.length);
+      const { r, base, frame, at, read } = ahead.shift()!;
+      const got = await read;
       if (!live()) return; // committed (the sender goes on from sentOffset), aborted, or the link went
+      if (got.err !== undefined) throw got.err;
+      fill();
       const c: BatchChunkHead = { id: u.id, seq: r.seq, offset: r.offset, total: u.total, chunk_sha256: sha256(frame.subarray(at)) };
       if (r.first) c.meta = meta;
       try {
@@ -163,7 +192,7 @@ export class Streamer {
       up.m.bytesSent.inc(r.length);
       // what is batched goes first, then this frame, in the same turn (as Sender.sendFrames does)
       const written = (): void => {
-        if (base.length === cap && free.length < FREE_FRAMES) free.push(base);
+        if (base.length === cap && free.length < keep) free.push(base);
       };
       await Promise.all([up.sender.flush(s), up.sender.writeFrame(s, frame, written)]);
       u.noteSent(st.sentOffset);
