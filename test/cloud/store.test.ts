@@ -290,8 +290,10 @@ t.test('commits that arrive while a segment is being rolled wait for the next ro
   // one commit per turn of the event loop, without waiting for the earlier ones, as frames from the network
   // arrive: many land while a round is rolling the segment over (every 5 records) and waits for the disk
   const results: Promise<unknown>[] = [];
+  // bounded by time (10 s) and a generous count: on a loaded machine an fsync round takes long enough that
+  // 20 000 commits (one turn each, ~1 s) were all queued after 7 rolls
   const until = Date.now() + 10_000;
-  for (let i = 0; i < 20_000 && s.stats().sealedSegments < 10 && Date.now() < until; i++) {
+  for (let i = 0; i < 200_000 && s.stats().sealedSegments < 10 && Date.now() < until; i++) {
     const p = Buffer.from(`m${i}`);
     results.push(s.commitData(`m${i}`, 'gw', META, p, sha256Hex(p)));
     await new Promise((r) => setImmediate(r));
