@@ -530,7 +530,9 @@ export class ApiHandlers {
     }
     let result: AppendResult;
     try {
-      result = await sink.appendStream(meta, body(), { maxBytes: limit, ...(expectedSha256 ? { expectedSha256 } : {}) });
+      // a known length lets the journal stream the body upstream while it arrives (chunked bodies are stored, then sent)
+      const known = Number.isSafeInteger(declared) && declared >= 0 && req.headers['transfer-encoding'] === undefined;
+      result = await sink.appendStream(meta, body(), { maxBytes: limit, ...(expectedSha256 ? { expectedSha256 } : {}), ...(known ? { declaredBytes: declared } : {}) });
     } catch (err) {
       if (state.over || errorCode(err) === 'ECONN_PAYLOAD_TOO_LARGE') {
         throw new ConnectorError('ECONN_PAYLOAD_TOO_LARGE', `the upload is larger than ${limit} bytes (api.max_upload_bytes); nothing was kept`);

@@ -973,6 +973,7 @@ async function upload() {
   const raw = Number(/raw ws over TLS[^:]*: ([0-9.]+) MB\/s/.exec(text)?.[1]);
   const m = /upload ([0-9.]+) MiB: ([0-9.]+) s end to end; HTTP upload → journal \(durable\) ([0-9.]+) MB\/s, journal → cloud ACK ([0-9.]+) MB\/s .*end to end ([0-9.]+) MB\/s/.exec(text);
   const rss = /RSS during the upload: ([0-9.]+) MiB before, median ([0-9.]+) MiB, max ([0-9.]+) MiB/.exec(text);
+  const streamed = /streamed upstream before the 202: ([0-9.]+) of ([0-9.]+) MiB; after the 202 until the cloud ACK ([0-9.]+) s/.exec(text);
   if (!m || !Number.isFinite(raw)) {
     row('upload', `${P.uploadMiB} MiB HTTP upload end to end`, 'not measured', { note: `bench/uplink.mjs exited ${code ?? 'killed'} without the expected lines: ${(text || p.errText).slice(-300).replace(/\n/g, ' ')}` });
     return;
@@ -983,7 +984,7 @@ async function upload() {
     ratio: `${f2(e2e / raw)}×`,
     goal: '1 GiB: ≥ 100 MB/s and ≥ 0.5× raw ws/TLS',
     verdict: e2e < 100 || e2e / raw < 0.5 ? 'MISS' : P.uploadMiB >= 1024 ? 'PASS' : 'n/a',
-    note: `${P.uploadMiB < 1024 ? `${P.uploadMiB} MiB, not 1 GiB (--quick); ` : ''}upload → journal ${m[3]} MB/s, journal → cloud ${m[4]} MB/s (bench/uplink.mjs)`,
+    note: `${P.uploadMiB < 1024 ? `${P.uploadMiB} MiB, not 1 GiB (--quick); ` : ''}upload → journal ${m[3]} MB/s, ${streamed ? `${streamed[1]} of ${streamed[2]} MiB sent upstream while it arrived, ${streamed[3]} s from the 202 to the cloud ACK` : `journal → cloud ${m[4]} MB/s`} (bench/uplink.mjs)`,
   });
   if (rss) row('upload', 'connector RSS during the upload (max)', `${rss[3]} MiB`, { goal: '≤ 150 MiB', verdict: verdict(Number(rss[3]) <= 150), note: `${rss[1]} MiB before, median ${rss[2]} MiB` });
 }

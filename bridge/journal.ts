@@ -86,6 +86,9 @@ import { createJournalMetrics, type JournalMetrics } from './journal/metrics.js'
 import { loadSegment, removeSegmentFiles, writeIndex, type ReplayContext } from './journal/replay.js';
 import { Segment, preadExact, syncDirSync } from './journal/segment.js';
 import { GroupWriter, type QueuedRecord, type WriterHost } from './journal/writer.js';
+import { IncomingUpload, STREAM_BLOB_PREFIX, streamIdOfBlob } from './journal/upload.js';
+
+export { IncomingUpload };
 
 export type JournalConfig = Config['bridge']['journal'];
 
@@ -247,6 +250,9 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
   private readonly droppedBy = { overflow: 0, ttl: 0, corrupt: 0 };
   private quarantinedCount = 0;
   private readonly uploads = new Map<string, number>();
+  /** Uploads streamed while they arrive (journal/upload.ts): a per-boot counter for their ids, and id → seq once committed. */
+  private streamCounter = 0;
+  private readonly streamSeqs = new Map<string, number>();
 
   // acks
   private readonly ackLog: AckLog;
@@ -489,6 +495,8 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
         if (slot >= 0 && seg.live[slot]) {
           referenced.add(b.name);
           this.blobDiskBytes += b.size;
+          const streamId = streamIdOfBlob(b.name);
+          if (streamId !== undefined) this.noteStreamId(seg, seq, streamId);
         }
       }
     }
@@ -599,7 +607,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     }
   }
 
-  async appendStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array>, opts: { maxBytes: number; expectedSha256?: Buffer }): Promise<AppendResult> {
+  async appendStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array>, opts: { maxBytes: number; expectedSha256?: Buffer; declaredBytes?: number }): Promise<AppendResult> {
     const t0 = performance.now();
     this.checkWritable();
     this.validate(meta);
@@ -625,10 +633,20 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
    * drop-oldest drop acknowledged messages, and a slow one does not hold the cap under
    * reject. Room is made, by policy, only when the complete, verified body is committed.
    */
-  private async receiveStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array> | Iterable<Buffer>, opts: { maxBytes: number; expectedSha256?: Buffer }, t0: number): Promise<AppendResult> {
+  private async receiveStream(
+    meta: UplinkMessageMeta,
+    body: AsyncIterable<Buffer | Uint8Array> | Iterable<Buffer>,
+    opts: { maxBytes: number; expectedSha256?: Buffer; declaredBytes?: number },
+    t0: number,
+  ): Promise<AppendResult> {
     const limit = Math.min(opts.maxBytes, this.cfg.max_message_bytes, this.cfg.max_bytes);
     const limitKey = opts.maxBytes < Math.min(this.cfg.max_message_bytes, this.cfg.max_bytes) ? 'the upload limit' : this.cfg.max_bytes < this.cfg.max_message_bytes ? 'bridge.journal.max_bytes' : 'bridge.journal.max_message_bytes';
     if (this.cfg.overflow === 'reject' && this.used() >= this.cfg.max_bytes) throw this.fullError();
+    const declared = opts.declaredBytes;
+    if (declared !== undefined && declared > limit) throw this.tooLarge(declared, limit, limitKey);
+    // a body of known length beyond what is kept in memory is handed to the uplink while it arrives (journal/upload.ts)
+    const streamed = declared !== undefined && declared > STREAM_INLINE_MAX && this.listenerCount('upload') > 0;
+    let upload: IncomingUpload | undefined;
     const hash = createHash('sha256');
     let mem: Buffer[] = [];
     let memLen = 0;
@@ -656,6 +674,11 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       if (writing) await writing;
       writing = io('write of a staging file', writevAt(st.fh, bufs, at));
       writing.catch(() => undefined); // seen by the next await of it; never an unhandled rejection meanwhile
+      if (upload) {
+        const u = upload;
+        const end = staged;
+        writing.then(() => u.progress(end), () => undefined);
+      }
       // every STAGE_SYNC_BYTES an fdatasync of what is written so far, while the body goes on arriving: the
       // final one, which the 202 waits for, then has only the tail to write back (one sync at a time)
       if (this.cfg.fsync !== 'never' && staged - syncedUpTo >= STAGE_SYNC_BYTES && !syncing) {
@@ -681,7 +704,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
         this.checkWritable();
         total += b.length;
         hash.update(b);
-        if (!staging && memLen + b.length <= STREAM_INLINE_MAX) {
+        if (!staging && !streamed && memLen + b.length <= STREAM_INLINE_MAX) {
           mem.push(Buffer.from(b));
           memLen += b.length;
           continue;
@@ -689,6 +712,13 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
         if (!staging) {
           const p = path.join(this.tmpDir, `${randomBytes(8).toString('hex')}.part`);
           staging = { fh: await io('create of a staging file', fsp.open(p, 'wx', 0o600)), path: p };
+          if (streamed) {
+            // its id now (the record gets it at commit, through the blob's name): the uplink sends under it from the start
+            const id = `${this.idPrefix}u${++this.streamCounter}`;
+            const rfh = await io('open of a staging file', fsp.open(p, 'r'));
+            upload = new IncomingUpload(id, meta, declared, rfh);
+            this.emit('upload', upload);
+          }
           run = mem;
           runLen = memLen;
           counted += memLen;
@@ -701,13 +731,20 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
         // counted as staged (disk) from the moment it is taken, not only once its run is written
         counted += b.length;
         this.stagingBytes += b.length;
-        if (runLen >= STAGE_WRITE_BYTES || run.length >= STAGE_WRITE_BUFFERS) await writeRun();
+        if (runLen >= STAGE_WRITE_BYTES || run.length >= STAGE_WRITE_BUFFERS) {
+          await writeRun();
+          // streamed upstream while it arrives: no further ahead of the link than the uplink allows
+          if (upload?.streaming) await upload.linkCaughtUp(staged);
+        }
       }
       if (staging && runLen > 0) await writeRun();
       if (writing) await writing;
       writing = undefined;
       if (syncing) await syncing.catch(() => undefined);
       if (syncFailed !== undefined) throw syncFailed;
+      if (declared !== undefined && total !== declared) {
+        throw new RequestError(400, 'ECONN_BAD_REQUEST', `the body has ${total} bytes, ${declared} were declared (Content-Length); nothing was kept`);
+      }
       const digest = hash.digest();
       if (opts.expectedSha256 && (opts.expectedSha256.length !== digest.length || !timingSafeEqual(opts.expectedSha256, digest))) {
         throw new RequestError(400, 'ECONN_DIGEST_MISMATCH', `payload SHA-256 ${digest.toString('hex')} does not match the expected digest ${opts.expectedSha256.toString('hex')}; nothing was kept`);
@@ -724,7 +761,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       this.makeRoom(total);
       this.reservedBytes += total;
       reserved = total;
-      const blob = `${randomBytes(12).toString('hex')}.bin`;
+      const blob = upload ? `${STREAM_BLOB_PREFIX}${upload.id}.bin` : `${randomBytes(12).toString('hex')}.bin`;
       await io('rename of a staged payload', fsp.rename(staging.path, path.join(this.blobDir, blob)));
       blobPath = path.join(this.blobDir, blob);
       staging = undefined;
@@ -740,8 +777,10 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       reserved = 0; // owned by the queued record now
       const result = await pending;
       blobPath = undefined;
+      upload?.end('committed');
       return result;
     } catch (err) {
+      upload?.end('aborted');
       this.reservedBytes -= reserved;
       if (writing) await writing.catch(() => {});
       if (syncing) await syncing.catch(() => {});
@@ -920,9 +959,11 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       const slot = seg.push(r.seq, off, r.bytes, r.metaBuf.length, r.createdAt);
       off += r.bytes;
       if (r.blob) (seg.blobs ??= new Map()).set(r.seq, r.blob);
+      const streamId = streamIdOfBlob(r.blob?.name);
+      if (streamId !== undefined) this.noteStreamId(seg, r.seq, streamId);
       this.reservedBytes -= r.bytes + r.blobBytes;
       this.setLive(seg, slot);
-      const rec: JournalRecord = { id: this.idPrefix + r.seq, seq: r.seq, meta: r.m, size: r.size, sha256: r.shaHex, createdAt: r.createdAt };
+      const rec: JournalRecord = { id: streamId ?? this.idPrefix + r.seq, seq: r.seq, meta: r.m, size: r.size, sha256: r.shaHex, createdAt: r.createdAt };
       this.cache.put(r.seq, rec, r.blob ? undefined : r.payload);
       recs.push(rec);
       this.m.appendSeconds.observe((now - r.t0) / 1000);
@@ -1035,6 +1076,8 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
     if (b) {
       this.liveBlobBytes -= b.size;
       this.blobsToDelete.push(b);
+      const streamId = streamIdOfBlob(b.name);
+      if (streamId !== undefined) this.streamSeqs.delete(streamId);
     }
     this.doneSince.push(seq);
     seg.advanceHead();
@@ -1063,13 +1106,19 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
   private find(id: string): { seg: Segment; slot: number } | undefined {
     if (typeof id !== 'string') return undefined;
     const dash = id.lastIndexOf('-');
-    const seq = dash >= 0 ? Number(id.slice(dash + 1)) : NaN;
+    const seq = this.streamSeqs.get(id) ?? (dash >= 0 ? Number(id.slice(dash + 1)) : NaN);
     if (!Number.isSafeInteger(seq)) return undefined;
     const seg = this.segmentOf(seq);
     if (!seg) return undefined;
     const slot = seg.slotOf(seq);
     if (slot < 0 || !seg.live[slot] || seg.idOf(slot) !== id) return undefined;
     return { seg, slot };
+  }
+
+  /** A streamed upload's record keeps the id it was sent under (not prefix + seq): found by it, named by it. */
+  private noteStreamId(seg: Segment, seq: number, id: string): void {
+    (seg.ids ??= new Map()).set(seq, id);
+    this.streamSeqs.set(id, seq);
   }
 
   /** The segment that would hold `seq` (the last one whose first seq is ≤ seq). */
@@ -1333,6 +1382,11 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
 
   first(): JournalRecord | undefined {
     return this.pending(-1, 1)[0];
+  }
+
+  /** Whether a pending record has this id. */
+  has(id: string): boolean {
+    return this.find(id) !== undefined;
   }
 
   get(id: string): JournalRecord | undefined {

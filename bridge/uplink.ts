@@ -28,6 +28,7 @@ import { UplinkCore } from './uplink/core.js';
 import { Connection } from './uplink/connection.js';
 import { Sender } from './uplink/sender.js';
 import { FrameHandlers } from './uplink/handlers.js';
+import { Streamer } from './uplink/streamer.js';
 import { uplinkSettings, type UplinkSettings, type UplinkJournal, type OutboundRecord, type UplinkState } from './uplink/types.js';
 import type { Logger } from '../core/logger.js';
 import type { Registry } from 'prom-client';
@@ -132,6 +133,7 @@ export class Uplink extends EventEmitter implements Component {
     this.up.conn = new Connection(this.up);
     this.up.sender = new Sender(this.up);
     this.up.handlers = new FrameHandlers(this.up);
+    this.up.streamer = new Streamer(this.up);
     this.up.setState('stopped');
   }
 
@@ -150,6 +152,7 @@ export class Uplink extends EventEmitter implements Component {
     up.started = true;
     up.startedAt = Date.now();
     up.journal.on('append', this.onAppend);
+    up.journal.on('upload', up.streamer.onUpload);
     up.tokens.on('token', this.onToken);
     up.conn.connect();
   }
@@ -160,6 +163,7 @@ export class Uplink extends EventEmitter implements Component {
     if (up.closed) return;
     up.closed = true;
     up.journal.off('append', this.onAppend);
+    up.journal.off('upload', up.streamer.onUpload);
     up.tokens.off('token', this.onToken);
     if (up.reconnectTimer) clearTimeout(up.reconnectTimer);
     up.reconnectTimer = undefined;

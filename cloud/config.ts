@@ -86,6 +86,12 @@ export const cloudConfigSchema = Type.Object(
     max_message_bytes: Type.Integer({ default: 1073741824, minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'largest message accepted (REJECT permanent above)' }),
     max_chunk_bytes: Type.Integer({ default: 16777216, minimum: 1024, maximum: 16777216, description: 'largest chunk accepted' }),
     max_partials: Type.Integer({ default: 64, minimum: 1, maximum: 4096, description: 'most messages in progress per gateway' }),
+    partial_ttl_s: Type.Integer({
+      default: 86400,
+      minimum: 1,
+      maximum: 31536000,
+      description: 'a message in progress that no chunk reached for this long is dropped (a connector that crashed mid-upload never completes nor discards it; docs/PROTOCOL.md §13.10)',
+    }),
     progress_bytes: Type.Integer({ default: 4194304, minimum: 1, description: 'send a progress ACK (durable offset) at least every this many bytes of a large message' }),
     heartbeat_ms: Type.Integer({ default: 5000, minimum: 50, maximum: 300000, description: 'PING interval; a link silent for 3 heartbeats is closed (4008)' }),
     hello_timeout_ms: Type.Integer({ default: 10000, minimum: 50, maximum: 300000, description: 'close (4005) when no HELLO arrives in time' }),

@@ -31,7 +31,7 @@ import { writeAtomic } from '../core/fs.js';
 import type { Logger } from '../core/logger.js';
 import { RequestError } from '../core/errors.js';
 import { CLOSE_CODES, MessageAssembly, WireError, errorFrameFor, type ChunkFrame, type HelloFrame, type QueryEntry } from '../protocol/codec.js';
-import { AckFrontier, CLIENT_FRAMES_V2, PROTOCOL_VERSION_2, SUBPROTOCOL_V2, decodeFrameV2, encodeFrameV2, toChunkFrame, type FrameV2 } from '../protocol/v2.js';
+import { AckFrontier, CLIENT_FRAMES_V2, FEATURE_STREAM, PROTOCOL_VERSION_2, SUBPROTOCOL_V2, decodeFrameV2, encodeFrameV2, toChunkFrame, type FrameV2 } from '../protocol/v2.js';
 import type { CloudStore, Partial, StoredEntry } from './store.js';
 import type { TokenService, VerifiedToken } from './token-endpoint.js';
 import type { CloudConfig } from './config.js';
@@ -142,6 +142,8 @@ export class IngestSession {
   private tokenTimer?: NodeJS.Timeout;
   private heartbeat?: NodeJS.Timeout;
   private deadAfterMs: number;
+  /** HELLO offered the `stream` feature (§13.10) and WELCOME confirmed it: DISCARD is allowed. */
+  private streamFeature = false;
   /** Messages REJECTed on this connection: chunks are ignored until the client restarts them. */
   private readonly rejected = new Map<string, { offset: number; nextSeq: number }>();
   /** Stored ids already re-acknowledged on this connection (duplicates of a resend). */
@@ -313,6 +315,9 @@ export class IngestSession {
         this.send({ type: 'QUERY_RESULT', entries });
         return;
       }
+      case 'DISCARD':
+        if (!this.streamFeature) return this.protocolViolation(new WireError('unexpected', 'DISCARD without the "stream" feature (HELLO features)', frame.id));
+        return this.onDiscard(frame.id);
       case 'ERROR':
         this.log.warn({ code: frame.code, message: frame.message, fatal: frame.fatal }, 'connector reported a protocol error');
         if (frame.fatal) this.close(CLOSE_CODES.PROTOCOL_ERROR, 'peer reported a fatal error');
@@ -347,6 +352,7 @@ export class IngestSession {
     if (this.state === 'closed') return;
     this.state = 'open';
     const cfg = this.ctx.cfg;
+    this.streamFeature = h.features?.includes(FEATURE_STREAM) ?? false;
     this.send({
       type: 'WELCOME',
       version: PROTOCOL_VERSION_2,
@@ -358,7 +364,32 @@ export class IngestSession {
       heartbeat_ms: cfg.heartbeat_ms,
       token_expires_at: this.tokenExpiresAt,
       partials: this.ctx.store.partialsOf(h.gateway_id, cfg.max_partials),
+      ...(this.streamFeature ? { features: [FEATURE_STREAM] } : {}),
     });
+  }
+
+  /**
+   * DISCARD (§13.10): the connector will never complete this message (its upload was aborted before the
+   * connector acknowledged it). What is held of it goes — in memory, on disk, and a REJECT or per-device
+   * block it caused on this connection — so nothing of it can ever be stored or delivered. A stored
+   * message is not touched (the connector acknowledged it; a DISCARD cannot take that back), nor is an
+   * unknown id (already expired, evicted, or never received).
+   */
+  private async onDiscard(id: string): Promise<void> {
+    const { store } = this.ctx;
+    const gw = this.gatewayId as string;
+    if (store.isCommitting(id)) await store.whenSettled(id);
+    this.rejected.delete(id);
+    this.unblock(id);
+    if (await store.isStored(gw, id)) {
+      this.log.warn({ id }, 'DISCARD of a stored message: ignored (it was complete)');
+      return;
+    }
+    const p = store.getPartial(id);
+    if (!p || p.gatewayId !== gw) return;
+    this.touched.delete(p);
+    await store.discard(id);
+    this.log.info({ id, offset: p.asm?.offset ?? p.durableOffset, total: p.total }, 'partial message discarded by the connector');
   }
 
   private async onToken(token: string): Promise<void> {

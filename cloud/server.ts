@@ -53,6 +53,7 @@ export class CloudServer implements Component {
   private boundPort = 0;
   private started = false;
   private closing?: Promise<void>;
+  private expiryTimer?: NodeJS.Timeout;
   /** CA file the connector should trust (when the cloud generated its TLS). */
   caFile?: string;
 
@@ -93,6 +94,7 @@ export class CloudServer implements Component {
     await this.store.open();
     this.bindings = new GatewayBindings(cfg.store_dir, cfg);
     this.bindings.load();
+    this.startPartialExpiry(cfg.partial_ttl_s * 1000);
     this.hub = new SubscriberHub(this.store, this.log.child({ part: 'subscribe' }));
     this.ingestWss = new WebSocketServer({
       noServer: true,
@@ -229,8 +231,24 @@ export class CloudServer implements Component {
     return { ...r, gateway_id: session.gatewayId };
   }
 
+  /** Partial messages no chunk reached for partial_ttl_s are dropped: at start, then at a tenth of the TTL (at most every minute). */
+  private startPartialExpiry(ttlMs: number): void {
+    let running = false;
+    const run = (): void => {
+      if (running || this.closing) return;
+      running = true;
+      this.store!.expirePartials(ttlMs)
+        .catch((err: unknown) => this.log.warn({ err }, 'cloud store: partial expiry failed (tried again later)'))
+        .finally(() => (running = false));
+    };
+    run();
+    this.expiryTimer = setInterval(run, Math.min(60_000, Math.max(100, Math.floor(ttlMs / 10))));
+    this.expiryTimer.unref();
+  }
+
   async close(): Promise<void> {
     if (!this.started) return;
+    if (this.expiryTimer) clearInterval(this.expiryTimer);
     this.closing ??= (async () => {
       const sessions = [...this.registry.sessions.values()];
       for (const s of sessions) s.close(CLOSE_CODES.GOING_AWAY, 'cloud shutting down');

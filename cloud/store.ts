@@ -77,7 +77,7 @@ export interface Partial {
   dirty: number;
   /** The persist in progress, if any (persists of one partial run one after the other). */
   persisting?: Promise<void>;
-  /** Last time a chunk of it arrived (ms); partials loaded from disk start at load time. */
+  /** Last time a chunk of it arrived (ms); partials loaded from disk start at the time their state was last made durable. */
   lastTouched: number;
 }
 
@@ -328,7 +328,9 @@ export class CloudStore extends EventEmitter {
         const st = await stat(dataFile);
         if (st.size < j.offset) throw new Error('data shorter than its durable offset');
         if (st.size > j.offset) await truncate(dataFile, j.offset);
-        this.partials.set(id, { id, gatewayId: j.gateway_id, meta, total: j.total, durableOffset: j.offset, durableNextSeq: j.next_seq, dirty: 0, lastTouched: Date.now() });
+        // its age survives a restart (partial expiry, §13.10): the last time its durable state was written
+        const touched = Math.min(Date.now(), (await stat(full)).mtimeMs);
+        this.partials.set(id, { id, gatewayId: j.gateway_id, meta, total: j.total, durableOffset: j.offset, durableNextSeq: j.next_seq, dirty: 0, lastTouched: touched });
       } catch (err) {
         this.log.warn({ id, err: (err as Error).message }, 'cloud store: dropping an unusable partial message');
         await rm(full, { force: true });
@@ -537,6 +539,24 @@ export class CloudStore extends EventEmitter {
     if (p) await this.unload(p);
     await rm(path.join(this.partialDir, `${id}.json`), { force: true });
     await rm(path.join(this.partialDir, `${id}.part`), { force: true });
+  }
+
+  /**
+   * Drop partials no chunk has reached for `maxAgeMs` (§13.10): a message the connector will never
+   * complete — its upload was cut off by a connector crash, so no DISCARD came — must not be held (nor
+   * reported in WELCOME, nor count against max_partials) forever. A partial being persisted or committed
+   * is left alone. Returns the ids dropped.
+   */
+  async expirePartials(maxAgeMs: number, now = Date.now()): Promise<string[]> {
+    const old = [...this.partials.values()].filter((p) => now - p.lastTouched > maxAgeMs && !p.persisting && !this.committing.has(p.id));
+    const out: string[] = [];
+    for (const p of old) {
+      if (this.partials.get(p.id) !== p || now - p.lastTouched <= maxAgeMs) continue; // touched or replaced meanwhile
+      await this.discard(p.id);
+      out.push(p.id);
+      this.log.info({ id: p.id, gateway: p.gatewayId, offset: p.durableOffset, total: p.total, idleMs: now - p.lastTouched }, 'cloud store: partial message expired (no chunk of it within partial_ttl_s)');
+    }
+    return out;
   }
 
   /** True while a commit of this id is queued or in an fsync round. */

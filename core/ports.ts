@@ -70,9 +70,11 @@ export interface UplinkSink {
    * Stream a payload of any size into the journal without holding it in
    * memory. When expectedSha256 is given and does not match, nothing is kept
    * and it rejects with ECONN_DIGEST_MISMATCH. More than maxBytes rejects with
-   * ECONN_PAYLOAD_TOO_LARGE (nothing kept).
+   * ECONN_PAYLOAD_TOO_LARGE (nothing kept). `declaredBytes` (an HTTP Content-Length) lets the journal hand
+   * the body to the uplink while it still arrives (streamed upstream, committed as one message); a body of
+   * another length is refused (ECONN_BAD_REQUEST, nothing kept).
    */
-  appendStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array>, opts: { maxBytes: number; expectedSha256?: Buffer }): Promise<AppendResult>;
+  appendStream(meta: UplinkMessageMeta, body: AsyncIterable<Buffer | Uint8Array>, opts: { maxBytes: number; expectedSha256?: Buffer; declaredBytes?: number }): Promise<AppendResult>;
 }
 
 /** Delivering cloud commands to devices (implemented by the broker). */

@@ -162,6 +162,11 @@ export interface HelloFrame {
   chunk_size?: number;
   /** Client heartbeat interval. */
   heartbeat_ms?: number;
+  /**
+   * Optional extensions the client speaks (version 2: `stream`, docs/PROTOCOL.md §13.10). Additive: a
+   * server that knows none of them ignores the field and the client uses none.
+   */
+  features?: string[];
 }
 export interface WelcomeFrame {
   type: 'WELCOME';
@@ -181,6 +186,8 @@ export interface WelcomeFrame {
   token_expires_at: number;
   /** Messages of this gateway the cloud holds partially. */
   partials: PartialInfo[];
+  /** The client's `features` (HELLO) the server speaks too; absent = none. */
+  features?: string[];
 }
 export interface ChunkFrame {
   type: 'CHUNK';
@@ -471,6 +478,17 @@ function idList(o: Json, k: string, what: string): string[] {
   for (const id of v) if (!isValidMessageId(id)) fail('malformed', `${what}: "${k}" holds an invalid message id`);
   return v as string[];
 }
+/** Most entries of HELLO's / WELCOME's `features`, and the longest name. */
+export const MAX_FEATURES = 32;
+const FEATURE_RE = /^[a-z0-9_.-]{1,64}$/;
+/** Optional `features`: at most MAX_FEATURES names of [a-z0-9_.-]{1,64}. Names a peer does not know are kept (and ignored by it). */
+function featureList(o: Json, what: string): string[] | undefined {
+  const v = o.features;
+  if (v === undefined) return undefined;
+  if (!Array.isArray(v) || v.length > MAX_FEATURES) fail('malformed', `${what}: "features" must be an array of at most ${MAX_FEATURES} names`);
+  for (const n of v) if (typeof n !== 'string' || !FEATURE_RE.test(n)) fail('malformed', `${what}: "features" holds an invalid name (1..64 of [a-z0-9_.-])`);
+  return v as string[];
+}
 function list<T>(o: Json, k: string, what: string, item: (v: Json) => T, optional = false): T[] | undefined {
   const v = o[k];
   if (v === undefined && optional) return undefined;
@@ -521,10 +539,12 @@ export function parseControl(type: Exclude<FrameTypeName, 'CHUNK'>, o: Record<st
       if (cs !== undefined) f.chunk_size = cs;
       const hb = int(o, 'heartbeat_ms', what, { optional: true, min: 1 });
       if (hb !== undefined) f.heartbeat_ms = hb;
+      const features = featureList(o, what);
+      if (features !== undefined) f.features = features;
       return f;
     }
-    case 'WELCOME':
-      return {
+    case 'WELCOME': {
+      const f: WelcomeFrame = {
         type,
         version: reqInt(o, 'version', what, 1, 65535),
         session_id: reqStr(o, 'session_id', what, 256),
@@ -536,6 +556,10 @@ export function parseControl(type: Exclude<FrameTypeName, 'CHUNK'>, o: Record<st
         token_expires_at: reqInt(o, 'token_expires_at', what),
         partials: list(o, 'partials', what, (e) => partial(e, what)) as PartialInfo[],
       };
+      const features = featureList(o, what);
+      if (features !== undefined) f.features = features;
+      return f;
+    }
     case 'ACK': {
       const f: AckFrame = { type, ids: idList(o, 'ids', what) };
       const progress = list(o, 'progress', what, (e) => ({ id: msgId(e, 'id', what), offset: reqInt(e, 'offset', what), next_seq: reqInt(e, 'next_seq', what, 0, 0xffffffff) }), true);

@@ -49,6 +49,14 @@ export const SUBPROTOCOL_V2 = 'edge-connector.v2';
 export const SUBPROTOCOLS: Readonly<Record<number, string>> = { 1: 'edge-connector.v1', 2: SUBPROTOCOL_V2 };
 /** Type code of BATCH (v2 only). */
 export const BATCH_TYPE = 0x10;
+/** Type code of DISCARD (v2 with the `stream` feature only, docs/PROTOCOL.md §13.10). */
+export const DISCARD_TYPE = 0x11;
+/**
+ * The feature a connector offers in HELLO and the cloud confirms in WELCOME for streamed uploads
+ * (§13.10): the connector may send a message's chunks before it holds the whole message, and drops a
+ * message it will never complete with DISCARD.
+ */
+export const FEATURE_STREAM = 'stream';
 
 /** Limits of version 2 beyond version 1's (LIMITS). */
 export const LIMITS_V2 = {
@@ -93,10 +101,18 @@ export interface AckFrameV2 {
   ids: string[];
   progress?: AckProgress[];
 }
-export type FrameV2 = Exclude<ControlFrame, { type: 'ACK' }> | AckFrameV2 | BatchFrame;
-export type FrameV2TypeName = Exclude<FrameTypeName, 'CHUNK'> | 'BATCH';
+/**
+ * DISCARD (feature `stream`, §13.10): the connector will never complete message `id` (its upload was
+ * aborted before the connector acknowledged it); the cloud drops what it holds of it unless it is stored.
+ */
+export interface DiscardFrame {
+  type: 'DISCARD';
+  id: string;
+}
+export type FrameV2 = Exclude<ControlFrame, { type: 'ACK' }> | AckFrameV2 | BatchFrame | DiscardFrame;
+export type FrameV2TypeName = Exclude<FrameTypeName, 'CHUNK'> | 'BATCH' | 'DISCARD';
 
-export const CLIENT_FRAMES_V2: ReadonlySet<FrameV2TypeName> = new Set(['HELLO', 'BATCH', 'PING', 'PONG', 'TOKEN', 'COMMAND_RESULT', 'QUERY', 'ERROR']);
+export const CLIENT_FRAMES_V2: ReadonlySet<FrameV2TypeName> = new Set(['HELLO', 'BATCH', 'PING', 'PONG', 'TOKEN', 'COMMAND_RESULT', 'QUERY', 'ERROR', 'DISCARD']);
 /** The server sends the same frames in both versions (v2 changes only what the client sends and ACK's body). */
 export const SERVER_FRAMES_V2: ReadonlySet<FrameV2TypeName> = new Set([...SERVER_FRAMES].filter((t): t is Exclude<FrameTypeName, 'CHUNK'> => t !== 'CHUNK'));
 
@@ -105,6 +121,7 @@ const TYPE_BY_CODE = new Map<number, FrameV2TypeName>([
     .filter(([k]) => k !== 'CHUNK')
     .map(([k, v]) => [v, k as FrameV2TypeName] as const),
   [BATCH_TYPE, 'BATCH'],
+  [DISCARD_TYPE, 'DISCARD'],
 ]);
 const CODE_BY_TYPE = new Map<FrameV2TypeName, number>([...TYPE_BY_CODE].map(([k, v]) => [v, k]));
 
@@ -298,6 +315,10 @@ export function decodeFrameV2(input: Uint8Array, opts: DecodeOptionsV2 = {}): Fr
 }
 
 function parseControlV2(type: Exclude<FrameV2TypeName, 'BATCH'>, o: Record<string, unknown>): FrameV2 {
+  if (type === 'DISCARD') {
+    if (!isValidMessageId(o.id)) fail('malformed', `DISCARD frame: "id" must be a message id (1..${LIMITS.maxIdBytes} of [A-Za-z0-9._:-])`);
+    return { type, id: o.id };
+  }
   if (type !== 'ACK') return parseControl(type, o) as FrameV2;
   const what = 'ACK frame';
   const f: AckFrameV2 = { type: 'ACK', ids: [] };

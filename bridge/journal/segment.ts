@@ -37,7 +37,7 @@ export class Segment {
   live: Uint8Array;
   /** seq → blob (file name under blobs/, payload size). */
   blobs: Map<number, { name: string; size: number }> | undefined;
-  /** Legacy records whose id is not idPrefix + seq (format 1 after a journal.json reset). */
+  /** Records whose id is not idPrefix + seq: legacy ones (format 1 after a journal.json reset) and streamed uploads (named by their blob). */
   ids: Map<number, string> | undefined;
   /** Write descriptor while this is the active segment. */
   wfd: number | undefined;

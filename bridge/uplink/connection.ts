@@ -11,7 +11,7 @@ import { SIGNATURE_HEADER, signRequest } from '../../protocol/signature.js';
 import { ConnectorError } from '../../core/errors.js';
 import { resolveSecret } from '../../core/secrets.js';
 import { CLOSE_CODES, LIMITS, WireError } from '../../protocol/codec.js';
-import { PROTOCOL_VERSION_2, SUBPROTOCOL_V2, type FrameV2 } from '../../protocol/v2.js';
+import { FEATURE_STREAM, PROTOCOL_VERSION_2, SUBPROTOCOL_V2, type FrameV2 } from '../../protocol/v2.js';
 import { parseRetryAfter } from '../backoff.js';
 import { cloudTlsOptions } from '../cloud-token.js';
 import type { UplinkCore } from './core.js';
@@ -92,6 +92,8 @@ export class Connection {
       inflight: new Map(),
       unackedBytes: 0,
       resume: new Map(),
+      streamFeature: false,
+      streams: new Map(),
       chunkSize: u.chunk_size,
       maxFrameBytes: LIMITS.maxFrameBytes,
       maxMessageBytes: Number.MAX_SAFE_INTEGER,
@@ -180,7 +182,16 @@ export class Connection {
       return;
     }
     s.lastRx = Date.now();
-    up.sendControl(s, { type: 'HELLO', version: PROTOCOL_VERSION_2, gateway_id: up.settings.gatewayId, software: up.software, chunk_size: u.chunk_size, heartbeat_ms: u.heartbeat_ms });
+    // the `stream` feature (§13.10) is offered: a cloud without it ignores the field, and uploads are then sent once stored, as before
+    up.sendControl(s, {
+      type: 'HELLO',
+      version: PROTOCOL_VERSION_2,
+      gateway_id: up.settings.gatewayId,
+      software: up.software,
+      chunk_size: u.chunk_size,
+      heartbeat_ms: u.heartbeat_ms,
+      features: [FEATURE_STREAM],
+    });
     // no WELCOME within the dead-link timeout: give up on this connection
     const t = setTimeout(() => {
       if (up.session === s && !s.welcomed) this.dropSession(s, { code: CLOSE_CODES.HEARTBEAT_TIMEOUT, reason: `no WELCOME within ${u.dead_after_ms} ms` });
@@ -198,6 +209,8 @@ export class Connection {
     s.tokenExpiresAt = f.token_expires_at;
     s.tokenSetAt = Date.now();
     for (const p of f.partials) s.resume.set(p.id, { offset: p.offset, next_seq: p.next_seq, total: p.total });
+    s.streamFeature = f.features?.includes(FEATURE_STREAM) ?? false;
+    up.streamer.onWelcome(s, f.partials);
     s.lastAckOrProgress = Date.now();
     up.setState('connected');
     up.log.info({ session: f.session_id, partials: f.partials.length, chunkSize: s.chunkSize, tokenExpiresInS: Math.round((f.token_expires_at - Date.now()) / 1000) }, 'uplink connected');

@@ -19,6 +19,7 @@ import { STATES, type Session, type UplinkJournal, type UplinkSettings, type Upl
 import type { Connection } from './connection.js';
 import type { Sender } from './sender.js';
 import type { FrameHandlers } from './handlers.js';
+import type { Streamer } from './streamer.js';
 
 export interface UplinkMetrics {
   state: Gauge;
@@ -100,6 +101,7 @@ export class UplinkCore {
   conn!: Connection;
   sender!: Sender;
   handlers!: FrameHandlers;
+  streamer!: Streamer;
 
   constructor(
     args: {

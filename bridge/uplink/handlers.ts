@@ -165,6 +165,11 @@ export class FrameHandlers {
   private onReject(s: Session, f: Extract<FrameV2, { type: 'REJECT' }>): void {
     const up = this.up;
     const o = s.inflight.get(f.id);
+    if (!o && up.streamer.onReject(s, f.id, f.reason.replace(/[^\x20-\x7e]/g, '?').slice(0, 300))) {
+      up.counts.rejected++;
+      up.m.rejected.inc({ kind: f.kind });
+      return;
+    }
     if (!o) {
       up.log.debug({ id: f.id }, 'uplink: REJECT for a message not in flight');
       return;

@@ -232,11 +232,11 @@ export class Sender {
     s.batch = [];
     s.batchBytes = 0;
     if (s.ws.readyState !== WebSocket.OPEN) return Promise.resolve();
-    return this.write(s, encodeBatch(entries));
+    return this.writeFrame(s, encodeBatch(entries));
   }
 
   /** Hand one BATCH frame to the socket; resolves at once unless the socket buffer is above the high-water mark. */
-  private write(s: Session, frame: Buffer, onWritten?: () => void): Promise<void> {
+  writeFrame(s: Session, frame: Buffer, onWritten?: () => void): Promise<void> {
     if (s.ws.readyState !== WebSocket.OPEN) return Promise.resolve();
     const up = this.up;
     up.counts.batches++;
@@ -266,8 +266,14 @@ export class Sender {
     }
     let startOffset = 0;
     let startSeq = 0;
+    // an upload sent while it arrived (streamer.ts) goes on where the streaming stopped, on this connection
+    const streamed = up.streamer.takeOver(s, rec.id, rec.size);
     const r = s.resume.get(rec.id);
-    if (r && r.total === rec.size && r.offset > 0 && r.offset <= rec.size && r.next_seq > 0) {
+    if (streamed) {
+      startOffset = streamed.offset;
+      startSeq = streamed.nextSeq;
+      up.log.info({ id: rec.id, streamedBytes: streamed.offset, total: rec.size }, 'uplink: an upload sent while it arrived is committed: sending the rest');
+    } else if (r && r.total === rec.size && r.offset > 0 && r.offset <= rec.size && r.next_seq > 0) {
       startOffset = r.offset;
       startSeq = r.next_seq;
       up.log.info({ id: rec.id, offset: r.offset, total: rec.size }, 'uplink: resuming a partially sent message');
@@ -423,7 +429,7 @@ export class Sender {
         this.chunkSent(s, o, range, c.pos);
         // what is batched goes first (entries and positions keep their order), then this frame, in the same turn
         const before = this.flush(s);
-        const mine = this.write(s, frame, () => {
+        const mine = this.writeFrame(s, frame, () => {
           if (base.length === cap && free.length < depth + 2) free.push(base);
         });
         await Promise.all([before, mine]);

@@ -4,7 +4,7 @@
  */
 import type { WebSocket } from 'ws';
 import type { Config } from '../../core/config/schema.js';
-import type { JournalRecord, PayloadReader } from '../journal.js';
+import type { IncomingUpload, JournalRecord, PayloadReader } from '../journal.js';
 
 export type { PayloadReader };
 
@@ -26,8 +26,13 @@ export interface UplinkJournal {
   /** Selective ack; unknown ids are ignored. */
   ack(id: string): Promise<void> | void;
   quarantine(id: string, reason: string): Promise<void> | void;
+  /** Whether a pending record has this id (a WELCOME partial of another id is one the connector will never complete). */
+  has?(id: string): boolean;
   on(event: 'append', fn: () => void): unknown;
   off(event: 'append', fn: () => void): unknown;
+  /** Uploads of known length while they arrive (bridge/journal/upload.ts), for streaming upstream. */
+  on(event: 'upload', fn: (u: IncomingUpload) => void): unknown;
+  off(event: 'upload', fn: (u: IncomingUpload) => void): unknown;
   stats(): { pendingMessages: number; pendingBytes: number; oldestPendingAgeMs: number };
 }
 
@@ -67,6 +72,17 @@ export interface OutMsg {
   pos: number;
 }
 
+/** An upload being sent while it arrives (bridge/uplink/streamer.ts), on one connection. */
+export interface StreamState {
+  id: string;
+  total: number;
+  /** Bytes handed to the socket, and the seq of the next chunk. */
+  sentOffset: number;
+  nextSeq: number;
+  /** Set when the sender took it over, a REJECT stopped it or the upload was aborted. */
+  stop: boolean;
+}
+
 export interface CloseReason {
   code: number;
   reason: string;
@@ -85,6 +101,10 @@ export interface Session {
   epoch: number;
   inflight: Map<string, OutMsg>;
   unackedBytes: number;
+  /** The cloud confirmed the `stream` feature in WELCOME (§13.10): uploads may be sent while they arrive, DISCARD is understood. */
+  streamFeature: boolean;
+  /** Uploads being streamed on this connection, by message id. */
+  streams: Map<string, StreamState>;
   /** Resume points the cloud told us (WELCOME partials, ACK progress, REJECT retry, QUERY_RESULT). */
   resume: Map<string, { offset: number; next_seq: number; total: number }>;
   chunkSize: number;

@@ -4,7 +4,7 @@ import { existsSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, 
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { Registry } from 'prom-client';
-import { Journal, type JournalConfig, type JournalRecord } from '../../bridge/journal.js';
+import { Journal, type IncomingUpload, type JournalConfig, type JournalRecord } from '../../bridge/journal.js';
 import { createLogger } from '../../core/logger.js';
 import { errorCode } from '../../core/errors.js';
 import type { UplinkMessageMeta } from '../../core/ports.js';
@@ -770,4 +770,96 @@ t.test('openPayload: reads a blob into the caller\'s buffer through one open fil
   await reader.close();
   await reader.close();
   t.pass('close is idempotent');
+});
+
+t.test('appendStream with a declared length: handed to "upload" listeners while it arrives, under the id its record keeps (also after a restart)', async (t) => {
+  const dir = tempDir(t);
+  const a = await open(t, dir);
+  const seen: IncomingUpload[] = [];
+  a.j.on('upload', (u: IncomingUpload) => seen.push(u));
+  const total = 3 * MiB + 5;
+  const data = randomBytes(total);
+  let release!: () => void;
+  const held = new Promise<void>((r) => (release = r));
+  async function* body(): AsyncGenerator<Buffer> {
+    yield data.subarray(0, 2 * MiB);
+    await held; // the rest waits until the test has looked at the upload in progress
+    yield data.subarray(2 * MiB);
+  }
+  const done = a.j.appendStream(meta(), body(), { maxBytes: 10 * MiB, declaredBytes: total });
+  await new Promise<void>((resolve) => a.j.once('upload', () => resolve()));
+  const u = seen[0]!;
+  t.equal(u.total, total, 'with its declared length');
+  t.match(u.id, /-u1$/, 'an id of its own, known before the commit');
+  if (u.written < 2 * MiB) await new Promise<void>((resolve) => u.on('progress', (n: number) => n >= 2 * MiB && resolve()));
+  const part = Buffer.alloc(MiB);
+  await u.read(part, 0, MiB, MiB);
+  t.ok(part.equals(data.subarray(MiB, 2 * MiB)), 'what is written reads back while the body still arrives');
+  await t.rejects(u.read(Buffer.alloc(10), 0, 2 * MiB, 10), { code: 'ECONN_JOURNAL_IO' }, 'nothing beyond what is written');
+  t.equal(a.j.has(u.id), false, 'no record yet');
+  const ended = new Promise<string>((resolve) => u.once('end', resolve));
+  release();
+  const r = await done;
+  t.equal(await ended, 'committed');
+  t.equal(r.id, u.id, 'the record carries the id the upload was streamed under');
+  t.equal(a.j.get(u.id)?.size, total);
+  t.equal(a.j.pending()[0]?.id, u.id, 'and the uplink sees it under that id');
+  await a.j.close();
+  const b = await open(t, dir);
+  t.equal(b.j.pending()[0]?.id, u.id, 'the id survives a restart (kept in the blob name)');
+  const back = await b.j.readPayload(b.j.get(u.id)!, 0, total);
+  t.ok(back.equals(data), 'payload intact');
+  await b.j.ack(u.id);
+  t.equal(b.j.has(u.id), false, 'acknowledged by that id');
+  // a restart draws a new boot nonce: a new upload's id cannot be one the cloud may hold from before
+  const ids: string[] = [];
+  b.j.on('upload', (x: IncomingUpload) => ids.push(x.id));
+  await b.j.appendStream(meta(), chunks(MiB, 65536), { maxBytes: 10 * MiB, declaredBytes: MiB });
+  t.not(ids[0], u.id, 'a new id after the restart');
+});
+
+t.test('appendStream with a declared length: cut off, wrong digest, wrong length → the upload ends "aborted", nothing kept', async (t) => {
+  const dir = tempDir(t);
+  const a = await open(t, dir);
+  const states: string[] = [];
+  a.j.on('upload', (u: IncomingUpload) => u.once('end', (s: string) => states.push(s)));
+  async function* cut(): AsyncGenerator<Buffer> {
+    yield randomBytes(MiB);
+    throw new Error('client went away');
+  }
+  await t.rejects(a.j.appendStream(meta(), cut(), { maxBytes: 10 * MiB, declaredBytes: 2 * MiB }), /client went away/);
+  await t.rejects(a.j.appendStream(meta(), chunks(2 * MiB, 65536), { maxBytes: 10 * MiB, declaredBytes: 2 * MiB, expectedSha256: Buffer.alloc(32) }), { code: 'ECONN_DIGEST_MISMATCH' });
+  await t.rejects(a.j.appendStream(meta(), chunks(MiB, 65536), { maxBytes: 10 * MiB, declaredBytes: 2 * MiB }), { code: 'ECONN_BAD_REQUEST' }, 'shorter than declared');
+  await t.rejects(a.j.appendStream(meta(), chunks(MiB, 65536), { maxBytes: MiB / 2, declaredBytes: MiB }), { code: 'ECONN_PAYLOAD_TOO_LARGE' }, 'declared above the limit: refused before anything is read');
+  t.same(states, ['aborted', 'aborted', 'aborted'], 'each streamed one ended aborted');
+  t.equal(a.j.pending().length, 0, 'nothing kept');
+  t.equal(readdirSync(path.join(dir, 'tmp')).length, 0, 'no staging file left');
+});
+
+t.test('appendStream with a declared length: the body waits while the link is more than its window behind', async (t) => {
+  const dir = tempDir(t);
+  const a = await open(t, dir);
+  let u: IncomingUpload | undefined;
+  a.j.on('upload', (x: IncomingUpload) => {
+    u = x;
+    x.startStreaming(2 * MiB); // as the uplink does
+  });
+  let pulled = 0;
+  async function* body(): AsyncGenerator<Buffer> {
+    for (let i = 0; i < 8; i++) {
+      pulled += MiB;
+      yield randomBytes(MiB);
+    }
+  }
+  const done = a.j.appendStream(meta(), body(), { maxBytes: 10 * MiB, declaredBytes: 8 * MiB });
+  // the journal waits for the link (it listens for 'sent') instead of reading on
+  await new Promise<void>((resolve) => {
+    const check = (): void => (u && u.listenerCount('sent') > 0 ? resolve() : void setImmediate(check));
+    check();
+  });
+  t.ok(pulled < 8 * MiB && u!.written <= 4 * MiB, `the body is held (${pulled / MiB} MiB read, ${u!.written / MiB} MiB written, the link at 0)`);
+  u!.noteSent(6 * MiB);
+  u!.stopStreaming(); // the uplink let it go (e.g. the link went): the body runs free
+  const r = await done;
+  t.equal(r.size, 8 * MiB, 'then it completes');
 });

@@ -12,7 +12,7 @@ import { WebSocket } from 'ws';
 import { parseConfigText } from '../../core/config/load.js';
 import type { Config } from '../../core/config/schema.js';
 import { createLogger } from '../../core/logger.js';
-import { Journal } from '../../bridge/journal.js';
+import { Journal, type IncomingUpload } from '../../bridge/journal.js';
 import { CloudTokenClient } from '../../bridge/cloud-token.js';
 import { Uplink, uplinkSettings } from '../../bridge/uplink.js';
 import { signRequest } from '../../protocol/signature.js';
@@ -619,4 +619,32 @@ t.test('issue 9: hostile cloud — an ACK for positions never sent, ACKs of unkn
     'the enormous frame is named in the log',
   );
   t.equal(s.uplink.counts.messagesAcked, 1, 'acknowledged once, by the cloud that stored it');
+});
+
+t.test('feature "stream": offered in HELLO; a cloud that does not confirm it gets an upload of known length only once it is committed, as before', async (t) => {
+  const s = await setup(t);
+  const total = 3 * 1024 * 1024 + 5;
+  const data = randomBytes(total);
+  let release!: () => void;
+  const held = new Promise<void>((r) => (release = r));
+  async function* body(): AsyncGenerator<Buffer> {
+    yield data.subarray(0, 2 * 1024 * 1024); // the journal writes in 1 MiB runs
+    await held;
+    yield data.subarray(2 * 1024 * 1024);
+  }
+  await s.cloud.until(() => s.uplink.status().state === 'connected', 'connected');
+  t.match(s.cloud.conns[0]!.frames[0], { type: 'HELLO', features: ['stream'] }, 'the connector offers the feature');
+  const started = new Promise<IncomingUpload>((resolve) => s.journal.once('upload', resolve));
+  const done = s.journal.appendStream({ deviceId: 'cam', topic: 'devices/cam/upload', qos: 1, receivedAt: Date.now() }, body(), { maxBytes: 4 * total, declaredBytes: total });
+  const u = await started;
+  if (u.written < 1024 * 1024) await new Promise<void>((resolve) => u.on('progress', (n: number) => n >= 1024 * 1024 && resolve()));
+  // a message journaled now goes through the link after anything the uplink had handed to it before
+  const probe = await s.append('cam', Buffer.from('probe'));
+  await ackOf(s.uplink, probe);
+  const early = s.cloud.conns[0]!.frames.filter((f) => f.type === 'CHUNK' && f.id === u.id).length;
+  t.equal(early, 0, 'nothing of the upload was sent while it arrived');
+  release();
+  const r = await done;
+  await ackOf(s.uplink, r.id);
+  t.equal(s.cloud.stored.get(r.id)?.sha256, sha(data), 'sent whole once committed, under its id');
 });

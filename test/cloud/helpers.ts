@@ -170,7 +170,8 @@ export class TestGateway {
           this.ackedUpto = Math.max(this.ackedUpto, v2.upto);
         }
         f = v2.progress ? { type: 'ACK', ids, progress: v2.progress } : { type: 'ACK', ids };
-      } else f = v2;
+      } else if (v2.type === 'DISCARD') return; // the cloud never sends it (a client-only frame)
+      else f = v2;
       if (f.type === 'REJECT') {
         // positions of the rejected message sent so far are not acknowledged by a later upto
         for (const [p, id] of this.idAt) if (id === f.id) this.idAt.delete(p);

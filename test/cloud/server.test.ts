@@ -123,8 +123,11 @@ t.test('messages of 0 bytes, small and 5 MiB in 256 KiB chunks are stored durabl
   const big = randomBytes(5 << 20);
   const chunks = chunkMessage('big', meta(), big, 256 << 10);
   t.equal(chunks.length, 20);
-  for (const ch of chunks) gw.send(ch);
+  // the first 2 MiB, then the progress ACK, then the rest: a progress ACK is only sent while the message is
+  // still in progress, and on a loaded machine the whole message could arrive before the first persist ends
+  for (const ch of chunks.slice(0, 8)) gw.send(ch);
   const progress = await gw.next('ACK', (a) => (a.progress ?? []).some((p) => p.id === 'big'));
+  for (const ch of chunks.slice(8)) gw.send(ch);
   t.ok(progress.progress![0]!.offset >= 1 << 20, 'a progress ACK reports the durable offset of the big message');
   t.equal(progress.progress![0]!.offset % (256 << 10), 0, 'at a chunk boundary');
   await gw.next('ACK', (a) => a.ids.includes('big'));
@@ -448,6 +451,69 @@ t.test('commands: POST /api/commands → COMMAND → COMMAND_RESULT; 504 without
   const notJson = await httpsRequest(c, 'POST', '/api/commands', { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, '{nope');
   t.equal(notJson.status, 400);
   gw.close();
+});
+
+t.test('feature "stream" (§13.10): confirmed in WELCOME when offered; DISCARD drops a partial and the retry block it caused, never a stored message; without the feature DISCARD is refused', async (t) => {
+  const c = await startCloud(t, { progress_bytes: 1 << 30 });
+  {
+    const { gw, welcome } = await TestGateway.open(c, await getToken(c));
+    t.equal(welcome.features, undefined, 'no features unless the connector offers them');
+    gw.send({ type: 'DISCARD', id: 'x-1' });
+    t.equal((await gw.next('ERROR')).code, 'unexpected', 'DISCARD without the feature: ERROR unexpected');
+    t.equal((await gw.closed).code, CLOSE_CODES.PROTOCOL_ERROR);
+  }
+  const { gw, welcome } = await TestGateway.open(c, await getToken(c), { features: ['stream', 'from-a-newer-connector'] });
+  t.same(welcome.features, ['stream'], 'confirms the features it speaks, and only those');
+  const sync = async (n: number): Promise<void> => {
+    gw.send({ type: 'PING', t: n });
+    await gw.next('PONG', (p) => p.t === n);
+  };
+  const cs = 256 << 10;
+  const payload = randomBytes(1 << 20);
+  const chunks = chunkMessage('up-1', meta(), payload, cs);
+  for (const ch of chunks.slice(0, 3)) gw.send(ch);
+  await sync(1);
+  t.ok(existsSync(path.join(c.cfg.store_dir, 'partials', 'up-1.part')), 'held in progress');
+  gw.send({ type: 'DISCARD', id: 'up-1' });
+  await sync(2);
+  t.notOk(existsSync(path.join(c.cfg.store_dir, 'partials', 'up-1.part')), 'DISCARD: its bytes are gone');
+  gw.send({ type: 'QUERY', ids: ['up-1'] });
+  t.same((await gw.next('QUERY_RESULT')).entries, [{ id: 'up-1', status: 'unknown' }], 'and the cloud no longer knows it');
+  t.notOk(indexOf(c).some((e) => e.id === 'up-1'), 'nothing stored');
+  // sent again from its first chunk, it is stored whole; a DISCARD then changes nothing
+  await sendMessage(t, c, gw, 'up-1', payload, cs);
+  gw.send({ type: 'DISCARD', id: 'up-1' });
+  await sync(3);
+  t.ok(indexOf(c).some((e) => e.id === 'up-1'), 'a stored message is not discarded');
+  // a REJECT retry (bad chunk digest) blocks the device's later messages; a DISCARD of that message lifts it
+  const blk = chunkMessage('blk-1', meta(), randomBytes(1 << 20), cs);
+  gw.send(blk[0]!);
+  gw.send({ ...blk[1]!, chunk_sha256: Buffer.alloc(32) });
+  t.equal((await gw.next('REJECT', (r) => r.id === 'blk-1')).kind, 'retry');
+  gw.send({ type: 'DISCARD', id: 'blk-1' });
+  await sendMessage(t, c, gw, 'after-1', Buffer.from('next message of the device'));
+  t.notOk(existsSync(path.join(c.cfg.store_dir, 'partials', 'blk-1.part')), 'the refused message is gone too');
+  gw.close();
+});
+
+t.test('partial_ttl_s: a partial no chunk reached for that long is dropped and no longer listed in WELCOME', async (t) => {
+  const c = await startCloud(t, { progress_bytes: 1 << 30, partial_ttl_s: 1 });
+  {
+    const { gw } = await TestGateway.open(c, await getToken(c));
+    for (const ch of chunkMessage('stale-1', meta(), randomBytes(1 << 20), 256 << 10).slice(0, 2)) gw.send(ch);
+    gw.close();
+    await gw.closed;
+  }
+  const { gw, welcome } = await TestGateway.open(c, await getToken(c));
+  t.same(welcome.partials.map((p) => p.id), ['stale-1'], 'held (and persisted) after the connection went');
+  gw.close();
+  // the expiry runs on a timer (a tenth of the TTL): wait for its effect, bounded
+  const file = path.join(c.cfg.store_dir, 'partials', 'stale-1.part');
+  for (const end = Date.now() + 10_000; existsSync(file) && Date.now() < end; ) await new Promise((r) => setTimeout(r, 25));
+  const { gw: g2, welcome: w2 } = await TestGateway.open(c, await getToken(c));
+  t.same(w2.partials, [], 'expired: no longer listed');
+  t.notOk(existsSync(path.join(c.cfg.store_dir, 'partials', 'stale-1.part')), 'its files are gone');
+  g2.close();
 });
 
 t.test('max_partials: REJECT retry while all are in progress here; abandoned partials are evicted, oldest first', async (t) => {

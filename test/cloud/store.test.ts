@@ -290,8 +290,10 @@ t.test('commits that arrive while a segment is being rolled wait for the next ro
   // one commit per turn of the event loop, without waiting for the earlier ones, as frames from the network
   // arrive: many land while a round is rolling the segment over (every 5 records) and waits for the disk
   const results: Promise<unknown>[] = [];
+  // bounded by time (10 s) and a generous count: on a loaded machine an fsync round takes long enough that
+  // 20 000 commits (one turn each, ~1 s) were all queued after 7 rolls
   const until = Date.now() + 10_000;
-  for (let i = 0; i < 20_000 && s.stats().sealedSegments < 10 && Date.now() < until; i++) {
+  for (let i = 0; i < 200_000 && s.stats().sealedSegments < 10 && Date.now() < until; i++) {
     const p = Buffer.from(`m${i}`);
     results.push(s.commitData(`m${i}`, 'gw', META, p, sha256Hex(p)));
     await new Promise((r) => setImmediate(r));
@@ -301,4 +303,26 @@ t.test('commits that arrive while a segment is being rolled wait for the next ro
   t.same(refused.slice(0, 3), [], `no commit refused (${refused.length} were)`);
   t.equal(s.count, results.length, `all ${results.length} stored`);
   t.ok(s.stats().sealedSegments >= 10, `rolled ${s.stats().sealedSegments} times meanwhile`);
+});
+
+t.test('partial expiry: a partial no chunk reached for the TTL is dropped with its files; its age survives a reopen', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  let s = await open(t, dir);
+  await feed(s, 'old-1', randomBytes(300_000), 100_000, 2);
+  await s.persist(s.getPartial('old-1')!);
+  t.same(await s.expirePartials(60_000), [], 'young: kept');
+  t.ok(s.getPartial('old-1'), 'still held');
+  await s.close();
+  s = await open(t, dir);
+  const p = s.getPartial('old-1');
+  t.ok(p, 'held after a reopen');
+  t.ok(p!.lastTouched <= Date.now() && p!.lastTouched > Date.now() - 60_000, 'its age comes from its durable state, not from the reopen');
+  await feed(s, 'new-1', randomBytes(300_000), 100_000, 1);
+  const later = p!.lastTouched + 10_000;
+  s.getPartial('new-1')!.lastTouched = later; // a chunk of it arrived "later"
+  t.same(await s.expirePartials(5_000, later + 1), ['old-1'], 'only the one idle longer than the TTL goes');
+  t.notOk(s.getPartial('old-1'));
+  t.notOk(existsSync(path.join(dir, 'partials', 'old-1.part')), 'its data file is gone');
+  t.notOk(existsSync(path.join(dir, 'partials', 'old-1.json')), 'its state file is gone');
+  t.ok(s.getPartial('new-1'), 'the recent one stays');
 });

@@ -5,15 +5,17 @@
  *     with protocol/v2.ts to the values of its ```json v2-example-NAME block,
  *     and encoding those values gives the same bytes; the BATCH sent to a
  *     reference cloud is stored and answered with exactly the ACK bytes shown;
+ *   - the worked example of §13.10 (feature stream): the DISCARD hex against the codec, and the
+ *     example's frames against a reference cloud (held in progress, then dropped by DISCARD);
  *   - the BATCH type code and the v2 limits the section states;
  *   - the cloud.yaml example of §9.1 (clients[].gateway_ids) loads.
  */
 import t from 'tap';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import type { RawData } from 'ws';
 import { sha256, type MessageMeta } from '../../protocol/codec.js';
-import { BATCH_TYPE, LIMITS_V2, decodeFrameV2, encodeFrameV2, type BatchChunk, type FrameV2 } from '../../protocol/v2.js';
+import { BATCH_TYPE, DISCARD_TYPE, FEATURE_STREAM, LIMITS_V2, decodeFrameV2, encodeFrameV2, type BatchChunk, type FrameV2 } from '../../protocol/v2.js';
 import { parseCloudConfig } from '../../cloud/config.js';
 import { REPO } from '../helpers/daemon.js';
 import { getToken, startCloud, TestGateway } from '../cloud/helpers.js';
@@ -163,10 +165,44 @@ t.test('§13.9: a reference cloud stores the example BATCH and answers with exac
   await gw.closed;
 });
 
+t.test('§13.10 (feature stream): the DISCARD hex decodes to its values and back; the example frames do what the text says at a reference cloud', async (t) => {
+  const discardHex = parseHex(hexBlocks.get('stream-example-discard')!);
+  const discard = JSON.parse(jsonBlocks.get('stream-example-discard')!) as Stated;
+  t.strictSame(toStated(decodeFrameV2(discardHex)), discard, 'decode(hex) = values');
+  t.equal(encodeFrameV2(fromStated(discard)).toString('hex'), discardHex.toString('hex'), 'encode(values) = hex');
+  t.equal(discardHex[2], DISCARD_TYPE, 'type code 0x11');
+  const hello = JSON.parse(jsonBlocks.get('stream-example-hello')!) as Stated;
+  const first = fromStated(JSON.parse(jsonBlocks.get('stream-example-first-chunk')!) as Stated);
+  if (first.type !== 'BATCH') throw new Error('not a BATCH');
+  const c0 = first.chunks[0]!;
+  t.equal(c0.chunk_sha256?.toString('hex'), sha256(c0.data).toString('hex'), 'chunk_sha256 is the SHA-256 of its data');
+  t.ok(c0.offset + c0.data.length < c0.total && c0.pos === undefined && c0.payload_sha256 === undefined, 'not the last chunk: no position, no payload digest');
+  const c = await startCloud(t);
+  const { gw, welcome } = await TestGateway.open(c, await getToken(c), hello as never);
+  t.same(welcome.features, [FEATURE_STREAM], 'WELCOME confirms the feature');
+  const sync = async (n: number): Promise<void> => {
+    gw.send({ type: 'PING', t: n });
+    await gw.next('PONG', (p) => p.t === n);
+  };
+  gw.sendRaw(encodeFrameV2(first));
+  await sync(1);
+  const part = path.join(c.cfg.store_dir, 'partials', 'gw-1:43.part');
+  t.ok(existsSync(part), 'held as a message in progress');
+  gw.sendRaw(discardHex);
+  await sync(2);
+  t.notOk(existsSync(part), 'dropped by the DISCARD');
+  gw.send({ type: 'QUERY', ids: ['gw-1:43'] });
+  t.same((await gw.next('QUERY_RESULT')).entries, [{ id: 'gw-1:43', status: 'unknown' }], 'QUERY answers unknown');
+  t.equal(c.server.cloudStore.count, 0, 'nothing stored');
+  gw.close();
+  await gw.closed;
+});
+
 t.test('§13.2 and §13.8 state the codec constants', async (t) => {
   const s13 = doc.slice(doc.indexOf('\n## 13. '));
   t.ok(s13.length > 1000, '§13 found');
   t.match(s13, new RegExp(`\\| 0x${BATCH_TYPE.toString(16).padStart(2, '0')} \\| BATCH \\| C \\|`), 'BATCH type code in the §13.2 table');
+  t.match(s13, new RegExp(`\\| 0x${DISCARD_TYPE.toString(16).padStart(2, '0')} \\| DISCARD \\| C \\|`), 'DISCARD type code in the §13.2 table');
   t.match(s13, new RegExp(`\\| entries \\(chunks\\) per BATCH \\| 1\\.\\.${LIMITS_V2.maxChunksPerBatch} \\|`), 'chunks per BATCH in §13.8');
   t.match(s13, /subprotocol \*\*`edge-connector\.v2`\*\*/i, 'the subprotocol');
 });

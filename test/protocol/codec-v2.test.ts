@@ -4,6 +4,8 @@ import { FRAME_TYPES, HEADER_BYTES, LIMITS, MessageAssembly, WireError, encodeFr
 import {
   AckFrontier,
   BATCH_TYPE,
+  DISCARD_TYPE,
+  FEATURE_STREAM,
   batchEntryHeaderBytes,
   LIMITS_V2,
   PROTOCOL_VERSION_2,
@@ -289,4 +291,22 @@ t.test('sealBatchFrame: a chunk read into place frames to the same bytes as enco
   t.throws(() => sealBatchFrame(Buffer.alloc(HEADER_BYTES + data.length), head, data.length), RangeError, 'a frame of the wrong size is refused');
   const at = HEADER_BYTES + batchEntryHeaderBytes(head, data.length);
   throwsWire(t, () => sealBatchFrame(Buffer.alloc(at + data.length), { ...head, chunk_sha256: undefined }, data.length), 'malformed', 'the rules of encodeBatchChunk apply');
+});
+
+t.test('feature stream (§13.10): HELLO/WELCOME features and DISCARD round-trip; bad ones are malformed', async (tt) => {
+  const hello = decodeFrameV2(encodeFrameV2({ type: 'HELLO', version: 2, gateway_id: 'gw-1', features: [FEATURE_STREAM, 'x.y_z-1'] }));
+  tt.same(hello, { type: 'HELLO', version: 2, gateway_id: 'gw-1', features: ['stream', 'x.y_z-1'] }, 'HELLO features, unknown names kept');
+  const welcome = { type: 'WELCOME' as const, version: 2, session_id: 's', max_frame_bytes: 1 << 20, max_chunk_bytes: 1 << 16, max_message_bytes: 1 << 30, max_partials: 8, heartbeat_ms: 1000, token_expires_at: 1, partials: [] };
+  tt.same(decodeFrameV2(encodeFrameV2({ ...welcome, features: ['stream'] })), { ...welcome, features: ['stream'] }, 'WELCOME features');
+  tt.same(decodeFrameV2(encodeFrameV2(welcome)), welcome, 'absent: no features');
+  const d = encodeFrameV2({ type: 'DISCARD', id: 'gw-1:43' });
+  tt.equal(d[2], DISCARD_TYPE);
+  tt.same(decodeFrameV2(d), { type: 'DISCARD', id: 'gw-1:43' });
+  const json = (type: number, o: unknown): Buffer => withBody(type, Buffer.from(JSON.stringify(o)));
+  throwsWire(tt, () => decodeFrameV2(json(DISCARD_TYPE, {})), 'malformed', 'DISCARD without an id');
+  throwsWire(tt, () => decodeFrameV2(json(DISCARD_TYPE, { id: 'bad id!' })), 'malformed', 'DISCARD with an invalid id');
+  throwsWire(tt, () => decodeFrameV2(json(0x01, { version: 2, gateway_id: 'g', features: 'stream' })), 'malformed', 'features not an array');
+  throwsWire(tt, () => decodeFrameV2(json(0x01, { version: 2, gateway_id: 'g', features: ['Stream'] })), 'malformed', 'a name with capitals');
+  throwsWire(tt, () => decodeFrameV2(json(0x01, { version: 2, gateway_id: 'g', features: [''] })), 'malformed', 'an empty name');
+  throwsWire(tt, () => decodeFrameV2(json(0x01, { version: 2, gateway_id: 'g', features: Array.from({ length: 33 }, (_, i) => `f${i}`) })), 'malformed', '33 names');
 });
