@@ -40,6 +40,17 @@ interface Queued {
 }
 
 /** The wire metadata of a journal record. */
+/**
+ * A frame for one chunk of a multi-chunk message, its data to be read straight into it at `at`
+ * (after the BATCH header and the entry's fields, which sealBatchFrame writes once the data is in).
+ * Buffers of `cap` bytes come from `free` (frames used again once the socket wrote them).
+ */
+export function chunkFrame(id: string, total: number, meta: MessageMeta, r: ChunkRange, cap: number, free: Buffer[]): { at: number; base: Buffer; frame: Buffer } {
+  const at = HEADER_BYTES + batchEntryHeaderBytes({ id, seq: r.seq, offset: r.offset, total, ...(r.first ? { meta } : {}) }, r.length);
+  const base = at + r.length <= cap ? (free.pop() ?? Buffer.allocUnsafe(cap)) : Buffer.allocUnsafe(at + r.length);
+  return { at, base, frame: base.subarray(0, at + r.length) };
+}
+
 export function wireMeta(meta: UplinkMessageMeta): MessageMeta {
   const m: MessageMeta = { device_id: meta.deviceId, topic: meta.topic, qos: meta.qos, received_at: Math.floor(meta.receivedAt) };
   if (meta.contentType !== undefined) m.content_type = meta.contentType;
@@ -374,9 +385,7 @@ export class Sender {
           const step = ranges.next();
           if (step.done) return;
           const r = step.value;
-          const at = HEADER_BYTES + batchEntryHeaderBytes({ id: rec.id, seq: r.seq, offset: r.offset, total: rec.size, ...(r.first ? { meta } : {}) }, r.length);
-          const base = at + r.length <= cap ? (free.pop() ?? Buffer.allocUnsafe(cap)) : Buffer.allocUnsafe(at + r.length);
-          const frame = base.subarray(0, at + r.length);
+          const { at, base, frame } = chunkFrame(rec.id, rec.size, meta, r, cap, free);
           // never rejects: an abandoned read (the message was dropped or rewound) cannot go unhandled
           const read = reader.read(frame, at, r.offset, r.length).then(
             () => ({}),

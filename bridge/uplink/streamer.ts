@@ -21,10 +21,10 @@
  */
 import { WebSocket } from 'ws';
 import { HEADER_BYTES, WireError, chunkRanges, sha256, type ChunkRange } from '../../protocol/codec.js';
-import { FEATURE_STREAM, batchEntryHeaderBytes, sealBatchFrame, type BatchChunkHead } from '../../protocol/v2.js';
+import { FEATURE_STREAM, sealBatchFrame, type BatchChunkHead } from '../../protocol/v2.js';
 import type { IncomingUpload } from '../journal/upload.js';
 import type { UplinkCore } from './core.js';
-import { wireMeta } from './sender.js';
+import { chunkFrame, wireMeta } from './sender.js';
 import type { Session, StreamState } from './types.js';
 
 /** Aborted uploads remembered for a DISCARD after the next WELCOME (bounded: the cloud expires the rest). */
@@ -153,9 +153,7 @@ export class Streamer {
       while (ahead.length < depth && !next.done && !next.value.last && u.written >= next.value.offset + next.value.length) {
         const r = next.value;
         next = ranges.next();
-        const at = HEADER_BYTES + batchEntryHeaderBytes({ id: u.id, seq: r.seq, offset: r.offset, total: u.total, ...(r.first ? { meta } : {}) }, r.length);
-        const base = at + r.length <= cap ? (free.pop() ?? Buffer.allocUnsafe(cap)) : Buffer.allocUnsafe(at + r.length);
-        const frame = base.subarray(0, at + r.length);
+        const { at, base, frame } = chunkFrame(u.id, u.total, meta, r, cap, free);
         // never rejects: an abandoned read (the upload ended, the link went) cannot go unhandled
         const read = u.read(frame, at, r.offset, r.length).then(
           () => ({}),

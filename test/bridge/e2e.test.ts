@@ -15,7 +15,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { startDaemon, tempDir, type DaemonHandle, type Json, type TestLike, freePort } from '../helpers/daemon.js';
 import { MiniCloud } from '../helpers/mini-cloud.js';
-import { CLIENT_SECRET, startCloud, connectorConfig, addDevice, mqttConnect, tail, seqMsg, decode, type Cloud, type DeviceFiles, type Delivered } from '../helpers/fleet.js';
+import { CLIENT_SECRET, startCloud, connectorConfig, addDevice, mqttConnect, tail, seqMsg, decode, type Cloud, type DeviceFiles, type Delivered, throughMarker } from '../helpers/fleet.js';
 
 /** POST /api/publish/{id} streaming a file, with Content-Digest. */
 function upload(d: DaemonHandle, dev: DeviceFiles, file: string, topic?: string): Promise<{ status: number; body: Json }> {
@@ -133,24 +133,6 @@ function logAfter(d: DaemonHandle, mark: number, pred: (l: Json) => boolean, wha
   return d.waitForLog((l) => d.logs.indexOf(l) >= mark && pred(l), timeoutMs, what);
 }
 
-const MARKER = 'marker-after-everything';
-
-/**
- * "Nothing more arrives" bounded by an event, not a sleep: publish a marker
- * through the same connector after everything else and read until it is
- * delivered. The uplink sends the journal in order, so anything still on its
- * way (a resend, a duplicate) would have reached the cloud before the marker.
- */
-async function throughMarker(t: TestLike, d: DaemonHandle, cloud: Cloud, dev: DeviceFiles, what: string): Promise<Delivered[]> {
-  const c = await mqttConnect(d, dev);
-  try {
-    await c.publishAsync(`devices/${dev.id}/marker`, Buffer.from(MARKER), { qos: 1 });
-  } finally {
-    c.end(true);
-  }
-  const got = await tail(t, cloud, (m) => m.some((x) => decode(x) === MARKER), `${what}, then the marker`, 45_000);
-  return got.filter((x) => decode(x) !== MARKER);
-}
 
 // ─── tests ───────────────────────────────────────────────────────────────────
 

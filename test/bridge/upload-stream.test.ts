@@ -11,7 +11,7 @@ import { readFileSync, readdirSync, statSync, writeFileSync, existsSync } from '
 import https from 'node:https';
 import path from 'node:path';
 import { startDaemon, tempDir, type DaemonHandle, type Json, type TestLike } from '../helpers/daemon.js';
-import { CLIENT_SECRET, startCloud, connectorConfig, addDevice, mqttConnect, tail, decode, type Cloud, type DeviceFiles, type Delivered } from '../helpers/fleet.js';
+import { CLIENT_SECRET, startCloud, connectorConfig, addDevice, type Cloud, type DeviceFiles, throughMarker } from '../helpers/fleet.js';
 
 const MiB = 1024 * 1024;
 const CHUNK = 256 * 1024;
@@ -91,19 +91,6 @@ async function until(what: string, cond: () => boolean, timeoutMs = 20_000): Pro
   }
 }
 
-const MARKER = 'marker-after-everything';
-
-/** Everything delivered before a marker published after it (the uplink sends in journal order). */
-async function throughMarker(t: TestLike, d: DaemonHandle, cloud: Cloud, dev: DeviceFiles, what: string): Promise<Delivered[]> {
-  const c = await mqttConnect(d, dev);
-  try {
-    await c.publishAsync(`devices/${dev.id}/marker`, Buffer.from(MARKER), { qos: 1 });
-  } finally {
-    c.end(true);
-  }
-  const got = await tail(t, cloud, (m) => m.some((x) => decode(x) === MARKER), `${what}, then the marker`, 45_000);
-  return got.filter((x) => decode(x) !== MARKER);
-}
 
 t.test('an upload of known length goes upstream while it arrives; the cloud stores it only after the 202', async (t) => {
   const { cloud, d, dev } = await setup(t);

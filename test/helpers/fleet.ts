@@ -356,3 +356,22 @@ export const sentinelsIn =
   (pubs: Publisher[]) =>
   (got: Delivered[]): boolean =>
     pubs.every((p) => got.some((m) => m.device_id === p.dev.id && decode(m) === seqMsg(p.dev.id, SENTINEL).toString()));
+
+export const MARKER = 'marker-after-everything';
+
+/**
+ * "Nothing more arrives" bounded by an event, not a sleep: publish a marker
+ * through the same connector after everything else and read until it is
+ * delivered. The uplink sends the journal in order, so anything still on its
+ * way (a resend, a duplicate) would have reached the cloud before the marker.
+ */
+export async function throughMarker(t: TestLike, d: DaemonHandle, cloud: Cloud, dev: DeviceFiles, what: string): Promise<Delivered[]> {
+  const c = await mqttConnect(d, dev);
+  try {
+    await c.publishAsync(`devices/${dev.id}/marker`, Buffer.from(MARKER), { qos: 1 });
+  } finally {
+    c.end(true);
+  }
+  const got = await tail(t, cloud, (m) => m.some((x) => decode(x) === MARKER), `${what}, then the marker`, 45_000);
+  return got.filter((x) => decode(x) !== MARKER);
+}
