@@ -15,7 +15,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { startDaemon, tempDir, type DaemonHandle, type Json, type TestLike, freePort } from '../helpers/daemon.js';
 import { MiniCloud } from '../helpers/mini-cloud.js';
-import { CLIENT_SECRET, startCloud, connectorConfig, addDevice, mqttConnect, tail, seqMsg, decode, type Cloud, type DeviceFiles, type Delivered, throughMarker } from '../helpers/fleet.js';
+import { CLIENT_SECRET, startCloud, connectorConfig, addDevice, mqttConnect, tail, seqMsg, decode, type Cloud, type DeviceFiles, type Delivered, throughMarker, jsonAnswer } from '../helpers/fleet.js';
 
 /** POST /api/publish/{id} streaming a file, with Content-Digest. */
 function upload(d: DaemonHandle, dev: DeviceFiles, file: string, topic?: string): Promise<{ status: number; body: Json }> {
@@ -30,12 +30,7 @@ function upload(d: DaemonHandle, dev: DeviceFiles, file: string, topic?: string)
         headers: { authorization: `Bearer ${dev.token}`, 'content-digest': `sha-256=:${digest}:`, 'content-type': 'application/octet-stream' },
         timeout: 60_000,
       },
-      (res) => {
-        let text = '';
-        res.setEncoding('utf8');
-        res.on('data', (s: string) => (text += s));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text ? (JSON.parse(text) as Json) : {} }));
-      },
+      jsonAnswer(resolve),
     );
     req.on('error', reject);
     createReadStream(file).pipe(req);

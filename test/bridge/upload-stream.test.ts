@@ -11,7 +11,7 @@ import { readFileSync, readdirSync, statSync, writeFileSync, existsSync } from '
 import https from 'node:https';
 import path from 'node:path';
 import { startDaemon, tempDir, type DaemonHandle, type Json, type TestLike } from '../helpers/daemon.js';
-import { CLIENT_SECRET, startCloud, connectorConfig, addDevice, type Cloud, type DeviceFiles, throughMarker } from '../helpers/fleet.js';
+import { CLIENT_SECRET, startCloud, connectorConfig, addDevice, type Cloud, type DeviceFiles, throughMarker, jsonAnswer } from '../helpers/fleet.js';
 
 const MiB = 1024 * 1024;
 const CHUNK = 256 * 1024;
@@ -56,12 +56,7 @@ function startUpload(d: DaemonHandle, dev: DeviceFiles, total: number, digest: B
           'content-digest': `sha-256=:${digest.toString('base64')}:`,
         },
       },
-      (res) => {
-        let text = '';
-        res.setEncoding('utf8');
-        res.on('data', (s: string) => (text += s));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text ? (JSON.parse(text) as Json) : {} }));
-      },
+      jsonAnswer(resolve),
     );
     req.on('error', reject);
   });

@@ -8,6 +8,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import type { IncomingMessage } from 'node:http';
 import path from 'node:path';
 import { stringify } from 'yaml';
 import mqtt, { type MqttClient } from 'mqtt';
@@ -374,4 +375,14 @@ export async function throughMarker(t: TestLike, d: DaemonHandle, cloud: Cloud, 
   }
   const got = await tail(t, cloud, (m) => m.some((x) => decode(x) === MARKER), `${what}, then the marker`, 45_000);
   return got.filter((x) => decode(x) !== MARKER);
+}
+
+/** An https.request response callback that resolves with the status and the JSON body (an empty body: {}). */
+export function jsonAnswer(resolve: (a: { status: number; body: Json }) => void): (res: IncomingMessage) => void {
+  return (res) => {
+    let text = '';
+    res.setEncoding('utf8');
+    res.on('data', (s: string) => (text += s));
+    res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text ? (JSON.parse(text) as Json) : {} }));
+  };
 }
