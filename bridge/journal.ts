@@ -61,6 +61,7 @@ import type { Config } from '../core/config/schema.js';
 import type { Component } from '../core/component.js';
 import type { Logger } from '../core/logger.js';
 import { pwriteAllSync, syncDir, writeAtomic } from '../core/fs.js';
+import { STREAM_RECLAIM_EVERY_BYTES, reclaimer } from '../core/reclaim.js';
 import { RequestError, StorageError, errorCode } from '../core/errors.js';
 import type { AppendResult, JournaledPublish, PendingRecords, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
 import { LIMITS, parseMeta as parseWireMeta, sha256 } from '../protocol/codec.js';
@@ -109,6 +110,8 @@ const STAGE_WRITE_BUFFERS = 256;
  * of RAM), and the 202 would wait for the whole body to reach the disk.
  */
 const STAGE_SYNC_BYTES = 32 * 1024 * 1024;
+/** Upload bodies staged on every journal: one scavenge per STREAM_RECLAIM_EVERY_BYTES of them (core/reclaim.ts). */
+const reclaimBody = reclaimer(STREAM_RECLAIM_EVERY_BYTES);
 const MAX_READ_BYTES = 64 * 1024 * 1024;
 /**
  * Acks are gathered this long before one ack-log write + fdatasync: 20 flushes/s cost
@@ -674,6 +677,9 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       if (writing) await writing;
       writing = io('write of a staging file', writevAt(st.fh, bufs, at));
       writing.catch(() => undefined); // seen by the next await of it; never an unhandled rejection meanwhile
+      // the received buffers of the run are garbage once written: reclaimed every few MiB (core/reclaim.ts)
+      const n = staged - at;
+      writing.then(() => reclaimBody(n), () => undefined);
       if (upload) {
         const u = upload;
         const end = staged;

@@ -28,6 +28,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import type { WebSocket, RawData } from 'ws';
 import { writeAtomic } from '../core/fs.js';
+import { STREAM_RECLAIM_EVERY_BYTES, reclaimer } from '../core/reclaim.js';
 import type { Logger } from '../core/logger.js';
 import { RequestError } from '../core/errors.js';
 import { CLOSE_CODES, MessageAssembly, WireError, errorFrameFor, type ChunkFrame, type HelloFrame, type QueryEntry } from '../protocol/codec.js';
@@ -38,6 +39,8 @@ import type { CloudConfig } from './config.js';
 
 const PAUSE_ABOVE_BYTES = 64 * 1024 * 1024;
 const RESUME_BELOW_BYTES = 16 * 1024 * 1024;
+/** Frames handled on every connection: one scavenge per STREAM_RECLAIM_EVERY_BYTES of them (core/reclaim.ts). */
+const reclaimFrames = reclaimer(STREAM_RECLAIM_EVERY_BYTES);
 
 export interface IngestContext {
   cfg: CloudConfig;
@@ -244,6 +247,9 @@ export class IngestSession {
       })
       .finally(() => {
         this.queuedBytes -= buf.length;
+        // the frame (and the TLS reads it was gathered from) is garbage now: reclaimed by a scavenge every
+        // few MiB instead of piling up outside the heap until V8 runs a full collection (core/reclaim.ts)
+        reclaimFrames(buf.length);
         this.lastSeen = Math.max(this.lastSeen, Date.now());
         if (this.paused && this.queuedBytes < RESUME_BELOW_BYTES) {
           this.paused = false;

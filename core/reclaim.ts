@@ -48,15 +48,44 @@ function resolveGc(): GcFn | null {
   }
 }
 
+/**
+ * Bytes of a long transfer's buffers between two young-generation collections (uploads streamed
+ * through the connector, chunk frames arriving at the reference cloud). Here what matters is the CPU
+ * the collector takes per byte, not a peak: left to V8, a 1 GiB upload ran ~90 full collections in
+ * the cloud (dead frames outside the heap pushed its old generation to its limit every ~12 MiB),
+ * ~1 s of a 6–8 s CPU budget; one scavenge every 2 MiB took 0.8 s (~1.7 ms each: freeing the dead
+ * backing stores is most of it), every 8 MiB 0.2–0.3 s with a handful of full collections left
+ * (bench/uplink.mjs, 1 GiB, reference cloud).
+ */
+export const STREAM_RECLAIM_EVERY_BYTES = 8 * 1024 * 1024;
+
+function minorNow(): void {
+  if (gcFn === undefined) gcFn = resolveGc();
+  if (gcFn === null) return;
+  gcFn({ type: 'minor' });
+  runs++;
+}
+
 /** `n` bytes of short-lived buffers just became garbage (chunks copied into a large publish). */
 export function transientBytes(n: number): void {
   pending += n;
   if (pending < RECLAIM_EVERY_BYTES) return;
   pending = 0;
-  if (gcFn === undefined) gcFn = resolveGc();
-  if (gcFn === null) return;
-  gcFn({ type: 'minor' });
-  runs++;
+  minorNow();
+}
+
+/**
+ * A counter of its own for one kind of transfer: one young-generation collection after every
+ * `everyBytes` of short-lived buffers it reports dead (`n` bytes each call).
+ */
+export function reclaimer(everyBytes: number): (n: number) => void {
+  let due = 0;
+  return (n: number): void => {
+    due += n;
+    if (due < everyBytes) return;
+    due = 0;
+    minorNow();
+  };
 }
 
 /**

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { RECLAIM_EVERY_BYTES, collectNow, reclaimRuns, transientBytes } from '../../core/reclaim.js';
+import { RECLAIM_EVERY_BYTES, STREAM_RECLAIM_EVERY_BYTES, collectNow, reclaimRuns, reclaimer, transientBytes } from '../../core/reclaim.js';
 
 const MiB = 1024 * 1024;
 /** a WeakRef keeps its target for the rest of the current job: checks and collections are a turn apart */
@@ -43,4 +43,31 @@ t.test('collectNow: frees a dead buffer that outlived young-generation collectio
   collectNow();
   t.equal(reclaimRuns(), runs0 + 1);
   t.equal(ref.deref(), undefined, 'freed by the full collection');
+});
+
+t.test('reclaimer: a counter of its own per kind of transfer, one young-generation collection per its threshold', async (t) => {
+  t.ok(STREAM_RECLAIM_EVERY_BYTES > RECLAIM_EVERY_BYTES, 'long transfers collect less often than large publishes (CPU, not peak)');
+  const every = 4 * MiB;
+  const a = reclaimer(every);
+  const b = reclaimer(every);
+  const runs0 = reclaimRuns();
+  const base = process.memoryUsage().arrayBuffers;
+  const chunk = 256 * 1024; // a chunk frame's worth, as the reference cloud's ingest sees them
+  for (let off = 0; off < every - chunk; off += chunk) {
+    Buffer.allocUnsafeSlow(chunk).fill(3);
+    a(chunk);
+  }
+  b(every - chunk);
+  t.equal(reclaimRuns(), runs0, 'the counters do not add up: each is below its threshold');
+  t.ok(process.memoryUsage().arrayBuffers - base >= every - chunk, 'the dead frames are still allocated before the collection');
+  a(chunk);
+  t.equal(reclaimRuns(), runs0 + 1, 'one collection when a counter reaches its threshold');
+  // V8 frees the dead backing stores on a sweeper thread right after the collection: wait for it, bounded in turns
+  for (let i = 0; i < 1000 && process.memoryUsage().arrayBuffers - base >= chunk; i++) await nextTurn();
+  const held = process.memoryUsage().arrayBuffers - base;
+  t.ok(held < chunk, `dead frames held after it: ${(held / MiB).toFixed(2)} MiB (< one frame)`);
+  b(chunk);
+  t.equal(reclaimRuns(), runs0 + 2, 'the other counter reaches its own');
+  a(every - 1);
+  t.equal(reclaimRuns(), runs0 + 2, 'a counter starts again from zero after its collection');
 });
