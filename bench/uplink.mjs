@@ -198,7 +198,9 @@ async function startPair(kind, opts = {}) {
   if (kind === 'reference') {
     const cloudCfg = path.join(sub, 'cloud.yaml');
     writeFileSync(cloudCfg, stringify({ listen: { host: '127.0.0.1', port: fixedPort }, store_dir: path.join(sub, 'cloud-data'), clients: [{ id: 'edge-connector', secret: `file:${secret}` }], log_level: 'info' }), { mode: 0o600 });
-    startCloud = () => run([CLI, 'cloud', '-c', cloudCfg], { cwd: sub });
+    // BENCH_CLOUD_NODE_ARGS: node options for the reference cloud (e.g. --cpu-prof --cpu-prof-dir=DIR)
+    const cloudArgs = process.env.BENCH_CLOUD_NODE_ARGS ? process.env.BENCH_CLOUD_NODE_ARGS.split(' ').filter(Boolean) : [];
+    startCloud = () => run([...cloudArgs, CLI, 'cloud', '-c', cloudCfg], { cwd: sub });
     caFile = path.join(sub, 'cloud-data/tls/ca.crt');
   } else {
     const { cert, key } = await selfSigned();
@@ -253,10 +255,11 @@ async function acked(pair) {
 }
 
 async function stop(pair) {
-  pair.cloud?.kill('SIGKILL');
-  pair.conn.kill('SIGTERM');
-  const t = setTimeout(() => pair.conn.kill('SIGKILL'), 10_000);
-  await new Promise((r) => (pair.conn.exitCode !== null ? r() : pair.conn.once('exit', r)));
+  // SIGTERM both (a --cpu-prof profile is written only on a clean exit), SIGKILL after 10 s
+  const procs = [pair.conn, pair.cloud].filter(Boolean);
+  for (const p of procs) p.kill('SIGTERM');
+  const t = setTimeout(() => procs.forEach((p) => p.kill('SIGKILL')), 10_000);
+  await Promise.all(procs.map((p) => new Promise((r) => (p.exitCode !== null || p.signalCode !== null ? r() : p.once('exit', r)))));
   clearTimeout(t);
 }
 
