@@ -235,6 +235,7 @@ export class Broker extends EventEmitter implements Component, CommandTarget {
       preConnect: (client, packet, cb) => s.hookPreConnect(client, packet, cb),
       authenticate: (client, username, password, cb) => s.hookAuthenticate(client, username, password, cb),
       authorizePublish: (client, packet, cb) => s.hookPublish(client, packet, cb),
+      published: (packet, _client, cb) => s.hookPublished(packet, cb),
       // our ACL runs first, then the MQTT 3.1.1 fix-ups of broker/conformance.ts (QoS cap, $-topics, SUBACK 0x80 on error)
       ...conformanceHooks({
         authorizeSubscribe: (client, sub, cb) => s.hookSubscribe(client, sub, cb),

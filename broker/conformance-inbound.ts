@@ -11,7 +11,7 @@
  * GuardState (`failure`) and reported through `onFail`; the connection does the rest.
  */
 import { isUtf8 } from 'node:buffer';
-import { transientBytes } from '../core/reclaim.js';
+import { largeBuffer, transientBytes } from '../core/reclaim.js';
 import type { StatementId } from './conformance-statements.js';
 import {
   CONNECT,
@@ -431,7 +431,7 @@ export class InboundValidator {
     }
     if (avail >= total) return s + total;
     if (large) {
-      const a = Buffer.allocUnsafe(total);
+      const a = largeBuffer(total); // its memory goes back to the system once freed (core/reclaim.ts)
       b.copy(a, 0, s, e);
       this.assembly = a;
       this.assemblyOff = avail;

@@ -11,7 +11,7 @@
  *    connection is closed so the device retries the message later. A DUP 1 re-send of a
  *    publish whose PUBACK was never written is not journaled twice (redelivery.ts). A large
  *    publish carries a share of the in-flight budget (inflight-budget.ts) taken by the guard at
- *    its header; it is given back when the publish is answered.
+ *    its header; it is given back once aedes is done with it (`published`), or when it is refused.
  *  - authorizeSubscribe / authorizeForward: the topic ACL on subscribe and again on delivery;
  *    commands of ours get their packet id there (commands.ts).
  *  - Sessions die when their device is revoked, their token is revoked, their token or
@@ -37,7 +37,7 @@ import type { CommandSender, PendingCommand } from './commands.js';
 import { aedesInternals, clientInternals } from './aedes-internals.js';
 import type { ListenerName } from './listeners.js';
 import type { BridgeRouting, BrokerConfig } from './settings.js';
-import type { InflightBudget } from './inflight-budget.js';
+import type { BudgetTicket, InflightBudget } from './inflight-budget.js';
 import { sourceOf, type RefusalLog, type SourceBudget } from '../core/refusals.js';
 
 /** What the broker needs from the device registry (DeviceRegistry satisfies it). */
@@ -215,6 +215,15 @@ export class DeviceSessions {
   private readonly mConnects: Counter<'listener' | 'via'> | undefined;
   private readonly mRefusals: Counter<'listener' | 'code'> | undefined;
   private readonly conns = new WeakMap<Client, ConnInfo>();
+  /**
+   * Large publishes authorized and still in aedes' hands (its PUBACK write, then its publish series:
+   * retained store, offline queues, delivery): their budget share is given back in hookPublished, once
+   * aedes has let go of the packet. Given back when authorized, the next waiting publish was granted
+   * (its buffer allocated) while aedes still held the previous one: a burst of 4 x 16 MiB publishes had
+   * all four payloads in memory at once on a 64 MiB budget (issue 11 bench). A publish aedes never
+   * completes (its PUBACK write failed) is given back when its session ends.
+   */
+  private readonly publishing = new Map<PublishPacket, { ticket: BudgetTicket; client: Client }>();
   /** live sessions */
   readonly sessions = new Map<Client, Session>();
   /** every authenticated client's session, also after it ended (aedes publishes the will after the stream closed) */
@@ -478,6 +487,15 @@ export class DeviceSessions {
   }
 
   endSession(client: Client): void {
+    if (this.publishing.size > 0) {
+      // large publishes aedes will not complete (their PUBACK write failed with the connection); releasing one
+      // aedes still completes only gives its share back a moment early
+      for (const [packet, e] of this.publishing) {
+        if (e.client !== client) continue;
+        this.publishing.delete(packet);
+        e.ticket.release();
+      }
+    }
     const s = this.sessions.get(client);
     if (!s || s.ended) return;
     s.ended = true;
@@ -511,6 +529,18 @@ export class DeviceSessions {
     }
   }
 
+  /** aedes' `published`: it is done with this publish (every publish; a map lookup only while a large one is in its hands). */
+  hookPublished(packet: PublishPacket, done: (err?: Error | null) => void): void {
+    if (this.publishing.size > 0) {
+      const e = this.publishing.get(packet);
+      if (e) {
+        this.publishing.delete(packet);
+        e.ticket.release();
+      }
+    }
+    done(null);
+  }
+
   hookPublish(client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void {
     let cb = done;
     try {
@@ -519,7 +549,11 @@ export class DeviceSessions {
       const ticket = conn?.takeLargeTicket(packet.topic, Buffer.byteLength(packet.payload ?? ''));
       if (ticket) {
         cb = (err) => {
-          ticket.release();
+          // refused: aedes drops it at once; its connection already gone: aedes will not publish it (its PUBACK
+          // write fails) and endSession has run; otherwise given back in hookPublished (or endSession)
+          const gone = client === null || this.sessionOf.get(client)?.ended !== false;
+          if (err || gone) ticket.release();
+          else this.publishing.set(packet, { ticket, client });
           done(err);
         };
       }

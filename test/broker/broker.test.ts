@@ -715,3 +715,32 @@ t.test('revoking a device removes its retained messages and its persistent sessi
   await waitFor(() => raw.received.some((p) => p.cmd === 'pingresp'), 5000, 'PINGRESP');
   t.same(raw.received.filter((p) => p.cmd === 'publish'), [], 'the command queued for the revoked device is not delivered');
 });
+
+t.test('a large publish holds its budget share until aedes is done with it; one whose device left gives it back', async (t) => {
+  const sink = new FakeSink();
+  const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] }, broker: { limits: { large_publish_bytes: 1024 } } } });
+  const inFlight = (): number => (fx.broker.status().large_publishes as { in_flight_bytes: number }).in_flight_bytes;
+  const a = await fx.addDevice('dev-a');
+  const c = await fx.connect({ clientId: 'dev-a', cert: a.cert, key: a.key });
+  // aedes' own delivery of the publish (after its PUBACK is written, before it is done with the packet)
+  const aedes = (fx.broker as unknown as { aedes: { subscribe(topic: string, fn: (p: unknown, cb: () => void) => void, done: () => void): void } }).aedes;
+  const atDelivery: number[] = [];
+  await new Promise<void>((resolve) => aedes.subscribe('devices/dev-a/telemetry/big', (_p, cb) => (atDelivery.push(inFlight()), cb()), resolve));
+
+  await c.publishAsync('devices/dev-a/telemetry/big', Buffer.alloc(10_000, 7), { qos: 1 });
+  await waitFor(() => atDelivery.length === 1, 5000, 'aedes delivered the publish');
+  t.ok(atDelivery[0]! >= 10_000, `still counted while aedes delivers it, after it was authorized and acknowledged (${atDelivery[0]} bytes)`);
+  await waitFor(() => inFlight() === 0, 5000, 'the share given back once aedes is done');
+  t.equal(sink.appended.length, 1, 'journaled once');
+
+  // the device leaves while its large publish is being journaled: aedes never publishes it, the share comes back
+  sink.hold = true;
+  c.publish('devices/dev-a/telemetry/big', Buffer.alloc(10_000, 8), { qos: 1 });
+  await waitFor(() => sink.held === 1, 5000, 'append started');
+  t.ok(inFlight() >= 10_000, 'counted while it is journaled');
+  c.stream.destroy();
+  await waitFor(() => fx.broker.status().devices_connected === 0, 5000, 'its session ended');
+  sink.release();
+  await waitFor(() => inFlight() === 0, 5000, 'the share of a publish aedes will not complete is given back');
+  t.equal(atDelivery.length, 1, 'not delivered: its device left before the PUBACK');
+});
