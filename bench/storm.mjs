@@ -257,23 +257,28 @@ export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, 
   }
   if (Object.keys(codes).length) gate += ` (by code, from its log: ${JSON.stringify(codes)})`;
 
-  // ── bare aedes, same certificates, `bareN` devices: its RSS per connection
-  let bare;
-  if (bareN > 0 && left() > 30) {
+  // ── bare aedes, same certificates, `bareN` devices: its RSS per connection; then the same TLS server
+  // without any broker (bare-aedes.mjs --tls-only): what Node's TLS alone holds per idle mTLS connection
+  const baseline = async (tlsOnly) => {
     const pki = path.join(stack.stateDir, 'pki');
-    const aedes = await startBareAedes(repo, path.join(pki, 'server.crt'), path.join(pki, 'server.key'), path.join(pki, 'ca.crt'));
+    const srv = await startBareAedes(repo, path.join(pki, 'server.crt'), path.join(pki, 'server.key'), path.join(pki, 'ca.crt'), { tlsOnly });
     await sleep(500);
-    const a0 = rssMiB(aedes.proc.pid);
+    const a0 = rssMiB(srv.proc.pid);
     const f2 = new Fleet(repo, workers);
-    f2.start(aedes.port, creds, ids.slice(0, bareN));
+    f2.start(srv.port, creds, ids.slice(0, bareN));
     await f2.until(bareN, 40_000);
     await sleep(1500);
     const got = f2.connected;
-    bare = ((rssMiB(aedes.proc.pid) - a0) * 1024) / Math.max(1, got);
-    log(`storm: bare aedes ${f0(got)} connections, ${f1(bare)} KiB each`);
+    const kib = ((rssMiB(srv.proc.pid) - a0) * 1024) / Math.max(1, got);
+    log(`storm: ${tlsOnly ? 'Node TLS server alone' : 'bare aedes'} ${f0(got)} connections, ${f1(kib)} KiB each`);
     await f2.stop();
-    await stopChild(aedes.proc, 5000);
-  }
+    await stopChild(srv.proc, 5000);
+    return kib;
+  };
+  let bare;
+  let tlsAlone;
+  if (bareN > 0 && left() > 30) bare = await baseline(false);
+  if (bareN > 0 && left() > 30) tlsAlone = await baseline(true);
 
   const full = N >= 10_000;
   row('connections', `idle mTLS device connections: daemon RSS per connection (${f0(reached)} of ${f0(N)} devices, one source address)`, `${f1(per)} KiB`, {
@@ -281,7 +286,7 @@ export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, 
     ratio: bare === undefined ? '' : `${(per / bare).toFixed(2)}×`,
     goal: '10 000 idle mTLS devices ≤ 40 KiB each',
     verdict: per > 40 || reached < N ? 'MISS' : full ? 'PASS' : 'n/a',
-    note: `daemon VmRSS ${f1(rss0)} → ${f1(rss1)} MiB 1.5 s after the last CONNACK (JS heap used ${f1(heap0)} → ${f1(heap1)} MiB: ${f1(((heap1 - heap0) * 1024) / Math.max(1, reached))} KiB per connection is heap, the rest native: TLS and socket buffers); ${f1(cpuConnect)} ms daemon CPU per connection; all connected in ${f1(connectS)} s from ${workers} load-generator processes; certificates signed in bulk at ${f0(N / issueS)} /s${full ? '' : '; fewer than 10 000 devices: a pass says n/a'}`,
+    note: `${tlsAlone === undefined ? '' : `a Node TLS server with no broker at all (bench/bare-aedes.mjs --tls-only, same certificates, ${f0(Math.min(bareN, N))} connections) holds ${f1(tlsAlone)} KiB per idle mTLS connection; `}daemon VmRSS ${f1(rss0)} → ${f1(rss1)} MiB 1.5 s after the last CONNACK (JS heap used ${f1(heap0)} → ${f1(heap1)} MiB: ${f1(((heap1 - heap0) * 1024) / Math.max(1, reached))} KiB per connection is heap, the rest native: TLS and socket buffers); ${f1(cpuConnect)} ms daemon CPU per connection; all connected in ${f1(connectS)} s from ${workers} load-generator processes; certificates signed in bulk at ${f0(N / issueS)} /s${full ? '' : '; fewer than 10 000 devices: a pass says n/a'}`,
   });
   const ok = tBack !== undefined && backS <= 60 && (during.refused ?? 0) === 0 && (during.tls ?? 0) === 0;
   row('connections', `reconnect storm after a daemon restart (SIGTERM, same state and port): all ${f0(N)} mTLS devices back`, tBack ? `${f1(backS)} s after ready` : `${f0(fleet.connected)} of ${f0(N)} back`, {

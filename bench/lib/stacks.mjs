@@ -299,8 +299,8 @@ export class MosquittoStack {
 }
 
 /** bench/bare-aedes.mjs on the connector's own server certificate and device CA (so the same device certs work). */
-export async function startBareAedes(REPO, cert, key, ca) {
-  const p = spawnChild(process.execPath, [path.join(REPO, 'bench/bare-aedes.mjs'), cert, key, ca], { cwd: REPO });
+export async function startBareAedes(REPO, cert, key, ca, { tlsOnly = false } = {}) {
+  const p = spawnChild(process.execPath, [path.join(REPO, 'bench/bare-aedes.mjs'), cert, key, ca, ...(tlsOnly ? ['--tls-only'] : [])], { cwd: REPO });
   const ready = await logLine(p, 'ready', 30_000);
   return { proc: p, port: ready.port };
 }
