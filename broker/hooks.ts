@@ -218,10 +218,10 @@ export class DeviceSessions {
   /**
    * Large publishes authorized and still in aedes' hands (its PUBACK write, then its publish series:
    * retained store, offline queues, delivery): their budget share is given back in hookPublished, once
-   * aedes has let go of the packet. Given back when authorized, the next waiting publish was granted
-   * (its buffer allocated) while aedes still held the previous one: a burst of 4 x 16 MiB publishes had
-   * all four payloads in memory at once on a 64 MiB budget (issue 11 bench). A publish aedes never
-   * completes (its PUBACK write failed) is given back when its session ends.
+   * aedes has let go of the packet (QoS 0 and 1; QoS 2 at authorization). Given back when authorized,
+   * the next waiting publish was granted (its buffer allocated) while aedes still held the previous one:
+   * a burst of 4 x 16 MiB publishes had all four payloads in memory at once on a 64 MiB budget (issue 11
+   * bench). A publish aedes never completes (its PUBACK write failed) is given back when its session ends.
    */
   private readonly publishing = new Map<PublishPacket, { ticket: BudgetTicket; client: Client }>();
   /** live sessions */
@@ -550,9 +550,11 @@ export class DeviceSessions {
       if (ticket) {
         cb = (err) => {
           // refused: aedes drops it at once; its connection already gone: aedes will not publish it (its PUBACK
-          // write fails) and endSession has run; otherwise given back in hookPublished (or endSession)
+          // write fails) and endSession has run; QoS 2: aedes answers a duplicate with PUBREC and never publishes
+          // it again, so nothing would give it back before the device leaves; otherwise given back in
+          // hookPublished (or endSession)
           const gone = client === null || this.sessionOf.get(client)?.ended !== false;
-          if (err || gone) ticket.release();
+          if (err || gone || packet.qos === 2) ticket.release();
           else this.publishing.set(packet, { ticket, client });
           done(err);
         };

@@ -716,7 +716,7 @@ t.test('revoking a device removes its retained messages and its persistent sessi
   t.same(raw.received.filter((p) => p.cmd === 'publish'), [], 'the command queued for the revoked device is not delivered');
 });
 
-t.test('a large publish holds its budget share until aedes is done with it; one whose device left gives it back', async (t) => {
+t.test('a large publish holds its budget share until aedes is done with it; one whose device left, or a QoS 2 duplicate, gives it back at once', async (t) => {
   const sink = new FakeSink();
   const fx = await brokerFixture(t, { sink, overrides: { bridge: { enabled: true, topics: ['devices/+/telemetry/#'] }, broker: { limits: { large_publish_bytes: 1024 } } } });
   const inFlight = (): number => (fx.broker.status().large_publishes as { in_flight_bytes: number }).in_flight_bytes;
@@ -743,4 +743,16 @@ t.test('a large publish holds its budget share until aedes is done with it; one 
   sink.release();
   await waitFor(() => inFlight() === 0, 5000, 'the share of a publish aedes will not complete is given back');
   t.equal(atDelivery.length, 1, 'not delivered: its device left before the PUBACK');
+
+  // QoS 2: a duplicate is answered with PUBREC and never published again; its share must not wait for the device to leave
+  sink.hold = false;
+  const b = await fx.addDevice('dev-b');
+  const raw = await rawDevice(t, fx, b, 'dev-b', true);
+  const big = { cmd: 'publish' as const, topic: 'devices/dev-b/telemetry/big', payload: Buffer.alloc(10_000, 9), qos: 2 as const, messageId: 7, retain: false, dup: false };
+  raw.send(big);
+  await waitFor(() => raw.received.filter((p) => p.cmd === 'pubrec').length === 1, 5000, 'PUBREC');
+  raw.send({ ...big, dup: true });
+  await waitFor(() => raw.received.filter((p) => p.cmd === 'pubrec').length === 2, 5000, 'PUBREC of the duplicate');
+  await waitFor(() => inFlight() === 0, 5000, 'the duplicate\'s share given back while its device stays connected');
+  t.notOk(raw.sock.destroyed, 'still connected');
 });
