@@ -126,11 +126,17 @@ const ALWAYS_MAPPED_BYTES = 32 * 1024 * 1024 + 4096;
  * 4 x 16 MiB peaked 75 MiB above idle for a 64 MiB budget). A request above 32 MiB is always
  * mapped and unmapped when freed, and only the pages written count in RSS, so a payload of
  * OWN_MAPPING_MIN_BYTES or more is given the first bytes of a 32 MiB + 4 KiB block.
- * The costs: address space (plentiful on 64-bit), and V8 counts the whole block as external
+ * The costs: address space (plentiful on 64-bit; where the block is refused, as under strict
+ * overcommit, the payload is allocated the usual way), and V8 counts the whole block as external
  * memory, so it runs its next collection a little sooner — which is what a freed payload needs.
  * Smaller payloads are allocated as usual: at most 8 times their size is counted that way.
  */
 export function largeBuffer(size: number): Buffer {
   if (size < OWN_MAPPING_MIN_BYTES || size >= ALWAYS_MAPPED_BYTES) return Buffer.allocUnsafeSlow(size);
-  return Buffer.allocUnsafeSlow(ALWAYS_MAPPED_BYTES).subarray(0, size);
+  try {
+    return Buffer.allocUnsafeSlow(ALWAYS_MAPPED_BYTES).subarray(0, size);
+  } catch {
+    // address space or commit charge refused the block (strict overcommit, a 32-bit gateway): the usual way
+    return Buffer.allocUnsafeSlow(size);
+  }
 }
