@@ -97,6 +97,32 @@ function rawFsync(seconds, max) {
   return n / s;
 }
 
+// ─── baseline: what one event-loop wake-up of a Node process costs here ──────
+/**
+ * CPU per wake-up of an idle Node process woken by a no-op timer 100 times a second (a child
+ * process, process.cpuUsage: user + system of all its threads; only the main thread runs): the floor under the CPU per message of a quiet gateway,
+ * whose every message wakes the daemon several times (device read, fsync done, cloud ACK).
+ */
+function nodeWakeupUs(seconds) {
+  const script = `
+    let n = 0;
+    setTimeout(() => {
+      const c0 = process.cpuUsage();
+      const t0 = Date.now();
+      const iv = setInterval(() => {
+        n++;
+        if (Date.now() - t0 >= ${seconds * 1000}) {
+          clearInterval(iv);
+          const d = process.cpuUsage(c0);
+          console.log((d.user + d.system) / n);
+        }
+      }, 10);
+    }, 200);`;
+  const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: (seconds + 5) * 1000 });
+  const us = Number(r.stdout.trim());
+  return Number.isFinite(us) ? us : NaN;
+}
+
 // ─── one case against one stack ──────────────────────────────────────────────
 /**
  * Run `gen` (a load pattern), snapshot /proc of `pids` after the warm-up and at
@@ -160,6 +186,9 @@ log(`${header.command}: ${header.machine}; node ${header.node}; commit ${commit}
 
 const rawFs = rawFsync(QUICK ? 1 : 2, 5000);
 row('journal', 'raw write + fdatasync (164 B records, 1 writer): the durable-append baseline', `${f0(rawFs)} /s`, { note: 'same disk as the daemon state' });
+
+const wakeUs = nodeWakeupUs(QUICK ? 1 : 2);
+row('journal', 'CPU per event-loop wake-up of an idle Node process (a no-op timer, 100/s): the floor under a quiet gateway\'s CPU per message', `${f0(wakeUs)} µs`, { note: 'a child node process, user + system CPU; the daemon wakes several times per message at low rates (device read, journal timer or fsync completion, cloud ACK)' });
 
 const receiverC = makeReceiver();
 const receiverM = makeReceiver();
@@ -357,7 +386,7 @@ function report(k, rc, rm, backlog) {
       ratio: ratio(c.cpu, m?.cpu),
       goal: '≤ 150 µs',
       verdict: verdict(c.cpu <= 150),
-      note: c.notes.join('; '),
+      note: [`${(c.cpu / wakeUs).toFixed(1)} idle Node wake-ups' worth (${f0(wakeUs)} µs each, measured at the start)`, ...c.notes].join('; '),
     });
   }
   if (k.closed && k.qos === 1 && k.size === 64) {
