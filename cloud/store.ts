@@ -486,9 +486,10 @@ export class CloudStore extends EventEmitter {
 
   /**
    * Write a chunk into its partial's file. Synchronously, into the page cache (as segment records are):
-   * a thread-pool write kept each chunk frame alive across the round trip, long enough for young-generation
-   * collections to promote it, and promoted dead frames made V8 run a full collection every ~12 MiB of a
-   * large upload (~1 s of CPU per GiB); the copy itself is ~50 µs per 256 KiB chunk.
+   * the frame is then dead when the ingest is done with it, and the scavenge ingest.ts runs every few MiB
+   * of frames frees it (core/reclaim.ts). A thread-pool write kept it alive across the round trip, where a
+   * scavenge could promote it, and dead frames in the old generation wait for a full collection — V8 ran
+   * one every ~12 MiB of a large upload (~1 s of CPU per GiB). The copy itself is ~50 µs per 256 KiB chunk.
    */
   async write(p: Partial, offset: number, data: Buffer): Promise<void> {
     if (!p.fh) throw new StorageError('ECONN_JOURNAL_IO', `partial ${p.id} is not open`);
