@@ -96,7 +96,7 @@ export interface ConformanceOptions {
    * The broker's budget of large publishes in memory: a PUBLISH whose remaining length is above
    * `thresholdBytes` is read only once the budget granted its length; until then the socket is
    * paused. The broker takes the ticket with {@link ConformantConnection.takeLargeTicket} when it
-   * handles the publish and releases it once answered; tickets not taken go back on close.
+   * handles the publish and releases it once aedes is done with it; tickets not taken go back on close.
    */
   largePublish?: { thresholdBytes: number; budget: InflightBudget };
 }
@@ -208,7 +208,7 @@ export class ConformantConnection extends Duplex {
    * The budget ticket of the large PUBLISH the broker is handling now (same topic and payload
    * size), or undefined for a publish that did not need one. Tickets before it in receive order
    * belong to publishes aedes never handed over (it dropped them): they are released here.
-   * The caller releases the returned ticket once the publish is answered.
+   * The caller releases the returned ticket once aedes is done with the publish (broker/hooks.ts).
    */
   takeLargeTicket(topic: string, payloadBytes: number): BudgetTicket | undefined {
     // every PUBLISH asks; almost none is large: no search (and no closure) when no ticket is held

@@ -544,7 +544,7 @@ export class DeviceSessions {
   hookPublish(client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void {
     let cb = done;
     try {
-      // a large publish holds a share of the in-flight budget from its header on: given back once it is answered
+      // a large publish holds a share of the in-flight budget from its header on: given back once aedes is done with it
       const conn = client ? this.conns.get(client)?.conn : undefined;
       const ticket = conn?.takeLargeTicket(packet.topic, Buffer.byteLength(packet.payload ?? ''));
       if (ticket) {

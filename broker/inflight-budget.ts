@@ -7,8 +7,9 @@
  * once would therefore hold 160 MiB. The conformance guard asks this budget for the packet's
  * remaining length as soon as the PUBLISH header announces it, before any of its body is read:
  *
- *  - granted: the body streams to aedes; the bytes are given back when the publish is answered
- *    (PUBACK or refusal) or its connection ends first;
+ *  - granted: the body streams to aedes; the bytes are given back once aedes is done with the
+ *    publish (after its PUBACK and delivery; a refusal or a QoS 2 publish: when answered) or its
+ *    connection ends first (broker/hooks.ts);
  *  - not granted: the guard pauses that socket (TCP back-pressure to the device) and the packet
  *    waits in FIFO order; it never fails for lack of room. Small publishes never ask, so other
  *    devices keep flowing.
