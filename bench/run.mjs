@@ -1010,6 +1010,7 @@ async function upload() {
   const m = /upload ([0-9.]+) MiB: ([0-9.]+) s end to end; HTTP upload → journal \(durable\) ([0-9.]+) MB\/s, journal → cloud ACK ([0-9.]+) MB\/s .*end to end ([0-9.]+) MB\/s/.exec(text);
   const rss = /RSS during the upload: ([0-9.]+) MiB before, median ([0-9.]+) MiB, max ([0-9.]+) MiB/.exec(text);
   const streamed = /streamed upstream before the 202: ([0-9.]+) of ([0-9.]+) MiB; after the 202 until the cloud ACK ([0-9.]+) s/.exec(text);
+  const cpu = /CPU ms per MiB: connector ([0-9.]+) .*, cloud ([0-9.]+), HTTP client ([0-9.]+)/.exec(text);
   if (!m || !Number.isFinite(raw)) {
     row('upload', `${P.uploadMiB} MiB HTTP upload end to end`, 'not measured', { note: `bench/uplink.mjs exited ${code ?? 'killed'} without the expected lines: ${(text || p.errText).slice(-300).replace(/\n/g, ' ')}` });
     return;
@@ -1020,7 +1021,9 @@ async function upload() {
     ratio: `${f2(e2e / raw)}×`,
     goal: '1 GiB: ≥ 100 MB/s and ≥ 0.5× raw ws/TLS',
     verdict: e2e < 100 || e2e / raw < 0.5 ? 'MISS' : P.uploadMiB >= 1024 ? 'PASS' : 'n/a',
-    note: `${P.uploadMiB < 1024 ? `${P.uploadMiB} MiB, not 1 GiB (--quick); ` : ''}upload → journal ${m[3]} MB/s, ${streamed ? `${streamed[1]} of ${streamed[2]} MiB sent upstream while it arrived, ${streamed[3]} s from the 202 to the cloud ACK` : `journal → cloud ${m[4]} MB/s`} (bench/uplink.mjs)`,
+    note:
+      `${P.uploadMiB < 1024 ? `${P.uploadMiB} MiB, not 1 GiB (--quick); ` : ''}upload → journal ${m[3]} MB/s, ${streamed ? `${streamed[1]} of ${streamed[2]} MiB sent upstream while it arrived, ${streamed[3]} s from the 202 to the cloud ACK` : `journal → cloud ${m[4]} MB/s`}` +
+      `${cpu ? `; CPU per MiB: connector ${cpu[1]} ms, reference cloud ${cpu[2]} ms, HTTP client ${cpu[3]} ms (three processes on ${os.cpus().length} cores: at most ~${f0((os.cpus().length * 1000 * 1.048576) / (Number(cpu[1]) + Number(cpu[2]) + Number(cpu[3])))} MB/s if CPU were all that limits)` : ''} (bench/uplink.mjs)`,
   });
   if (rss) row('upload', 'connector RSS during the upload (max)', `${rss[3]} MiB`, { goal: '≤ 150 MiB', verdict: verdict(Number(rss[3]) <= 150), note: `${rss[1]} MiB before, median ${rss[2]} MiB` });
 }
