@@ -8,7 +8,8 @@
  * or an attempt fails it reconnects with its own backoff (1 s doubling to 8 s, 50–100 % jitter),
  * as a device does. Each attempt is bounded (30 s, like mqtt.js's connectTimeout).
  *
- * Parent → child (IPC): {cmd: 'start', port, ca, devices: [{id, cert, key}]}, {cmd: 'stop'}.
+ * Parent → child (IPC): {cmd: 'start', port, ca, devices: [{id, cert, key, localAddress?}]}, {cmd: 'stop'}
+ * (localAddress: the loopback address a device connects from, 127.0.0.1 when absent).
  * Child → parent: {connected, counts} every 200 ms; counts by outcome of ended attempts:
  *   refused (CONNACK code ≠ 0: the daemon refused a valid device), tls (TCP connected, handshake
  *   failed or closed before it finished), noConnack (handshake done, closed before CONNACK),
@@ -42,7 +43,7 @@ function attempt(dev) {
   let up = false;
   let ended = false;
   let buf = Buffer.alloc(0);
-  const sock = tls.connect({ host: '127.0.0.1', port, secureContext: dev.ctx, servername: 'localhost', rejectUnauthorized: true });
+  const sock = tls.connect({ host: '127.0.0.1', port, secureContext: dev.ctx, servername: 'localhost', rejectUnauthorized: true, ...(dev.localAddress ? { localAddress: dev.localAddress } : {}) });
   const timer = setTimeout(() => {
     stuck[sock.connecting ? 'tcp' : secure ? 'connack' : 'tls']++;
     end('timeout');
@@ -90,7 +91,7 @@ process.on('message', (m) => {
   if (m.cmd === 'start') {
     port = m.port;
     for (const d of m.devices) {
-      const dev = { id: d.id, failures: 0, connect: connectPacket(d.id), ctx: tls.createSecureContext({ ca: m.ca, key: d.key, cert: d.cert }) };
+      const dev = { id: d.id, failures: 0, connect: connectPacket(d.id), ctx: tls.createSecureContext({ ca: m.ca, key: d.key, cert: d.cert }), localAddress: d.localAddress };
       attempt(dev);
     }
   } else if (m.cmd === 'stop') {

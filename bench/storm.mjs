@@ -129,10 +129,16 @@ class Fleet {
     this.state = this.procs.map(() => ({ connected: 0, counts: {}, lastErr: {} }));
     this.procs.forEach((p, i) => p.on('message', (m) => (this.state[i] = m)));
   }
-  start(port, creds, ids) {
+  /** `sources` > 1: device i connects from loopback address number i % sources (sourceAddress). */
+  start(port, creds, ids, sources = 1) {
     const per = Math.ceil(ids.length / this.procs.length);
     this.procs.forEach((p, w) =>
-      p.send({ cmd: 'start', port, ca: creds.ca, devices: ids.slice(w * per, (w + 1) * per).map((id, k) => ({ id, cert: creds.certs[w * per + k], key: creds.keys[w * per + k] })) }),
+      p.send({
+        cmd: 'start',
+        port,
+        ca: creds.ca,
+        devices: ids.slice(w * per, (w + 1) * per).map((id, k) => ({ id, cert: creds.certs[w * per + k], key: creds.keys[w * per + k], localAddress: sourceAddress(w * per + k, sources) })),
+      }),
     );
   }
   get connected() {
@@ -166,6 +172,16 @@ class Fleet {
   }
 }
 
+/**
+ * The loopback address device `i` connects from when the devices are spread over `sources` addresses
+ * (Linux routes all of 127/8 to lo): 127.0.1.1, 127.0.1.2, … — undefined (127.0.0.1) for one source.
+ */
+function sourceAddress(i, sources) {
+  if (sources <= 1) return undefined;
+  const j = i % sources;
+  return `127.0.${1 + Math.floor(j / 254)}.${1 + (j % 254)}`;
+}
+
 /** The first value under `key` anywhere in `obj` (the status document nests the broker's figures). */
 function findKey(obj, key) {
   if (!obj || typeof obj !== 'object') return undefined;
@@ -180,10 +196,11 @@ function findKey(obj, key) {
 const diffCounts = (a, b) => Object.fromEntries(Object.keys(b).map((k) => [k, (b[k] ?? 0) - (a[k] ?? 0)]));
 
 /**
- * The case. `N` devices; `bareN` of them (0 = skip) also measured on bare aedes; `row` writes a
- * result line (bench/run.mjs); `left()` the seconds left in the run's budget.
+ * The case. `N` devices, connecting from `sources` loopback addresses (1: all from 127.0.0.1, as
+ * behind a NAT); `bareN` of them (0 = skip) also measured on bare aedes; `row` writes a result line
+ * (bench/run.mjs); `left()` the seconds left in the run's budget.
  */
-export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, left, f0, f1 }) {
+export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, left, f0, f1, sources = 1 }) {
   const stack = new ConnectorStack(repo, dir);
   mkdirSync(dir, { recursive: true });
   await stack.prepare();
@@ -210,7 +227,7 @@ export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, 
   const cpu0 = cpuUs(pid0);
   const fleet = new Fleet(repo, workers);
   const tc = performance.now();
-  fleet.start(port, creds, ids);
+  fleet.start(port, creds, ids, sources);
   const tAll = await fleet.until(N, (N >= 5000 ? 90 : 40) * 1000);
   const connectS = ((tAll ?? performance.now()) - tc) / 1000;
   const c1 = fleet.counts();
@@ -265,7 +282,7 @@ export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, 
     await sleep(500);
     const a0 = rssMiB(srv.proc.pid);
     const f2 = new Fleet(repo, workers);
-    f2.start(srv.port, creds, ids.slice(0, bareN));
+    f2.start(srv.port, creds, ids.slice(0, bareN), sources);
     await f2.until(bareN, 40_000);
     await sleep(1500);
     const got = f2.connected;
@@ -281,7 +298,7 @@ export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, 
   if (bareN > 0 && left() > 30) tlsAlone = await baseline(true);
 
   const full = N >= 10_000;
-  row('connections', `idle mTLS device connections: daemon RSS per connection (${f0(reached)} of ${f0(N)} devices, one source address)`, `${f1(per)} KiB`, {
+  row('connections', `idle mTLS device connections: daemon RSS per connection (${f0(reached)} of ${f0(N)} devices, ${sources > 1 ? `${f0(sources)} source addresses` : 'one source address'})`, `${f1(per)} KiB`, {
     baseline: bare === undefined ? '' : `bare aedes ${f1(bare)} KiB (${f0(Math.min(bareN, N))} connections)`,
     ratio: bare === undefined ? '' : `${(per / bare).toFixed(2)}×`,
     goal: '10 000 idle mTLS devices ≤ 40 KiB each',
@@ -289,7 +306,7 @@ export async function stormCase({ repo, dist, dir, N, bareN, workers, row, log, 
     note: `${tlsAlone === undefined ? '' : `a Node TLS server with no broker at all (bench/bare-aedes.mjs --tls-only, same certificates, ${f0(Math.min(bareN, N))} connections) holds ${f1(tlsAlone)} KiB per idle mTLS connection; `}daemon VmRSS ${f1(rss0)} → ${f1(rss1)} MiB 1.5 s after the last CONNACK (JS heap used ${f1(heap0)} → ${f1(heap1)} MiB: ${f1(((heap1 - heap0) * 1024) / Math.max(1, reached))} KiB per connection is heap, the rest native: TLS and socket buffers); ${f1(cpuConnect)} ms daemon CPU per connection; all connected in ${f1(connectS)} s from ${workers} load-generator processes; certificates signed in bulk at ${f0(N / issueS)} /s${full ? '' : '; fewer than 10 000 devices: a pass says n/a'}`,
   });
   const ok = tBack !== undefined && backS <= 60 && (during.refused ?? 0) === 0 && (during.tls ?? 0) === 0;
-  row('connections', `reconnect storm after a daemon restart (SIGTERM, same state and port): all ${f0(N)} mTLS devices back`, tBack ? `${f1(backS)} s after ready` : `${f0(fleet.connected)} of ${f0(N)} back`, {
+  row('connections', `reconnect storm after a daemon restart (SIGTERM, same state and port): all ${f0(N)} mTLS devices back${sources > 1 ? ` (from ${f0(sources)} source addresses)` : ''}`, tBack ? `${f1(backS)} s after ready` : `${f0(fleet.connected)} of ${f0(N)} back`, {
     goal: 'all 10 000 within 60 s, no valid device refused',
     verdict: !ok ? 'MISS' : full ? 'PASS' : 'n/a',
     note:
