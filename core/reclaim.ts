@@ -35,7 +35,6 @@ export const RECLAIM_EVERY_BYTES = 2 * 1024 * 1024;
 type GcFn = (options?: { type?: 'minor' }) => void;
 
 let gcFn: GcFn | null | undefined;
-let pending = 0;
 let runs = 0;
 
 function resolveGc(): GcFn | null {
@@ -66,14 +65,6 @@ function minorNow(): void {
   runs++;
 }
 
-/** `n` bytes of short-lived buffers just became garbage (chunks copied into a large publish). */
-export function transientBytes(n: number): void {
-  pending += n;
-  if (pending < RECLAIM_EVERY_BYTES) return;
-  pending = 0;
-  minorNow();
-}
-
 /**
  * A counter of its own for one kind of transfer: one young-generation collection after every
  * `everyBytes` of short-lived buffers it reports dead (`n` bytes each call).
@@ -87,6 +78,9 @@ export function reclaimer(everyBytes: number): (n: number) => void {
     minorNow();
   };
 }
+
+/** `n` bytes of short-lived buffers just became garbage (chunks copied into a large publish, across all connections). */
+export const transientBytes = reclaimer(RECLAIM_EVERY_BYTES);
 
 /**
  * A full collection now (synchronous, ~10–30 ms on the daemon's heap): for memory that is known to
