@@ -77,6 +77,15 @@ function partBytes(cloud: Cloud): number {
   return n;
 }
 
+/** A 6 MiB upload whose first 3 MiB are written and partly at the cloud already. */
+async function halfSent(cloud: Cloud, d: DaemonHandle, dev: DeviceFiles, topic: string): Promise<{ b: ReturnType<typeof body>; up: Upload }> {
+  const b = body(6 * MiB);
+  const up = startUpload(d, dev, b.data.length, b.sha256, topic);
+  up.write(b.data.subarray(0, 3 * MiB));
+  await until('chunks of the upload at the cloud', () => partBytes(cloud) >= CHUNK);
+  return { b, up };
+}
+
 /** Poll a condition on files (no event to wait for there), bounded. */
 async function until(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
   const end = Date.now() + timeoutMs;
@@ -142,11 +151,7 @@ t.test('an upload cut off midway, and one with a wrong digest: discarded at the 
 
 t.test('daemon killed (SIGKILL) midway through an upload: after the restart the cloud drops the partial; nothing of it is delivered', async (t) => {
   const { dir, cloud, d, dev } = await setup(t);
-  const total = 6 * MiB;
-  const b = body(total);
-  const up = startUpload(d, dev, total, b.sha256, `devices/${dev.id}/killed`);
-  up.write(b.data.subarray(0, 3 * MiB));
-  await until('chunks of the upload at the cloud', () => partBytes(cloud) >= CHUNK);
+  const { up } = await halfSent(cloud, d, dev, `devices/${dev.id}/killed`);
   const held = readdirSync(partialsDir(cloud)).filter((f) => f.endsWith('.json') || f.endsWith('.part'));
   const mark = cloud.proc.logs.length;
   await d.stop('SIGKILL');
@@ -176,11 +181,7 @@ t.test('daemon killed (SIGKILL) midway through an upload: after the restart the 
 
 t.test('the link stalls mid-upload: the 202 still comes (the body is no longer held for the link); the daemon is killed before the cloud stored it; after the restart it arrives once, under its id', async (t) => {
   const { dir, cloud, d, dev } = await setup(t);
-  const total = 6 * MiB;
-  const b = body(total);
-  const up = startUpload(d, dev, total, b.sha256, `devices/${dev.id}/stalled`);
-  up.write(b.data.subarray(0, 3 * MiB));
-  await until('chunks of the upload at the cloud', () => partBytes(cloud) >= CHUNK);
+  const { b, up } = await halfSent(cloud, d, dev, `devices/${dev.id}/stalled`);
   cloud.proc.proc.kill('SIGSTOP'); // the cloud freezes: no ACK, no read; the connector judges the link dead
   t.teardown(() => void cloud.proc.proc.kill('SIGCONT'));
   up.write(b.data.subarray(3 * MiB));
@@ -191,7 +192,7 @@ t.test('the link stalls mid-upload: the 202 still comes (the body is no longer h
   cloud.proc.proc.kill('SIGCONT');
   const d2 = await startDaemon(t, { dir, configFile: d.configFile });
   const got = await throughMarker(t, d2, cloud, dev, 'the acknowledged upload after the restart');
-  t.same(got.map((m) => [m.id, m.size, m.sha256]), [[res.body.message_id, total, b.sha256.toString('hex')]], 'stored once, whole, under the id of its 202');
+  t.same(got.map((m) => [m.id, m.size, m.sha256]), [[res.body.message_id, b.data.length, b.sha256.toString('hex')]], 'stored once, whole, under the id of its 202');
   await until('the cloud to drop the partial state', () => partBytes(cloud) === 0);
 });
 
