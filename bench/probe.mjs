@@ -37,7 +37,8 @@ const TICK_US = 1e6 / 100; // USER_HZ
 
 function cpu(pid) {
   const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  return { user: Number(f[11]) * TICK_US, sys: Number(f[12]) * TICK_US };
+  const io = /^write_bytes: (\d+)$/m.exec(fs.readFileSync(`/proc/${pid}/io`, 'utf8'));
+  return { user: Number(f[11]) * TICK_US, sys: Number(f[12]) * TICK_US, written: Number(io?.[1] ?? NaN) };
 }
 function straceStart(pid, out) {
   const p = spawn('strace', ['-c', '-f', '-o', out, '-p', String(pid)], { stdio: 'ignore' });
@@ -65,7 +66,7 @@ try {
   const pids = { connector: conn.daemon.pid, cloud: conn.cloud.pid };
   const st = STRACE ? Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, { p: straceStart(pid, path.join(root, `${k}.strace`)), file: path.join(root, `${k}.strace`) }])) : {};
   if (STRACE) await new Promise((r) => setTimeout(r, 300));
-  const M = ['connector_uplink_messages_sent_total', 'connector_uplink_messages_acked_total', 'connector_uplink_batches_total', 'connector_uplink_reconnects_total', 'connector_journal_fsyncs_total', 'connector_journal_disk_reads_total'];
+  const M = ['connector_uplink_messages_sent_total', 'connector_uplink_messages_acked_total', 'connector_uplink_batches_total', 'connector_uplink_reconnects_total', 'connector_journal_fsyncs_total', 'connector_journal_disk_reads_total', 'connector_journal_append_seconds_sum', 'connector_journal_append_seconds_count', 'connector_uplink_ack_latency_seconds_sum', 'connector_uplink_ack_latency_seconds_count'];
   const metricsNow = async () => Object.fromEntries(await Promise.all(M.map(async (m) => [m, (await conn.metric(m).catch(() => NaN)) ?? NaN])));
   const m0 = await metricsNow();
   const a = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpu(pid)]));
@@ -80,11 +81,14 @@ try {
   for (const s of Object.values(st)) s.p.kill('SIGINT');
   await Promise.all(Object.values(st).map((s) => new Promise((r) => s.p.once('exit', r))));
   console.log(`${CLOSED ? `closed loop ${CLOSED}/device` : `rate ${RATE} msg/s`}, ${SIZE} B: sent ${c.sent}, delivered in window ${n} (${(n / secs).toFixed(0)}/s)`);
-  console.log(`in the window: ${M.map((m) => `${m.replace(/^connector_/, '')} ${m1[m] - m0[m]}`).join(', ')}`);
+  const d = (m) => m1[m] - m0[m];
+  console.log(`in the window: ${M.filter((m) => m.endsWith('_total')).map((m) => `${m.replace(/^connector_/, '')} ${d(m)}`).join(', ')}`);
+  const mean = (h) => ((1000 * d(`${h}_sum`)) / d(`${h}_count`)).toFixed(2);
+  console.log(`inside the connector, means: append → durable ${mean('connector_journal_append_seconds')} ms, sent → cloud ACK ${mean('connector_uplink_ack_latency_seconds')} ms`);
   for (const k of Object.keys(pids)) {
     const u = (b[k].user - a[k].user) / n;
     const s = (b[k].sys - a[k].sys) / n;
-    console.log(`${k}: user ${u.toFixed(1)} µs/msg, sys ${s.toFixed(1)} µs/msg, total ${(u + s).toFixed(1)}`);
+    console.log(`${k}: user ${u.toFixed(1)} µs/msg, sys ${s.toFixed(1)} µs/msg, total ${(u + s).toFixed(1)}; write_bytes ${((b[k].written - a[k].written) / n).toFixed(0)} B/msg`);
     if (STRACE) {
       const text = fs.readFileSync(st[k].file, 'utf8');
       const rows = text.split('\n').filter((l) => /^\s*\d/.test(l)).map((l) => l.trim().split(/\s+/)).filter((f) => f.length >= 5);
@@ -100,6 +104,18 @@ try {
   let gapAt = 0;
   for (let i = 1; i < times.length; i++) if (times[i] - times[i - 1] > gap) [gap, gapAt] = [times[i] - times[i - 1], times[i - 1] - t0];
   console.log(`publish → subscriber p50 / p99 ${lat.p50.toFixed(1)} / ${lat.p99.toFixed(1)} ms; longest pause in deliveries ${gap.toFixed(1)} ms (at ${(gapAt / 1000).toFixed(2)} s)`);
+  // where the latency is spent: publish → PUBACK (the edge's journal, its fsync included) against
+  // PUBACK → subscriber (uplink, reference cloud, its fsync, delivery)
+  const edge = [];
+  const rest = [];
+  for (let i = 0; i < c.sent; i++) {
+    const s = c.sendT[i];
+    if (s < t0 || s >= t0 + secs * 1000 || !c.ackAt[i]) continue;
+    edge.push(c.ackAt[i] - s);
+    if (c.recvT[i]) rest.push(c.recvT[i] - c.ackAt[i]);
+  }
+  const pc = (a, p) => (a.length ? a.sort((x, y) => x - y)[Math.min(a.length - 1, Math.floor((a.length * p) / 100))] : NaN);
+  console.log(`publish → PUBACK p50 / p99 ${pc(edge, 50).toFixed(1)} / ${pc(edge, 99).toFixed(1)} ms; PUBACK → subscriber p50 / p99 ${pc(rest, 50).toFixed(1)} / ${pc(rest, 99).toFixed(1)} ms`);
   endDevices(devs);
 } finally {
   // a graceful stop, so that a daemon started with --cpu-prof (BENCH_DAEMON_NODE_ARGS) writes its profile
