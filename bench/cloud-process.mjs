@@ -2,17 +2,18 @@
 /**
  * The whole reference cloud as a process (issue 10's figure "reference cloud
  * CPU per message at 5 000 msg/s ≤ 60 µs"): `connector cloud -c FILE` (dist/)
- * in a child, one gateway connection over WSS/TLS sending one-chunk QoS 1
- * messages open loop at a fixed rate (frames pre-encoded with the real codec,
- * ACKs counted), one `/subscribe` subscriber receiving them. Cloud CPU from
+ * in a child, one gateway connection over WSS/TLS speaking protocol v2 as the
+ * connector does: one-chunk QoS 1 messages open loop at a fixed rate, the
+ * messages due every 5 ms in one BATCH frame (entries pre-encoded with the real
+ * codec, cumulative ACKs counted), one `/subscribe` subscriber receiving them. Cloud CPU from
  * /proc/PID/stat over the measured phase (after a warm-up), divided by the
  * messages acknowledged in it; the subscriber's count is checked too.
  *
  *   node bench/cloud-process.mjs [--rate 5000] [--seconds 5] [--size 64] [--old REV]
  *
  * With --old REV the same run also measures the cloud of that revision: a copy
- * of dist/ whose cloud/store.js, cloud/subscribers.js and cloud/ingest.js are
- * that revision's sources with types stripped (everything else is identical).
+ * of dist/ whose cloud/ modules are that revision's sources with types stripped
+ * (everything else is identical).
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -31,21 +32,23 @@ const RATE = Number(opt('--rate', 5000));
 const SECONDS = Number(opt('--seconds', 5));
 const SIZES = opt('--size', '64,4096').split(',').map(Number);
 const OLD = opt('--old', undefined);
-const { SUBPROTOCOL, encodeFrame, decodeFrame, chunkMessage } = await import(pathToFileURL(path.join(dist, 'protocol/codec.js')).href);
+const { SUBPROTOCOL_V2, encodeFrameV2, decodeFrameV2, encodeBatchChunk, encodeBatch } = await import(pathToFileURL(path.join(dist, 'protocol/v2.js')).href);
+const { sha256 } = await import(pathToFileURL(path.join(dist, 'protocol/codec.js')).href);
 const root = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-cloud-proc-'));
 process.on('exit', () => fs.rmSync(root, { recursive: true, force: true }));
-const TICK = 100 / 1e6; // /proc clock ticks → s (USER_HZ 100)
+const TICK = 1 / 100; // /proc clock ticks → s (USER_HZ 100)
 
 async function oldDist(rev) {
   const out = path.join(root, `dist-${rev}`);
   fs.cpSync(dist, out, { recursive: true });
   const ts = (await import('typescript')).default;
-  for (const f of ['cloud/store.ts', 'cloud/subscribers.ts', 'cloud/ingest.ts']) {
+  const files = execFileSync('git', ['-C', repo, 'ls-tree', '-r', '--name-only', rev, 'cloud/'], { encoding: 'utf8' }).split('\n').filter((f) => f.endsWith('.ts'));
+  for (const f of files) {
     const src = execFileSync('git', ['-C', repo, 'show', `${rev}:${f}`], { encoding: 'utf8' });
     const js = ts.transpileModule(src, { compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 } }).outputText;
+    fs.mkdirSync(path.dirname(path.join(out, f)), { recursive: true });
     fs.writeFileSync(path.join(out, f.replace(/\.ts$/, '.js')), js);
   }
-  fs.rmSync(path.join(out, 'cloud/store'), { recursive: true, force: true });
   // node_modules resolution from the copy
   fs.symlinkSync(path.join(repo, 'node_modules'), path.join(root, 'node_modules'));
   return out;
@@ -105,25 +108,27 @@ async function run(distDir, label, size) {
     let received = 0;
     sub.on('message', () => received++);
     await new Promise((r, j) => (sub.once('open', r), sub.once('error', j)));
-    const ws = new WebSocket(`wss://127.0.0.1:${c.port}/ingest`, [SUBPROTOCOL], { ca: c.ca, headers: { authorization: `Bearer ${await token(c, 'ingest')}` }, perMessageDeflate: false });
+    const ws = new WebSocket(`wss://127.0.0.1:${c.port}/ingest`, [SUBPROTOCOL_V2], { ca: c.ca, headers: { authorization: `Bearer ${await token(c, 'ingest')}` }, perMessageDeflate: false });
     await new Promise((r, j) => (ws.once('open', r), ws.once('error', j)));
     let acked = 0;
     let welcome;
     const welcomed = new Promise((r) => (welcome = r));
     ws.on('message', (d) => {
-      const f = decodeFrame(d);
+      const f = decodeFrameV2(d);
       if (f.type === 'WELCOME') welcome();
-      else if (f.type === 'ACK') acked += f.ids.length;
-      else if (f.type === 'PING') ws.send(encodeFrame({ type: 'PONG', t: f.t, t_reply: Date.now() }));
+      else if (f.type === 'ACK') acked = Math.max(acked, f.upto ?? 0); // positions 1..total, cumulative
+      else if (f.type === 'PING') ws.send(encodeFrameV2({ type: 'PONG', t: f.t, t_reply: Date.now() }));
     });
-    ws.send(encodeFrame({ type: 'HELLO', version: 1, gateway_id: 'gw-bench' }));
+    ws.send(encodeFrameV2({ type: 'HELLO', version: 2, gateway_id: 'gw-bench' }));
     await welcomed;
     const total = Math.round(RATE * (SECONDS + 1));
     const payload = Buffer.alloc(size, 5);
-    // pre-encode every frame: the client's own CPU stays out of the cloud's figure
-    const frames = Array.from({ length: total }, (_, i) => {
+    const digest = sha256(payload);
+    // pre-encode every BATCH entry: the client's own CPU stays out of the cloud's figure
+    const entries = Array.from({ length: total }, (_, i) => {
       const dev = `dev${i % 10}`;
-      return encodeFrame(chunkMessage(`b-${i}`, { device_id: dev, topic: `devices/${dev}/telemetry`, qos: 1, received_at: Date.now() }, payload, 65536)[0]);
+      const meta = { device_id: dev, topic: `devices/${dev}/telemetry`, qos: 1, received_at: Date.now() };
+      return encodeBatchChunk({ id: `b-${i}`, seq: 0, offset: 0, total: size, meta, payload_sha256: digest, pos: i + 1, data: payload });
     });
     let sent = 0;
     const t0 = Date.now();
@@ -131,7 +136,12 @@ async function run(distDir, label, size) {
     await new Promise((resolve) => {
       const tick = () => {
         const due = Math.min(total, Math.floor(((Date.now() - t0) / 1000) * RATE));
-        while (sent < due) ws.send(frames[sent++]);
+        // what came due since the last tick in one BATCH (the connector sends one per group commit)
+        while (sent < due) {
+          const n = Math.min(due - sent, 4096);
+          ws.send(encodeBatch(entries.slice(sent, sent + n)));
+          sent += n;
+        }
         if (!m0 && Date.now() - t0 >= 1000) m0 = { cpu: cpuTicks(c.proc.pid), acked, t: Date.now() }; // after 1 s of warm-up
         if (sent < total) setTimeout(tick, 5);
         else resolve();
