@@ -13,7 +13,8 @@
  * next round — ONE write of all their records at an explicit position of the
  * active segment and ONE fdatasync (plus, only when the round holds multi-chunk
  * messages, their files' fdatasync, renames into blobs/ and one directory
- * fsync). Only then is a message acknowledged and announced ('stored').
+ * fsync). Only then is a message acknowledged and announced: 'stored' with its
+ * entry and its record's meta JSON (recordMeta), which subscribers reuse.
  * The segment is rolled at `segmentBytes` or `segmentRecords`; a new segment's
  * name is made durable (directory fsync) before anything is written to it.
  *
@@ -102,6 +103,8 @@ interface PendingCommit {
   entry: StoredEntry;
   /** the fingerprint of `key`, once computed (round) */
   fp?: [number, number];
+  /** its record's meta JSON (recordMeta), once written: announced with it for subscribers to reuse */
+  metaText?: string;
   resolve: () => void;
   reject: (e: Error) => void;
   onFail?: ((e: Error) => void) | undefined;
@@ -735,6 +738,7 @@ export class CloudStore extends EventEmitter {
       const meta = recordMeta(b.entry);
       const r = recordLength(meta, b.data?.length ?? 0);
       metas[i] = meta;
+      b.metaText = meta;
       metaLengths[i] = r.metaLength;
       total += r.length;
     }
@@ -769,7 +773,7 @@ export class CloudStore extends EventEmitter {
       if (b.p && this.partials.get(b.id) === b.p) this.partials.delete(b.id);
       if (stored.has(b)) {
         this.committed = b.entry.seq;
-        this.emit('stored', b.entry);
+        this.emit('stored', b.entry, b.metaText);
       }
       this.settle(b);
     }
