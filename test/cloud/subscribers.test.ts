@@ -2,7 +2,8 @@ import t from 'tap';
 import path from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { WebSocket, WebSocketServer } from 'ws';
-import { topicMatches, filterError, SubscriberHub, messageText } from '../../cloud/subscribers.js';
+import { topicMatches, compileFilter, filterError, SubscriberHub, messageText } from '../../cloud/subscribers.js';
+import { recordMeta } from '../../cloud/store/format.js';
 import { CloudStore } from '../../cloud/store.js';
 import { silentLogger } from '../../core/logger.js';
 import { sha256Hex } from '../../protocol/codec.js';
@@ -153,4 +154,79 @@ t.test('messageText: the JSON a subscriber gets, payload last, as JSON.stringify
   t.equal(messageText(big, Buffer.alloc(70 * 1024)), JSON.stringify({ type: 'message', ...big }), 'above INLINE_PAYLOAD_MAX: no payload field');
   const none = entry('t', 3);
   t.equal(messageText(none, undefined), JSON.stringify({ type: 'message', ...none }), 'no payload: no payload field');
+});
+
+t.test('messageText from the record meta the store wrote: the same text; a blob entry does not use it', async (t) => {
+  const e = { seq: 9, id: 'gw-1-9', gateway_id: 'gw', device_id: 'd"1', topic: 'a/\u2028/b', qos: 1 as const, size: 5, sha256: 'cd'.repeat(32), received_at: 3, stored_at: 4, content_type: 'text/plain' };
+  const payload = Buffer.from('hello');
+  t.equal(messageText(e, payload, recordMeta(e)), messageText(e, payload), 'inline: same text with and without the meta');
+  t.equal(messageText(e, payload, recordMeta(e)), JSON.stringify({ type: 'message', ...e, payload: payload.toString('base64') }));
+  const blob = { ...e, size: 70 * 1024, payload_file: 'blobs/9.bin' };
+  t.match(recordMeta(blob), /"blob"/, 'a blob entry\'s record meta names its file');
+  t.equal(messageText(blob, undefined, recordMeta(blob)), JSON.stringify({ type: 'message', ...e, size: 70 * 1024 }), 'blob: the fields subscribers get, not the file');
+});
+
+t.test('compileFilter: a filter split once matches as topicMatches does; "#" matches all but $ topics', async (t) => {
+  const hash = compileFilter('#');
+  t.equal(hash('devices/a/t'), true);
+  t.equal(hash('$SYS/x'), false);
+  const plus = compileFilter('devices/+/telemetry');
+  for (const topic of ['devices/a/telemetry', 'devices/a/status', 'devices/a/telemetry/x', '$x/a/telemetry']) t.equal(plus(topic), topicMatches('devices/+/telemetry', topic), topic);
+});
+
+t.test('subscribers: one that falls behind (its socket not read) queues while another is served at once; both get every message once, in order, also while it catches up', async (t) => {
+  const dir = path.join(tempDir(t), 'store');
+  const store = new CloudStore(dir, silentLogger(), { ringMessages: 16 });
+  await store.open();
+  const hub = new SubscriberHub(store, silentLogger());
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await new Promise<void>((r) => wss.once('listening', () => r()));
+  const port = (wss.address() as AddressInfo).port;
+  wss.on('connection', (ws) => hub.attach(ws, ['#'], false, 'test'));
+  t.teardown(async () => {
+    hub.close();
+    wss.close();
+    await store.close();
+  });
+  const N = 240;
+  const M = 200;
+  const open = (): { ws: WebSocket; ids: string[]; until: (n: number) => Promise<void> } => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/`);
+    t.teardown(() => ws.terminate());
+    const ids: string[] = [];
+    const waiters: (() => void)[] = [];
+    ws.on('message', (d) => {
+      const m = JSON.parse(d.toString()) as { id: string; payload: string; size: number };
+      ids.push(Buffer.from(m.payload, 'base64').length === m.size ? m.id : `${m.id}: bad payload`);
+      for (const w of waiters.splice(0)) w();
+    });
+    return {
+      ws,
+      ids,
+      until: async (n) => {
+        while (ids.length < n) await new Promise<void>((r) => waiters.push(r));
+      },
+    };
+  };
+  const commit = (i: number, size: number): Promise<unknown> => {
+    const p = Buffer.alloc(size, i % 256);
+    return store.commitData(`m-${i}`, 'gw', { device_id: 'd', topic: 'a/b', qos: 1, received_at: i }, p, sha256Hex(p));
+  };
+  const slow = open();
+  const fast = open();
+  await Promise.all([slow.ws, fast.ws].map((ws) => new Promise((r) => ws.once('open', r))));
+  for (let i = 0; i < 100 && hub.size < 2; i++) await new Promise((r) => setImmediate(r));
+  // the slow one stops reading: its TCP buffers fill, then ws buffers above the hub's high-water mark (4 MiB)
+  const sock = (slow.ws as unknown as { _socket: { pause(): void; resume(): void } })._socket;
+  sock.pause();
+  for (let i = 0; i < N; i++) await commit(i, 60 * 1024);
+  await fast.until(N);
+  t.ok(slow.ids.length < N, `the paused one has ${slow.ids.length} of ${N} so far`);
+  // it reads again; more messages are stored while it works through its queue
+  sock.resume();
+  for (let i = N; i < N + M; i++) await commit(i, 100);
+  await Promise.all([fast.until(N + M), slow.until(N + M)]);
+  const want = Array.from({ length: N + M }, (_, i) => `m-${i}`);
+  t.same(fast.ids, want, 'the subscriber that keeps up: every message once, in order');
+  t.same(slow.ids, want, 'the one that fell behind: every message once, in order (payloads beyond the ring read from disk)');
 });
