@@ -1007,7 +1007,10 @@ async function upload() {
   const { code } = await p.exited;
   clearTimeout(t);
   const text = p.logs.map((l) => l.raw ?? '').join('\n');
-  const raw = Number(/raw ws over TLS[^:]*: ([0-9.]+) MB\/s/.exec(text)?.[1]);
+  const rawBefore = Number(/raw ws over TLS \([^:]*: ([0-9.]+) MB\/s/.exec(text)?.[1]);
+  // measured again once the upload's daemon and cloud stopped: the baseline is the mean of the two
+  const rawAfter = Number(/raw ws over TLS after the upload: ([0-9.]+) MB\/s/.exec(text)?.[1]);
+  const raw = Number.isFinite(rawAfter) ? (rawBefore + rawAfter) / 2 : rawBefore;
   const m = /upload ([0-9.]+) MiB: ([0-9.]+) s end to end; HTTP upload → journal \(durable\) ([0-9.]+) MB\/s, journal → cloud ACK ([0-9.]+) MB\/s .*end to end ([0-9.]+) MB\/s/.exec(text);
   const rss = /RSS during the upload: ([0-9.]+) MiB before, median ([0-9.]+) MiB, max ([0-9.]+) MiB/.exec(text);
   const streamed = /streamed upstream before the 202: ([0-9.]+) of ([0-9.]+) MiB; after the 202 until the cloud ACK ([0-9.]+) s/.exec(text);
@@ -1018,7 +1021,7 @@ async function upload() {
   }
   const e2e = Number(m[5]);
   row('upload', `${P.uploadMiB} MiB HTTP upload → reference cloud stored, end to end`, `${f0(e2e)} MB/s`, {
-    baseline: `raw ws/TLS ${f0(raw)} MB/s`,
+    baseline: Number.isFinite(rawAfter) ? `raw ws/TLS ${f0(raw)} MB/s (mean of ${f0(rawBefore)} before and ${f0(rawAfter)} after)` : `raw ws/TLS ${f0(raw)} MB/s`,
     ratio: `${f2(e2e / raw)}×`,
     goal: '1 GiB: ≥ 100 MB/s and ≥ 0.5× raw ws/TLS',
     verdict: e2e < 100 || e2e / raw < 0.5 ? 'MISS' : P.uploadMiB >= 1024 ? 'PASS' : 'n/a',
