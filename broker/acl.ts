@@ -22,6 +22,7 @@
  * Anonymous local applications with no rules configured may do everything except publish to `$`-topics.
  */
 import type { AclRule } from '../core/config/schema.js';
+import { topicMatches } from '../core/topic.js';
 
 export type { AclRule };
 
@@ -92,21 +93,6 @@ export function checkTopicLimits(topic: string, limits: TopicLimits): Decision {
   for (let i = 0; i < topic.length; i++) if (topic.charCodeAt(i) === 47) depth++;
   if (depth > limits.maxDepth) return no(`topic has ${depth} levels, more than the limit of ${limits.maxDepth} (broker.limits.max_topic_depth)`);
   return OK;
-}
-
-/** MQTT 3.1.1 topic matching (4.7), including: `#` matches the parent level; wildcards in the first level do not match `$`-topics. */
-export function topicMatches(filter: string, topic: string): boolean {
-  const f = filter.split('/');
-  const t = topic.split('/');
-  if (t[0]!.startsWith('$') && (f[0] === '+' || f[0] === '#')) return false;
-  for (let k = 0; k < f.length; k++) {
-    const fl = f[k]!;
-    if (fl === '#') return true;
-    if (k >= t.length) return false;
-    if (fl === '+') continue;
-    if (fl !== t[k]) return false;
-  }
-  return f.length === t.length;
 }
 
 /** True when every topic that `inner` can match is also matched by `outer` (both valid filters). */

@@ -9,7 +9,8 @@
  */
 import type { Client, PublishPacket, AedesPublishPacket } from 'aedes';
 import type { Logger } from '../core/logger.js';
-import { checkTopicLimits, isValidTopicName, topicMatches, type TopicLimits } from './acl.js';
+import { checkTopicLimits, isValidTopicName, type TopicLimits } from './acl.js';
+import { topicMatches } from '../core/topic.js';
 import { clientInternals, takeNextPacketId } from './aedes-internals.js';
 
 /** brokerId marking packets sent by publishCommand (recognised again in authorizeForward). */

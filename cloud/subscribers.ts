@@ -19,6 +19,7 @@
 import type { WebSocket } from 'ws';
 import type { Logger } from '../core/logger.js';
 import { corkUntilNextTick } from '../core/net.js';
+import { compileFilter } from '../core/topic.js';
 import type { CloudStore, StoredEntry } from './store.js';
 import { storedFields } from './store/format.js';
 
@@ -36,31 +37,6 @@ export function filterError(f: string): string | undefined {
     if (l.includes('+') && l !== '+') return '"+" must be a whole level';
   }
   return undefined;
-}
-
-/**
- * MQTT topic matching (filters starting with a wildcard do not match topics starting with "$"),
- * with the filter split once: a subscriber matches every stored message against its filters,
- * so only the topic is split per message, and `#` (everything) splits nothing.
- */
-export function compileFilter(filter: string): (topic: string) => boolean {
-  if (filter === '#') return (topic) => !topic.startsWith('$');
-  const f = filter.split('/');
-  const wildFirst = f[0] === '+' || f[0] === '#';
-  return (topic) => {
-    if (wildFirst && topic.startsWith('$')) return false;
-    const t = topic.split('/');
-    for (let i = 0; i < f.length; i++) {
-      if (f[i] === '#') return true;
-      if (i >= t.length) return false;
-      if (f[i] !== '+' && f[i] !== t[i]) return false;
-    }
-    return f.length === t.length;
-  };
-}
-
-export function topicMatches(filter: string, topic: string): boolean {
-  return compileFilter(filter)(topic);
 }
 
 /** Send without waiting for each frame's write callback while less than this is buffered. */
