@@ -60,7 +60,7 @@ import type { Registry } from 'prom-client';
 import type { Config } from '../core/config/schema.js';
 import type { Component } from '../core/component.js';
 import type { Logger } from '../core/logger.js';
-import { pwriteAllSync, syncDir, writeAtomic } from '../core/fs.js';
+import { preadFully, pwriteAllSync, syncDir, writeAtomic } from '../core/fs.js';
 import { STREAM_RECLAIM_EVERY_BYTES, reclaimer } from '../core/reclaim.js';
 import { RequestError, StorageError, errorCode } from '../core/errors.js';
 import type { AppendResult, JournaledPublish, PendingRecords, UplinkMessageMeta, UplinkSink } from '../core/ports.js';
@@ -1435,12 +1435,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
         const fh = await fsp.open(path.join(this.blobDir, blob.name), 'r');
         try {
           const b = Buffer.allocUnsafe(end - start);
-          let got = 0;
-          while (got < b.length) {
-            const { bytesRead } = await fh.read(b, got, b.length - got, start + got);
-            if (bytesRead === 0) break;
-            got += bytesRead;
-          }
+          const got = await preadFully(fh, b, 0, b.length, start);
           if (got !== b.length) throw new StorageError('ECONN_JOURNAL_CORRUPT', `blob of ${rec.id} is shorter than its record says (${got} of ${b.length} bytes)`);
           return b;
         } finally {
@@ -1493,13 +1488,7 @@ export class Journal extends EventEmitter implements UplinkSink, PendingRecords,
       if (!Number.isSafeInteger(start) || start < 0 || start + length > blob.size) throw new RangeError(`bad payload range [${start}, ${start + length}) of a ${blob.size}-byte message`);
       try {
         fh ??= fsp.open(path.join(this.blobDir, blob.name), 'r');
-        const h = await fh;
-        let got = 0;
-        while (got < length) {
-          const { bytesRead } = await h.read(target, targetOffset + got, length - got, start + got);
-          if (bytesRead === 0) break;
-          got += bytesRead;
-        }
+        const got = await preadFully(await fh, target, targetOffset, length, start);
         if (got !== length) throw new StorageError('ECONN_JOURNAL_CORRUPT', `blob of ${rec.id} is shorter than its record says (${start + got} of ${start + length} bytes)`);
       } catch (err) {
         if (errorCode(err) && !(err as NodeJS.ErrnoException).syscall) throw err;

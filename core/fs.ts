@@ -9,7 +9,7 @@
  * itself survives a power cut.
  */
 import { mkdirSync, openSync, writeSync, fsyncSync, closeSync, renameSync, unlinkSync, fchmodSync } from 'node:fs';
-import { mkdir, open, rename, unlink } from 'node:fs/promises';
+import { mkdir, open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 
 function tmpName(file: string): string {
@@ -105,4 +105,19 @@ export function pwriteAllSync(fd: number, buf: Buffer, pos: number): void {
     if (n <= 0) throw Object.assign(new Error('write returned 0 bytes'), { code: 'EIO' });
     off += n;
   }
+}
+
+/**
+ * Read `length` bytes at explicit position `pos` of an open file into `target` at `targetOffset`,
+ * as many reads as it takes; stops early only at the end of the file. Returns the bytes read, so
+ * the caller says what a short file means for it.
+ */
+export async function preadFully(fh: FileHandle, target: Buffer, targetOffset: number, length: number, pos: number): Promise<number> {
+  let got = 0;
+  while (got < length) {
+    const { bytesRead } = await fh.read(target, targetOffset + got, length - got, pos + got);
+    if (bytesRead === 0) break;
+    got += bytesRead;
+  }
+  return got;
 }

@@ -15,6 +15,7 @@
 import { EventEmitter } from 'node:events';
 import type { FileHandle } from 'node:fs/promises';
 import { StorageError } from '../../core/errors.js';
+import { preadFully } from '../../core/fs.js';
 import type { UplinkMessageMeta } from '../../core/ports.js';
 
 /** Blob files of uploads that were streamed are named `stream.<message id>.bin`: the record's id survives a restart in its meta. */
@@ -65,12 +66,8 @@ export class IncomingUpload extends EventEmitter {
     if (!fh) throw new StorageError('ECONN_NOT_FOUND', `upload ${this.id} has ended`);
     this.reads++;
     try {
-      let done = 0;
-      while (done < length) {
-        const { bytesRead } = await fh.read(target, targetOffset + done, length - done, start + done);
-        if (bytesRead === 0) throw new StorageError('ECONN_JOURNAL_IO', `upload ${this.id}: staging file shorter than ${start + length} bytes`);
-        done += bytesRead;
-      }
+      const got = await preadFully(fh, target, targetOffset, length, start);
+      if (got !== length) throw new StorageError('ECONN_JOURNAL_IO', `upload ${this.id}: staging file shorter than ${start + length} bytes`);
     } finally {
       this.reads--;
       if (this.state !== 'receiving' && this.reads === 0) this.closeFile();

@@ -2,7 +2,8 @@ import t from 'tap';
 import { mkdtempSync, readFileSync, readdirSync, statSync, writeFileSync, chmodSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { writeAtomic, writeAtomicSync, syncDir } from '../../core/fs.js';
+import { writeAtomic, writeAtomicSync, syncDir, preadFully } from '../../core/fs.js';
+import { open } from 'node:fs/promises';
 
 function scratch(t: { teardown(fn: () => void): void }): string {
   const dir = mkdtempSync(path.join(tmpdir(), 'ec-fs-'));
@@ -45,4 +46,18 @@ for (const [name, write] of [
 t.test('syncDir: a missing directory is an error, not silently ignored', async (t) => {
   await t.rejects(syncDir(path.join(tmpdir(), 'ec-fs-does-not-exist-' + process.pid)), { code: 'ENOENT' });
   await syncDir(tmpdir());
+});
+
+t.test('preadFully: the bytes asked at a position, into the target at an offset; fewer only at the end of the file', async (t) => {
+  const file = path.join(scratch(t), 'data.bin');
+  const data = Buffer.from(Array.from({ length: 1000 }, (_, i) => i % 251));
+  writeFileSync(file, data);
+  const fh = await open(file, 'r');
+  t.teardown(() => fh.close());
+  const target = Buffer.alloc(310, 0xee);
+  t.equal(await preadFully(fh, target, 10, 300, 500), 300);
+  t.ok(target.subarray(10, 310).equals(data.subarray(500, 800)), 'the range, at the offset');
+  t.equal(target[9], 0xee, 'nothing written before the offset');
+  t.equal(await preadFully(fh, Buffer.alloc(100), 0, 100, 950), 50, 'a short file: the bytes there were');
+  t.equal(await preadFully(fh, Buffer.alloc(10), 0, 10, 2000), 0, 'past the end: none');
 });
