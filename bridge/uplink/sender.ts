@@ -28,6 +28,16 @@ const PREFETCH_BYTES = 4 * 1024 * 1024;
 const READ_AHEAD_BYTES = 1024 * 1024;
 /** Most bytes of the fields of a BATCH entry before its data (id 128, digests, metadata 4621, position). */
 const ENTRY_FIELDS_MAX = 1 + 128 + 4 + 8 + 8 + 4 + 32 + 4621 + 32 + 8;
+
+/** Chunk reads in flight ahead of the socket: READ_AHEAD_BYTES worth of chunks (at least two, at most 16). */
+export function readAheadDepth(chunkSize: number): number {
+  return Math.max(2, Math.min(16, Math.ceil(READ_AHEAD_BYTES / chunkSize)));
+}
+
+/** Bytes of a reusable chunk frame: any one chunk with its BATCH header and entry fields (at most ENTRY_FIELDS_MAX) fits. */
+export function chunkFrameCap(chunkSize: number): number {
+  return HEADER_BYTES + ENTRY_FIELDS_MAX + chunkSize;
+}
 /** A BATCH is handed to the socket once it holds this many bytes (or nothing more is ready to send). */
 const BATCH_TARGET_BYTES = 64 * 1024;
 type ChunkRead = Promise<{ data?: Buffer; err?: unknown }>;
@@ -39,7 +49,6 @@ interface Queued {
   bytes: number;
 }
 
-/** The wire metadata of a journal record. */
 /**
  * A frame for one chunk of a multi-chunk message, its data to be read straight into it at `at`
  * (after the BATCH header and the entry's fields, which sealBatchFrame writes once the data is in).
@@ -51,6 +60,7 @@ export function chunkFrame(id: string, total: number, meta: MessageMeta, r: Chun
   return { at, base, frame: base.subarray(0, at + r.length) };
 }
 
+/** The wire metadata of a journal record. */
 export function wireMeta(meta: UplinkMessageMeta): MessageMeta {
   const m: MessageMeta = { device_id: meta.deviceId, topic: meta.topic, qos: meta.qos, received_at: Math.floor(meta.receivedAt) };
   if (meta.contentType !== undefined) m.content_type = meta.contentType;
@@ -295,8 +305,7 @@ export class Sender {
     const meta = wireMeta(rec.meta);
     const payloadSha = Buffer.from(rec.sha256, 'hex');
     if (up.journal.openPayload && rec.size > s.chunkSize) return this.sendFrames(s, epoch, o, meta, payloadSha, startOffset, startSeq);
-    // reads in flight ahead of the socket: READ_AHEAD_BYTES worth of chunks (at least two)
-    const depth = Math.max(2, Math.min(16, Math.ceil(READ_AHEAD_BYTES / s.chunkSize)));
+    const depth = readAheadDepth(s.chunkSize);
     const ranges = chunkRanges(rec.size, s.chunkSize, startOffset, startSeq);
     const ahead: Array<{ range: ChunkRange; read: ChunkRead }> = [];
     const fill = (): void => {
@@ -373,12 +382,12 @@ export class Sender {
       s.unackedBytes = Math.max(0, s.unackedBytes - (o.sentOffset - o.ackedOffset));
     };
     try {
-      const depth = Math.max(2, Math.min(16, Math.ceil(READ_AHEAD_BYTES / s.chunkSize)));
+      const depth = readAheadDepth(s.chunkSize);
       const ranges = chunkRanges(rec.size, s.chunkSize, startOffset, startSeq);
       const ahead: Array<{ range: ChunkRange; frame: Buffer; base: Buffer; at: number; read: Promise<{ err?: unknown }> }> = [];
       // frame buffers of this message are used again once the socket has written them (fewer 256 KiB
-      // allocations for the GC to find); the entry fields are at most ENTRY_FIELDS_MAX bytes
-      const cap = HEADER_BYTES + ENTRY_FIELDS_MAX + s.chunkSize;
+      // allocations for the GC to find)
+      const cap = chunkFrameCap(s.chunkSize);
       const free: Buffer[] = [];
       const fill = (): void => {
         while (ahead.length < depth) {

@@ -20,11 +20,11 @@
  * once committed, is sent from its first chunk like any other.
  */
 import { WebSocket } from 'ws';
-import { HEADER_BYTES, WireError, chunkRanges, sha256, type ChunkRange } from '../../protocol/codec.js';
+import { WireError, chunkRanges, sha256, type ChunkRange } from '../../protocol/codec.js';
 import { FEATURE_STREAM, sealBatchFrame, type BatchChunkHead } from '../../protocol/v2.js';
 import type { IncomingUpload } from '../journal/upload.js';
 import type { UplinkCore } from './core.js';
-import { chunkFrame, wireMeta } from './sender.js';
+import { chunkFrame, chunkFrameCap, readAheadDepth, wireMeta } from './sender.js';
 import type { Session, StreamState } from './types.js';
 
 /** Aborted uploads remembered for a DISCARD after the next WELCOME (bounded: the cloud expires the rest). */
@@ -34,12 +34,8 @@ const MAX_REMEMBERED = 1024;
  * link busy across the journal's 1 MiB writes, small enough that little is left to send after the 202.
  */
 const LEAD_BYTES = 16 * 1024 * 1024;
-/** Most bytes of a BATCH entry's fields before its data (as in sender.ts): id, numbers, digests, metadata. */
-const ENTRY_FIELDS_MAX = 1 + 128 + 4 + 8 + 8 + 4 + 32 + 4621 + 32 + 8;
 /** Bytes of frame buffers kept for reuse (at least two buffers, whatever the chunk size). */
 const FREE_BYTES = 8 * 1024 * 1024;
-/** Bytes of chunks read ahead of the socket (as in sender.ts). */
-const READ_AHEAD_BYTES = 1024 * 1024;
 
 export { FEATURE_STREAM };
 
@@ -138,13 +134,13 @@ export class Streamer {
     const meta = wireMeta(u.meta);
     // frame buffers are used again once the socket has written them (as in Sender.sendFrames): a 1 GiB upload
     // would otherwise allocate 4 096 of 256 KiB for the GC to find
-    const cap = HEADER_BYTES + ENTRY_FIELDS_MAX + s.chunkSize;
+    const cap = chunkFrameCap(s.chunkSize);
     const free: Buffer[] = [];
     const keep = Math.max(2, Math.floor(FREE_BYTES / cap));
     const live = (): boolean => !st.stop && up.session === s && !s.closing && s.ws.readyState === WebSocket.OPEN && u.state === 'receiving';
     // reads of written chunks in flight ahead of the socket (as Sender.sendFrames does): one read at a time left
     // the link waiting for a thread-pool round trip per chunk, which a busy machine makes long
-    const depth = Math.max(2, Math.min(16, Math.ceil(READ_AHEAD_BYTES / s.chunkSize)));
+    const depth = readAheadDepth(s.chunkSize);
     const ranges = chunkRanges(u.total, s.chunkSize);
     let next = ranges.next();
     const ahead: Array<{ r: ChunkRange; base: Buffer; frame: Buffer; at: number; read: Promise<{ err?: unknown }> }> = [];
