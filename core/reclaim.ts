@@ -117,9 +117,9 @@ const ALWAYS_MAPPED_BYTES = 32 * 1024 * 1024 + 4096;
  * block freed, up to 32 MiB: after the first 16 MiB payload was freed, the next ones came from the
  * heap and stayed resident once freed, so each burst of large publishes added to the last one
  * (the daemon's smaps at the peak of bursts of 4 x 16 MiB: its [heap] mapping grew to 69 MiB by the
- * second burst). A request above 32 MiB is always
- * mapped and unmapped when freed, and only the pages written count in RSS, so a payload of
- * OWN_MAPPING_MIN_BYTES or more is given the first bytes of a 32 MiB + 4 KiB block.
+ * second burst). A request above 32 MiB is always mapped and unmapped when freed, and only the pages
+ * written count in RSS, so a payload of OWN_MAPPING_MIN_BYTES or more is given the first bytes of a
+ * 32 MiB + 4 KiB block.
  * The costs: address space (plentiful on 64-bit; where the block is refused, as under strict
  * overcommit, the payload is allocated the usual way), and V8 counts the whole block as external
  * memory, so it runs its next collection a little sooner — which is what a freed payload needs.
