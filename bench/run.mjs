@@ -19,7 +19,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
-import { spawnChild, stopChild, snapshot, diff, rssMiB, waitFor, killAll } from './lib/procs.mjs';
+import { spawnChild, stopChild, snapshot, diff, rssMiB, waitFor, killAll, cpuUs } from './lib/procs.mjs';
 import { connectDevices, endDevices, newCase, makeReceiver, openLoop, closedLoop, ackLoop, drain, stats, pct } from './lib/load.mjs';
 import { ConnectorStack, MosquittoStack, haveMosquitto, startBareAedes, startNullCloud, cli } from './lib/stacks.mjs';
 import { rivalCerts } from './lib/certs.mjs';
@@ -254,6 +254,7 @@ async function main() {
   if (only.has('e2e')) await e2eCases();
   if (only.has('large')) {
     await bigPublish();
+    await wssPublish();
     await bigBudget();
     await bigSingle();
   }
@@ -465,6 +466,50 @@ async function bigPublish() {
     goal: 'accepted up to 16 MiB by default, digest checked end to end',
     verdict: verdict(outcome === 'PUBACK' && Boolean(digestOk)),
     note: outcome === 'PUBACK' ? `PUBACK after ${f0(pubackMs)} ms; subscriber digest ${stored ? (digestOk ? 'matches' : 'DOES NOT MATCH') : 'not seen'}` : 'broker.limits.max_payload_bytes of the bundled config',
+  });
+}
+
+// ─── issue 11: large publishes over MQTT/WSS: ws's native unmasking helper ───
+async function wssPublish() {
+  const name = '3 MiB MQTT publishes over secure WebSocket (mTLS) → cloud subscriber: connector CPU per MiB';
+  if (left() < (QUICK ? 30 : 60)) return void row('large', name, 'not measured', { note: 'time budget' });
+  const n = QUICK ? 8 : 24;
+  const size = 3 * 1024 * 1024;
+  const payload = randomBytes(size);
+  const id = ids[1];
+  const topic = `devices/${id}/frame`;
+  const { nativeUnmask } = await import(path.join(DIST, 'broker/listeners.js'));
+  let stored = 0;
+  const onMsg = (data, isBinary) => {
+    if (isBinary) return;
+    const m = JSON.parse(data.toString());
+    if (m.type === 'message' && m.topic === topic && m.size === size) stored++;
+  };
+  conn.sub?.on('message', onMsg);
+  // the same n publishes, one at a time (PUBACK, then the next), over TLS and then over WSS; CPU from the
+  // first publish until the cloud subscriber has all n, so that both include the whole path upstream
+  const phase = async (wss) => {
+    const [d] = await connectDevices(wss ? conn.ports.mqtt_wss : conn.ports.mqtt_tls, conn.deviceFiles([id]), wss ? { wssPath: '/mqtt' } : {});
+    stored = 0;
+    const c0 = cpuUs(conn.daemon.pid);
+    const t0 = performance.now();
+    let outcome = 'PUBACK';
+    for (let i = 0; i < n && outcome === 'PUBACK'; i++) outcome = await publishOnce(d.client, topic, payload, 30);
+    const all = outcome === 'PUBACK' && (await waitFor('the publishes at the cloud subscriber', () => stored >= n || undefined, 30_000, 20).catch(() => false)) !== false;
+    const cpu = cpuUs(conn.daemon.pid) - c0;
+    const secs = (performance.now() - t0) / 1000;
+    d.client.end(true);
+    return { ok: all, outcome, msPerMiB: cpu / 1000 / ((n * size) / 2 ** 20), mbps: (n * size) / 1e6 / secs };
+  };
+  const viaTls = await phase(false);
+  const viaWss = await phase(true);
+  conn.sub?.off('message', onMsg);
+  const ok = viaTls.ok && viaWss.ok;
+  const native = nativeUnmask();
+  row('large', name, ok ? `${f2(viaWss.msPerMiB)} ms/MiB` : `not all stored (TLS: ${viaTls.outcome}, WSS: ${viaWss.outcome})`, {
+    baseline: ok ? `MQTT/TLS ${f2(viaTls.msPerMiB)} ms/MiB` : '',
+    ratio: ok ? `${f2(viaWss.msPerMiB / viaTls.msPerMiB)}×` : '',
+    note: `${n} × 3 MiB each way, one at a time; ${f0(viaWss.mbps)} MB/s over WSS, ${f0(viaTls.mbps)} MB/s over TLS; ws unmasks device frames ${native ? "with its native helper (bufferutil)" : 'in JavaScript (bufferutil not loaded)'}; WS_NO_BUFFER_UTIL=1 in the bench's environment measures without it`,
   });
 }
 

@@ -15,15 +15,17 @@ import mqtt from 'mqtt';
 export const HEADER = 20;
 
 /** Connect `files` ({id, ca, cert, key}) as mqtt.js clients to mqtts://127.0.0.1:port. */
-export async function connectDevices(port, files, { topic = (id) => `devices/${id}/telemetry` } = {}) {
+export async function connectDevices(port, files, { topic = (id) => `devices/${id}/telemetry`, wssPath } = {}) {
   return Promise.all(
     files.map(
       (f, idx) =>
         new Promise((resolve, reject) => {
-          const secureContext = tls.createSecureContext({ ca: f.ca, cert: f.cert, key: f.key, minVersion: 'TLSv1.2' });
-          const c = mqtt.connect(`mqtts://127.0.0.1:${port}`, {
+          // wssPath: MQTT over secure WebSocket (the same client certificate), else MQTT over TLS
+          const c = mqtt.connect(wssPath ? `wss://127.0.0.1:${port}${wssPath}` : `mqtts://127.0.0.1:${port}`, {
             clientId: f.id,
-            secureContext,
+            ...(wssPath
+              ? { ca: f.ca, cert: f.cert, key: f.key, servername: 'localhost' }
+              : { secureContext: tls.createSecureContext({ ca: f.ca, cert: f.cert, key: f.key, minVersion: 'TLSv1.2' }) }),
             rejectUnauthorized: true,
             protocolVersion: 4,
             clean: true,
