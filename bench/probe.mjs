@@ -40,6 +40,23 @@ function cpu(pid) {
   const io = /^write_bytes: (\d+)$/m.exec(fs.readFileSync(`/proc/${pid}/io`, 'utf8'));
   return { user: Number(f[11]) * TICK_US, sys: Number(f[12]) * TICK_US, written: Number(io?.[1] ?? NaN) };
 }
+/** CPU ticks of the main thread (tid = pid) and of all other threads together (V8's platform workers, libuv's pool). */
+function threads(pid) {
+  let main = 0;
+  let other = 0;
+  for (const t of fs.readdirSync(`/proc/${pid}/task`)) {
+    let f;
+    try {
+      f = fs.readFileSync(`/proc/${pid}/task/${t}/stat`, 'utf8').split(') ')[1].split(' ');
+    } catch {
+      continue; // a thread that ended meanwhile
+    }
+    const us = (Number(f[11]) + Number(f[12])) * TICK_US;
+    if (Number(t) === pid) main += us;
+    else other += us;
+  }
+  return { main, other };
+}
 function straceStart(pid, out) {
   const p = spawn('strace', ['-c', '-f', '-o', out, '-p', String(pid)], { stdio: 'ignore' });
   return p;
@@ -69,12 +86,12 @@ try {
   const M = ['connector_uplink_messages_sent_total', 'connector_uplink_messages_acked_total', 'connector_uplink_batches_total', 'connector_uplink_reconnects_total', 'connector_journal_fsyncs_total', 'connector_journal_disk_reads_total', 'connector_journal_append_seconds_sum', 'connector_journal_append_seconds_count', 'connector_uplink_ack_latency_seconds_sum', 'connector_uplink_ack_latency_seconds_count'];
   const metricsNow = async () => Object.fromEntries(await Promise.all(M.map(async (m) => [m, (await conn.metric(m).catch(() => NaN)) ?? NaN])));
   const m0 = await metricsNow();
-  const a = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpu(pid)]));
+  const a = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, { ...cpu(pid), th: threads(pid) }]));
   const r0 = c.received;
   const t0 = performance.now();
   if (CLOSED) await closedLoop(c, devs, { window: CLOSED, size: SIZE, qos: 1, seconds: SECONDS });
   else await openLoop(c, devs, { rate: RATE, size: SIZE, qos: 1, seconds: SECONDS });
-  const b = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpu(pid)]));
+  const b = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, { ...cpu(pid), th: threads(pid) }]));
   const m1 = await metricsNow();
   const secs = (performance.now() - t0) / 1000;
   const n = c.received - r0;
@@ -88,7 +105,7 @@ try {
   for (const k of Object.keys(pids)) {
     const u = (b[k].user - a[k].user) / n;
     const s = (b[k].sys - a[k].sys) / n;
-    console.log(`${k}: user ${u.toFixed(1)} µs/msg, sys ${s.toFixed(1)} µs/msg, total ${(u + s).toFixed(1)}; write_bytes ${((b[k].written - a[k].written) / n).toFixed(0)} B/msg`);
+    console.log(`${k}: user ${u.toFixed(1)} µs/msg, sys ${s.toFixed(1)} µs/msg, total ${(u + s).toFixed(1)}; write_bytes ${((b[k].written - a[k].written) / n).toFixed(0)} B/msg; main thread ${((b[k].th.main - a[k].th.main) / n).toFixed(1)} µs/msg, other threads ${((b[k].th.other - a[k].th.other) / n).toFixed(1)}`);
     if (STRACE) {
       const text = fs.readFileSync(st[k].file, 'utf8');
       const rows = text.split('\n').filter((l) => /^\s*\d/.test(l)).map((l) => l.trim().split(/\s+/)).filter((f) => f.length >= 5);
