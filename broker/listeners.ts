@@ -51,7 +51,8 @@ import { HandshakeGate, type GateStatus } from './handshake-gate.js';
 export function nativeUnmask(): boolean {
   if (process.env.WS_NO_BUFFER_UTIL) return false;
   try {
-    createRequire(import.meta.url)('bufferutil');
+    const require = createRequire(import.meta.url);
+    require('bufferutil');
     return true;
   } catch {
     return false;
