@@ -44,9 +44,10 @@ import { HandshakeGate, type GateStatus } from './handshake-gate.js';
 /**
  * Whether ws unmasks what devices send over MQTT/WSS with its native helper, bufferutil (an
  * optional dependency with prebuilt binaries for Linux x64 and arm64). Every client → server
- * WebSocket frame is masked, and ws's JavaScript fallback XORs it a byte at a time: about 4× the
- * CPU per received byte (ws alone, 4 KiB frames: 12 against 26–33 µs; 1 MiB: 1.3–1.6 against 5.9 ms).
- * The same rule as ws's own: WS_NO_BUFFER_UTIL turns it off. Asked once, at start.
+ * WebSocket frame is masked, and ws's JavaScript fallback XORs it a byte at a time: 1.97 ms of CPU
+ * per MiB on the 2-vCPU reference machine, against 0.04 ms native — about 2 ms per MiB received
+ * over MQTT/WSS, next to the 10–12 ms per MiB the daemon spends on a large publish over MQTT/TLS
+ * (`npm run bench`). The same rule as ws's own: WS_NO_BUFFER_UTIL turns it off. Asked once, at start.
  */
 export function nativeUnmask(): boolean {
   if (process.env.WS_NO_BUFFER_UTIL) return false;
@@ -217,7 +218,7 @@ export class DeviceListeners {
       if (!this.wssNativeUnmask) {
         this.log.info(
           { listener: 'wss', native_unmask: false },
-          "MQTT/WSS: device frames are unmasked in JavaScript (ws's optional native helper bufferutil is not installed, cannot load on this platform, or WS_NO_BUFFER_UTIL is set); large publishes over WebSocket cost about 4x the CPU per byte. `npm install bufferutil` in the installation directory adds it",
+          "MQTT/WSS: device frames are unmasked in JavaScript (ws's optional native helper bufferutil is not installed, cannot load on this platform, or WS_NO_BUFFER_UTIL is set); that costs about 2 ms more CPU per MiB received over WebSocket. `npm install bufferutil` in the installation directory adds it",
         );
       }
     }
