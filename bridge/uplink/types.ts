@@ -23,8 +23,12 @@ export interface UplinkJournal {
   cachedPayload?(rec: OutboundRecord): Buffer | undefined;
   /** A reader for a large payload read chunk by chunk into buffers the caller owns (no open per chunk, no copy). */
   openPayload?(rec: OutboundRecord): PayloadReader;
-  /** Selective ack; unknown ids are ignored. */
-  ack(id: string): Promise<void> | void;
+  /**
+   * Selective ack; unknown ids are ignored. Making it durable is the journal's business: it writes the acks
+   * of ACK_FLUSH_MS in one ack-log write, and a failed write is logged once and retried by the journal (the
+   * messages stay acknowledged in memory). The uplink neither waits for it nor hears of it.
+   */
+  ack(id: string): void;
   quarantine(id: string, reason: string): Promise<void> | void;
   /** Whether a pending record has this id (a WELCOME partial of another id is one the connector will never complete). */
   has?(id: string): boolean;

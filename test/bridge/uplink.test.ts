@@ -535,6 +535,35 @@ t.test('protocol v2: small messages go many per BATCH frame and are acknowledged
   );
 });
 
+t.test('a failed ack-log write is the journal\'s to log once and retry: the uplink logs nothing per acknowledged message', async (t) => {
+  const s = await setup(t, {}, {}, { noStart: true });
+  const ids: string[] = [];
+  for (let i = 0; i < 40; i++) ids.push(await s.append(`d${i % 4}`, randomBytes(64)));
+  // the journal's ack() hands back the promise of the ack-log write its acks share; here every write "fails"
+  const journal = s.journal;
+  const view: typeof journal = Object.create(journal) as typeof journal;
+  const failed = Promise.reject(new Error('ack log write failed (test)'));
+  failed.catch(() => {}); // as the journal's own: nobody has to handle it
+  let acks = 0;
+  view.ack = (id: string) => {
+    acks++;
+    void journal.ack(id);
+    return failed;
+  };
+  const logs: Json[] = [];
+  const up = new Uplink({ settings: uplinkSettings(s.config), journal: view, tokens: s.tokens, logger: createLogger({ level: 'debug', destination: { write: (l: string) => void logs.push(JSON.parse(l) as Json) } }), metrics: new Registry() });
+  t.teardown(() => up.close());
+  await up.start();
+  await s.cloud.until(() => s.cloud.order.length === 40 && acks === 40, 'all stored and acknowledged');
+  t.same(s.cloud.order, ids);
+  t.equal(up.counts.messagesAcked, 40, 'every message counted as acknowledged');
+  t.same(
+    logs.filter((l) => l.level === 'error' || l.level === 'warn').map((l) => l.msg),
+    [],
+    'no error or warning from the uplink (one line per message of a failed batch before)',
+  );
+});
+
 for (const fromMemory of [false, true]) t.test(`issue 9: a record the encoder refuses (metadata over the protocol limits) is quarantined, never retried, and does not block what is behind it (payload ${fromMemory ? 'from the memory cache: the one-chunk fast path falls back' : 'read'})`, async (t) => {
   const s = await setup(t, {}, {}, { noStart: true });
   const before = await s.append('d', Buffer.from('before'));
