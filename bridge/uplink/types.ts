@@ -26,7 +26,8 @@ export interface UplinkJournal {
   /**
    * Selective ack; unknown ids are ignored. Making it durable is the journal's business: it writes the acks
    * of ACK_FLUSH_MS in one ack-log write, and a failed write is logged once and retried by the journal (the
-   * messages stay acknowledged in memory). The uplink neither waits for it nor hears of it.
+   * messages stay acknowledged in memory). The uplink neither waits for it nor hears of it, so an
+   * implementation that returns a promise must not let it reject unhandled (the journal's carry a no-op handler).
    */
   ack(id: string): void;
   quarantine(id: string, reason: string): Promise<void> | void;
